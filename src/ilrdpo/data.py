@@ -1,0 +1,170 @@
+"""Prompt sets and preference data: loading, chat templates, tokenisation, batching.
+
+The prompt goes through the chat template (with the generation prompt); each answer is
+tokenised on its own and appended as ids, so the prompt/answer boundary is exactly what the
+model sees at generation time. Re-tokenising prompt+answer as one string can merge tokens
+across the boundary and shift the answer mask.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ilrdpo.errors import UserInputError
+from ilrdpo.records import PreferencePair, PromptText, pair_from_row, read_pairs
+
+# --- loading -----------------------------------------------------------------------------------
+
+DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_pairs(source: str, split: str = "train", limit: int | None = None) -> list[PreferencePair]:
+    """Preference pairs from a JSONL file, a saved dataset folder, a data file, or a hub name."""
+    path = Path(source)
+    if path.suffix == ".jsonl" and path.is_file():
+        return read_pairs(path, limit)
+    import datasets  # slow import; only for non-JSONL sources
+
+    try:
+        if path.is_dir() and (path / "dataset_info.json").exists():
+            dataset = datasets.load_from_disk(str(path))
+            dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+        elif path.is_file() and path.suffix in DATASET_SUFFIXES:
+            dataset = datasets.load_dataset(DATASET_SUFFIXES[path.suffix], data_files=str(path), split=split)
+        else:  # a folder of data files, or a hub name
+            dataset = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+        raise UserInputError(f"{source}: cannot load preference data ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    pairs = []
+    for index, row in enumerate(dataset):
+        pairs.append(pair_from_row(dict(row), f"{source}:row {index}"))
+        if limit is not None and len(pairs) >= limit:
+            break
+    if not pairs:
+        raise UserInputError(f"{source}: no preference pairs")
+    return pairs
+
+
+# --- tokenisation ------------------------------------------------------------------------------
+
+
+def as_messages(prompt: PromptText, system_prompt: str | None = None) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return messages
+    return prompt
+
+
+def encode_prompt(tokenizer, prompt: PromptText, use_chat_template: bool = True,
+                  system_prompt: str | None = None) -> list[int]:
+    """Prompt ids: the chat template with the generation prompt when the tokenizer has one."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template(
+            as_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=True
+        )
+        # transformers >= 5 returns a BatchEncoding, older versions a list of ids.
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    if not isinstance(prompt, str):
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        return tokenizer(text + "\nassistant: ", add_special_tokens=True)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    """Answer ids followed by exactly one EOS."""
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    return ids
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_chars: int
+    rejected_chars: int
+    target_length: float | None = None
+    truncated: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        """Real tokens of both rows (prompt counted twice): the throughput unit."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
+             max_prompt_length: int | None = None) -> tuple[list[int], list[int], list[int], bool]:
+    """Keep the end of the prompt and the start of each answer so each row fits max_length."""
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_length:
+        return prompt, chosen, rejected, False
+    keep_prompt = max_prompt_length or max_length // 2
+    if len(prompt) > keep_prompt:
+        prompt = prompt[-keep_prompt:]
+    room = max_length - len(prompt)
+    return prompt, chosen[:room], rejected[:room], True
+
+
+def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int,
+                   max_prompt_length: int | None = None, use_chat_template: bool = True,
+                   system_prompt: str | None = None) -> list[TokenizedPair]:
+    out = []
+    for pair in pairs:
+        prompt = encode_prompt(tokenizer, pair.prompt, use_chat_template, system_prompt)
+        chosen, rejected = encode_answer(tokenizer, pair.chosen), encode_answer(tokenizer, pair.rejected)
+        prompt, chosen, rejected, cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length)
+        out.append(TokenizedPair(prompt, chosen, rejected, len(pair.chosen), len(pair.rejected),
+                                 pair.target_length, cut))
+    return out
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Batches of similar length (little padding), in a seeded random order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def collate_pairs(examples: list[TokenizedPair], pad_id: int, length_unit: str = "tokens") -> dict[str, torch.Tensor]:
+    """One right-padded batch of [chosen rows; rejected rows] so both go through one forward."""
+    rows = [e.prompt_ids + e.chosen_ids for e in examples] + [e.prompt_ids + e.rejected_ids for e in examples]
+    answer_lens = [len(e.chosen_ids) for e in examples] + [len(e.rejected_ids) for e in examples]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, n_answer) in enumerate(zip(rows, answer_lens)):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+        response_mask[i, len(row) - n_answer:len(row)] = 1
+    if length_unit == "chars":
+        lengths = [e.chosen_chars for e in examples] + [e.rejected_chars for e in examples]
+    else:
+        lengths = answer_lens
+    targets = [e.target_length for e in examples]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "lengths": torch.tensor(lengths, dtype=torch.float32),  # (2B,)
+        "n_tokens": torch.tensor(answer_lens, dtype=torch.float32),  # (2B,)
+    }
+    if any(t is not None for t in targets):
+        if any(t is None for t in targets):
+            raise UserInputError("target_length is set on some pairs but not all")
+        batch["target_length"] = torch.tensor(targets, dtype=torch.float32)  # (B,)
+    return batch

@@ -1,0 +1,22 @@
+"""Evaluation of an iterate: win rate, length-controlled win rate, lengths, text quality."""
+
+from ilrdpo.evaluation.lengths import length_stats
+from ilrdpo.evaluation.text_metrics import embedding_similarity, text_metrics
+from ilrdpo.evaluation.winrate import (
+    bootstrap_ci,
+    lc_win_rate,
+    lc_win_rate_multi,
+    pairwise_preferences,
+    win_rates,
+)
+
+__all__ = [
+    "bootstrap_ci",
+    "embedding_similarity",
+    "lc_win_rate",
+    "lc_win_rate_multi",
+    "length_stats",
+    "pairwise_preferences",
+    "text_metrics",
+    "win_rates",
+]
