@@ -26,6 +26,18 @@ def train(config: Optional[str] = typer.Argument(None, help="YAML config (omit f
     run_offline(load_config(config, overrides))
 
 
+@app.command()
+def run(config: Optional[str] = typer.Argument(None, help="YAML config"),
+        overrides: Optional[list[str]] = OVERRIDES,
+        force: bool = typer.Option(False, "--force", help="Continue even if the config changed under finished work")) -> None:
+    """The iterative loop: sample, score, pair, train, evaluate; resumes an existing run directory."""
+    from ilrdpo.config import load_config
+    from ilrdpo.loop import run_iterations
+
+    config, overrides = _split_config(config, overrides)
+    run_iterations(load_config(config, overrides), force=force)
+
+
 @app.command("config-help")
 def config_help() -> None:
     """Every config key with its default and meaning."""

@@ -34,6 +34,7 @@ class TrainResult:
     n_truncated: int
     tokens_per_s: float
     final: dict[str, float] = field(default_factory=dict)
+    ref_logps: list[list[float]] | None = None  # (P, 2) [chosen, rejected], as used
 
 
 def _autocast(device: torch.device, model_dtype: torch.dtype):
@@ -72,6 +73,19 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
             bar.advance(len(indices))
     model.train(was_training)
     return out
+
+
+def _tokenize(tokenizer, pairs: list[PreferencePair], train: TrainSettings, data: DataSettings):
+    return tokenize_pairs(tokenizer, pairs, max_length=train.max_length, max_prompt_length=train.max_prompt_length,
+                          use_chat_template=data.use_chat_template, system_prompt=data.system_prompt)
+
+
+def pair_reference_logps(model, tokenizer, pairs: list[PreferencePair], loss: LossSettings, train: TrainSettings,
+                         data: DataSettings, disable_adapter: bool = False) -> torch.Tensor:
+    """(P, 2) log-probs of the pairs under `model`, tokenised exactly as train_round does."""
+    examples = _tokenize(tokenizer, pairs, train, data)
+    device = next(model.parameters()).device
+    return reference_logps(model, examples, tokenizer.pad_token_id, loss, train, device, disable_adapter)
 
 
 def _schedule(total_micro: int, batch_size: int, lengths: list[int], seed: int) -> list[list[int]]:
@@ -122,9 +136,7 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
     torch.manual_seed(seed)
 
     # 1. tokenise
-    examples = tokenize_pairs(tokenizer, pairs, max_length=train.max_length,
-                              max_prompt_length=train.max_prompt_length,
-                              use_chat_template=data.use_chat_template, system_prompt=data.system_prompt)
+    examples = _tokenize(tokenizer, pairs, train, data)
     n_truncated = sum(e.truncated for e in examples)
     if n_truncated:
         console.print(f"[yellow]{n_truncated} of {len(examples)} pairs truncated to "
@@ -172,12 +184,13 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
                     sums[key] = sums.get(key, 0.0) + value * len(indices) / n_in_step
                 tokens += sum(examples[i].n_tokens for i in indices)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, "epoch": round(first / max(n_batches, 1), 4), **sums,
-                      "grad_norm": float(grad_norm), "learning_rate": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "learning_rate": learning_rate,
                       "tokens": tokens, "elapsed_s": round(time.perf_counter() - start, 3)}
             append_jsonl(metrics_path, record)
             for tracker in trackers:
@@ -189,7 +202,8 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
         model.gradient_checkpointing_disable()
     elapsed = time.perf_counter() - start
     return TrainResult(steps=step, n_pairs=len(examples), n_truncated=n_truncated,
-                       tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, final=record)
+                       tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, final=record,
+                       ref_logps=None if ref_logps is None else ref_logps.tolist())
 
 
 def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps: torch.Tensor | None,

@@ -1,0 +1,142 @@
+"""Sample N answers per prompt: batched, left-padded, sorted by length, resumable.
+
+The orchestration (ordering, batches, seeds, progress file) is backend-free; a backend is one
+function `(model, tokenizer, prompt_ids, settings, num_samples, greedy) -> list[list[Sample]]`
+in BACKENDS, so a vLLM backend is one more small file.
+
+Reproducibility: prompts are sorted once and cut into fixed batches, and batch k is sampled
+with seed (seed, k). A resumed run skips finished batches and samples the rest exactly as an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ilrdpo.config import DataSettings, GenerationSettings
+from ilrdpo.data import encode_prompt
+from ilrdpo.errors import UserInputError
+from ilrdpo.progress import progress_bar
+from ilrdpo.records import Prompt, append_jsonl, read_jsonl_tolerant
+
+
+@dataclass
+class Sample:
+    text: str
+    n_tokens: int  # answer tokens, EOS not counted
+    truncated: bool  # cut by max_new_tokens before EOS
+
+
+def _generation_config(model, tokenizer, settings: GenerationSettings, greedy: bool):
+    from transformers import GenerationConfig
+
+    eos = {tokenizer.eos_token_id}
+    model_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos |= set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else [])
+    sample = not greedy and settings.temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=sample,
+        temperature=settings.temperature if sample else None, top_p=settings.top_p if sample else None,
+        top_k=settings.top_k if sample and settings.top_k > 0 else None,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size or None,
+        repetition_penalty=settings.repetition_penalty if settings.repetition_penalty != 1.0 else None,
+        eos_token_id=sorted(e for e in eos if e is not None), pad_token_id=tokenizer.pad_token_id,
+    )
+    if next(model.parameters()).device.type == "cuda":
+        # Plain decoding is launch-bound on a GPU; a static cache lets transformers compile the step.
+        config.cache_implementation = "static"
+    return config
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)  # (B, T)
+
+
+def _decode(tokenizer, new_ids: torch.Tensor, eos_ids: list[int]) -> list[Sample]:
+    samples = []
+    is_eos = torch.isin(new_ids, torch.tensor(eos_ids, device=new_ids.device))  # (B, T_new)
+    for row, row_eos in zip(new_ids, is_eos):
+        hits = row_eos.nonzero()
+        end = int(hits[0]) if len(hits) else row.shape[0]
+        text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+        samples.append(Sample(text=text, n_tokens=end, truncated=not len(hits)))
+    return samples
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
+                num_samples: int, greedy: bool = False) -> list[list[Sample]]:
+    """transformers generate; the N samples of a prompt are N rows of one batch (KV cache on)."""
+    device = next(model.parameters()).device
+    config = _generation_config(model, tokenizer, settings, greedy)
+    ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)  # (B*N, T)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # (B*N, T+new)
+    model.train(was_training)
+    samples = _decode(tokenizer, out[:, ids.shape[1]:], config.eos_token_id)
+    return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompt_ids))]
+
+
+BACKENDS = {"hf": generate_hf}
+
+
+def context_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], data: DataSettings, max_new_tokens: int,
+                   context: int | None, source: str = "prompts") -> list[list[int]]:
+    """Prompt ids; a prompt that leaves no room for the answer is an error naming it."""
+    encoded = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt.prompt, data.use_chat_template, data.system_prompt)
+        if context is not None and len(ids) + max_new_tokens > context:
+            raise UserInputError(
+                f"{source}: prompt '{prompt.id}' is {len(ids)} tokens; with max_new_tokens="
+                f"{max_new_tokens} it exceeds the model's context of {context} tokens")
+        encoded.append(ids)
+    return encoded
+
+
+def generate_answers(model, tokenizer, prompts: list[Prompt], settings: GenerationSettings, data: DataSettings,
+                     *, num_samples: int, seed: int, greedy: bool = False, progress_file: str | Path | None = None,
+                     source: str = "prompts", description: str = "generating") -> dict[str, list[Sample]]:
+    """{prompt id: N samples}. With progress_file, each finished batch is appended there and a
+    rerun reuses it, so a killed run loses at most the batch in flight."""
+    prompt_ids = encode_prompts(tokenizer, prompts, data, settings.max_new_tokens, context_length(model), source)
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompt_ids[i]), i))
+    per_batch = max(1, settings.batch_size // num_samples)
+    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+
+    done: dict[str, list[Sample]] = {}
+    for row in read_jsonl_tolerant(progress_file) if progress_file else []:
+        done[row["id"]] = [Sample(**s) for s in row["samples"]]
+    backend = BACKENDS[settings.backend]
+    new_tokens, start = 0, time.perf_counter()
+    with progress_bar(description, len(prompts) * num_samples) as bar:
+        bar.advance(sum(len(v) for k, v in done.items()))
+        for k, batch in enumerate(batches):
+            if all(prompts[i].id in done for i in batch):
+                continue
+            torch.manual_seed(seed * 1_000_003 + k)
+            results = backend(model, tokenizer, [prompt_ids[i] for i in batch], settings, num_samples, greedy)
+            for i, samples in zip(batch, results):
+                done[prompts[i].id] = samples
+                if progress_file:
+                    append_jsonl(progress_file, {"id": prompts[i].id, "samples": [s.__dict__ for s in samples]})
+            new_tokens += sum(s.n_tokens for r in results for s in r)
+            bar.advance(len(batch) * num_samples, tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+    return done

@@ -1,0 +1,73 @@
+"""Turn the scored N answers of each prompt into (chosen, rejected) pairs.
+
+Strategies (pairing.strategy): best_worst (the iLR-DPO default), best_random (best against a
+seeded random lower-scored answer), all (every ordered pair with margin >= min_margin).
+Pairs with identical texts or tied rewards carry no preference and are dropped; answers cut by
+max_new_tokens are left out when pairing.skip_truncated is on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from ilrdpo.config import PairingSettings
+from ilrdpo.records import CandidateSet, PreferencePair
+
+IndexPairs = list[tuple[int, int]]
+
+
+def _best_worst(keys: list[float], eligible: list[int], rng: random.Random) -> IndexPairs:
+    best = max(eligible, key=lambda i: keys[i])
+    worst = min(eligible, key=lambda i: keys[i])
+    return [(best, worst)]
+
+
+def _best_random(keys: list[float], eligible: list[int], rng: random.Random) -> IndexPairs:
+    best = max(eligible, key=lambda i: keys[i])
+    lower = [i for i in eligible if keys[i] < keys[best]]
+    return [(best, rng.choice(lower))] if lower else []
+
+
+def _all(keys: list[float], eligible: list[int], rng: random.Random) -> IndexPairs:
+    return [(i, j) for i in eligible for j in eligible if keys[i] > keys[j]]
+
+
+STRATEGIES: dict[str, Callable[[list[float], list[int], random.Random], IndexPairs]] = {
+    "best_worst": _best_worst,
+    "best_random": _best_random,
+    "all": _all,
+}
+
+
+def selection_keys(candidates: CandidateSet, penalty: float, cap: int) -> list[float]:
+    """Rewards, optionally minus a selection-time length penalty p * min(n, cap) / cap."""
+    return [r - penalty * min(n, cap) / cap for r, n in zip(candidates.rewards, candidates.n_tokens)]
+
+
+def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int = 0,
+               selection_penalty: float = 0.0, length_cap: int = 128, tie_tolerance: float = 0.0) -> list[PreferencePair]:
+    keys = selection_keys(candidates, selection_penalty, length_cap)
+    eligible = [i for i in range(len(candidates.responses))
+                if not (settings.skip_truncated and candidates.truncated[i])]
+    if len(eligible) < 2:
+        return []
+    rng = random.Random(f"{seed}:{candidates.id}")
+    pairs = []
+    for chosen, rejected in STRATEGIES[settings.strategy](keys, eligible, rng):
+        margin = candidates.rewards[chosen] - candidates.rewards[rejected]
+        if candidates.responses[chosen] == candidates.responses[rejected]:
+            continue
+        if keys[chosen] - keys[rejected] <= tie_tolerance or margin < settings.min_margin:
+            continue
+        pairs.append(PreferencePair(
+            prompt=candidates.prompt, chosen=candidates.responses[chosen],
+            rejected=candidates.responses[rejected], chosen_reward=candidates.rewards[chosen],
+            rejected_reward=candidates.rewards[rejected], margin=margin,
+            target_length=candidates.target_length,
+        ))
+    return pairs
+
+
+def pair_all(candidate_sets: list[CandidateSet], settings: PairingSettings, **kwargs) -> list[PreferencePair]:
+    return [pair for c in candidate_sets for pair in make_pairs(c, settings, **kwargs)]

@@ -1,0 +1,72 @@
+"""Scorers: one Protocol, `score(prompts, responses) -> list[float]`, picked by scoring.type.
+
+- reward_model: an AutoModelForSequenceClassification reward model;
+- embedding_similarity: cosine similarity to the prompt's reference answer;
+- python: a user function named in the config (and only then imported and run).
+
+Length shaping (a simulated verbosity bias) is applied on top by `shaped_rewards`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ilrdpo.config import ScoringSettings
+from ilrdpo.errors import UserInputError
+from ilrdpo.records import Prompt
+
+
+class Scorer(Protocol):
+    def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]: ...
+
+
+def _reward_model(settings: ScoringSettings, device: torch.device) -> Scorer:
+    from ilrdpo.scoring.reward_model import RewardModelScorer
+
+    return RewardModelScorer(settings, device)
+
+
+def _embedding(settings: ScoringSettings, device: torch.device) -> Scorer:
+    from ilrdpo.scoring.embedding import EmbeddingScorer
+
+    return EmbeddingScorer(settings, device)
+
+
+def _python(settings: ScoringSettings, device: torch.device) -> Scorer:
+    from ilrdpo.scoring.python_fn import PythonScorer
+
+    return PythonScorer(settings)
+
+
+SCORERS = {"reward_model": _reward_model, "embedding_similarity": _embedding, "python": _python}
+
+
+def build_scorer(settings: ScoringSettings, device: torch.device | None = None) -> Scorer:
+    if settings.type == "reward_model" and settings.model is None:
+        raise UserInputError("scoring.model is required for scoring.type=reward_model")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return SCORERS[settings.type](settings, device)
+
+
+def length_bias(n_tokens: list[int], bias: float, cap: int) -> list[float]:
+    """b * min(n, cap) / cap: grows with length, saturates at cap (a judge's verbosity bias)."""
+    return [bias * min(n, cap) / cap for n in n_tokens]
+
+
+def shaped_rewards(quality: list[float], n_tokens: list[int], settings: ScoringSettings) -> list[float]:
+    """The reward the pipeline optimises: the scorer's value plus the configured length bias."""
+    bonus = length_bias(n_tokens, settings.length_bias, settings.length_bias_cap)
+    return [q + b for q, b in zip(quality, bonus)]
+
+
+def score_in_batches(scorer: Scorer, prompts: list[Prompt], responses: list[str], batch_size: int) -> list[float]:
+    scores: list[float] = []
+    for start in range(0, len(responses), batch_size):
+        chunk = scorer.score(prompts[start:start + batch_size], responses[start:start + batch_size])
+        if len(chunk) != len(responses[start:start + batch_size]):
+            raise UserInputError(f"scorer returned {len(chunk)} scores for "
+                                 f"{len(responses[start:start + batch_size])} answers")
+        scores.extend(float(s) for s in chunk)
+    return scores
