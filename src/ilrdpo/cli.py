@@ -38,6 +38,50 @@ def run(config: Optional[str] = typer.Argument(None, help="YAML config"),
     run_iterations(load_config(config, overrides), force=force)
 
 
+@app.command()
+def evaluate(
+    model: str = typer.Option(..., "--model", help="Model folder, hub id, LoRA adapter folder or bundled:NAME"),
+    prompts: str = typer.Option(..., "--prompts", help="Eval prompts JSONL (reference / target_length optional)"),
+    judge: Optional[str] = typer.Option(None, "--judge", help="YAML with scoring-section keys"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline model to compare against"),
+    out: Optional[str] = typer.Option(None, "--out", help="Write the result JSON here (answers beside it)"),
+    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens"),
+    sample: bool = typer.Option(False, "--sample", help="Sample (seeded) instead of greedy decoding"),
+    temperature: float = typer.Option(0.7, help="Sampling temperature with --sample"),
+    seed: int = typer.Option(0, help="Seed for --sample"),
+    batch_size: int = typer.Option(32, help="Sequences decoded together"),
+) -> None:
+    """Win rate and length-controlled win rate of a model against a baseline under a judge."""
+    import json
+    from pathlib import Path
+
+    from ilrdpo.config import GenerationSettings
+    from ilrdpo.evaluation.pairwise import evaluate_models, load_judge_settings, print_evaluation
+    from ilrdpo.records import atomic_write_text
+
+    generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+    out_path = Path(out) if out else None
+    result = evaluate_models(model, prompts, load_judge_settings(judge), baseline=baseline, generation=generation,
+                             greedy=not sample, seed=seed, out_dir=out_path.parent if out_path else None)
+    print_evaluation(result)
+    if out_path:
+        atomic_write_text(out_path, json.dumps(result, indent=1))
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", "--out", help="Folder for both arms and the report"),
+    quick: bool = typer.Option(False, "--quick", help="Fewer prompts and iterations (about 4 minutes)"),
+    model: Optional[str] = typer.Option(None, "--model", help="Base policy (default: bundled SmolLM2-135M-Instruct)"),
+    seed: int = typer.Option(0, help="Seed for both arms"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Vanilla iterative DPO vs iLR-DPO offline: quality up, length not."""
+    from ilrdpo.demo import run_demo
+
+    run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
+
+
 @app.command("config-help")
 def config_help() -> None:
     """Every config key with its default and meaning."""

@@ -81,3 +81,86 @@ def cached_answers(path: Path, make) -> list[dict[str, Any]]:
     rows = make()
     write_jsonl(path, rows)
     return rows
+
+
+def load_judge_settings(path: str | None) -> ScoringSettings:
+    """judge.yaml holds the keys of the config's scoring section (defaults when path is None)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ilrdpo.errors import UserInputError
+
+    if path is None:
+        return ScoringSettings()
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return ScoringSettings.model_validate(data.get("scoring", data))
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: judge file not found") from None
+    except yaml.YAMLError:
+        raise UserInputError(f"{path}: invalid YAML") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise UserInputError(f"{path}: judge key '{key}': {what}") from None
+
+
+def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, baseline: str | None = None,
+                    generation: GenerationSettings | None = None, data: DataSettings | None = None,
+                    greedy: bool = True, seed: int = 0, out_dir: Path | None = None) -> dict[str, Any]:
+    """`ilrdpo evaluate`: answer the prompts with `model` (and `baseline`), judge both, compare.
+
+    Models are hub ids, folders (full weights or LoRA adapters) or bundled names. Models are
+    loaded one at a time. With out_dir, the answers are written there as JSONL.
+    """
+    from ilrdpo.config import ModelSettings
+    from ilrdpo.models import load_saved_policy
+    from ilrdpo.records import read_prompts
+    from ilrdpo.scoring import build_scorer
+
+    generation = generation or GenerationSettings()
+    data = data or DataSettings()
+    prompts = read_prompts(prompts_path)
+    scorer = build_scorer(judge)
+    answers = {}
+    for name, spec in (("model", model), ("baseline", baseline)):
+        if spec is None:
+            continue
+        policy, tokenizer, _ = load_saved_policy(spec, ModelSettings(name_or_path=spec), trainable=False)
+        rows = answer_prompts(policy, tokenizer, prompts, generation, data, greedy=greedy, seed=seed,
+                              description=f"{name} answers")
+        answers[name] = judge_answers(scorer, prompts, rows, judge)
+        del policy
+        if out_dir is not None:
+            write_jsonl(Path(out_dir) / f"{name}_answers.jsonl", rows)
+    result = {"model": model, "baseline": baseline, "prompts": prompts_path, "judge": judge.model_dump(),
+              "greedy": greedy, "seed": seed,
+              "model_summary": summarize(answers["model"], prompts)}
+    if baseline is not None:
+        result["baseline_summary"] = summarize(answers["baseline"], prompts)
+        result["vs_baseline"] = compare(answers["model"], answers["baseline"], "reward", judge.tie_tolerance)
+        result["vs_baseline_quality"] = compare(answers["model"], answers["baseline"], "quality",
+                                                judge.tie_tolerance)
+    return result
+
+
+def print_evaluation(result: dict[str, Any]) -> None:
+    """The result of evaluate_models as a rich table on the console (stderr)."""
+    from rich.table import Table
+
+    from ilrdpo.progress import console
+
+    table = Table("", "reward", "quality", "mean tokens", "truncated", title=f"prompts: {result['prompts']}")
+    for name in ("model", "baseline"):
+        s = result.get(f"{name}_summary")
+        if s:
+            table.add_row(f"{name}: {result[name]}", f"{s['reward_mean']:.4f}", f"{s['quality_mean']:.4f}",
+                          f"{s['length']['tokens_mean']:.1f}", f"{s['length']['truncated_share']:.0%}")
+    console.print(table)
+    for key, label in (("vs_baseline", "judge reward"), ("vs_baseline_quality", "quality only")):
+        w = result.get(key)
+        if w:
+            lo, hi = w["win_rate_ci"]
+            console.print(f"win rate ({label}): {w['win_rate']:.1f}% [{lo:.1f}, {hi:.1f}]  "
+                          f"LC win rate: {w['lc_win_rate']:.1f}%" + (f"  ({w['lc_note']})" if w["lc_note"] else ""))
