@@ -82,6 +82,22 @@ def demo(
     run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
 
 
+@app.command()
+def report(run_dirs: list[str] = typer.Argument(..., help="Run directories of `ilrdpo run`"),
+           out: str = typer.Option("report", "--out", help="Folder for report.md and plots/"),
+           names: Optional[str] = typer.Option(None, "--names", help="Comma-separated run names")) -> None:
+    """report.md and plots for one or several runs side by side; tables in the terminal."""
+    from pathlib import Path
+
+    from ilrdpo.evaluation.report import load_runs, print_tables, write_report
+    from ilrdpo.progress import console
+
+    name_list = names.split(",") if names else None
+    path = write_report([Path(d) for d in run_dirs], Path(out), names=name_list)
+    print_tables(load_runs([Path(d) for d in run_dirs], name_list))
+    console.print(f"report: {path}")
+
+
 @app.command("config-help")
 def config_help() -> None:
     """Every config key with its default and meaning."""

@@ -94,7 +94,7 @@ def share_first_iteration(source: Path, target: Path) -> None:
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str | None = None, seed: int = 0,
              overrides: list[str] | None = None) -> Path:
     """Both arms, then the combined report; returns the report path."""
-    from ilrdpo.evaluation.report import print_tables, write_report
+    from ilrdpo.evaluation.report import load_runs, print_tables, write_report
 
     out = Path(out)
     configs = demo_configs(out, quick=quick, model=model, seed=seed, overrides=overrides)
@@ -109,6 +109,6 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     with stage("report", timings):
         report = write_report([out / arm for arm in configs], out, names=list(configs))
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
-    print_tables([out / arm for arm in configs])
+    print_tables(load_runs([out / arm for arm in configs], list(configs)))
     console.print(f"report: {report}  (total {sum(timings.values()):.0f} s)")
     return report

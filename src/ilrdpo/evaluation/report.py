@@ -1,0 +1,410 @@
+"""The report stage: read run directories, tabulate every iteration, draw plots, write report.md.
+
+A run directory is read as it is on disk, finished or not. Whatever is absent (a run without
+eval prompts, iterations still to come, a stage killed half-way, an unreadable file) is listed
+under "Missing" instead of stopping the report.
+
+Iteration k below always means the model after k rounds (0 = the initial model). Its eval
+answers live in iter_k/, but its *training samples* live in iter_{k+1}/candidates.jsonl,
+because round k+1 samples from model k. Runs without eval prompts fall back to those samples.
+
+summary_rows() is the single source of every number in the results table: the markdown table
+and the rich table both format its rows through TABLE_COLUMNS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from ilrdpo.errors import UserInputError
+from ilrdpo.evaluation import plots
+from ilrdpo.progress import console
+from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
+
+TEXT_METRICS = ("distinct_1", "distinct_2", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
+# Files of iteration k >= 1 and the stage (state.json name) that writes each.
+ITERATION_FILES = (("candidates.jsonl", "generate"), ("pairs.jsonl", "pair"),
+                   ("metrics.jsonl", "train"), ("eval.json", "eval"))
+
+
+@dataclass
+class RunData:
+    """What the report reads from one run directory; dict keys are iteration numbers."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    dirs: dict[int, Path] = field(default_factory=dict)
+    evals: dict[int, dict[str, Any]] = field(default_factory=dict)
+    answers: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    metrics: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    pairs_count: dict[int, int] = field(default_factory=dict)
+    alpha: dict[int, float] = field(default_factory=dict)
+    finished: dict[int, list[str]] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def has_eval_prompts(self) -> bool:
+        if self.config:
+            return bool((self.config.get("eval") or {}).get("prompts")
+                        or (self.config.get("data") or {}).get("eval_prompts"))
+        return bool(self.answers or 0 in self.evals)
+
+    @property
+    def source(self) -> str:
+        """Where answer lengths and rewards come from: "eval" answers or training "samples"."""
+        return "eval" if self.has_eval_prompts else "samples"
+
+    @property
+    def iterations(self) -> list[int]:
+        """Models with anything to show; model 0 also when only its training samples exist."""
+        found = set(self.dirs) | set(self.evals)
+        return sorted(found | ({0} if self.candidates.get(1) else set()))
+
+
+# --- reading a run directory ---------------------------------------------------------------------
+
+
+def _read_mapping(path: Path, problems: list[str], loader: Callable = json.loads) -> dict | None:
+    """The parsed file (a JSON or YAML mapping), or None when absent; an unreadable file is
+    noted in `problems`, not raised."""
+    if not path.exists():
+        return None
+    try:
+        data = loader(path.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError, OSError) as error:
+        problems.append(f"{path.parent.name}/{path.name}: unreadable ({type(error).__name__})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.parent.name}/{path.name}: unreadable (not a mapping)")
+        return None
+    return data
+
+
+def _iteration_dirs(path: Path) -> dict[int, Path]:
+    dirs = {}
+    for d in path.glob("iter_*"):
+        suffix = d.name.removeprefix("iter_")
+        if d.is_dir() and suffix.isdigit():
+            dirs[int(suffix)] = d
+    return dict(sorted(dirs.items()))
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunData:
+    """Everything the report needs from a run directory written by `ilrdpo run`."""
+    path = Path(path)
+    dirs = _iteration_dirs(path) if path.is_dir() else {}
+    if not (dirs or (path / "config.yaml").exists() or (path / "state.json").exists()):
+        raise UserInputError(f"{path}: not a run directory (no config.yaml, state.json or iter_*/)")
+    problems: list[str] = []
+    config = _read_mapping(path / "config.yaml", problems, yaml.safe_load) or {}
+    state = _read_mapping(path / "state.json", problems) or {}
+    run = RunData(name=name or path.resolve().name, path=path, config=config, dirs=dirs,
+                  finished={int(k): v for k, v in state.get("finished", {}).items()})
+    for k, d in dirs.items():
+        if (ev := _read_mapping(d / "eval.json", problems)) is not None:
+            run.evals[k] = ev
+        for store, file_name in ((run.answers, "eval_answers.jsonl"), (run.candidates, "candidates.jsonl"),
+                                 (run.metrics, "metrics.jsonl")):
+            if rows := read_jsonl_tolerant(d / file_name):
+                store[k] = rows
+        if (d / "pairs.jsonl").exists():
+            run.pairs_count[k] = len(read_jsonl_tolerant(d / "pairs.jsonl"))
+    # state.json also holds the alpha planned for the next, not yet run, iteration: keep only
+    # iterations on disk, and let eval.json (what the iteration really used) have the last word.
+    run.alpha = {int(k): float(v) for k, v in state.get("alpha", {}).items()
+                 if int(k) in dirs and v is not None}
+    run.alpha.update({k: float(ev["alpha"]) for k, ev in run.evals.items() if ev.get("alpha") is not None})
+    run.missing = _missing_items(run, bool(state)) + problems
+    return run
+
+
+def _missing_items(run: RunData, has_state: bool) -> list[str]:
+    items = []
+    if not run.config:
+        items.append("config.yaml: settings and the planned number of iterations are unknown")
+    if not has_state:
+        items.append("state.json: finished stages unknown; alpha read from eval.json only")
+    if not run.has_eval_prompts:
+        items.append("eval prompts: none configured, so no eval answers and no win rates; length, "
+                     "reward and quality come from the training samples (†)")
+    elif 0 not in run.evals:
+        items.append("iter_0/eval.json: the initial model's evaluation (no win rates vs initial)")
+    planned = (run.config.get("iterations") or {}).get("count") or 0
+    items += [f"iter_{k}/: iteration {k} has not run yet" for k in range(1, planned + 1) if k not in run.dirs]
+    for k, d in run.dirs.items():
+        done = run.finished.get(k, [])
+        for file_name, stage_name in ITERATION_FILES if k > 0 else ():
+            if not (d / file_name).exists():
+                why = "marked finished in state.json" if stage_name in done else "not finished"
+                items.append(f"iter_{k}/{file_name}: stage '{stage_name}' {why}")
+        if run.has_eval_prompts and k not in run.answers:
+            items.append(f"iter_{k}/eval_answers.jsonl: no eval answers for model {k}")
+    return items
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+def model_answers(run: RunData, k: int) -> dict[str, list]:
+    """n_tokens, reward and quality of model k's answers: its eval answers, or in a run without
+    eval prompts its training samples (iter_{k+1}/candidates.jsonl, sampled from model k).
+    Samples not yet scored have None rewards."""
+    if run.source == "eval":
+        rows = run.answers.get(k, [])
+        return {key: [r.get(key) for r in rows] for key in ("n_tokens", "reward", "quality")}
+    rows = run.candidates.get(k + 1, [])
+    unscored = lambda r: [None] * len(r["n_tokens"])
+    return {"n_tokens": [n for r in rows for n in r["n_tokens"]],
+            "reward": [x for r in rows for x in r.get("rewards") or unscored(r)],
+            "quality": [x for r in rows for x in r.get("quality") or unscored(r)]}
+
+
+def _mean(values: list) -> float | None:
+    return None if not values or None in values else sum(values) / len(values)
+
+
+def summary_rows(run: RunData) -> list[dict[str, Any]]:
+    """One row per model: the numbers of the results table, None where not available.
+
+    eval.json is the source; where it is absent (eval cut short, or no eval prompts) the same
+    means are taken over the answers on disk, and `source` says which answers those are."""
+    rows = []
+    for k in run.iterations:
+        ev = run.evals.get(k, {})
+        vs, vs_quality = ev.get("vs_initial") or {}, ev.get("vs_initial_quality") or {}
+        on_disk = {key: _mean(values) for key, values in model_answers(run, k).items()}
+        rows.append({
+            "run": run.name, "iteration": k, "alpha": run.alpha.get(k), "source": run.source,
+            "length_tokens": (ev.get("length") or {}).get("tokens_mean", on_disk["n_tokens"]),
+            "truncated_share": (ev.get("length") or {}).get("truncated_share"),
+            "quality": ev.get("quality_mean", on_disk["quality"]),
+            "reward": ev.get("reward_mean", on_disk["reward"]),
+            "win_rate": vs.get("win_rate"), "win_rate_ci": vs.get("win_rate_ci"),
+            "lc_win_rate": vs.get("lc_win_rate"), "lc_identifiable": vs.get("lc_identifiable"),
+            "quality_win_rate": vs_quality.get("win_rate"),
+            "pairs": ev.get("pairs/count", run.pairs_count.get(k)),
+        })
+    return rows
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _win_cell(row: dict) -> str:
+    if row["win_rate"] is None:
+        return "–"
+    ci = row["win_rate_ci"]
+    return f"{row['win_rate']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def _sampled(key: str, spec: str) -> Callable[[dict], str]:
+    """Cell of a number that may come from training samples (marked †) rather than eval answers."""
+    return lambda r: _fmt(r[key], spec) + ("†" if r["source"] == "samples" and r[key] is not None else "")
+
+
+def _lc_cell(row: dict) -> str:
+    return _fmt(row["lc_win_rate"], ".1f") + ("‡" if row["lc_identifiable"] is False else "")
+
+
+# (header in report.md, short header for the terminal, cell of a summary row)
+TABLE_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
+    ("iteration", "iter", lambda r: str(r["iteration"])),
+    ("alpha", "alpha", lambda r: _fmt(r["alpha"], ".3g")),
+    ("mean length (tokens)", "length", _sampled("length_tokens", ".1f")),
+    ("quality", "quality", _sampled("quality", ".4g")),
+    ("reward", "reward", _sampled("reward", ".4g")),
+    ("win rate vs initial [95% CI]", "win % [95% CI]", _win_cell),
+    ("LC win rate vs initial", "LC win %", _lc_cell),
+    ("quality win rate vs initial", "q. win %", lambda r: _fmt(r["quality_win_rate"], ".1f")),
+    ("pairs", "pairs", lambda r: _fmt(r["pairs"], "d")),
+]
+# Marks are not "*": a markdown line starting with "* " would turn into a bullet list.
+FOOTNOTES = {
+    "‡": "‡ LC win rate not identifiable (see the notes on the LC win rate): an extrapolation set "
+         "mostly by the prior.",
+    "†": "† No eval prompts: mean over model k's training samples (iter_{k+1}/candidates.jsonl); "
+         "the last model drew none.",
+}
+
+
+def table_cells(runs: list[RunData], short: bool = False) -> tuple[list[str], list[list[str]], list[str]]:
+    """Headers, formatted cells and footnotes of the results table; a run column when there are
+    several runs."""
+    with_run = len(runs) > 1
+    rows = [row for run in runs for row in summary_rows(run)]
+    headers = (["run"] if with_run else []) + [c[1] if short else c[0] for c in TABLE_COLUMNS]
+    cells = [([row["run"]] if with_run else []) + [cell(row) for _, _, cell in TABLE_COLUMNS] for row in rows]
+    used = {"‡": any(r["lc_identifiable"] is False for r in rows),
+            "†": any(r["source"] == "samples" for r in rows)}
+    return headers, cells, [text for mark, text in FOOTNOTES.items() if used[mark]]
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def _markdown_table(headers: list[str], cells: list[list[str]]) -> list[str]:
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+
+    return [line(headers), line(["---"] * len(headers)), *(line(row) for row in cells)]
+
+
+def _setting(run: RunData, section: str, key: str) -> Any:
+    return (run.config.get(section) or {}).get(key)
+
+
+def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
+    cells = []
+    for run in runs:
+        control = (_setting(run, "iterations", "alpha_control") or {}).get("mode")
+        last = max((k for k in run.dirs if k > 0), default=0)
+        cells.append([run.name, _relative(run.path, out_dir), str(_setting(run, "loss", "type") or "–"),
+                      _fmt(_setting(run, "loss", "alpha"), "g") + (f" ({control})" if control else ""),
+                      _fmt(_setting(run, "scoring", "length_bias"), "g"),
+                      str(_setting(run, "iterations", "reference") or "–"),
+                      f"{last} / {_setting(run, 'iterations', 'count') or '?'}"])
+    headers = ["run", "folder", "loss", "alpha (control)", "length bias", "reference", "iterations on disk"]
+    return ["## Runs", "", *_markdown_table(headers, cells), ""]
+
+
+def _lc_notes(runs: list[RunData]) -> list[str]:
+    """Each distinct lc_note once, followed by the runs, iterations and comparisons it applies to."""
+    where: dict[str, dict[str, dict[int, list[str]]]] = {}
+    for run in runs:
+        for k, ev in sorted(run.evals.items()):
+            for key in ("vs_initial", "vs_initial_quality", "vs_previous", "vs_previous_quality"):
+                if note := (ev.get(key) or {}).get("lc_note"):
+                    where.setdefault(note, {}).setdefault(run.name, {}).setdefault(k, []).append(key)
+    if not where:
+        return []
+    lines = ["## Notes on the LC win rate", ""]
+    for note, by_run in where.items():
+        lines.append(f"- {note}")
+        lines += [f"  - {name}: " + "; ".join(f"iter {k} ({', '.join(keys)})" for k, keys in by_k.items())
+                  for name, by_k in by_run.items()]
+    return lines + [""]
+
+
+def _text_section(runs: list[RunData]) -> list[str]:
+    present = {m for run in runs for ev in run.evals.values() for m in (ev.get("text") or {})}
+    keys = [m for m in TEXT_METRICS if m in present]
+    if not keys:
+        return []
+    cells = [[run.name, str(k), *(_fmt((ev.get("text") or {}).get(m)) for m in keys)]
+             for run in runs for k, ev in sorted(run.evals.items()) if ev.get("text")]
+    return ["## Text metrics (eval answers)", "", *_markdown_table(["run", "iteration", *keys], cells), ""]
+
+
+def _training_section(runs: list[RunData]) -> list[str]:
+    cells = []
+    for run in runs:
+        for k, steps in sorted(run.metrics.items()):
+            means = [_fmt(sum(s.get(key, 0.0) for s in steps) / len(steps)) for key in
+                     ("rewards/accuracies", "rewards/margins", "length/chosen", "length/rejected")]
+            cells.append([run.name, str(k), str(len(steps)), _fmt(steps[0].get("loss")),
+                          _fmt(steps[-1].get("loss")), *means])
+    if not cells:
+        return []
+    headers = ["run", "iteration", "steps", "first loss", "last loss", "mean rewards/accuracies",
+               "mean rewards/margins", "mean length/chosen", "mean length/rejected"]
+    return ["## Training (metrics.jsonl)", "", *_markdown_table(headers, cells), ""]
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return os.path.relpath(path, start)
+    except ValueError:  # different drives on Windows
+        return str(path)
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+def draw_plots(runs: list[RunData], plots_dir: Path) -> tuple[dict[str, Path], list[str]]:
+    """Gather each figure's data from the runs and draw them all (see plots.draw_all)."""
+    answers = {run.name: {k: model_answers(run, k) for k in run.iterations} for run in runs}
+    # samples not yet scored have lengths but no rewards to plot
+    points = {name: {k: (a["n_tokens"], a["reward"]) for k, a in by_k.items() if a["n_tokens"]
+                     and None not in a["reward"]} for name, by_k in answers.items()}
+    hists = {}
+    for name, by_k in answers.items():
+        with_lengths = [k for k, a in by_k.items() if a["n_tokens"]]
+        ends = sorted({with_lengths[0], with_lengths[-1]}) if with_lengths else []
+        hists[name] = {f"iter {k}": by_k[k]["n_tokens"] for k in ends}
+    return plots.draw_all(plots_dir, {run.name: summary_rows(run) for run in runs}, points,
+                          {run.name: run.source for run in runs}, hists)
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+def load_runs(run_dirs: list[Path], names: list[str] | None = None) -> list[RunData]:
+    if names is not None and len(names) != len(run_dirs):
+        raise UserInputError(f"{len(names)} names given for {len(run_dirs)} run directories")
+    runs = [load_run(path, name) for path, name in zip(run_dirs, names or [None] * len(run_dirs))]
+    seen: dict[str, int] = {}
+    for run in runs:  # two folders called "run" in different places must stay apart in legends
+        seen[run.name] = seen.get(run.name, 0) + 1
+        if seen[run.name] > 1:
+            run.name = f"{run.name} ({seen[run.name]})"
+    return runs
+
+
+def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[str], out_dir: Path) -> str:
+    headers, cells, footnotes = table_cells(runs)
+    lines = [f"# iLR-DPO report: {' vs '.join(run.name for run in runs)}", "", *_runs_section(runs, out_dir),
+             "## Results per iteration", "",
+             ("Iteration k is the model after k rounds (0 = initial). Win rates are percentages of eval "
+              "prompts on which the judge's reward prefers model k over the initial model (ties count "
+              "half); the quality win rate uses the judge's score without the length bias."), "",
+             *_markdown_table(headers, cells), ""]
+    lines += [line for note in footnotes for line in (note, "")]
+    lines += _lc_notes(runs) + _text_section(runs) + _training_section(runs)
+    if drawn:
+        lines += ["## Plots", ""]
+        for file_name, path in drawn.items():
+            title = plots.TITLES[file_name]
+            lines += [f"### {title}", "", f"![{title}]({_relative(path, out_dir)})", ""]
+    missing = [f"{run.name}: {item}" for run in runs for item in run.missing] + skipped
+    lines += ["## Missing", ""] + ([f"- {item}" for item in missing] or ["Nothing is missing."])
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, names: list[str] | None = None) -> Path:
+    """`ilrdpo report`: out_dir/report.md and out_dir/plots/*.png for one or more runs."""
+    runs = load_runs([Path(p) for p in run_dirs], names)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn, skipped = draw_plots(runs, out_dir / "plots")
+    report = out_dir / "report.md"
+    atomic_write_text(report, render_markdown(runs, drawn, skipped, out_dir))
+    return report
+
+
+def print_tables(runs: list[RunData]) -> None:
+    """The results table (same cells as report.md) and what is missing, on the stderr console."""
+    headers, cells, footnotes = table_cells(runs, short=True)
+    # Cells wrap rather than truncate on a narrow console: an ellipsis would hide digits.
+    table = Table(title="iLR-DPO runs", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for header in headers:
+        table.add_column(header, justify="left" if header == "run" else "right", overflow="fold")
+    for row in cells:
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+    for note in footnotes:
+        console.print(f"[dim]{escape(note)}[/dim]")
+    for run in runs:
+        for item in run.missing:
+            console.print(f"[yellow]missing[/yellow] {escape(run.name)}: {escape(item)}")
