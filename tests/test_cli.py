@@ -1,0 +1,159 @@
+"""The command line (ilrdpo.cli): `ilrdpo train` end to end, and bad input as one line, exit 2.
+
+Two runs go through a real subprocess (what a user types); the rest call cli.main() in this
+process with sys.argv set, which is the same code path minus the interpreter start-up (each
+`ilrdpo` process spends seconds importing the whole pipeline before it reads its arguments).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilrdpo import cli
+from ilrdpo.config import load_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PAIRS_FILE = EXAMPLES / "pairs.jsonl"
+DESIGN_METRICS = {"loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                  "rewards/accuracies", "logps/chosen", "logps/rejected", "length/chosen", "length/rejected",
+                  "length/margin_term"}
+
+
+def ilrdpo_command() -> list[str]:
+    """The installed `ilrdpo` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "ilrdpo"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ilrdpo.cli"]
+
+
+def run_cli(args: list[str], cwd: Path, command: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = command or [sys.executable, "-m", "ilrdpo.cli"]
+    return subprocess.run(command + args, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def call_main(monkeypatch, args: list[str]) -> int:
+    """cli.main() in-process; returns the exit status (0 when it returns normally)."""
+    monkeypatch.setattr(sys, "argv", ["ilrdpo", *args])
+    try:
+        cli.main()
+    except SystemExit as stop:
+        return int(stop.code or 0)
+    return 0
+
+
+def answer_logps(model, tokenizer) -> torch.Tensor:
+    from ilrdpo.data import collate_pairs, load_pairs, tokenize_pairs
+    from ilrdpo.logprobs import sequence_logps
+
+    examples = tokenize_pairs(tokenizer, load_pairs(str(PAIRS_FILE), limit=4), max_length=128)
+    batch = collate_pairs(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps, _ = sequence_logps(model.eval(), batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    return logps
+
+
+def test_train_end_to_end(tiny_model_dir, tokenizer, tmp_path):
+    """YAML config + overrides -> model/ (safetensors, tokenizer, card), metrics.jsonl, config.yaml."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(f"model:\n  name_or_path: {tiny_model_dir}\n  dtype: float32\n"
+                           f"data:\n  pairs: {PAIRS_FILE}\n"
+                           f"loss:\n  alpha: 0.01\noutput_dir: {out}\n")
+    proc = run_cli(["train", str(config_file), "train.batch_size=8", "train.max_length=128",
+                    "train.learning_rate=1e-3"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    model_dir = out / "model"
+    assert (model_dir / "model.safetensors").is_file() and not list(model_dir.glob("*.bin"))
+    assert (model_dir / "tokenizer.json").is_file()
+    card = (model_dir / "README.md").read_text()
+    assert "ilrdpo" in card and "LR-DPO (alpha=0.01)" in card and "16 pairs" in card
+    assert not (out / "model.staging").exists() and not (out / "model.old").exists()
+    trained = AutoModelForCausalLM.from_pretrained(model_dir)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(trained.model.embed_tokens.weight, initial.model.embed_tokens.weight)
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # 16 pairs / batch 8, one epoch
+    assert all(DESIGN_METRICS <= m.keys() for m in metrics)
+
+    resolved = load_config(out / "config.yaml")
+    assert resolved.model.name_or_path == str(tiny_model_dir) and resolved.data.pairs == str(PAIRS_FILE)
+    assert (resolved.loss.alpha, resolved.train.batch_size, resolved.train.learning_rate) == (0.01, 8, 1e-3)
+    assert resolved == load_config(config_file, ["train.batch_size=8", "train.max_length=128",
+                                                 "train.learning_rate=1e-3"])
+
+
+def test_malformed_jsonl_line_is_one_line_and_exit_2(tmp_path):
+    """Through the installed `ilrdpo` script: FILE:LINE on stderr, exit 2, no traceback."""
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "Q", "chosen": "A", "rejected": "B"}\n\n{"prompt": "Q", "chosen": \n')
+    proc = run_cli(["train", f"data.pairs={bad}", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path,
+                   command=ilrdpo_command())
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and f"{bad}:3: invalid JSON" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,key", [
+    (["train", "loss.alphaa=0.1"], "loss.alphaa"),
+    (["train", "model.lora.rr=4"], "model.lora.rr"),
+])
+def test_unknown_config_key_exits_2_naming_it(monkeypatch, capsys, args, key):
+    assert call_main(monkeypatch, args) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: command line: unknown config key '{key}'\n"
+
+
+def test_unknown_key_in_config_file(monkeypatch, capsys, tmp_path):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("loss:\n  beta: 0.1\n  alphaa: 0.2\n")
+    assert call_main(monkeypatch, ["train", str(config_file)]) == 2
+    assert capsys.readouterr().err == f"error: {config_file}: unknown config key 'loss.alphaa'\n"
+
+
+def test_bad_pair_field_names_file_and_line(monkeypatch, capsys, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"prompt": "Q", "chosen": "A"}) + "\n")
+    assert call_main(monkeypatch, ["train", f"data.pairs={bad}", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == f"error: {bad}:1: missing field 'rejected'\n"
+
+
+def test_lora_run_saves_adapter_and_merged_weights(monkeypatch, tiny_model_dir, tokenizer, tmp_path):
+    """model.lora + model.merge_lora: model/ holds the adapter, model/merged/ full weights that
+    compute exactly what base + adapter compute."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    status = call_main(monkeypatch, [
+        "train", f"model.name_or_path={tiny_model_dir}", f"data.pairs={PAIRS_FILE}", "data.max_examples=4",
+        "model.dtype=float32", "model.lora.r=4", "model.lora.dropout=0.0", "model.merge_lora=true",
+        "train.batch_size=4",
+        "train.learning_rate=1e-2", "train.warmup_ratio=0", "train.max_length=128", f"output_dir={out}"])
+    assert status == 0
+    model_dir = out / "model"
+    assert (model_dir / "adapter_config.json").is_file() and (model_dir / "adapter_model.safetensors").is_file()
+    assert not (model_dir / "model.safetensors").exists()
+    assert (model_dir / "merged" / "model.safetensors").is_file()
+    assert (model_dir / "merged" / "tokenizer.json").is_file()
+    assert (model_dir / "README.md").is_file()
+
+    merged = AutoModelForCausalLM.from_pretrained(model_dir / "merged")
+    adapted = AutoPeftModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    merged_logps = answer_logps(merged, tokenizer)
+    torch.testing.assert_close(merged_logps, answer_logps(adapted, tokenizer), rtol=1e-5, atol=1e-4)
+    assert (merged_logps - answer_logps(base, tokenizer)).abs().max() > 1e-2  # the adapter learned something

@@ -1,0 +1,143 @@
+"""Configuration (ilrdpo.config): unknown keys, overrides, YAML errors, round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from ilrdpo.config import (
+    Config,
+    build_config,
+    config_to_yaml,
+    field_docs,
+    load_config,
+    parse_overrides,
+)
+from ilrdpo.errors import UserInputError
+
+
+def write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults():
+    config = load_config(None)
+    assert config == Config()
+    assert config.loss.type == "sigmoid" and config.loss.alpha == 0.0 and config.model.lora is None
+
+
+@pytest.mark.parametrize("yaml_text,key", [
+    ("lossx:\n  beta: 0.1\n", "lossx"),
+    ("loss:\n  alphaa: 0.1\n", "loss.alphaa"),
+    ("model:\n  lora:\n    rr: 8\n", "model.lora.rr"),
+    ("iterations:\n  alpha_control:\n    modee: auto\n", "iterations.alpha_control.modee"),
+    ("eval:\n  judge:\n    typo: 1\n", "eval.judge.typo"),
+])
+def test_unknown_key_in_file_is_named(tmp_path, yaml_text, key):
+    path = write(tmp_path / "c.yaml", yaml_text)
+    with pytest.raises(UserInputError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: unknown config key '{key}'"
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("override,key", [
+    ("loss.alphaa=0.1", "loss.alphaa"),
+    ("model.lora.rr=4", "model.lora.rr"),
+    ("seeed=3", "seeed"),
+])
+def test_unknown_key_in_override_is_named(override, key):
+    with pytest.raises(UserInputError, match=f"unknown config key '{key}'"):
+        load_config(None, [override])
+
+
+def test_invalid_value_names_key_and_reason(tmp_path):
+    with pytest.raises(UserInputError, match=r"config key 'loss\.beta': .*greater than 0"):
+        load_config(None, ["loss.beta=0"])
+    with pytest.raises(UserInputError, match=r"config key 'loss\.type': Input should be 'sigmoid'"):
+        load_config(None, ["loss.type=dpo"])
+    path = write(tmp_path / "c.yaml", "train:\n  batch_size: many\n")
+    with pytest.raises(UserInputError, match=rf"^{path}: config key 'train\.batch_size': "):
+        load_config(path)
+
+
+def test_overrides_parse_types():
+    assert parse_overrides([
+        "loss.alpha=0.05", "train.learning_rate=1e-5", "train.epochs=2", "train.gradient_checkpointing=true",
+        "model.merge_lora=false", "loss.target_length=null", "train.report_to=[tensorboard]",
+        "model.lora.target_modules=[q_proj, v_proj]", "data.system_prompt=a=b", "data.pairs=",
+    ]) == {
+        "loss": {"alpha": 0.05, "target_length": None},
+        "train": {"learning_rate": "1e-5", "epochs": 2, "gradient_checkpointing": True,
+                  "report_to": ["tensorboard"]},
+        "model": {"merge_lora": False, "lora": {"target_modules": ["q_proj", "v_proj"]}},
+        "data": {"system_prompt": "a=b", "pairs": ""},
+    }
+
+
+def test_overrides_build_a_typed_config():
+    """YAML reads '1e-5' as a string (YAML 1.1 floats need a dot); pydantic makes it a float.
+    A lora sub-key alone turns LoRA on with the other LoRA defaults."""
+    config = load_config(None, ["train.learning_rate=1e-5", "loss.alpha=0.05", "loss.target_length=100",
+                                "model.lora.r=4", "train.gradient_checkpointing=yes", "seed=7"])
+    assert config.train.learning_rate == 1e-5 and isinstance(config.train.learning_rate, float)
+    assert config.loss.alpha == 0.05 and config.loss.target_length == 100.0
+    assert config.model.lora is not None and config.model.lora.r == 4 and config.model.lora.alpha == 32
+    assert config.train.gradient_checkpointing is True and config.seed == 7
+    assert load_config(None, ["model.lora.r=4", "model.lora=null"]).model.lora is None
+
+
+def test_overrides_beat_the_file_and_merge_sections(tmp_path):
+    path = write(tmp_path / "c.yaml", "loss:\n  beta: 0.2\n  alpha: 0.01\nmodel:\n  lora:\n    r: 8\n")
+    config = load_config(path, ["loss.alpha=0.3", "model.lora.alpha=4"])
+    assert (config.loss.beta, config.loss.alpha) == (0.2, 0.3)
+    assert (config.model.lora.r, config.model.lora.alpha) == (8, 4)
+
+
+@pytest.mark.parametrize("override", ["loss.alpha", "=3", "loss=1,loss.beta=2"])
+def test_malformed_overrides(override):
+    with pytest.raises(UserInputError):
+        load_config(None, override.split(","))
+
+
+def test_yaml_errors(tmp_path):
+    bad = write(tmp_path / "bad.yaml", "loss:\n  beta: 0.1\n  alpha: [1, 2\ntrain: {}\n")
+    with pytest.raises(UserInputError, match=rf"^{bad}:\d+: invalid YAML$"):
+        load_config(bad)
+    scalar = write(tmp_path / "scalar.yaml", "just a string\n")
+    with pytest.raises(UserInputError, match="expected a mapping of sections"):
+        load_config(scalar)
+    with pytest.raises(UserInputError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    assert load_config(write(tmp_path / "empty.yaml", "")) == Config()
+
+
+def test_yaml_error_line_number(tmp_path):
+    """The YAML error mark is 0-based; the message is 1-based: a tab on line 3."""
+    bad = write(tmp_path / "tab.yaml", "loss:\n  beta: 0.1\n\talpha: 1\n")
+    with pytest.raises(UserInputError, match=rf"^{bad}:3: invalid YAML$"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(None, [
+        "loss.type=robust", "loss.alpha=0.02", "loss.label_smoothing=0.1", "loss.target_length=80",
+        "model.lora.r=4", "model.lora.target_modules=[q_proj, v_proj]", "train.report_to=[tensorboard]",
+        "eval.judge.type=python", "eval.judge.function=scorer.py:fn", "data.system_prompt=Be brief.",
+        "train.learning_rate=3e-6", "seed=11",
+    ])
+    path = write(tmp_path / "resolved.yaml", config_to_yaml(config))
+    assert load_config(path) == config
+    assert load_config(path).model_dump() == config.model_dump()
+
+
+def test_build_config_source_in_message():
+    with pytest.raises(UserInputError, match="^my.yaml: unknown config key 'nope'$"):
+        build_config({"nope": 1}, source="my.yaml")
+
+
+def test_field_docs_cover_every_key():
+    keys = {key for key, _, _ in field_docs()}
+    assert {"model.name_or_path", "model.lora.r", "loss.alpha", "loss.target_length", "train.max_length",
+            "iterations.alpha_control.mode", "eval.judge.*", "seed"} <= keys
+    assert all(doc for key, _, doc in field_docs() if not key.endswith("*"))

@@ -1,0 +1,358 @@
+"""Smoke tier: one round of preference training (ilrdpo.train) on the tiny Llama.
+
+Twelve hand-made pairs: the chosen answer is short and on topic, the rejected one is a longer
+answer about something else. With a high learning rate the tiny model must learn to prefer the
+chosen answers within a few epochs.
+
+First-step arithmetic used below: before the first update the policy IS the reference, so every
+implicit reward beta * (log pi - log pi_ref) is 0 and the margin is the length term alone:
+loss_1 = mean over pairs of softplus(-alpha * (c(y_w) - c(y_l))), which is log 2 when alpha = 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilrdpo.config import DataSettings, LoraSettings, LossSettings, TrainSettings, build_config
+from ilrdpo.data import collate_pairs, tokenize_pairs
+from ilrdpo.errors import TrainingDiverged, UserInputError
+from ilrdpo.logprobs import sequence_logps
+from ilrdpo.loop import run_offline
+from ilrdpo.models import add_lora
+from ilrdpo.records import PreferencePair
+from ilrdpo.train import pair_reference_logps, train_round
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+QA = [
+    ("What colour is the sky on a clear day?", "Blue."),
+    ("What is 2 + 2?", "Four."),
+    ("Name the largest planet.", "Jupiter."),
+    ("What do bees make?", "Honey."),
+    ("Which animal says moo?", "A cow."),
+    ("What is frozen water called?", "Ice."),
+    ("How many days are in a week?", "Seven."),
+    ("What is the capital of France?", "Paris."),
+    ("Which fruit is yellow and curved?", "A banana."),
+    ("What do you use to write on a blackboard?", "Chalk."),
+    ("What gas do plants take in?", "Carbon dioxide."),
+    ("Opposite of hot?", "Cold."),
+]
+OFF_TOPIC = [
+    "Let me talk about football instead: it went to penalties.",
+    "The weather has been cold and rainy all week.",
+    "Here is a soup recipe with onions and lots of garlic.",
+]
+PAIRS = [PreferencePair(prompt=q, chosen=a, rejected=OFF_TOPIC[i % 3]) for i, (q, a) in enumerate(QA)]
+
+DESIGN_METRICS = {"loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                  "rewards/accuracies", "logps/chosen", "logps/rejected", "length/chosen", "length/rejected",
+                  "length/margin_term"}
+
+LR = 3e-3
+
+
+def train_settings(**overrides) -> TrainSettings:
+    """Constant high rate, no warmup: the first step already moves the weights."""
+    values = {"learning_rate": LR, "epochs": 4, "batch_size": 4, "warmup_ratio": 0.0,
+              "lr_scheduler": "constant", "max_length": 128}
+    return TrainSettings(**{**values, **overrides})
+
+
+def run(model, tokenizer, tmp_path, loss: LossSettings | None = None, pairs=PAIRS, **train_overrides):
+    result = train_round(model, tokenizer, pairs, loss=loss or LossSettings(beta=0.1),
+                         train=train_settings(**train_overrides), data=DataSettings(), output_dir=tmp_path)
+    return result, read_metrics(tmp_path / "metrics.jsonl")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def pair_logps(model, tokenizer, pairs=PAIRS) -> torch.Tensor:
+    """(P, 2) [chosen, rejected] summed answer log-probs, all pairs in one batch."""
+    examples = tokenize_pairs(tokenizer, pairs, max_length=128)
+    batch = collate_pairs(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps, _ = sequence_logps(model.eval(), batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    return torch.stack([logps[:len(pairs)], logps[len(pairs):]], dim=1)
+
+
+def answer_tokens(tokenizer, pairs=PAIRS) -> torch.Tensor:
+    """(P, 2) answer token counts (EOS included), as the length margin sees them."""
+    examples = tokenize_pairs(tokenizer, pairs, max_length=128)
+    return torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.float32)
+
+
+# --- one full run, inspected by several tests --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tokenizer, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before_params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    before_logps = pair_logps(model, tokenizer)
+    out = tmp_path_factory.mktemp("trained")
+    result, metrics = run(model, tokenizer, out)
+    return {"model": model, "result": result, "metrics": metrics, "before_params": before_params,
+            "before_logps": before_logps, "after_logps": pair_logps(model, tokenizer)}
+
+
+def test_loss_falls(trained):
+    losses = [m["loss"] for m in trained["metrics"]]
+    assert len(losses) == 12  # 4 epochs x ceil(12 / 4) micro-batches, grad_accum 1
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference before step 1
+
+
+def test_margin_rises_on_training_pairs(trained):
+    before = trained["before_logps"][:, 0] - trained["before_logps"][:, 1]
+    after = trained["after_logps"][:, 0] - trained["after_logps"][:, 1]
+    gain = after - before  # (P,)
+    assert gain.mean() > 1.0
+    assert (gain > 0).sum() >= 10
+
+
+def test_every_trainable_parameter_changes(trained):
+    for name, param in trained["model"].named_parameters():
+        assert param.requires_grad
+        assert not torch.equal(param.detach(), trained["before_params"][name]), name
+
+
+def test_metrics_have_the_design_names_on_every_line(trained):
+    metrics = trained["metrics"]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    for line in metrics:
+        assert DESIGN_METRICS <= line.keys()
+        assert all(math.isfinite(line[key]) for key in DESIGN_METRICS)
+        assert line["learning_rate"] == pytest.approx(LR)
+        assert 0.0 <= line["rewards/accuracies"] <= 1.0
+        assert line["rewards/margins"] == pytest.approx(line["rewards/chosen"] - line["rewards/rejected"], abs=1e-5)
+    assert trained["result"].steps == 12 and trained["result"].final == metrics[-1]
+    assert metrics[-1]["rewards/accuracies"] == 1.0
+
+
+def test_reference_is_the_initial_model(trained):
+    """The reference log-probs used are the initial model's, so step 1 has zero rewards."""
+    used = torch.tensor(trained["result"].ref_logps)  # (P, 2)
+    torch.testing.assert_close(used, trained["before_logps"], rtol=1e-5, atol=1e-4)
+    first = trained["metrics"][0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-4)
+
+
+# --- properties that need their own run ---------------------------------------------------------
+
+
+def test_repeatable_with_the_same_seed(tiny_model_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    runs = []
+    for name in ("a", "b"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        _, metrics = run(model, tokenizer, tmp_path / name, epochs=1, batch_size=6)
+        runs.append(([{k: v for k, v in m.items() if k != "elapsed_s"} for m in metrics],
+                     [p.detach().clone() for p in model.parameters()]))
+    assert len(runs[0][0]) == 2
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+def test_precomputed_reference_is_used(tiny_model, tokenizer, tmp_path):
+    """ref = initial log-probs + [1, 0]: step-1 rewards/chosen = 0.1 * (0 - 1) = -0.1, rejected 0."""
+    ref = pair_logps(tiny_model, tokenizer) + torch.tensor([1.0, 0.0])
+    result = train_round(tiny_model, tokenizer, PAIRS, loss=LossSettings(beta=0.1),
+                         train=train_settings(epochs=1, batch_size=12), data=DataSettings(),
+                         output_dir=tmp_path, ref_logps=ref)
+    (first,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert first["rewards/chosen"] == pytest.approx(-0.1, abs=1e-4)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-4)
+    torch.testing.assert_close(torch.tensor(result.ref_logps), ref)
+
+
+def test_first_step_length_margin(tiny_model, tokenizer, tmp_path):
+    """alpha = 0.02, tokens: m_i = 0.02 * (n_w - n_l) (rewards are 0 at step 1), so
+    loss_1 = mean softplus(-m_i) and length/margin_term = mean m_i. The chosen answers are
+    the shorter ones, so every m_i < 0 and the loss is above log 2."""
+    n = answer_tokens(tokenizer)  # (P, 2)
+    term = 0.02 * (n[:, 0] - n[:, 1])
+    _, (first,) = run(tiny_model, tokenizer, tmp_path, LossSettings(beta=0.1, alpha=0.02), epochs=1, batch_size=12)
+    assert first["length/margin_term"] == pytest.approx(term.mean().item(), abs=1e-5)
+    assert first["loss"] == pytest.approx(torch.nn.functional.softplus(-term).mean().item(), abs=1e-4)
+    assert first["loss"] > math.log(2)
+    assert first["length/chosen"] == pytest.approx(n[:, 0].mean().item())
+
+
+def test_first_step_target_lengths_per_pair(tiny_model, tokenizer, tmp_path):
+    """Per-pair targets L*_i = n_w + 2 (every chosen answer 2 tokens short of its target):
+    c_w = 2, c_l = |n_l - L*_i|;  m_i = 0.05 * (2 - c_l);  loss_1 = mean softplus(-m_i)."""
+    n = answer_tokens(tokenizer)
+    pairs = [PreferencePair(p.prompt, p.chosen, p.rejected, target_length=int(n[i, 0]) + 2)
+             for i, p in enumerate(PAIRS)]
+    target = n[:, 0] + 2
+    term = 0.05 * ((n[:, 0] - target).abs() - (n[:, 1] - target).abs())
+    _, (first,) = run(tiny_model, tokenizer, tmp_path, LossSettings(beta=0.1, alpha=0.05), pairs=pairs,
+                      epochs=1, batch_size=12)
+    assert first["length/margin_term"] == pytest.approx(term.mean().item(), abs=1e-5)
+    assert first["loss"] == pytest.approx(torch.nn.functional.softplus(-term).mean().item(), abs=1e-4)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tokenizer, tmp_path):
+    """12 pairs as 3 micro-batches of 4 accumulated = one batch of 12: same loss, same gradient norm."""
+    from transformers import AutoModelForCausalLM
+
+    lines = []
+    for name, batch_size, grad_accum in (("big", 12, 1), ("accum", 4, 3)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        _, metrics = run(model, tokenizer, tmp_path / name, LossSettings(beta=0.1, alpha=0.02), epochs=1,
+                         batch_size=batch_size, grad_accum=grad_accum)
+        assert len(metrics) == 1
+        lines.append(metrics[0])
+    big, accum = lines
+    assert accum["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-4)
+    assert accum["loss"] == pytest.approx(big["loss"], abs=1e-5)
+    assert accum["length/margin_term"] == pytest.approx(big["length/margin_term"], abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "ld_dpo", "ipo"])
+def test_other_loss_types_run_a_step(tiny_model, tokenizer, tmp_path, loss_type):
+    """One step each, with the first-step loss worked out (rewards 0 except for SimPO):
+    ld_dpo: log 2;  ipo: (0 - 1 / (2 * 0.1))^2 = 25;
+    simpo: m_i = 0.1 * (logp_w / n_w - logp_l / n_l) - 0.5, no reference pass."""
+    logps, n = pair_logps(tiny_model, tokenizer), answer_tokens(tokenizer)
+    simpo_margin = 0.1 * (logps[:, 0] / n[:, 0] - logps[:, 1] / n[:, 1]) - 0.5
+    expected = {"ld_dpo": math.log(2), "ipo": 25.0,
+                "simpo": torch.nn.functional.softplus(-simpo_margin).mean().item()}[loss_type]
+    result, (first,) = run(tiny_model, tokenizer, tmp_path, LossSettings(type=loss_type, beta=0.1), epochs=1,
+                           batch_size=12)
+    assert first["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert (result.ref_logps is None) == (loss_type == "simpo")
+    assert DESIGN_METRICS <= first.keys()
+
+
+# --- LoRA --------------------------------------------------------------------------------------
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    """Non-adapter weights under their plain transformers names (PEFT inserts '.base_layer')."""
+    return {name.replace(".base_layer", ""): p.detach().clone()
+            for name, p in model.named_parameters() if "lora_" not in name}
+
+
+def test_lora_trains_only_the_adapter(tiny_model, tokenizer, tmp_path):
+    base_logps = pair_logps(tiny_model, tokenizer)
+    base_before = base_weights(tiny_model)
+    torch.manual_seed(0)
+    model = add_lora(tiny_model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    adapter = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert adapter and all("lora_" in name for name in adapter)
+    adapter_before = {name: p.detach().clone() for name, p in adapter.items()}
+
+    result, metrics = run(model, tokenizer, tmp_path / "round1", epochs=1)
+    assert len(metrics) == 3 and metrics[-1]["loss"] < metrics[0]["loss"]
+    for name, p in adapter.items():
+        assert not torch.equal(p.detach(), adapter_before[name]), name
+    base_after = base_weights(model.get_base_model())
+    assert base_after.keys() == base_before.keys()
+    assert all(torch.equal(base_after[k], base_before[k]) for k in base_before)
+    # A fresh adapter (B = 0) is the base model, so the first reference equals the base log-probs.
+    torch.testing.assert_close(torch.tensor(result.ref_logps), base_logps, rtol=1e-5, atol=1e-4)
+
+    # After training the adapter matters; with it disabled we get the base model back.
+    settings = {"loss": LossSettings(beta=0.1), "train": train_settings(), "data": DataSettings()}
+    disabled = pair_reference_logps(model, tokenizer, PAIRS, **settings, disable_adapter=True)
+    enabled = pair_reference_logps(model, tokenizer, PAIRS, **settings)
+    torch.testing.assert_close(disabled, base_logps, rtol=1e-5, atol=1e-4)
+    assert (enabled - base_logps).abs().max() > 0.1
+
+    # A second round: by default its reference is the model as the round starts (adapter on) ...
+    result2, _ = run(model, tokenizer, tmp_path / "round2", epochs=1, batch_size=12)
+    torch.testing.assert_close(torch.tensor(result2.ref_logps), enabled, rtol=1e-5, atol=1e-4)
+    # ... and with ref_adapter_disabled it is the base model; step-1 rewards/chosen is then
+    # 0.1 * mean(policy - base) over the chosen answers.
+    model_after_round2 = pair_logps(model, tokenizer)
+    result3 = train_round(model, tokenizer, PAIRS, loss=LossSettings(beta=0.1),
+                          train=train_settings(epochs=1, batch_size=12), data=DataSettings(),
+                          output_dir=tmp_path / "round3", ref_adapter_disabled=True)
+    torch.testing.assert_close(torch.tensor(result3.ref_logps), base_logps, rtol=1e-5, atol=1e-4)
+    (first3,) = read_metrics(tmp_path / "round3" / "metrics.jsonl")
+    expected_chosen = 0.1 * (model_after_round2[:, 0] - base_logps[:, 0]).mean().item()
+    assert first3["rewards/chosen"] == pytest.approx(expected_chosen, abs=1e-3)
+
+
+# --- divergence --------------------------------------------------------------------------------
+
+
+def test_nan_weight_raises_training_diverged(tiny_model, tokenizer, tmp_path):
+    with torch.no_grad():
+        tiny_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="non-finite loss at step 1"):
+        run(tiny_model, tokenizer, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_huge_learning_rate_diverges_at_a_later_step(tiny_model, tokenizer, tmp_path):
+    """lr = 1e30: the first step is finite, the weights it writes overflow the next forward."""
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step (\d+)") as info:
+        run(tiny_model, tokenizer, tmp_path, learning_rate=1e30, epochs=2)
+    step = int(str(info.value).split("step ")[1].split(";")[0])
+    assert step >= 2
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == step - 1  # every finished step was logged
+
+
+def test_divergence_does_not_write_the_model(tiny_model, tokenizer, tmp_path):
+    """run_offline (what `ilrdpo train` runs) stops before saving: no model/ in a fresh run
+    directory, and a previous run's model/ is left exactly as it was."""
+    with torch.no_grad():
+        tiny_model.model.layers[1].self_attn.q_proj.weight[3, 5] = float("nan")
+    broken = tmp_path / "broken_model"
+    tiny_model.save_pretrained(broken)
+    tokenizer.save_pretrained(broken)
+    for run_name, previous in (("fresh", None), ("rerun", "weights of an earlier good run")):
+        out = tmp_path / run_name
+        if previous:
+            (out / "model").mkdir(parents=True)
+            (out / "model" / "README.md").write_text(previous)
+        config = build_config({"model": {"name_or_path": str(broken), "dtype": "float32"},
+                               "data": {"pairs": str(EXAMPLES / "pairs.jsonl"), "max_examples": 2},
+                               "train": {"batch_size": 8, "max_length": 128}, "output_dir": str(out)})
+        with pytest.raises(TrainingDiverged, match="step 1"):
+            run_offline(config)
+        assert (out / "config.yaml").exists()
+        if previous:
+            assert sorted(p.name for p in (out / "model").iterdir()) == ["README.md"]
+            assert (out / "model" / "README.md").read_text() == previous
+        else:
+            assert not (out / "model").exists()
+        assert not (out / "model.staging").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the 'target_length on some pairs but not all' check runs per "
+                   "batch in collate_pairs, so whether mixed data is rejected depends on batch_size")
+def test_mixed_target_lengths_are_rejected_whatever_the_batch_size(tiny_model, tokenizer, tmp_path):
+    """Two short pairs with a target length, two long ones without. With batch_size 2 the
+    reference pass (batches of 4) sees both kinds and raises; with batch_size 1 the reference
+    batches of 2 are grouped by length (short with short, long with long), training batches
+    hold one pair each, and the run silently mixes |y| and | |y| - L* | in one loss."""
+    pairs = [
+        PreferencePair("Hi?", "Yes.", "No.", target_length=5),
+        PreferencePair("Yo?", "Ok.", "Nah.", target_length=5),
+        PreferencePair("Tell me a long story about a dragon and a knight?",
+                       "Once upon a time there was a dragon who lived in a cave.",
+                       "A knight rode out one morning to find the dragon of the hills."),
+        PreferencePair("Tell me another long story about a cat and a dog?",
+                       "Once upon a time a cat and a dog became good friends.",
+                       "The dog barked at the cat every single morning until noon."),
+    ]
+    loss = LossSettings(beta=0.1, alpha=0.01)
+    with pytest.raises(UserInputError, match="target_length is set on some pairs but not all"):
+        run(tiny_model, tokenizer, tmp_path / "bs2", loss, pairs=pairs, epochs=1, batch_size=2)
+    with pytest.raises(UserInputError, match="target_length is set on some pairs but not all"):
+        run(tiny_model, tokenizer, tmp_path / "bs1", loss, pairs=pairs, epochs=1, batch_size=1)
