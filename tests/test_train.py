@@ -334,8 +334,6 @@ def test_divergence_does_not_write_the_model(tiny_model, tokenizer, tmp_path):
         assert not (out / "model.staging").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the 'target_length on some pairs but not all' check runs per "
-                   "batch in collate_pairs, so whether mixed data is rejected depends on batch_size")
 def test_mixed_target_lengths_are_rejected_whatever_the_batch_size(tiny_model, tokenizer, tmp_path):
     """Two short pairs with a target length, two long ones without. With batch_size 2 the
     reference pass (batches of 4) sees both kinds and raises; with batch_size 1 the reference
@@ -352,7 +350,7 @@ def test_mixed_target_lengths_are_rejected_whatever_the_batch_size(tiny_model, t
                        "The dog barked at the cat every single morning until noon."),
     ]
     loss = LossSettings(beta=0.1, alpha=0.01)
-    with pytest.raises(UserInputError, match="target_length is set on some pairs but not all"):
+    with pytest.raises(UserInputError, match="target_length is set on 2 of 4 pairs"):
         run(tiny_model, tokenizer, tmp_path / "bs2", loss, pairs=pairs, epochs=1, batch_size=2)
-    with pytest.raises(UserInputError, match="target_length is set on some pairs but not all"):
+    with pytest.raises(UserInputError, match="target_length is set on 2 of 4 pairs"):
         run(tiny_model, tokenizer, tmp_path / "bs1", loss, pairs=pairs, epochs=1, batch_size=1)

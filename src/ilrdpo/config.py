@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ilrdpo.errors import UserInputError
 
@@ -141,6 +141,12 @@ class TrainSettings(Section):
     )
     logits_chunk: int = Field(1024, ge=1, description="Answer positions per chunk of the log-prob head.")
 
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> TrainSettings:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        return self
+
 
 class AlphaControlSettings(Section):
     mode: Literal["constant", "auto"] = Field("constant", description="auto = adjust alpha to a length budget.")
@@ -181,6 +187,10 @@ class Config(Section):
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
 
 
+SECTION_NAMES = {name for name, f in Config.model_fields.items()
+                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`a.b=1` strings to a nested dict; values are parsed as YAML (numbers, bools, lists, null)."""
     nested: dict[str, Any] = {}
@@ -192,6 +202,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+            value = raw  # "Answer: briefly" is text, not a mapping
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -221,6 +233,8 @@ def _explain(error: ValidationError, source: str) -> str:
 
 
 def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    # A section whose keys are all commented out reads as null: treat it as empty.
+    data = {k: ({} if v is None and k in SECTION_NAMES else v) for k, v in data.items()}
     data = _merge(data, parse_overrides(overrides or []))
     try:
         return Config.model_validate(data)

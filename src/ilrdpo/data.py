@@ -25,7 +25,9 @@ DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".
 def load_pairs(source: str, split: str = "train", limit: int | None = None) -> list[PreferencePair]:
     """Preference pairs from a JSONL file, a saved dataset folder, a data file, or a hub name."""
     path = Path(source)
-    if path.suffix == ".jsonl" and path.is_file():
+    if path.suffix == ".jsonl" or (path.suffix in DATASET_SUFFIXES and not path.exists()):
+        if path.suffix != ".jsonl":
+            raise UserInputError(f"{path}: file not found")
         return read_pairs(path, limit)
     import datasets  # slow import; only for non-JSONL sources
 
@@ -108,7 +110,8 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected, False
-    keep_prompt = max_prompt_length or max_length // 2
+    # At least one answer token must survive, or the pair carries no signal.
+    keep_prompt = min(max_prompt_length or max_length // 2, max_length - 1)
     if len(prompt) > keep_prompt:
         prompt = prompt[-keep_prompt:]
     room = max_length - len(prompt)
@@ -118,6 +121,9 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int,
                    max_prompt_length: int | None = None, use_chat_template: bool = True,
                    system_prompt: str | None = None) -> list[TokenizedPair]:
+    with_target = sum(p.target_length is not None for p in pairs)
+    if 0 < with_target < len(pairs):
+        raise UserInputError(f"target_length is set on {with_target} of {len(pairs)} pairs; set it on all or none")
     out = []
     for pair in pairs:
         prompt = encode_prompt(tokenizer, pair.prompt, use_chat_template, system_prompt)
@@ -155,7 +161,7 @@ def collate_pairs(examples: list[TokenizedPair], pad_id: int, length_unit: str =
         lengths = [e.chosen_chars for e in examples] + [e.rejected_chars for e in examples]
     else:
         lengths = answer_lens
-    targets = [e.target_length for e in examples]
+    targets = [e.target_length for e in examples]  # all set or none (checked in tokenize_pairs)
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -163,8 +169,6 @@ def collate_pairs(examples: list[TokenizedPair], pad_id: int, length_unit: str =
         "lengths": torch.tensor(lengths, dtype=torch.float32),  # (2B,)
         "n_tokens": torch.tensor(answer_lens, dtype=torch.float32),  # (2B,)
     }
-    if any(t is not None for t in targets):
-        if any(t is None for t in targets):
-            raise UserInputError("target_length is set on some pairs but not all")
+    if targets[0] is not None:
         batch["target_length"] = torch.tensor(targets, dtype=torch.float32)  # (B,)
     return batch

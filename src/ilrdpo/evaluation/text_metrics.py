@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import sacrebleu
-from rouge_score import rouge_scorer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -51,6 +49,10 @@ def text_metrics(hypotheses: Sequence[str], references: Sequence[str] | None) ->
         )
     if not hypotheses:
         return metrics | {key: None for key in ("bleu", "chrf", *ROUGE_TYPES)}
+    # Imported here: rouge_score pulls in nltk and scipy.stats, seconds of start-up for every CLI call.
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
     hyps, refs = list(hypotheses), list(references)
     metrics["bleu"] = float(sacrebleu.corpus_bleu(hyps, [refs]).score)
     metrics["chrf"] = float(sacrebleu.corpus_chrf(hyps, [refs]).score)
