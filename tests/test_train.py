@@ -354,3 +354,19 @@ def test_mixed_target_lengths_are_rejected_whatever_the_batch_size(tiny_model, t
         run(tiny_model, tokenizer, tmp_path / "bs2", loss, pairs=pairs, epochs=1, batch_size=2)
     with pytest.raises(UserInputError, match="target_length is set on 2 of 4 pairs"):
         run(tiny_model, tokenizer, tmp_path / "bs1", loss, pairs=pairs, epochs=1, batch_size=1)
+
+
+def test_metrics_reach_tensorboard_through_accelerate(tiny_model, tokenizer, tmp_path):
+    """train.report_to=[tensorboard]: the per-step metrics land in an event file under logs/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, metrics = run(tiny_model, tokenizer, tmp_path, epochs=1, batch_size=6, report_to=["tensorboard"])
+    event_files = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert event_files
+    scalars = set()
+    for path in event_files:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+    assert {"loss", "rewards/margins", "grad_norm"} <= scalars
+    assert len(metrics) == 2
