@@ -1,0 +1,1 @@
+"""Small importable helpers for the tests (a user's scoring functions)."""
