@@ -210,12 +210,6 @@ def test_context_check_boundary(tokenizer):
         encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=8, context=n + 7)
 
 
-OFF_VALUES_BUG = ("generation.py:44-46 passes None for the 'off' values (top_k=0, repetition_penalty=1.0, "
-                  "no_repeat_ngram_size=0), and transformers fills a None from the model's generation_config "
-                  "or its own defaults (top_k=50)")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=OFF_VALUES_BUG)
 def test_top_k_zero_samples_from_the_whole_vocabulary(tiny_model, tokenizer):
     """The tiny model's next-token distribution is nearly flat over 49,152 tokens, so a sample
     from the full distribution falls outside the 50 likeliest tokens with probability ~0.999;
@@ -230,7 +224,6 @@ def test_top_k_zero_samples_from_the_whole_vocabulary(tiny_model, tokenizer):
     assert max(ranks) >= 50
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=OFF_VALUES_BUG)
 def test_answers_depend_on_the_settings_not_on_the_models_generation_config(tiny_model, tokenizer):
     """A hub model's generation_config.json often sets top_k or repetition_penalty; the configured
     generation settings (here top_k=0 and repetition_penalty=1.0, i.e. off) must still decide."""

@@ -215,9 +215,6 @@ def test_rerun_of_a_finished_run_redoes_nothing(base_run):
     assert elapsed < 10, f"a finished run took {elapsed:.1f} s to resume"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="loop.py:203 re-evaluates iteration 0 on every start (evaluate(0) is never recorded "
-                   "as a finished stage in state.json) and rewrites iter_0/eval.json")
 def test_rerun_keeps_the_initial_models_evaluation(base_run):
     out, config, _ = base_run
     before = (out / "iter_0" / "eval.json").stat().st_mtime_ns
@@ -302,10 +299,6 @@ def test_check_resume_by_stage(override, finished, refused):
     check_resume(old, new, finished_through(finished), force=True)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="loop.py:203 never marks iteration 0's evaluation as finished, so check_resume "
-                   "(loop.py:106) never applies stage_dependencies(0, ...) (loop.py:87-88): a changed eval "
-                   "setting is accepted and the stale iter_0/eval_answers.jsonl stays the win-rate baseline")
 def test_eval_change_after_the_initial_evaluation_is_refused(raw_config, tmp_path):
     """The scorer fails on training prompts, so the run stops after iteration 1's generation with
     iteration 0's eval answers on disk. Resuming with another eval.max_new_tokens must be refused;

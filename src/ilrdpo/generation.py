@@ -21,7 +21,7 @@ from ilrdpo.config import DataSettings, GenerationSettings
 from ilrdpo.data import encode_prompt
 from ilrdpo.errors import UserInputError
 from ilrdpo.progress import progress_bar
-from ilrdpo.records import Prompt, append_jsonl, read_jsonl_tolerant
+from ilrdpo.records import Prompt, append_jsonl, recover_jsonl
 
 
 @dataclass
@@ -38,12 +38,13 @@ def _generation_config(model, tokenizer, settings: GenerationSettings, greedy: b
     model_eos = getattr(model.generation_config, "eos_token_id", None)
     eos |= set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else [])
     sample = not greedy and settings.temperature > 0
+    # Every knob is set explicitly, "off" values included: transformers fills a None from the
+    # model's generation_config.json (which often sets top_k or repetition_penalty).
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, do_sample=sample,
-        temperature=settings.temperature if sample else None, top_p=settings.top_p if sample else None,
-        top_k=settings.top_k if sample and settings.top_k > 0 else None,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size or None,
-        repetition_penalty=settings.repetition_penalty if settings.repetition_penalty != 1.0 else None,
+        temperature=settings.temperature if sample else 1.0, top_p=settings.top_p if sample else 1.0,
+        top_k=settings.top_k if sample else 0, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        repetition_penalty=settings.repetition_penalty,
         eos_token_id=sorted(e for e in eos if e is not None), pad_token_id=tokenizer.pad_token_id,
     )
     if next(model.parameters()).device.type == "cuda":
@@ -122,7 +123,7 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
     batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
 
     done: dict[str, list[Sample]] = {}
-    for row in read_jsonl_tolerant(progress_file) if progress_file else []:
+    for row in recover_jsonl(progress_file) if progress_file else []:
         done[row["id"]] = [Sample(**s) for s in row["samples"]]
     backend = BACKENDS[settings.backend]
     new_tokens, start = 0, time.perf_counter()

@@ -20,6 +20,7 @@ from ilrdpo.records import (
     read_jsonl_tolerant,
     read_pairs,
     read_prompts,
+    recover_jsonl,
     write_jsonl,
 )
 from ilrdpo.scoring import build_scorer, score_in_batches, shaped_rewards
@@ -125,17 +126,29 @@ class RunState:
         self.path = out / "state.json"
         raw = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.finished: dict[int, list[str]] = {int(k): v for k, v in raw.get("finished", {}).items()}
+        self.started: dict[int, list[str]] = {int(k): v for k, v in raw.get("started", {}).items()}
         self.alpha: dict[int, float] = {int(k): v for k, v in raw.get("alpha", {}).items()}
 
     def done(self, iteration: int, stage_name: str) -> bool:
         return stage_name in self.finished.get(iteration, [])
 
+    def start(self, iteration: int, stage_name: str) -> None:
+        if stage_name not in self.started.get(iteration, []):
+            self.started.setdefault(iteration, []).append(stage_name)
+            self.save()
+
     def mark(self, iteration: int, stage_name: str) -> None:
         self.finished.setdefault(iteration, []).append(stage_name)
         self.save()
 
+    def touched(self) -> dict[int, list[str]]:
+        """Stages finished or with partial output on disk: both were made with the old config."""
+        return {t: sorted(set(self.finished.get(t, [])) | set(self.started.get(t, [])))
+                for t in set(self.finished) | set(self.started)}
+
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps({"finished": self.finished, "alpha": self.alpha}, indent=1))
+        atomic_write_text(self.path, json.dumps(
+            {"finished": self.finished, "started": self.started, "alpha": self.alpha}, indent=1))
 
 
 # --- alpha control -----------------------------------------------------------------------------
@@ -169,7 +182,7 @@ class IterativeRun:
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = RunState(self.out)
         if (self.out / "config.yaml").exists():
-            check_resume(load_config(self.out / "config.yaml"), config, self.state.finished, force)
+            check_resume(load_config(self.out / "config.yaml"), config, self.state.touched(), force)
         atomic_write_text(self.out / "config.yaml", config_to_yaml(config))
         if not config.data.prompts:
             raise UserInputError("data.prompts is required for `ilrdpo run`")
@@ -200,38 +213,36 @@ class IterativeRun:
         return self.model, self.tokenizer
 
     def run(self) -> list[dict]:
-        summaries = [self.evaluate(0)] if self.eval_prompts else []
+        summaries = [self._evaluation(0)] if self.eval_prompts else []
         self.state.alpha.setdefault(1, self.config.loss.alpha)
         for t in range(1, self.config.iterations.count + 1):
             summaries.append(self.iteration(t))
         atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=1))
         return summaries
 
+    def _stage(self, t: int, name: str, work) -> None:
+        if self.state.done(t, name):
+            return
+        self.state.start(t, name)
+        with stage(f"iter {t} {name}", self.timings):
+            work()
+        self.state.mark(t, name)
+
+    def _evaluation(self, t: int) -> dict:
+        path = self.out / f"iter_{t}" / "eval.json"
+        self._stage(t, "eval", lambda: self.evaluate(t))
+        return json.loads(path.read_text())
+
     def iteration(self, t: int) -> dict:
         d = self.out / f"iter_{t}"
-        alpha = self.state.alpha[t]
-        if not self.state.done(t, "generate"):
-            with stage(f"iter {t} generate", self.timings):
-                self.generate(t, d)
-            self.state.mark(t, "generate")
-        if not self.state.done(t, "score"):
-            with stage(f"iter {t} score", self.timings):
-                self.score(d)
-            self.state.mark(t, "score")
-        if not self.state.done(t, "pair"):
-            with stage(f"iter {t} pair", self.timings):
-                self.pair(t, d)
-            self.state.mark(t, "pair")
-        if not self.state.done(t, "train"):
-            with stage(f"iter {t} train", self.timings):
-                self.train(t, d, alpha)
-            self.state.mark(t, "train")
-        summary = json.loads((d / "eval.json").read_text()) if self.state.done(t, "eval") else None
-        if summary is None:
-            with stage(f"iter {t} eval", self.timings):
-                summary = self.evaluate(t)
+        self._stage(t, "generate", lambda: self.generate(t, d))
+        self._stage(t, "score", lambda: self.score(d))
+        self._stage(t, "pair", lambda: self.pair(t, d))
+        self._stage(t, "train", lambda: self.train(t, d, self.state.alpha[t]))
+        summary = self._evaluation(t)
+        if t + 1 not in self.state.alpha:
             self.state.alpha[t + 1] = summary["next_alpha"]
-            self.state.mark(t, "eval")
+            self.state.save()
         console.print(summary_line(summary))
         return summary
 
@@ -253,7 +264,7 @@ class IterativeRun:
         """Score every answer; finished prompts go to scores.partial.jsonl as they complete."""
         sets = [CandidateSet(**row) for row in read_jsonl_tolerant(d / "candidates.jsonl")]
         progress_file = d / "scores.partial.jsonl"
-        scored = {row["id"]: row for row in read_jsonl_tolerant(progress_file)}
+        scored = {row["id"]: row for row in recover_jsonl(progress_file)}
         by_id = {p.id: p for p in self.prompts}
         settings = self.config.scoring
         per_chunk = max(1, settings.batch_size // max(1, self.config.generation.num_samples))

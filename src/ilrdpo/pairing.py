@@ -55,10 +55,12 @@ def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int
     rng = random.Random(f"{seed}:{candidates.id}")
     pairs = []
     for chosen, rejected in STRATEGIES[settings.strategy](keys, eligible, rng):
-        margin = candidates.rewards[chosen] - candidates.rewards[rejected]
+        # The margin is that of the selection key: the reward margin, less the length penalty
+        # when one is set (which may prefer a shorter answer with a slightly lower reward).
+        margin = keys[chosen] - keys[rejected]
         if candidates.responses[chosen] == candidates.responses[rejected]:
             continue
-        if keys[chosen] - keys[rejected] <= tie_tolerance or margin < settings.min_margin:
+        if margin <= tie_tolerance or margin < settings.min_margin:
             continue
         pairs.append(PreferencePair(
             prompt=candidates.prompt, chosen=candidates.responses[chosen],

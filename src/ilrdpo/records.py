@@ -119,6 +119,19 @@ def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def recover_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a progress file before appending to it again: a torn last line (a writer killed
+    mid-line) is cut off, or the next append would join it and hide every later line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = read_jsonl_tolerant(path)
+    valid = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if path.read_text(encoding="utf-8") != valid:
+        atomic_write_text(path, valid)
+    return rows
+
+
 def _as_dict(row: Any) -> dict[str, Any]:
     return asdict(row) if hasattr(row, "__dataclass_fields__") else row
 

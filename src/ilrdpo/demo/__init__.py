@@ -87,7 +87,7 @@ def share_first_iteration(source: Path, target: Path) -> None:
     for name in ("candidates.jsonl", "pairs.jsonl"):
         shutil.copy2(source / "iter_1" / name, target / "iter_1" / name)
     state = RunState(target)
-    state.finished = {1: ["generate", "score", "pair"]}
+    state.finished = {0: ["eval"], 1: ["generate", "score", "pair"]}
     state.save()
 
 
