@@ -90,7 +90,32 @@ def generate_hf(model, tokenizer, prompt_ids: list[list[int]], settings: Generat
     return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompt_ids))]
 
 
-BACKENDS = {"hf": generate_hf}
+@torch.no_grad()
+def generate_compact(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
+                     num_samples: int, greedy: bool = False) -> list[list[Sample]]:
+    """Finished rows leave the batch; each prompt is prefilled once for its N samples."""
+    from ilrdpo.generation_compact import decode_compact
+
+    device = next(model.parameters()).device
+    eos_ids = _generation_config(model, tokenizer, settings, greedy).eos_token_id
+    ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    was_training = model.training
+    model.eval()
+    rows = decode_compact(model, ids, mask, settings, num_samples, eos_ids, greedy)
+    model.train(was_training)
+    width = settings.max_new_tokens
+    padded = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])  # (R, new)
+    samples = _decode(tokenizer, padded, eos_ids)
+    return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompt_ids))]
+
+
+def _auto(model, *args, **kwargs) -> list[list[Sample]]:
+    """GPU: transformers' compiled static-cache generate; CPU: the compacting loop."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return (generate_hf if on_gpu else generate_compact)(model, *args, **kwargs)
+
+
+BACKENDS = {"auto": _auto, "hf": generate_hf, "compact": generate_compact}
 
 
 def context_length(model) -> int | None:

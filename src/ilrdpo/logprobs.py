@@ -1,14 +1,16 @@
 """Sequence log-probabilities of answer tokens: exact, padding-safe and memory-efficient.
 
 The answer tokens are few next to the prompt and padding, and the vocabulary is large, so the
-output head runs only at answer positions, in chunks, with logsumexp in float32; with gradients
-on, each chunk is recomputed in the backward pass instead of stored. Peak memory for the head
-is one chunk's logits, never the float32 (batch, seq, vocab) log-softmax.
+output head runs only at answer positions, in chunks, with the log-softmax in float32. When the
+answer positions' float32 logits would exceed HEAD_MEMORY_BUDGET, each chunk is recomputed in
+the backward pass instead of stored, so peak memory for the head is one chunk's logits; never
+the float32 (batch, seq, vocab) log-softmax.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
@@ -31,9 +33,14 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# Below this many bytes of float32 head logits (answer positions x vocabulary), keep them for the
+# backward pass; above it, recompute each chunk in backward instead (activation checkpointing).
+HEAD_MEMORY_BUDGET = 512 * 2**20
+
+
 def _token_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    logits = logits.float()  # (n, V)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)  # (n,)
+    # log softmax(logits)[target] = -cross_entropy: one fused kernel, no (n, V) log-softmax kept.
+    return -F.cross_entropy(logits.float(), targets, reduction="none")  # (n,)
 
 
 def _head_token_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
@@ -78,12 +85,14 @@ def sequence_logps(
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(selected)[selected]
     states, head = _answer_hidden_or_logits(model, input_ids, attention_mask, selected)
 
+    recompute = head is not None and torch.is_grad_enabled() and \
+        targets.shape[0] * head.weight.shape[0] * 4 > HEAD_MEMORY_BUDGET
     pieces = []
     for start in range(0, targets.shape[0], chunk_size):
         chunk, chunk_targets = states[start:start + chunk_size], targets[start:start + chunk_size]
         if head is None:
             pieces.append(_token_logps(chunk, chunk_targets))
-        elif torch.is_grad_enabled():
+        elif recompute:
             pieces.append(checkpoint(_head_token_logps, head, chunk, chunk_targets, use_reentrant=False))
         else:
             pieces.append(_head_token_logps(head, chunk, chunk_targets))

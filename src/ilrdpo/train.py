@@ -75,6 +75,12 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
     return out
 
 
+def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
+    """The fused AdamW kernel (one launch for all tensors) exists for float params on CPU and CUDA."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+               for p in params)
+
+
 def _tokenize(tokenizer, pairs: list[PreferencePair], train: TrainSettings, data: DataSettings):
     return tokenize_pairs(tokenizer, pairs, max_length=train.max_length, max_prompt_length=train.max_prompt_length,
                           use_chat_template=data.use_chat_template, system_prompt=data.system_prompt)
@@ -152,7 +158,8 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                  fused=_fused_ok(params))
     n_batches = math.ceil(len(examples) / train.batch_size)
     total_micro = max(1, math.ceil(train.epochs * n_batches))
     total_steps = math.ceil(total_micro / train.grad_accum)
