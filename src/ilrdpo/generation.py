@@ -39,11 +39,13 @@ def _generation_config(model, tokenizer, settings: GenerationSettings, greedy: b
     eos |= set(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else [])
     sample = not greedy and settings.temperature > 0
     # Every knob is set explicitly, "off" values included: transformers fills a None from the
-    # model's generation_config.json (which often sets top_k or repetition_penalty).
+    # model's generation_config.json (which often sets top_k or repetition_penalty). Greedy
+    # decoding ignores the sampling knobs, and transformers warns if they are set.
+    sampling = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k} \
+        if sample else {}
     config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=sample,
-        temperature=settings.temperature if sample else 1.0, top_p=settings.top_p if sample else 1.0,
-        top_k=settings.top_k if sample else 0, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        max_new_tokens=settings.max_new_tokens, do_sample=sample, **sampling,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
         repetition_penalty=settings.repetition_penalty,
         eos_token_id=sorted(e for e in eos if e is not None), pad_token_id=tokenizer.pad_token_id,
     )
