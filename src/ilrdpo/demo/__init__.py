@@ -47,10 +47,10 @@ def demo_settings(quick: bool) -> dict:
     The concise system prompt keeps the base model's answers well under max_new_tokens, so there
     is room to see them grow; answers cut by max_new_tokens are left out of pairs.
     """
-    max_new_tokens = 64 if quick else 128
+    max_new_tokens = 48 if quick else 128
     return {
         "n_train": 8 if quick else 16,
-        "n_eval": 12 if quick else 60,
+        "n_eval": 10 if quick else 60,
         "iterations": 2 if quick else 3,
         "alpha": 0.2,
         "config": {
