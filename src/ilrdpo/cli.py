@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import typer
 
@@ -16,8 +15,8 @@ OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.al
 
 
 @app.command()
-def train(config: Optional[str] = typer.Argument(None, help="YAML config (omit for defaults)"),
-          overrides: Optional[list[str]] = OVERRIDES) -> None:
+def train(config: str | None = typer.Argument(None, help="YAML config (omit for defaults)"),
+          overrides: list[str] | None = OVERRIDES) -> None:
     """One round of LR-DPO on a preference-pairs file (data.pairs)."""
     from ilrdpo.config import load_config
     from ilrdpo.loop import run_offline
@@ -27,8 +26,8 @@ def train(config: Optional[str] = typer.Argument(None, help="YAML config (omit f
 
 
 @app.command()
-def run(config: Optional[str] = typer.Argument(None, help="YAML config"),
-        overrides: Optional[list[str]] = OVERRIDES,
+def run(config: str | None = typer.Argument(None, help="YAML config"),
+        overrides: list[str] | None = OVERRIDES,
         force: bool = typer.Option(False, "--force", help="Continue even if the config changed under finished work")) -> None:
     """The iterative loop: sample, score, pair, train, evaluate; resumes an existing run directory."""
     from ilrdpo.config import load_config
@@ -42,9 +41,9 @@ def run(config: Optional[str] = typer.Argument(None, help="YAML config"),
 def evaluate(
     model: str = typer.Option(..., "--model", help="Model folder, hub id, LoRA adapter folder or bundled:NAME"),
     prompts: str = typer.Option(..., "--prompts", help="Eval prompts JSONL (reference / target_length optional)"),
-    judge: Optional[str] = typer.Option(None, "--judge", help="YAML with scoring-section keys"),
-    baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline model to compare against"),
-    out: Optional[str] = typer.Option(None, "--out", help="Write the result JSON here (answers beside it)"),
+    judge: str | None = typer.Option(None, "--judge", help="YAML with scoring-section keys"),
+    baseline: str | None = typer.Option(None, "--baseline", help="Baseline model to compare against"),
+    out: str | None = typer.Option(None, "--out", help="Write the result JSON here (answers beside it)"),
     max_new_tokens: int = typer.Option(256, help="Longest answer in tokens"),
     sample: bool = typer.Option(False, "--sample", help="Sample (seeded) instead of greedy decoding"),
     temperature: float = typer.Option(0.7, help="Sampling temperature with --sample"),
@@ -72,9 +71,9 @@ def evaluate(
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Folder for both arms and the report"),
     quick: bool = typer.Option(False, "--quick", help="Fewer prompts and iterations (about 4 minutes)"),
-    model: Optional[str] = typer.Option(None, "--model", help="Base policy (default: bundled SmolLM2-135M-Instruct)"),
+    model: str | None = typer.Option(None, "--model", help="Base policy (default: bundled SmolLM2-135M-Instruct)"),
     seed: int = typer.Option(0, help="Seed for both arms"),
-    overrides: Optional[list[str]] = OVERRIDES,
+    overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Vanilla iterative DPO vs iLR-DPO offline: quality up, length not."""
     from ilrdpo.demo import run_demo
@@ -85,7 +84,7 @@ def demo(
 @app.command()
 def report(run_dirs: list[str] = typer.Argument(..., help="Run directories of `ilrdpo run`"),
            out: str = typer.Option("report", "--out", help="Folder for report.md and plots/"),
-           names: Optional[str] = typer.Option(None, "--names", help="Comma-separated run names")) -> None:
+           names: str | None = typer.Option(None, "--names", help="Comma-separated run names")) -> None:
     """report.md and plots for one or several runs side by side; tables in the terminal."""
     from pathlib import Path
 

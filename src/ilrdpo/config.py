@@ -70,7 +70,7 @@ class GenerationSettings(Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
     no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size; 0 = off.")
     repetition_penalty: float = Field(1.0, gt=0.0, description="transformers repetition penalty.")
-    batch_size: int = Field(32, ge=1, description="Sequences decoded together.")
+    batch_size: int = Field(64, ge=1, description="Sequences decoded together (64 measured fastest on CPU).")
     backend: Literal["auto", "hf", "compact"] = Field(
         "auto", description="hf = transformers generate (static cache on GPU); compact = finished rows "
         "leave the batch, prompts prefilled once per N samples; auto = hf on GPU, compact on CPU.")

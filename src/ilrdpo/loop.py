@@ -8,7 +8,12 @@ from pathlib import Path
 from ilrdpo.config import AlphaControlSettings, Config, LossSettings, config_to_yaml, load_config
 from ilrdpo.data import load_pairs
 from ilrdpo.errors import UserInputError
-from ilrdpo.evaluation.pairwise import answer_prompts, cached_answers, evaluate_answers, judge_answers
+from ilrdpo.evaluation.pairwise import (
+    answer_prompts,
+    cached_answers,
+    evaluate_answers,
+    judge_answers,
+)
 from ilrdpo.generation import generate_answers
 from ilrdpo.models import load_policy, load_saved_policy, save_model
 from ilrdpo.pairing import pair_all

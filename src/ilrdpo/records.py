@@ -11,12 +11,12 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from ilrdpo.errors import UserInputError
 
 Messages = list[dict[str, str]]
-PromptText = Union[str, Messages]
+PromptText = str | Messages
 
 
 @dataclass
