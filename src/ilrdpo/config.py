@@ -226,7 +226,8 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _explain(error: ValidationError, source: str) -> str:
+def explain_validation_error(error: ValidationError, source: str) -> str:
+    """One line naming the first bad key: the message of every config-file error."""
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
@@ -241,7 +242,7 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None, sourc
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        raise UserInputError(_explain(error, source)) from None
+        raise UserInputError(explain_validation_error(error, source)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

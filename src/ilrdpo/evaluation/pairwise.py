@@ -88,6 +88,7 @@ def load_judge_settings(path: str | None) -> ScoringSettings:
     import yaml
     from pydantic import ValidationError
 
+    from ilrdpo.config import explain_validation_error
     from ilrdpo.errors import UserInputError
 
     if path is None:
@@ -100,10 +101,7 @@ def load_judge_settings(path: str | None) -> ScoringSettings:
     except yaml.YAMLError:
         raise UserInputError(f"{path}: invalid YAML") from None
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise UserInputError(f"{path}: judge key '{key}': {what}") from None
+        raise UserInputError(explain_validation_error(error, str(path))) from None
 
 
 def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, baseline: str | None = None,
