@@ -120,18 +120,6 @@ def test_simpo_averages_over_tokens_when_lengths_are_chars():
     assert chosen.item() == pytest.approx(-4.0)
 
 
-def test_ld_dpo_equals_sigmoid_at_the_loss_level():
-    """LD-DPO changes the log-probs (token weights), not the loss: same inputs, same outputs."""
-    torch.manual_seed(0)
-    logps = [-torch.rand(5) * 20 for _ in range(4)]
-    lengths = (torch.tensor([3.0, 9, 4, 7, 12]), torch.tensor([8.0, 2, 4, 15, 1]))
-    kwargs = {"beta": 0.2, "alpha": 0.05, "label_smoothing": 0.1}
-    ld = preference_loss(*logps, *lengths, loss_type="ld_dpo", **kwargs)
-    sigmoid = preference_loss(*logps, *lengths, loss_type="sigmoid", **kwargs)
-    for a, b in zip(ld, sigmoid):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 def test_unknown_loss_type_names_the_choices():
     with pytest.raises(ValueError, match="unknown loss_type 'dpo'.*sigmoid"):
         worked("dpo")

@@ -22,8 +22,8 @@ from ilrdpo.config import DataSettings, LoraSettings, LossSettings, TrainSetting
 from ilrdpo.data import collate_pairs, tokenize_pairs
 from ilrdpo.errors import TrainingDiverged, UserInputError
 from ilrdpo.logprobs import sequence_logps
-from ilrdpo.loop import run_offline
 from ilrdpo.models import add_lora
+from ilrdpo.offline import run_offline
 from ilrdpo.records import PreferencePair
 from ilrdpo.train import pair_reference_logps, train_round
 

@@ -19,7 +19,7 @@ def train(config: str | None = typer.Argument(None, help="YAML config (omit for 
           overrides: list[str] | None = OVERRIDES) -> None:
     """One round of LR-DPO on a preference-pairs file (data.pairs)."""
     from ilrdpo.config import load_config
-    from ilrdpo.loop import run_offline
+    from ilrdpo.offline import run_offline
 
     config, overrides = _split_config(config, overrides)
     run_offline(load_config(config, overrides))

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ilrdpo.errors import UserInputError
+from ilrdpo.loss import LOSS_TYPES
 
 
 class Section(BaseModel):
@@ -110,7 +111,7 @@ class PairingSettings(Section):
 
 
 class LossSettings(Section):
-    type: Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "ld_dpo"] = Field(
+    type: Literal[LOSS_TYPES] = Field(  # type: ignore[valid-type]
         "sigmoid", description="Loss on the margin; see ilrdpo.loss."
     )
     beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")

@@ -1,12 +1,11 @@
-"""Pipelines over the stages: offline LR-DPO on a pairs file, and the iterative loop."""
+"""The iterative loop (iLR-DPO): generate, score, pair, train, evaluate, once per iteration."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ilrdpo.config import AlphaControlSettings, Config, LossSettings, config_to_yaml, load_config
-from ilrdpo.data import load_pairs
+from ilrdpo.config import AlphaControlSettings, Config, config_to_yaml, load_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluation.pairwise import (
     answer_prompts,
@@ -15,8 +14,10 @@ from ilrdpo.evaluation.pairwise import (
     judge_answers,
 )
 from ilrdpo.generation import generate_answers
-from ilrdpo.models import load_policy, load_saved_policy, save_model
+from ilrdpo.loss import method_name
+from ilrdpo.models import hyperparameters, load_policy, load_saved_policy, save_model
 from ilrdpo.pairing import pair_all
+from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
 from ilrdpo.records import (
     CandidateSet,
@@ -29,45 +30,7 @@ from ilrdpo.records import (
     write_jsonl,
 )
 from ilrdpo.scoring import build_scorer, score_in_batches, shaped_rewards
-from ilrdpo.train import TrainResult, pair_reference_logps, train_round
-
-
-def method_name(loss: LossSettings) -> str:
-    name = {"sigmoid": "DPO", "robust": "robust DPO", "ipo": "IPO", "hinge": "SLiC hinge",
-            "simpo": "SimPO", "ld_dpo": "LD-DPO"}[loss.type]
-    return f"LR-{name} (alpha={loss.alpha})" if loss.alpha > 0 else name
-
-
-def hyperparameters(config: Config) -> dict:
-    flat = {f"loss.{k}": v for k, v in config.loss.model_dump().items()}
-    flat.update({f"train.{k}": v for k, v in config.train.model_dump().items() if k != "report_to"})
-    flat["model.lora"] = "none" if config.model.lora is None else str(config.model.lora.model_dump())
-    flat["seed"] = config.seed
-    return flat
-
-
-def run_offline(config: Config) -> tuple[Path, TrainResult]:
-    """`ilrdpo train`: one round of LR-DPO on config.data.pairs; returns (model folder, result)."""
-    if not config.data.pairs:
-        raise UserInputError("data.pairs is required for `ilrdpo train` (a JSONL file or a dataset)")
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", config_to_yaml(config))
-    pairs = load_pairs(config.data.pairs, config.data.pairs_split, config.data.max_examples)
-    with stage("load model"):
-        model, tokenizer, base_path = load_policy(config.model)
-    with stage("train"):
-        result = train_round(model, tokenizer, pairs, loss=config.loss, train=config.train, data=config.data,
-                             output_dir=out, seed=config.seed, hparams=hyperparameters(config))
-    card = {"title": f"{Path(base_path).name} + {method_name(config.loss)}", "base_model": config.model.name_or_path,
-            "method": method_name(config.loss), "data": f"{config.data.pairs} ({len(pairs)} pairs)",
-            "hyperparameters": hyperparameters(config), "metrics": result.final}
-    with stage("save"):
-        model_dir = save_model(model, tokenizer, out / "model", card, merge_lora=config.model.merge_lora)
-    console.print(f"saved {model_dir}  ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s, "
-                  f"final loss {result.final.get('loss', float('nan')):.4f})")
-    return model_dir, result
-
+from ilrdpo.train import pair_reference_logps, train_round
 
 # --- the iterative loop (iLR-DPO) ---------------------------------------------------------------
 
@@ -183,19 +146,16 @@ class IterativeRun:
     pi_t with pi_ref = pi_{t-1}, evaluate. Every stage's output is a file in iter_t/."""
 
     def __init__(self, config: Config, force: bool = False) -> None:
+        check_config(config, "run")
         self.config, self.out = config, Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.state = RunState(self.out)
         if (self.out / "config.yaml").exists():
             check_resume(load_config(self.out / "config.yaml"), config, self.state.touched(), force)
         atomic_write_text(self.out / "config.yaml", config_to_yaml(config))
-        if not config.data.prompts:
-            raise UserInputError("data.prompts is required for `ilrdpo run`")
         self.prompts = read_prompts(config.data.prompts, config.data.max_examples)
         eval_path = config.eval.prompts or config.data.eval_prompts
         self.eval_prompts = read_prompts(eval_path) if eval_path else []
-        if config.iterations.alpha_control.mode == "auto" and not self.eval_prompts:
-            raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         self.judge_settings = config.eval.judge or config.scoring
         self.timings: dict[str, float] = {}
         with stage("load scorer", self.timings):
@@ -323,7 +283,7 @@ class IterativeRun:
                              hparams=hyperparameters(config))
         atomic_write_text(d / "ref_logps.json", json.dumps(result.ref_logps))
         card = {"title": f"iLR-DPO iteration {t}", "base_model": config.model.name_or_path,
-                "method": f"iterative {method_name(loss)}",
+                "method": f"iterative {method_name(loss.type, alpha)}",
                 "data": f"{len(pairs)} self-generated pairs", "hyperparameters": {**hyperparameters(config),
                                                                                  "loss.alpha": alpha},
                 "metrics": result.final}

@@ -17,6 +17,9 @@ Every loss type maps the same margin m to a per-example loss; a dict picks it (L
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -54,21 +57,36 @@ def _hinge(m: Tensor, beta: float, eps: float) -> Tensor:
     return torch.relu(1 - m)
 
 
+@dataclass(frozen=True)
+class LossType:
+    fn: Callable[[Tensor, float, float], Tensor]  # margin, beta, eps -> per-example loss
+    name: str  # how papers and model cards call it
+    reference_free: bool = False
+
+
+# The one table of loss types: the config's allowed values, the model card's method name and
+# whether a reference model is needed all come from here.
 LOSSES = {
-    "sigmoid": _sigmoid,
-    "robust": _robust,
-    "ipo": _ipo,
-    "hinge": _hinge,
+    "sigmoid": LossType(_sigmoid, "DPO"),
+    "robust": LossType(_robust, "robust DPO"),
+    "ipo": LossType(_ipo, "IPO"),
+    "hinge": LossType(_hinge, "SLiC hinge"),
     # SimPO (Meng et al. 2024, arXiv 2405.14734): reference-free, length-normalised log-probs,
     # margin m = beta * (avg logp_w - avg logp_l) - gamma, then the sigmoid loss.
-    "simpo": _sigmoid,
+    "simpo": LossType(_sigmoid, "SimPO", reference_free=True),
     # LD-DPO (Liu et al. 2024, arXiv 2409.06411): the sigmoid loss on length-desensitised
     # log-probs, where answer tokens past the shorter answer's length count ld_alpha times.
     # The weighting is a response-mask weight (ilrdpo.logprobs.ld_weights), so the loss is DPO's.
-    "ld_dpo": _sigmoid,
+    "ld_dpo": LossType(_sigmoid, "LD-DPO"),
 }
+LOSS_TYPES = tuple(LOSSES)
+REFERENCE_FREE = {name for name, entry in LOSSES.items() if entry.reference_free}
 
-REFERENCE_FREE = {"simpo"}
+
+def method_name(loss_type: str, alpha: float) -> str:
+    """'LR-DPO (alpha=0.05)', or the plain name when alpha = 0: what model cards and reports show."""
+    name = LOSSES[loss_type].name
+    return f"LR-{name} (alpha={alpha:g})" if alpha > 0 else name
 
 
 def preference_loss(
@@ -116,7 +134,7 @@ def preference_loss(
         rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
         margin = chosen_rewards - rejected_rewards
     length_term = length_margin_term(chosen_lengths, rejected_lengths, alpha, target_length)  # (B,)
-    losses = LOSSES[loss_type](margin + length_term, beta, label_smoothing)
+    losses = LOSSES[loss_type].fn(margin + length_term, beta, label_smoothing)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ilrdpo.config import LoraSettings, ModelSettings
+from ilrdpo.config import Config, LoraSettings, ModelSettings
 from ilrdpo.errors import UserInputError
 
 # Models that ship inside PyPI packages, so the demo and tests run offline:
@@ -146,6 +146,15 @@ def add_lora(model, lora: LoraSettings):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def hyperparameters(config: Config) -> dict[str, Any]:
+    """The flat loss/train/LoRA/seed settings a model card lists."""
+    flat = {f"loss.{k}": v for k, v in config.loss.model_dump().items()}
+    flat.update({f"train.{k}": v for k, v in config.train.model_dump().items() if k != "report_to"})
+    flat["model.lora"] = "none" if config.model.lora is None else str(config.model.lora.model_dump())
+    flat["seed"] = config.seed
+    return flat
 
 
 def model_card(info: dict[str, Any]) -> str:
