@@ -12,6 +12,7 @@ import torch
 from ilrdpo.data import (
     TokenizedPair,
     collate_pairs,
+    count_tokens,
     encode_answer,
     encode_prompt,
     length_grouped_batches,
@@ -133,7 +134,21 @@ def test_tokenize_pairs_flags_truncation(tokenizer):
     assert len(first.prompt_ids) == 32
     assert first.prompt_ids == encode_prompt(tokenizer, long_prompt)[-32:]  # ends with the generation prompt
     assert first.chosen_ids == encode_answer(tokenizer, "Short.")
-    assert (first.chosen_chars, first.rejected_chars) == (len("Short."), len("Also short."))
+    # |y| is counted on the whole answer (before training truncation), EOS not counted
+    assert (first.chosen_length, first.rejected_length) == (
+        count_tokens(tokenizer, "Short."), count_tokens(tokenizer, "Also short."))
+    assert first.chosen_ids == tokenizer("Short.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    in_chars = tokenize_pairs(tokenizer, pairs, max_length=64, length_unit="chars")[0]
+    assert (in_chars.chosen_length, in_chars.rejected_length) == (len("Short."), len("Also short."))
+
+
+def test_truncated_answers_get_no_eos(tokenizer):
+    """An answer cut by max_new_tokens is trained as it was generated: without an EOS."""
+    pair = PreferencePair(prompt="Hi", chosen="Hello there.", rejected="Hey you", rejected_truncated=True)
+    (example,) = tokenize_pairs(tokenizer, [pair], max_length=64)
+    assert example.chosen_ids[-1] == tokenizer.eos_token_id
+    assert example.rejected_ids == tokenizer("Hey you", add_special_tokens=False)["input_ids"]
+    assert example.rejected_length == count_tokens(tokenizer, "Hey you") == len(example.rejected_ids)
 
 
 # --- batching ----------------------------------------------------------------------------------
@@ -155,9 +170,9 @@ def test_collate_pairs_shapes_and_masks():
     """Two pairs, pad id 0; rows [chosen 1, chosen 2, rejected 1, rejected 2], right padded to 6."""
     examples = [
         TokenizedPair(prompt_ids=[11, 12, 13], chosen_ids=[14, 15, 2], rejected_ids=[16, 2],
-                      chosen_chars=9, rejected_chars=4),
+                      chosen_length=9, rejected_length=4),
         TokenizedPair(prompt_ids=[21], chosen_ids=[22, 2], rejected_ids=[23, 24, 25, 26, 2],
-                      chosen_chars=3, rejected_chars=30),
+                      chosen_length=3, rejected_length=30),
     ]
     batch = collate_pairs(examples, pad_id=0)
     assert batch["input_ids"].tolist() == [
@@ -170,10 +185,9 @@ def test_collate_pairs_shapes_and_masks():
         [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     assert batch["response_mask"].tolist() == [
         [0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
-    assert batch["lengths"].tolist() == [3, 2, 2, 5] == batch["n_tokens"].tolist()
+    # lengths: each example's |y| as tokenize_pairs measured it; n_tokens: the scored tokens
+    assert batch["lengths"].tolist() == [9, 3, 4, 30] and batch["n_tokens"].tolist() == [3, 2, 2, 5]
     assert "target_length" not in batch
-    chars = collate_pairs(examples, pad_id=0, length_unit="chars")
-    assert chars["lengths"].tolist() == [9, 3, 4, 30] and chars["n_tokens"].tolist() == [3, 2, 2, 5]
 
 
 def test_collate_pairs_target_lengths():

@@ -40,7 +40,7 @@ def worked(loss_type: str = "sigmoid", chosen_len: float = 10.0, rejected_len: f
 
 def test_sigmoid_is_dpo():
     """alpha = 0: loss = -log sigmoid(0.3) = softplus(-0.3) = 0.5543552 (DPO, eq. 7)."""
-    losses, chosen, rejected = worked("sigmoid")
+    losses, chosen, rejected, _ = worked("sigmoid")
     assert losses.item() == pytest.approx(0.5543552, abs=1e-6)
     assert chosen.item() == pytest.approx(0.2, abs=1e-6)
     assert rejected.item() == pytest.approx(-0.1, abs=1e-6)
@@ -52,10 +52,10 @@ def test_sigmoid_with_length_margin():
     length term = 0.01 * (10 - 40) = -0.3;  m = 0.3 - 0.3 = 0;  loss = -log sigmoid(0) = log 2.
     The shorter chosen answer loses margin, so the loss is higher than DPO's 0.5544.
     """
-    losses, _, _ = worked("sigmoid", alpha=0.01)
+    losses, _, _, _ = worked("sigmoid", alpha=0.01)
     assert losses.item() == pytest.approx(math.log(2), abs=1e-6)
     # Swapped lengths: term = 0.01 * (40 - 10) = +0.3, m = 0.6, loss = softplus(-0.6) = 0.4374350.
-    swapped, _, _ = worked("sigmoid", chosen_len=40.0, rejected_len=10.0, alpha=0.01)
+    swapped, _, _, _ = worked("sigmoid", chosen_len=40.0, rejected_len=10.0, alpha=0.01)
     assert swapped.item() == pytest.approx(math.log1p(math.exp(-0.6)), abs=1e-6)
 
 
@@ -63,17 +63,17 @@ def test_cdpo_label_smoothing():
     """cDPO, eps = 0.1: -(1 - eps) logsig(m) - eps logsig(-m)
     = 0.9 * 0.5543552 + 0.1 * 0.8543552 = 0.4989197 + 0.0854355 = 0.5843552
     (= softplus(-m) + eps * m = 0.5543552 + 0.03)."""
-    losses, _, _ = worked("sigmoid", label_smoothing=0.1)
+    losses, _, _, _ = worked("sigmoid", label_smoothing=0.1)
     assert losses.item() == pytest.approx(0.5843552, abs=1e-6)
 
 
 def test_robust():
     """Robust DPO, eps = 0.1: [-(1 - eps) logsig(m) + eps logsig(-m)] / (1 - 2 eps)
     = (0.9 * 0.5543552 - 0.1 * 0.8543552) / 0.8 = (0.4989197 - 0.0854355) / 0.8 = 0.5168552."""
-    losses, _, _ = worked("robust", label_smoothing=0.1)
+    losses, _, _, _ = worked("robust", label_smoothing=0.1)
     assert losses.item() == pytest.approx(0.5168552, abs=1e-6)
     # eps = 0 is plain DPO.
-    plain, _, _ = worked("robust")
+    plain, _, _, _ = worked("robust")
     assert plain.item() == pytest.approx(SP_NEG, abs=1e-6)
 
 
@@ -81,18 +81,18 @@ def test_ipo():
     """IPO: h = m / beta = 0.3 / 0.1 = 3 (the log-ratio difference 2 - (-1));
     loss = (h - 1 / (2 beta))^2 = (3 - 5)^2 = 4.
     With alpha = 0.01, lengths 10 vs 40: m = 0.3 - 0.3 = 0, loss = (0 - 5)^2 = 25."""
-    losses, _, _ = worked("ipo")
+    losses, _, _, _ = worked("ipo")
     assert losses.item() == pytest.approx(4.0, abs=1e-5)
-    with_length, _, _ = worked("ipo", alpha=0.01)
+    with_length, _, _, _ = worked("ipo", alpha=0.01)
     assert with_length.item() == pytest.approx(25.0, abs=1e-4)
 
 
 def test_hinge():
     """SLiC hinge: relu(1 - m) = relu(1 - 0.3) = 0.7; a margin past 1 costs nothing:
     alpha = 0.03, lengths 40 vs 10: m = 0.3 + 0.03 * 30 = 1.2, loss = relu(-0.2) = 0."""
-    losses, _, _ = worked("hinge")
+    losses, _, _, _ = worked("hinge")
     assert losses.item() == pytest.approx(0.7, abs=1e-6)
-    past, _, _ = worked("hinge", chosen_len=40.0, rejected_len=10.0, alpha=0.03)
+    past, _, _, _ = worked("hinge", chosen_len=40.0, rejected_len=10.0, alpha=0.03)
     assert past.item() == 0.0
 
 
@@ -103,7 +103,7 @@ def test_simpo_is_reference_free_and_length_normalised():
     rejected: logp = -20 over 4 tokens -> reward = 2 * (-20 / 4) = -10
     m = -4 - (-10) - 0.5 = 5.5;  loss = softplus(-5.5) = log(1 + e^-5.5) = 0.0040784.
     """
-    losses, chosen, rejected = preference_loss(
+    losses, chosen, rejected, _ = preference_loss(
         t(-6.0), t(-20.0), None, None, t(3.0), t(4.0), loss_type="simpo", beta=2.0, simpo_gamma=0.5)
     assert losses.item() == pytest.approx(0.0040784, abs=1e-6)
     assert chosen.item() == pytest.approx(-4.0) and rejected.item() == pytest.approx(-10.0)
@@ -113,7 +113,7 @@ def test_simpo_averages_over_tokens_when_lengths_are_chars():
     """Length unit chars: lengths 12 and 30 characters feed the length term only; the average
     uses n_tokens 3 and 4. Same numbers as above plus alpha = 0.1:
     m = 5.5 + 0.1 * (12 - 30) = 5.5 - 1.8 = 3.7;  loss = softplus(-3.7) = 0.0244196."""
-    losses, chosen, _ = preference_loss(
+    losses, chosen, _, _ = preference_loss(
         t(-6.0), t(-20.0), None, None, t(12.0), t(30.0), loss_type="simpo", beta=2.0, simpo_gamma=0.5,
         alpha=0.1, chosen_n_tokens=t(3.0), rejected_n_tokens=t(4.0))
     assert losses.item() == pytest.approx(math.log1p(math.exp(-3.7)), abs=1e-6)
@@ -130,7 +130,7 @@ def test_every_loss_type_is_finite_and_differentiable():
     torch.manual_seed(1)
     for name in LOSSES:
         policy_chosen = (-torch.rand(4) * 10).requires_grad_()
-        losses, _, _ = preference_loss(policy_chosen, -torch.rand(4) * 10, -torch.rand(4) * 10,
+        losses, _, _, _ = preference_loss(policy_chosen, -torch.rand(4) * 10, -torch.rand(4) * 10,
                                        -torch.rand(4) * 10, t(3, 5, 7, 9), t(4, 4, 4, 4),
                                        loss_type=name, alpha=0.01, label_smoothing=0.1)
         assert losses.shape == (4,) and torch.isfinite(losses).all(), name
@@ -150,7 +150,7 @@ def test_length_margin_pushes_harder_toward_a_shorter_chosen_answer():
     """
     def grad(chosen_len: float, rejected_len: float, alpha: float) -> float:
         policy_chosen = t(-10.0).requires_grad_()
-        losses, _, _ = preference_loss(policy_chosen, t(-15.0), t(-12.0), t(-14.0), t(chosen_len),
+        losses, _, _, _ = preference_loss(policy_chosen, t(-15.0), t(-12.0), t(-14.0), t(chosen_len),
                                        t(rejected_len), beta=BETA, alpha=alpha)
         losses.sum().backward()
         return policy_chosen.grad.item()
@@ -172,9 +172,9 @@ def test_target_length_margin():
     """L* = 20, |y_w| = 15, |y_l| = 40, alpha = 0.02:
     c_w = 5, c_l = 20; term = 0.02 * (5 - 20) = -0.3;  m = 0.3 - 0.3 = 0;  loss = log 2.
     Without the target, term = 0.02 * (15 - 40) = -0.5, m = -0.2, loss = softplus(0.2) = 0.7981389."""
-    losses, _, _ = worked("sigmoid", chosen_len=15.0, rejected_len=40.0, alpha=0.02, target_length=20.0)
+    losses, _, _, _ = worked("sigmoid", chosen_len=15.0, rejected_len=40.0, alpha=0.02, target_length=20.0)
     assert losses.item() == pytest.approx(math.log(2), abs=1e-6)
-    no_target, _, _ = worked("sigmoid", chosen_len=15.0, rejected_len=40.0, alpha=0.02)
+    no_target, _, _, _ = worked("sigmoid", chosen_len=15.0, rejected_len=40.0, alpha=0.02)
     assert no_target.item() == pytest.approx(math.log1p(math.exp(0.2)), abs=1e-6)
 
 
@@ -188,7 +188,7 @@ def test_per_example_target_lengths():
     targets = t(20, 50)
     term = length_margin_term(t(15, 45), t(40, 40), 0.02, targets)
     torch.testing.assert_close(term, t(-0.3, -0.1))
-    losses, _, _ = preference_loss(t(-10, -10), t(-15, -15), t(-12, -12), t(-14, -14), t(15, 45), t(40, 40),
+    losses, _, _, _ = preference_loss(t(-10, -10), t(-15, -15), t(-12, -12), t(-14, -14), t(15, 45), t(40, 40),
                                    beta=BETA, alpha=0.02, target_length=targets)
     torch.testing.assert_close(losses, t(math.log(2), math.log1p(math.exp(-0.2))))
 
@@ -197,7 +197,7 @@ def test_rewards_are_detached_and_beta_times_log_ratio():
     """Rewards are beta * (policy - ref), per example, with no graph attached."""
     policy_chosen = t(-10.0, -3.0).requires_grad_()
     policy_rejected = t(-15.0, -4.0).requires_grad_()
-    losses, chosen, rejected = preference_loss(policy_chosen, policy_rejected, t(-12.0, -3.5), t(-14.0, -1.0),
+    losses, chosen, rejected, _ = preference_loss(policy_chosen, policy_rejected, t(-12.0, -3.5), t(-14.0, -1.0),
                                                t(5, 6), t(7, 8), beta=0.5, alpha=0.1)
     assert losses.requires_grad
     assert not chosen.requires_grad and not rejected.requires_grad
@@ -274,7 +274,7 @@ REF = (torch.tensor([-9.0, -20.0, -3.5]), torch.tensor([-16.0, -7.0, -13.0]))
 
 def ours(setup, loss_type: str, beta: float, policy: torch.Tensor, ref=REF, **kwargs) -> torch.Tensor:
     n_answer = setup["completion_mask"].sum(1).float()
-    losses, _, _ = preference_loss(policy[:3], policy[3:], ref[0], ref[1], n_answer[:3], n_answer[3:],
+    losses, _, _, _ = preference_loss(policy[:3], policy[3:], ref[0], ref[1], n_answer[:3], n_answer[3:],
                                    loss_type=loss_type, beta=beta, alpha=0.0, **kwargs)
     return losses.mean()
 

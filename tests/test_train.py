@@ -25,7 +25,7 @@ from ilrdpo.logprobs import sequence_logps
 from ilrdpo.models import add_lora
 from ilrdpo.offline import run_offline
 from ilrdpo.records import PreferencePair
-from ilrdpo.train import pair_reference_logps, train_round
+from ilrdpo.train import DivergenceGuard, pair_reference_logps, train_round
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -84,9 +84,10 @@ def pair_logps(model, tokenizer, pairs=PAIRS) -> torch.Tensor:
 
 
 def answer_tokens(tokenizer, pairs=PAIRS) -> torch.Tensor:
-    """(P, 2) answer token counts (EOS included), as the length margin sees them."""
-    examples = tokenize_pairs(tokenizer, pairs, max_length=128)
-    return torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in examples], dtype=torch.float32)
+    """(P, 2) answer token counts as the length margin sees them: the answer's own tokens, the
+    EOS the training rows end with not counted (data.count_tokens, the one definition)."""
+    ids = [[tokenizer(text, add_special_tokens=False)["input_ids"] for text in (p.chosen, p.rejected)] for p in pairs]
+    return torch.tensor([[len(c), len(r)] for c, r in ids], dtype=torch.float32)
 
 
 # --- one full run, inspected by several tests --------------------------------------------------
@@ -225,8 +226,9 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, tokenizer, 
 def test_other_loss_types_run_a_step(tiny_model, tokenizer, tmp_path, loss_type):
     """One step each, with the first-step loss worked out (rewards 0 except for SimPO):
     ld_dpo: log 2;  ipo: (0 - 1 / (2 * 0.1))^2 = 25;
-    simpo: m_i = 0.1 * (logp_w / n_w - logp_l / n_l) - 0.5, no reference pass."""
-    logps, n = pair_logps(tiny_model, tokenizer), answer_tokens(tokenizer)
+    simpo: m_i = 0.1 * (logp_w / n_w - logp_l / n_l) - 0.5, no reference pass, where n counts
+    the scored tokens: the answer's and its EOS."""
+    logps, n = pair_logps(tiny_model, tokenizer), answer_tokens(tokenizer) + 1
     simpo_margin = 0.1 * (logps[:, 0] / n[:, 0] - logps[:, 1] / n[:, 1]) - 0.5
     expected = {"ld_dpo": math.log(2), "ipo": 25.0,
                 "simpo": torch.nn.functional.softplus(-simpo_margin).mean().item()}[loss_type]
@@ -293,18 +295,62 @@ def test_lora_trains_only_the_adapter(tiny_model, tokenizer, tmp_path):
 def test_nan_weight_raises_training_diverged(tiny_model, tokenizer, tmp_path):
     with torch.no_grad():
         tiny_model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
-    with pytest.raises(TrainingDiverged, match="non-finite loss at step 1"):
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 1: non-finite loss"):
         run(tiny_model, tokenizer, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_huge_learning_rate_diverges_at_a_later_step(tiny_model, tokenizer, tmp_path):
-    """lr = 1e30: the first step is finite, the weights it writes overflow the next forward."""
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step (\d+)") as info:
-        run(tiny_model, tokenizer, tmp_path, learning_rate=1e30, epochs=2)
-    step = int(str(info.value).split("step ")[1].split(";")[0])
-    assert step >= 2
-    assert len(read_metrics(tmp_path / "metrics.jsonl")) == step - 1  # every finished step was logged
+def test_huge_learning_rate_is_stopped_after_its_first_step(tiny_model, tokenizer, tmp_path):
+    """lr 0.1 (the largest the config takes) with Adam moves each weight of the tiny model (std
+    0.02) by ~0.1 in one step: the weight norm grows several-fold, which the drift rule stops
+    at step 1, before anything is saved; the message names the step and the figure."""
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 1: weight norm [\d.e+]+ moved more than 1 x") as info:
+        run(tiny_model, tokenizer, tmp_path, learning_rate=0.1, epochs=2)
+    assert "last good model is kept" in str(info.value)
+    assert not (tmp_path / "metrics.jsonl").exists()  # a failed round leaves no metrics of its own
+
+
+def guard(start_norm: float = 1.0) -> DivergenceGuard:
+    g = DivergenceGuard([torch.nn.Parameter(torch.full((4,), start_norm / 2))])  # norm = start_norm
+    return g
+
+
+@pytest.mark.parametrize("losses,grads,stops_at,why", [
+    # noisy but sane: DPO losses between 0 and 3, gradient norms between 1 and 30
+    ([0.7, 0.2, 3.0, 0.1, 0.5, 2.5, 0.05, 1.0], [5, 1, 30, 2, 8, 20, 1, 9], None, None),
+    # loss 25 > 20 x max(median 0.69, 1) after 5 steps of history
+    ([0.69] * 6 + [25.0], [1.0] * 7, 7, "loss 25"),
+    # the same loss in the first 5 steps only sets the history
+    ([25.0, 0.69, 0.69], [1.0] * 3, None, None),
+    # gradient norm 500 > 100 x median 2
+    ([0.6] * 6 + [0.6], [2.0] * 6 + [500.0], 7, "gradient norm 500"),
+    ([0.6, float("inf")], [1.0, 1.0], 2, "non-finite loss"),
+    ([0.6, 0.6], [1.0, float("nan")], 2, "non-finite gradient norm"),
+])
+def test_divergence_rule_by_hand(losses, grads, stops_at, why):
+    g = guard()
+    for step, (loss, grad) in enumerate(zip(losses, grads), start=1):
+        if step == stops_at:
+            with pytest.raises(TrainingDiverged, match=f"step {step}: .*{why}"):
+                g.check_loss(step, loss)
+                g.check(step, loss, grad)
+            return
+        g.check_loss(step, loss)
+        g.check(step, loss, grad)
+    assert stops_at is None
+
+
+def test_divergence_rule_weight_drift():
+    """Weights whose norm doubles (moved by 1 x their starting norm) stop the round; 50% does not."""
+    g = guard()
+    (p,) = g.params
+    with torch.no_grad():
+        p.mul_(1.5)
+    g.check(1, 0.6, 1.0)
+    with torch.no_grad():
+        p.mul_(1.5)  # 2.25 x the start
+    with pytest.raises(TrainingDiverged, match="step 2: weight norm 2.25 moved more than 1 x its start 1"):
+        g.check(2, 0.6, 1.0)
 
 
 def test_divergence_does_not_write_the_model(tiny_model, tokenizer, tmp_path):
@@ -324,7 +370,7 @@ def test_divergence_does_not_write_the_model(tiny_model, tokenizer, tmp_path):
                                "data": {"pairs": str(EXAMPLES / "pairs.jsonl"), "max_examples": 2},
                                "train": {"batch_size": 8, "max_length": 128}, "output_dir": str(out)})
         with pytest.raises(TrainingDiverged, match="step 1"):
-            run_offline(config)
+            run_offline(config, overwrite=previous is not None)
         assert (out / "config.yaml").exists()
         if previous:
             assert sorted(p.name for p in (out / "model").iterdir()) == ["README.md"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import typer
@@ -11,18 +12,33 @@ from ilrdpo.errors import IlrdpoError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Iterative Length-Regularized DPO: better answers without longer answers.")
 
+def _print_version(value: bool) -> None:
+    if value:
+        from ilrdpo import __version__
+
+        print(f"ilrdpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Iterative Length-Regularized DPO: better answers without longer answers."""
+
+
 OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.alpha=0.05")
 
 
 @app.command()
 def train(config: str | None = typer.Argument(None, help="YAML config (omit for defaults)"),
-          overrides: list[str] | None = OVERRIDES) -> None:
+          overrides: list[str] | None = OVERRIDES,
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a trained model in output_dir")) -> None:
     """One round of LR-DPO on a preference-pairs file (data.pairs)."""
     from ilrdpo.config import load_config
     from ilrdpo.offline import run_offline
 
     config, overrides = _split_config(config, overrides)
-    run_offline(load_config(config, overrides))
+    run_offline(load_config(config, overrides), overwrite=overwrite)
 
 
 @app.command()
@@ -58,9 +74,13 @@ def evaluate(
     from ilrdpo.evaluation.pairwise import evaluate_models, load_judge_settings, print_evaluation
     from ilrdpo.records import atomic_write_text
 
+    from ilrdpo.preflight import check_evaluate
+
+    judge_settings = load_judge_settings(judge)
+    check_evaluate(model, prompts, judge_settings, baseline, out)
     generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     out_path = Path(out) if out else None
-    result = evaluate_models(model, prompts, load_judge_settings(judge), baseline=baseline, generation=generation,
+    result = evaluate_models(model, prompts, judge_settings, baseline=baseline, generation=generation,
                              greedy=not sample, seed=seed, out_dir=out_path.parent if out_path else None)
     print_evaluation(result)
     if out_path:
@@ -119,6 +139,28 @@ def _split_config(config: str | None, overrides: list[str] | None) -> tuple[str 
     return config, overrides
 
 
+def _usage_line(error: typer.TyperException) -> str:
+    """A click usage error as one line that says what to fix (click's own is a boxed paragraph)."""
+    ctx = getattr(error, "ctx", None)
+    command = ctx.command_path if ctx is not None else "ilrdpo"
+    help_hint = f"see `{command} --help`"
+    option = getattr(error, "option_name", None)
+    if option and getattr(error, "possibilities", None) is not None:  # NoSuchOption
+        known = ", ".join(sorted(error.possibilities)) if error.possibilities else ""
+        near = f" (did you mean {known}?)" if known else ""
+        overrides = " or a section.key=value override" if command.split()[-1] in ("train", "run") else ""
+        return f"option '{option}': no such option for `{command}`{near}; use --help for the options{overrides}"
+    param = getattr(error, "param", None)
+    if param is not None and getattr(param, "opts", None) and type(error).__name__ == "BadParameter":
+        return f"option '{param.opts[0]}': {error.message[:1].lower()}{error.message[1:]}; {help_hint}"
+    text = error.format_message().strip() or "usage error"
+    # "No such command 'trian'. Did you mean 'train'?" -> "no such command 'trian' (did you mean 'train'?)"
+    first, *rest = re.split(r"(?<=[.?])\s+", " ".join(text.split()))
+    first = first[:1].lower() + first[1:].rstrip(".")
+    extra = f" ({' '.join(rest)[:1].lower()}{' '.join(rest)[1:]})" if rest else ""
+    return f"{first}{extra}; {help_hint}"
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -130,13 +172,14 @@ def main() -> None:
         sys.exit(130)
     except (typer.Abort, typer.Exit) as stop:
         sys.exit(getattr(stop, "exit_code", 1))
-    except Exception as error:  # click usage errors keep their own exit status
-        import click
-
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+    except typer.TyperException as error:
+        # typer vendors click: usage errors (unknown command or option, missing or bad value)
+        # are its exceptions, which standalone_mode=False hands to us instead of printing.
+        if type(error).__name__ == "NoArgsIsHelpError":  # plain `ilrdpo`: the help, as click shows it
+            print(error.format_message())
+            sys.exit(2)
+        print(f"error: {_usage_line(error)}", file=sys.stderr)
+        sys.exit(2 if error.exit_code == 2 else error.exit_code)
 
 
 if __name__ == "__main__":

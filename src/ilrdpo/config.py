@@ -16,8 +16,13 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.loss import LOSS_TYPES
 
 
+# Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
+MAX_LEARNING_RATE = 0.1
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.nan` or `.inf` in any float setting is an error, not a silent NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LoraSettings(Section):
@@ -45,6 +50,9 @@ class ModelSettings(Section):
     lora: LoraSettings | None = Field(None, description="LoRA adapter settings; null = full fine-tuning.")
     merge_lora: bool = Field(False, description="Also save merged weights (model/merged) after a LoRA run.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you set it.")
+    allow_pickle: bool = Field(
+        False, description="Load a pickle checkpoint (pytorch_model.bin), which can run code when loaded. "
+        "Off: only safetensors are loaded.")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
 
 
@@ -126,7 +134,7 @@ class LossSettings(Section):
 
 
 class TrainSettings(Section):
-    learning_rate: float = Field(5e-6, gt=0.0, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(5e-6, gt=0.0, le=MAX_LEARNING_RATE, description="Peak AdamW learning rate.")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the pairs (fractions allowed).")
     batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -143,6 +151,9 @@ class TrainSettings(Section):
         default_factory=list, description="Also log metrics to these trackers (through accelerate)."
     )
     logits_chunk: int = Field(1024, ge=1, description="Answer positions per chunk of the log-prob head.")
+    save_steps: int = Field(
+        100, ge=0, description="Checkpoint (weights, optimizer, scheduler, RNG) every N steps; a killed round "
+        "resumes from the last one to the same weights. 0 = off.")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> TrainSettings:
@@ -169,7 +180,6 @@ class IterationSettings(Section):
 
 
 class EvalSettings(Section):
-    prompts: str | None = Field(None, description="Evaluation prompts; default data.eval_prompts.")
     judge: ScoringSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
     baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
     greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
@@ -189,6 +199,21 @@ class Config(Section):
     output_dir: str = Field("runs/default", description="Run directory.")
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_eval_prompts_key(cls, data: Any) -> Any:
+        """`eval.prompts` is accepted as another spelling of data.eval_prompts, the one key."""
+        if not isinstance(data, dict) or not isinstance(data.get("eval"), dict) or "prompts" not in data["eval"]:
+            return data
+        data = {**data, "eval": dict(data["eval"]), "data": dict(data.get("data") or {})}
+        alias = data["eval"].pop("prompts")
+        if data["data"].get("eval_prompts") not in (None, alias) and alias is not None:
+            raise UserInputError("config keys 'eval.prompts' and 'data.eval_prompts' name different files; "
+                                 "set data.eval_prompts only")
+        if alias is not None:
+            data["data"]["eval_prompts"] = alias
+        return data
+
 
 SECTION_NAMES = {name for name, f in Config.model_fields.items()
                  if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
@@ -203,7 +228,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise UserInputError(f"override {item!r}: expected section.key=value")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: e.g. an impossible date such as 2001-02-30
             value = raw
         if isinstance(value, dict) and not raw.lstrip().startswith("{"):
             value = raw  # "Answer: briefly" is text, not a mapping
@@ -233,7 +258,13 @@ def explain_validation_error(error: ValidationError, source: str) -> str:
     key = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown config key '{key}'"
-    return f"{source}: config key '{key}': {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "finite_number":
+        message = "must be a finite number, not NaN or infinity"
+    elif key == "train.learning_rate" and first["type"] == "less_than_equal":
+        message = (f"{first['input']} is too high (at most {MAX_LEARNING_RATE}); preference fine-tuning "
+                   "uses 1e-7 to 1e-4, LoRA up to about 1e-3")
+    return f"{source}: config key '{key}': {message}"
 
 
 def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
@@ -252,18 +283,37 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = "command line"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserInputError(f"{path}: config file not found") from None
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise UserInputError(f"{path}{where}: invalid YAML") from None
+        loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise UserInputError(f"{path}: expected a mapping of sections at the top level")
         data = loaded or {}
     return build_config(data, overrides, source)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of a config file; every way it can be unreadable is one line naming it."""
+    if path.is_dir():
+        raise UserInputError(f"{path}: is a folder, expected a YAML config file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: config file not found") from None
+    except OSError as error:
+        raise UserInputError(f"{path}: cannot read config file ({error.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise UserInputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x}); "
+                             "save the file as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserInputError(f"{path}{where}: invalid YAML") from None
+    except (ValueError, RecursionError) as error:  # a value YAML parses but cannot build, e.g. 2001-02-30
+        raise UserInputError(f"{path}: invalid YAML value ({str(error)[:80] or type(error).__name__})") from None
 
 
 def config_to_yaml(config: Config) -> str:

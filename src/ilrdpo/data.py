@@ -79,11 +79,23 @@ def encode_prompt(tokenizer, prompt: PromptText, use_chat_template: bool = True,
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode_answer(tokenizer, answer: str) -> list[int]:
-    """Answer ids followed by exactly one EOS."""
+def count_tokens(tokenizer, answer: str) -> int:
+    """|y| in tokens, the one definition used by candidates, pairs, the loss, evaluation, alpha
+    control and target metrics: the answer text's tokens, EOS not counted."""
+    return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
+def answer_length(n_tokens: int, text: str, unit: str) -> int:
+    """|y| in the length margin's unit: count_tokens(...) for "tokens", characters for "chars"."""
+    return len(text) if unit == "chars" else n_tokens
+
+
+def encode_answer(tokenizer, answer: str, truncated: bool = False) -> list[int]:
+    """Answer ids followed by exactly one EOS, unless the answer was cut by max_new_tokens:
+    appending one would teach the model to stop where it was cut."""
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
+    if not truncated and eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
     return ids
 
@@ -93,10 +105,10 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    chosen_chars: int
-    rejected_chars: int
+    chosen_length: int  # |y_w| in the loss's unit (answer_length), before any truncation
+    rejected_length: int
     target_length: float | None = None
-    truncated: bool = False
+    truncated: bool = False  # cut to max_length for training
 
     @property
     def n_tokens(self) -> int:
@@ -120,17 +132,19 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
 
 def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int,
                    max_prompt_length: int | None = None, use_chat_template: bool = True,
-                   system_prompt: str | None = None) -> list[TokenizedPair]:
+                   system_prompt: str | None = None, length_unit: str = "tokens") -> list[TokenizedPair]:
     with_target = sum(p.target_length is not None for p in pairs)
     if 0 < with_target < len(pairs):
         raise UserInputError(f"target_length is set on {with_target} of {len(pairs)} pairs; set it on all or none")
     out = []
     for pair in pairs:
         prompt = encode_prompt(tokenizer, pair.prompt, use_chat_template, system_prompt)
-        chosen, rejected = encode_answer(tokenizer, pair.chosen), encode_answer(tokenizer, pair.rejected)
+        chosen = encode_answer(tokenizer, pair.chosen, pair.chosen_truncated)
+        rejected = encode_answer(tokenizer, pair.rejected, pair.rejected_truncated)
+        lengths = [answer_length(count_tokens(tokenizer, text), text, length_unit)
+                   for text in (pair.chosen, pair.rejected)]
         prompt, chosen, rejected, cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length)
-        out.append(TokenizedPair(prompt, chosen, rejected, len(pair.chosen), len(pair.rejected),
-                                 pair.target_length, cut))
+        out.append(TokenizedPair(prompt, chosen, rejected, *lengths, pair.target_length, cut))
     return out
 
 
@@ -145,7 +159,7 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def collate_pairs(examples: list[TokenizedPair], pad_id: int, length_unit: str = "tokens") -> dict[str, torch.Tensor]:
+def collate_pairs(examples: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """One right-padded batch of [chosen rows; rejected rows] so both go through one forward."""
     rows = [e.prompt_ids + e.chosen_ids for e in examples] + [e.prompt_ids + e.rejected_ids for e in examples]
     answer_lens = [len(e.chosen_ids) for e in examples] + [len(e.rejected_ids) for e in examples]
@@ -157,17 +171,14 @@ def collate_pairs(examples: list[TokenizedPair], pad_id: int, length_unit: str =
         input_ids[i, :len(row)] = torch.tensor(row)
         attention_mask[i, :len(row)] = 1
         response_mask[i, len(row) - n_answer:len(row)] = 1
-    if length_unit == "chars":
-        lengths = [e.chosen_chars for e in examples] + [e.rejected_chars for e in examples]
-    else:
-        lengths = answer_lens
+    lengths = [e.chosen_length for e in examples] + [e.rejected_length for e in examples]
     targets = [e.target_length for e in examples]  # all set or none (checked in tokenize_pairs)
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "response_mask": response_mask,
-        "lengths": torch.tensor(lengths, dtype=torch.float32),  # (2B,)
-        "n_tokens": torch.tensor(answer_lens, dtype=torch.float32),  # (2B,)
+        "lengths": torch.tensor(lengths, dtype=torch.float32),  # (2B,) |y| for the length margin
+        "n_tokens": torch.tensor(answer_lens, dtype=torch.float32),  # (2B,) scored tokens (SimPO's average)
     }
     if targets[0] is not None:
         batch["target_length"] = torch.tensor(targets, dtype=torch.float32)  # (B,)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ilrdpo.config import DataSettings, GenerationSettings
-from ilrdpo.data import encode_prompt
+from ilrdpo.data import count_tokens, encode_prompt
 from ilrdpo.errors import UserInputError
 from ilrdpo.progress import progress_bar
 from ilrdpo.records import Prompt, append_jsonl, recover_jsonl
@@ -27,7 +27,7 @@ from ilrdpo.records import Prompt, append_jsonl, recover_jsonl
 @dataclass
 class Sample:
     text: str
-    n_tokens: int  # answer tokens, EOS not counted
+    n_tokens: int  # data.count_tokens(text): the one definition of |y| in tokens
     truncated: bool  # cut by max_new_tokens before EOS
 
 
@@ -72,7 +72,7 @@ def _decode(tokenizer, new_ids: torch.Tensor, eos_ids: list[int]) -> list[Sample
         hits = row_eos.nonzero()
         end = int(hits[0]) if len(hits) else row.shape[0]
         text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
-        samples.append(Sample(text=text, n_tokens=end, truncated=not len(hits)))
+        samples.append(Sample(text=text, n_tokens=count_tokens(tokenizer, text), truncated=not len(hits)))
     return samples
 
 

@@ -1,21 +1,19 @@
-"""The iterative loop (iLR-DPO): generate, score, pair, train, evaluate, once per iteration."""
+"""The iterative loop (iLR-DPO): generate, score, pair, train, evaluate, once per iteration.
+
+Every stage reads its inputs from files of the run directory and writes its outputs there
+(ilrdpo.rundir owns the layout), so a run killed anywhere resumes to the same files.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from ilrdpo.config import AlphaControlSettings, Config, config_to_yaml, load_config
+from ilrdpo.config import AlphaControlSettings, Config
 from ilrdpo.errors import UserInputError
-from ilrdpo.evaluation.pairwise import (
-    answer_prompts,
-    cached_answers,
-    evaluate_answers,
-    judge_answers,
-)
+from ilrdpo.evaluation.pairwise import answer_prompts, cached_answers, evaluate_answers, judge_answers
 from ilrdpo.generation import generate_answers
 from ilrdpo.loss import method_name
-from ilrdpo.models import hyperparameters, load_policy, load_saved_policy, save_model
+from ilrdpo.models import hyperparameters, load_policy, load_saved_policy, resolve_dtype, save_model
 from ilrdpo.pairing import pair_all
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
@@ -23,19 +21,22 @@ from ilrdpo.records import (
     CandidateSet,
     append_jsonl,
     atomic_write_text,
+    read_candidates,
     read_jsonl_tolerant,
     read_pairs,
     read_prompts,
     recover_jsonl,
     write_jsonl,
 )
+from ilrdpo.rundir import STAGES, RunDir, fault_point, input_hashes
 from ilrdpo.scoring import build_scorer, score_in_batches, shaped_rewards
-from ilrdpo.train import pair_reference_logps, train_round
+from ilrdpo.train import autocast, pair_reference_logps, train_round
 
-# --- the iterative loop (iLR-DPO) ---------------------------------------------------------------
+# --- resume checks -------------------------------------------------------------------------------
 
-# The config sections each stage reads. A finished stage depends on its own sections and every
-# earlier stage's; from iteration 2 on, also on everything that shaped the previous model.
+# The config keys each stage reads. A finished stage depends on its own keys and every earlier
+# stage's; from iteration 2 on, also on everything that shaped the previous model. An input
+# file's content counts as the key that names it plus ".sha256".
 STAGE_SECTIONS = {
     "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
                  "data.system_prompt", "generation", "seed"),
@@ -44,7 +45,9 @@ STAGE_SECTIONS = {
     "train": ("loss", "train", "iterations.reference", "iterations.alpha_control"),
     "eval": ("eval", "data.eval_prompts"),
 }
-STAGES = list(STAGE_SECTIONS)
+assert tuple(STAGE_SECTIONS) == STAGES
+# Keys that change how a stage runs, never what it computes.
+NEUTRAL_KEYS = {"train.save_steps", "train.report_to"}
 
 
 def stage_dependencies(iteration: int, stage_name: str) -> tuple[str, ...]:
@@ -58,6 +61,10 @@ def stage_dependencies(iteration: int, stage_name: str) -> tuple[str, ...]:
     return deps
 
 
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     flat: dict[str, object] = {}
     for key, value in tree.items():
@@ -68,58 +75,35 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def check_resume(old: Config, new: Config, finished: dict[int, list[str]], force: bool) -> None:
-    """Refuse a config change that touches finished work, unless forced."""
-    old_flat, new_flat = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
-    changed = [k for k in sorted(set(old_flat) | set(new_flat)) if old_flat.get(k) != new_flat.get(k)]
+def check_resume(old: Config, new: Config, finished: dict[int, list[str]], force: bool, *,
+                 old_inputs: dict[str, str] | None = None, new_inputs: dict[str, str] | None = None) -> None:
+    """Refuse a config or input-file change that touches finished work, unless forced.
+
+    The message names the key, the stage that reads it and the first finished stage whose
+    output was computed with the old value.
+    """
+    if force:
+        return
+    old_flat = {**_flatten(old.model_dump(mode="json")), **(old_inputs or {})}
+    new_flat = {**_flatten(new.model_dump(mode="json")), **(new_inputs or {})}
+    changed = [k for k in sorted(set(old_flat) | set(new_flat))
+               if old_flat.get(k) != new_flat.get(k) and k not in NEUTRAL_KEYS]
     for iteration, stages in sorted(finished.items()):
         for stage_name in stages:
-            deps = stage_dependencies(iteration, stage_name)
-            hit = next((k for k in changed if any(k == d or k.startswith(d + ".") for d in deps)), None)
-            if hit and not force:
-                raise UserInputError(
-                    f"{new.output_dir}: config key '{hit}' changed ({old_flat.get(hit)!r} -> "
-                    f"{new_flat.get(hit)!r}) but iteration {iteration} already finished '{stage_name}' "
-                    "with the old value; use --force to continue anyway, or a new output_dir")
+            hit = next((k for k in changed if _matches(k, stage_dependencies(iteration, stage_name))), None)
+            if hit is None:
+                continue
+            owner = next((s for s in STAGES if _matches(hit.removesuffix(".sha256"), STAGE_SECTIONS[s])), stage_name)
+            if hit.endswith(".sha256"):
+                what = f"the file named by '{hit.removesuffix('.sha256')}' changed (content hash differs)"
+            else:
+                what = f"config key '{hit}' changed ({old_flat.get(hit)!r} -> {new_flat.get(hit)!r})"
+            raise UserInputError(
+                f"{new.output_dir}: {what}; stage '{owner}' reads it, and iteration {iteration} already ran "
+                f"'{stage_name}' with the old value; use --force to continue anyway, or a new output_dir")
 
 
-# --- run state ---------------------------------------------------------------------------------
-
-
-class RunState:
-    """state.json in the run directory: finished stages per iteration and alpha per iteration.
-    Written atomically after every stage, so a killed run knows exactly what is done."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / "state.json"
-        raw = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.finished: dict[int, list[str]] = {int(k): v for k, v in raw.get("finished", {}).items()}
-        self.started: dict[int, list[str]] = {int(k): v for k, v in raw.get("started", {}).items()}
-        self.alpha: dict[int, float] = {int(k): v for k, v in raw.get("alpha", {}).items()}
-
-    def done(self, iteration: int, stage_name: str) -> bool:
-        return stage_name in self.finished.get(iteration, [])
-
-    def start(self, iteration: int, stage_name: str) -> None:
-        if stage_name not in self.started.get(iteration, []):
-            self.started.setdefault(iteration, []).append(stage_name)
-            self.save()
-
-    def mark(self, iteration: int, stage_name: str) -> None:
-        self.finished.setdefault(iteration, []).append(stage_name)
-        self.save()
-
-    def touched(self) -> dict[int, list[str]]:
-        """Stages finished or with partial output on disk: both were made with the old config."""
-        return {t: sorted(set(self.finished.get(t, [])) | set(self.started.get(t, [])))
-                for t in set(self.finished) | set(self.started)}
-
-    def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(
-            {"finished": self.finished, "started": self.started, "alpha": self.alpha}, indent=1))
-
-
-# --- alpha control -----------------------------------------------------------------------------
+# --- alpha control -------------------------------------------------------------------------------
 
 
 def next_alpha(alpha: float, mean_length: float, initial_length: float, control: AlphaControlSettings) -> float:
@@ -138,31 +122,48 @@ def next_alpha(alpha: float, mean_length: float, initial_length: float, control:
     return min(max(alpha, control.min_alpha), control.max_alpha)
 
 
-# --- the loop ----------------------------------------------------------------------------------
+# --- the loop ------------------------------------------------------------------------------------
 
 
 class IterativeRun:
     """iLR-DPO: for t = 1..T, sample N answers from pi_{t-1}, score, pair best vs worst, train
-    pi_t with pi_ref = pi_{t-1}, evaluate. Every stage's output is a file in iter_t/."""
+    pi_t with pi_ref = pi_{t-1}, evaluate. Every stage's output is a file in iter_t/.
+
+    Construction reads and checks every input (nothing is written); open() takes the run
+    directory (lock, resume checks, config history, scorer); run() does the iterations.
+    """
 
     def __init__(self, config: Config, force: bool = False) -> None:
         check_config(config, "run")
-        self.config, self.out = config, Path(config.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.state = RunState(self.out)
-        if (self.out / "config.yaml").exists():
-            check_resume(load_config(self.out / "config.yaml"), config, self.state.touched(), force)
-        atomic_write_text(self.out / "config.yaml", config_to_yaml(config))
+        self.config, self.force = config, force
+        self.dir = RunDir(config.output_dir)
         self.prompts = read_prompts(config.data.prompts, config.data.max_examples)
-        eval_path = config.eval.prompts or config.data.eval_prompts
-        self.eval_prompts = read_prompts(eval_path) if eval_path else []
+        self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
         self.judge_settings = config.eval.judge or config.scoring
+        self.compute_dtype = resolve_dtype(config.model.dtype)
         self.timings: dict[str, float] = {}
-        with stage("load scorer", self.timings):
-            self.scorer = build_scorer(config.scoring)
-            self.judge = self.scorer if config.eval.judge is None else build_scorer(config.eval.judge)
         self.model = self.tokenizer = None
         self.model_iteration = -1
+
+    def open(self) -> None:
+        """Resume checks against what the directory was made with, then record this config."""
+        self.dir.remove_debris()
+        self.state = self.dir.state()
+        inputs = input_hashes(self.config)
+        old = self.dir.recorded_config()
+        if old is not None:
+            check_resume(old, self.config, self.state.touched(), self.force,
+                         old_inputs=self.state.inputs, new_inputs=inputs)
+        self.dir.record_config(self.config)
+        self.state.inputs = inputs
+        self.state.save()
+        overlap = {str(p.prompt) for p in self.prompts} & {str(p.prompt) for p in self.eval_prompts}
+        if overlap:
+            console.print(f"[yellow]{len(overlap)} of {len(self.eval_prompts)} eval prompts are also training "
+                          "prompts: their win rates are not held-out figures[/yellow]")
+        with stage("load scorer", self.timings):
+            self.scorer = build_scorer(self.config.scoring)
+            self.judge = self.scorer if self.config.eval.judge is None else build_scorer(self.config.eval.judge)
 
     # models: loaded from disk at the start of each iteration, so a resumed run and an
     # uninterrupted one start every iteration from identical weights.
@@ -172,17 +173,16 @@ class IterativeRun:
             if iteration == 0:
                 self.model, self.tokenizer, _ = load_policy(self.config.model)
             else:
-                self.model, self.tokenizer, _ = load_saved_policy(self.out / f"iter_{iteration}" / "model",
+                self.model, self.tokenizer, _ = load_saved_policy(self.dir.file(iteration, "model"),
                                                                   self.config.model)
             self.model_iteration = iteration
         return self.model, self.tokenizer
 
     def run(self) -> list[dict]:
         summaries = [self._evaluation(0)] if self.eval_prompts else []
-        self.state.alpha.setdefault(1, self.config.loss.alpha)
         for t in range(1, self.config.iterations.count + 1):
             summaries.append(self.iteration(t))
-        atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=1))
+        atomic_write_text(self.dir.root / "timings.json", json.dumps(self.timings, indent=1))
         return summaries
 
     def _stage(self, t: int, name: str, work) -> None:
@@ -194,41 +194,43 @@ class IterativeRun:
         self.state.mark(t, name)
 
     def _evaluation(self, t: int) -> dict:
-        path = self.out / f"iter_{t}" / "eval.json"
         self._stage(t, "eval", lambda: self.evaluate(t))
-        return json.loads(path.read_text())
+        return json.loads(self.dir.file(t, "eval.json").read_text())
 
     def iteration(self, t: int) -> dict:
-        d = self.out / f"iter_{t}"
-        self._stage(t, "generate", lambda: self.generate(t, d))
-        self._stage(t, "score", lambda: self.score(d))
-        self._stage(t, "pair", lambda: self.pair(t, d))
-        self._stage(t, "train", lambda: self.train(t, d, self.state.alpha[t]))
+        self._stage(t, "generate", lambda: self.generate(t))
+        self._stage(t, "score", lambda: self.score(t))
+        self._stage(t, "pair", lambda: self.pair(t))
+        self._stage(t, "train", lambda: self.train(t))
         summary = self._evaluation(t)
-        if t + 1 not in self.state.alpha:
-            self.state.alpha[t + 1] = summary["next_alpha"]
-            self.state.save()
         console.print(summary_line(summary))
         return summary
 
-    def generate(self, t: int, d: Path) -> None:
+    # --- 1. generate -----------------------------------------------------------------------------
+    def generate(self, t: int) -> None:
         model, tokenizer = self.policy(t - 1)
         gen = self.config.generation
-        samples = generate_answers(
-            model, tokenizer, self.prompts, gen, self.config.data, num_samples=gen.num_samples,
-            seed=self.config.seed + 1000 * t, progress_file=d / "generation.partial.jsonl",
-            source=str(self.config.data.prompts), description=f"iter {t} sampling")
+        partial = self.dir.partial(t, "generate")
+        with autocast(next(model.parameters()).device, self.compute_dtype):
+            samples = generate_answers(
+                model, tokenizer, self.prompts, gen, self.config.data, num_samples=gen.num_samples,
+                seed=self.config.seed + 1000 * t, progress_file=partial,
+                source=str(self.config.data.prompts), description=f"iter {t} sampling")
         sets = [CandidateSet(prompt=p.prompt, id=p.id, responses=[s.text for s in samples[p.id]],
                              n_tokens=[s.n_tokens for s in samples[p.id]],
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,
                              target_length=p.target_length) for p in self.prompts]
-        write_jsonl(d / "candidates.jsonl", sets)
-        (d / "generation.partial.jsonl").unlink(missing_ok=True)
+        write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
+        fault_point("candidates.jsonl")
+        partial.unlink(missing_ok=True)
 
-    def score(self, d: Path) -> None:
-        """Score every answer; finished prompts go to scores.partial.jsonl as they complete."""
-        sets = [CandidateSet(**row) for row in read_jsonl_tolerant(d / "candidates.jsonl")]
-        progress_file = d / "scores.partial.jsonl"
+    # --- 2. score --------------------------------------------------------------------------------
+    def score(self, t: int) -> None:
+        """Score every answer; finished prompts go to scores.partial.jsonl as they complete.
+        Re-entrant: candidates.jsonl may already hold scores from a killed earlier attempt."""
+        path = self.dir.file(t, "candidates.jsonl")
+        sets = read_candidates(path)
+        progress_file = self.dir.partial(t, "score")
         scored = {row["id"]: row for row in recover_jsonl(progress_file)}
         by_id = {p.id: p for p in self.prompts}
         settings = self.config.scoring
@@ -247,27 +249,50 @@ class IterativeRun:
                     offset += len(c.responses)
                     scored[c.id] = {"id": c.id, "quality": q, "rewards": shaped_rewards(q, c.n_tokens, settings)}
                     append_jsonl(progress_file, scored[c.id])
+                    fault_point(progress_file.name)
                 bar.advance(len(chunk))
-        rows = [{**c.__dict__, "rewards": scored[c.id]["rewards"], "quality": scored[c.id]["quality"]}
-                for c in sets]
-        write_jsonl(d / "candidates.jsonl", rows)
+        for c in sets:
+            c.quality, c.rewards = scored[c.id]["quality"], scored[c.id]["rewards"]
+        write_jsonl(path, sets)
+        fault_point("candidates.jsonl")
         progress_file.unlink(missing_ok=True)
 
-    def pair(self, t: int, d: Path) -> None:
-        rows = read_jsonl_tolerant(d / "candidates.jsonl")
-        sets = [CandidateSet(**{k: v for k, v in row.items() if k != "quality"}) for row in rows]
+    # --- 3. pair ---------------------------------------------------------------------------------
+    def pair(self, t: int) -> None:
+        path = self.dir.file(t, "candidates.jsonl")
         scoring = self.config.scoring
-        pairs = pair_all(sets, self.config.pairing, seed=self.config.seed + t,
+        pairs = pair_all(read_candidates(path), self.config.pairing, seed=self.config.seed + t,
                          selection_penalty=scoring.selection_length_penalty,
                          length_cap=scoring.length_bias_cap, tie_tolerance=scoring.tie_tolerance)
         if not pairs:
-            raise UserInputError(f"{d / 'candidates.jsonl'}: no preference pairs (all answers tied, identical "
-                                 "or truncated); raise generation.temperature or num_samples")
-        write_jsonl(d / "pairs.jsonl", pairs)
+            raise UserInputError(f"{path}: no preference pairs: {no_pairs_reason(read_candidates(path))}")
+        write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
+        fault_point("pairs.jsonl")
 
-    def train(self, t: int, d: Path, alpha: float) -> None:
-        pairs = read_pairs(d / "pairs.jsonl")
+    # --- 4. train --------------------------------------------------------------------------------
+    def decide_alpha(self, t: int) -> float:
+        """The alpha of iteration t: decided when its train stage first starts (the config's
+        loss.alpha, or alpha control from the evaluations so far) and recorded in state.json;
+        a resumed stage keeps it, unless --force, which lets the config decide again."""
+        if t in self.state.alpha and not self.force:
+            return self.state.alpha[t]
+        alpha = self.config.loss.alpha
+        control = self.config.iterations.alpha_control
+        if control.mode == "auto" and t > 1:
+            previous = self.state.alpha.get(t - 1, alpha)
+            lengths = [self._eval_length(k) for k in (t - 1, 0)]
+            alpha = next_alpha(previous, lengths[0], lengths[1], control)
+        self.state.alpha[t] = alpha
+        self.state.save()
+        return alpha
+
+    def _eval_length(self, t: int) -> float:
+        return json.loads(self.dir.file(t, "eval.json").read_text())["length"]["tokens_mean"]
+
+    def train(self, t: int) -> None:
         config = self.config
+        alpha = self.decide_alpha(t)
+        pairs = read_pairs(self.dir.file(t, "pairs.jsonl"))
         loss = config.loss.model_copy(update={"alpha": alpha})
         lora = config.model.lora is not None
         ref_logps = None
@@ -275,63 +300,79 @@ class IterativeRun:
             # pi_ref = pi_0 under full fine-tuning: score the pairs with pi_0 first, then free it,
             # so two models are never in memory together.
             model, tokenizer = self.policy(0)
-            ref_logps = pair_reference_logps(model, tokenizer, pairs, loss, config.train, config.data)
+            ref_logps = pair_reference_logps(model, tokenizer, pairs, loss, config.train, config.data,
+                                             compute_dtype=self.compute_dtype)
         model, tokenizer = self.policy(t - 1)
         result = train_round(model, tokenizer, pairs, loss=loss, train=config.train, data=config.data,
-                             output_dir=d, seed=config.seed + t, ref_logps=ref_logps,
+                             output_dir=self.dir.iteration(t), seed=config.seed + t, ref_logps=ref_logps,
                              ref_adapter_disabled=lora and config.iterations.reference == "initial",
-                             hparams=hyperparameters(config))
-        atomic_write_text(d / "ref_logps.json", json.dumps(result.ref_logps))
+                             hparams={**hyperparameters(config), "loss.alpha": alpha},
+                             compute_dtype=self.compute_dtype, checkpoint_dir=self.dir.checkpoint(t),
+                             run_name=f"{self.dir.root.name}/iter_{t}")
+        atomic_write_text(self.dir.file(t, "ref_logps.json"), json.dumps(result.ref_logps))
+        fault_point("ref_logps.json")
         card = {"title": f"iLR-DPO iteration {t}", "base_model": config.model.name_or_path,
                 "method": f"iterative {method_name(loss.type, alpha)}",
-                "data": f"{len(pairs)} self-generated pairs", "hyperparameters": {**hyperparameters(config),
-                                                                                 "loss.alpha": alpha},
-                "metrics": result.final}
-        save_model(model, tokenizer, d / "model", card, merge_lora=config.model.merge_lora)
+                "data": f"{len(pairs)} self-generated pairs",
+                "hyperparameters": {**hyperparameters(config), "loss.alpha": alpha}, "metrics": result.final}
+        save_model(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora)
+        fault_point("model")
         self.model_iteration = t  # trained in place: the model in memory is now pi_t
 
+    # --- 5. evaluate -----------------------------------------------------------------------------
     def evaluate(self, t: int) -> dict:
         """Greedy answers of pi_t on the eval prompts, judged, against pi_0 and pi_{t-1}."""
-        d = self.out / f"iter_{t}"
-        result: dict = {"iteration": t, "alpha": self.state.alpha.get(t, 0.0) if t else None}
+        result: dict = {"iteration": t, "alpha": self.state.alpha.get(t) if t else None}
         if t > 0:
-            result.update(generation_stats(d))
+            result.update(generation_stats(self.dir, t))
         if self.eval_prompts:
-            config = self.config
-            gen = config.generation.model_copy(update={"max_new_tokens": config.eval.max_new_tokens
-                                                       or config.generation.max_new_tokens})
-
-            def make():
-                model, tokenizer = self.policy(t)
-                rows = answer_prompts(model, tokenizer, self.eval_prompts, gen, config.data,
-                                      greedy=config.eval.greedy, seed=config.seed, description=f"iter {t} eval")
-                return judge_answers(self.judge, self.eval_prompts, rows, self.judge_settings)
-
-            rows = cached_answers(d / "eval_answers.jsonl", make)
-            baselines = {}
-            if t > 0:
-                baselines["initial"] = read_jsonl_tolerant(self.out / "iter_0" / "eval_answers.jsonl")
-                baselines["previous"] = read_jsonl_tolerant(self.out / f"iter_{t - 1}" / "eval_answers.jsonl")
-            result.update(evaluate_answers(rows, self.eval_prompts, baselines, self.judge_settings.tie_tolerance))
-        if t > 0:
-            initial = json.loads((self.out / "iter_0" / "eval.json").read_text()) if self.eval_prompts else {}
-            result["next_alpha"] = next_alpha(
-                result["alpha"], result.get("length", {}).get("tokens_mean", 0.0),
-                initial.get("length", {}).get("tokens_mean", 0.0), self.config.iterations.alpha_control)
-        atomic_write_text(d / "eval.json", json.dumps(result, indent=1))
+            result.update(self._judged_eval(t))
+        atomic_write_text(self.dir.file(t, "eval.json"), json.dumps(result, indent=1))
+        fault_point("eval.json")
         return result
 
+    def _judged_eval(self, t: int) -> dict:
+        config = self.config
+        gen = config.generation.model_copy(update={"max_new_tokens": config.eval.max_new_tokens
+                                                   or config.generation.max_new_tokens})
 
-def generation_stats(d: Path) -> dict:
+        def make():
+            model, tokenizer = self.policy(t)
+            with autocast(next(model.parameters()).device, self.compute_dtype):
+                rows = answer_prompts(model, tokenizer, self.eval_prompts, gen, config.data,
+                                      greedy=config.eval.greedy, seed=config.seed, description=f"iter {t} eval")
+            return judge_answers(self.judge, self.eval_prompts, rows, self.judge_settings)
+
+        rows = cached_answers(self.dir.file(t, "eval_answers.jsonl"), make)
+        fault_point("eval_answers.jsonl")
+        baselines = {}
+        if t > 0:
+            baselines["initial"] = read_jsonl_tolerant(self.dir.file(0, "eval_answers.jsonl"))
+            baselines["previous"] = read_jsonl_tolerant(self.dir.file(t - 1, "eval_answers.jsonl"))
+        return evaluate_answers(rows, self.eval_prompts, baselines, self.judge_settings.tie_tolerance)
+
+
+def no_pairs_reason(sets: list[CandidateSet]) -> str:
+    """Why pairing found nothing, in the words a user can act on."""
+    answers = [(r, t) for c in sets for r, t in zip(c.responses, c.truncated)]
+    if answers and all(t for _, t in answers):
+        return "every answer was cut at generation.max_new_tokens; raise it or set pairing.skip_truncated=false"
+    if answers and all(not r.strip() for r, _ in answers):
+        return "every answer is empty"
+    return "all answers tied, identical, empty or truncated; raise generation.temperature or num_samples"
+
+
+def generation_stats(rundir: RunDir, t: int) -> dict:
     """Per-iteration sampling and pairing figures (gen/*, pairs/*) from the stage files."""
-    rows = read_jsonl_tolerant(d / "candidates.jsonl")
-    pairs = read_jsonl_tolerant(d / "pairs.jsonl")
+    rows = read_jsonl_tolerant(rundir.file(t, "candidates.jsonl"))
+    pairs = read_jsonl_tolerant(rundir.file(t, "pairs.jsonl"))
     lengths = [n for r in rows for n in r["n_tokens"]]
     rewards = [x for r in rows for x in r.get("rewards", [])]
     return {
         "gen/length_mean": sum(lengths) / max(len(lengths), 1),
         "gen/reward_mean": sum(rewards) / max(len(rewards), 1),
         "gen/truncated_share": sum(t for r in rows for t in r["truncated"]) / max(len(lengths), 1),
+        "gen/empty_share": sum(not x.strip() for r in rows for x in r["responses"]) / max(len(lengths), 1),
         "pairs/count": len(pairs),
         "pairs/reward_margin": sum(p["margin"] for p in pairs) / max(len(pairs), 1),
     }
@@ -353,4 +394,7 @@ def summary_line(s: dict) -> str:
 
 def run_iterations(config: Config, force: bool = False) -> list[dict]:
     """`ilrdpo run`: all iterations, resuming whatever is already finished in output_dir."""
-    return IterativeRun(config, force).run()
+    run = IterativeRun(config, force)
+    with run.dir.locked("ilrdpo run"):
+        run.open()
+        return run.run()

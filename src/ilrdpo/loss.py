@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,13 @@ def method_name(loss_type: str, alpha: float) -> str:
     return f"LR-{name} (alpha={alpha:g})" if alpha > 0 else name
 
 
+class LossOutput(NamedTuple):
+    losses: Tensor  # (B,)
+    chosen_rewards: Tensor  # (B,)
+    rejected_rewards: Tensor  # (B,)
+    length_term: Tensor  # (B,) alpha * (c(y_w) - c(y_l))
+
+
 def preference_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -105,7 +113,7 @@ def preference_loss(
     simpo_gamma: float = 0.5,
     chosen_n_tokens: Tensor | None = None,
     rejected_n_tokens: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> LossOutput:
     """Per-example length-regularised preference loss.
 
     Args (all shape (B,)):
@@ -118,8 +126,9 @@ def preference_loss(
     margin = beta * (logp_w / n_w - logp_l / n_l) - gamma + alpha * (c(y_w) - c(y_l)).
     alpha = 0 reduces to the plain loss of each type (DPO for "sigmoid").
 
-    Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are the implicit
-    rewards beta * (log pi - log pi_ref) (beta * average log-prob for SimPO), detached.
+    Returns (losses, chosen_rewards, rejected_rewards, length_term), each (B,); rewards are the
+    implicit rewards beta * (log pi - log pi_ref) (beta * average log-prob for SimPO), detached;
+    length_term is alpha * (c(y_w) - c(y_l)), the logged length/margin_term.
     """
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {sorted(LOSSES)}")
@@ -135,7 +144,7 @@ def preference_loss(
         margin = chosen_rewards - rejected_rewards
     length_term = length_margin_term(chosen_lengths, rejected_lengths, alpha, target_length)  # (B,)
     losses = LOSSES[loss_type].fn(margin + length_term, beta, label_smoothing)
-    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+    return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), length_term.detach())
 
 
 def length_margin_term(

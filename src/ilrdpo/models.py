@@ -50,6 +50,19 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def weight_dtype(settings: ModelSettings, trainable: bool = True) -> torch.dtype:
+    """The dtype the weights are loaded in. Full fine-tuning in a half compute dtype keeps float32
+    master weights (a bfloat16 weight cannot take an update below half its step; see train.py);
+    LoRA keeps the frozen base in the compute dtype (its adapter is float32 in PEFT)."""
+    compute = resolve_dtype(settings.dtype)
+    if trainable and compute in HALF_DTYPES and settings.lora is None:
+        return torch.float32
+    return compute
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -101,6 +114,66 @@ def resolve_model_path(settings: ModelSettings) -> str:
     return path
 
 
+# --- checkpoint files: safetensors by default -----------------------------------------------------
+
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "adapter_model.bin")
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                           "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def check_safetensors(path: Path) -> None:
+    """Read only the header of a .safetensors file and check it against the file's size, so a
+    corrupt or truncated checkpoint is one line before any weights are read."""
+    size = path.stat().st_size
+    fix = "re-download or re-save the model"
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        n_header = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n_header < 2 or n_header > min(size - 8, 100_000_000):
+            raise UserInputError(f"{path}: not a valid safetensors file (bad header size); {fix}")
+        try:
+            header = json.loads(handle.read(n_header).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise UserInputError(f"{path}: corrupt safetensors header (not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise UserInputError(f"{path}: corrupt safetensors header; {fix}")
+    data_bytes, end_max = size - 8 - n_header, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            n_elements = 1
+            for dim in info["shape"]:
+                n_elements *= int(dim)
+            expected = n_elements * SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
+        except (TypeError, KeyError, ValueError):
+            raise UserInputError(f"{path}: corrupt safetensors header (tensor '{name}'); {fix}") from None
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or \
+                (info["dtype"] in SAFETENSORS_DTYPE_BYTES and end - begin != expected):
+            raise UserInputError(f"{path}: corrupt safetensors header (tensor '{name}'); {fix}")
+        end_max = max(end_max, end)
+    if end_max != data_bytes:
+        state = "truncated" if end_max > data_bytes else "longer than its header says"
+        raise UserInputError(f"{path}: safetensors file is {state} ({data_bytes} bytes of tensor data, "
+                             f"header says {end_max}); {fix}")
+
+
+def check_checkpoint(folder: Path, allow_pickle: bool) -> None:
+    """A local model folder: every safetensors file sound; a pickle-only folder refused unless
+    allowed, because unpickling a checkpoint can run any code it carries."""
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for path in safetensors:
+        check_safetensors(path)
+    if safetensors or allow_pickle:
+        return
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+    if pickles:
+        raise UserInputError(
+            f"{folder}: only a pickle checkpoint ({pickles[0]}), which can run arbitrary code when loaded; "
+            f"convert it to safetensors, or set model.allow_pickle: true if you trust its source")
+
+
 def load_tokenizer(path: str, settings: ModelSettings):
     from transformers import AutoTokenizer
 
@@ -108,8 +181,8 @@ def load_tokenizer(path: str, settings: ModelSettings):
         tokenizer = AutoTokenizer.from_pretrained(
             path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
         )
-    except OSError as error:
-        raise UserInputError(f"model '{path}': cannot load tokenizer ({str(error).splitlines()[0]})") from None
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"model '{path}': cannot load tokenizer ({_first_line(error)})") from None
     if tokenizer.pad_token_id is None:
         # Padding is always masked out; EOS is a safe filler.
         tokenizer.pad_token = tokenizer.eos_token
@@ -122,18 +195,31 @@ def load_policy(settings: ModelSettings, device: torch.device | None = None, tra
 
     path = resolve_model_path(settings)
     tokenizer = load_tokenizer(path, settings)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.dtype), "revision": settings.revision,
-                              "trust_remote_code": settings.trust_remote_code}
+    if Path(path).is_dir():
+        check_checkpoint(Path(path), settings.allow_pickle)
+    kwargs: dict[str, Any] = {"dtype": weight_dtype(settings, trainable), "revision": settings.revision,
+                              "trust_remote_code": settings.trust_remote_code,
+                              # safetensors only, unless pickle is allowed: then whatever the folder has
+                              "use_safetensors": None if settings.allow_pickle else True}
     if settings.attn_implementation:
         kwargs["attn_implementation"] = settings.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as error:
-        raise UserInputError(f"model '{path}': cannot load ({str(error).splitlines()[0]})") from None
+    except (OSError, ValueError) as error:  # ValueError: a bad repo id, custom code not allowed
+        raise UserInputError(f"model '{path}': cannot load ({_first_line(error)})") from None
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise UserInputError(f"model '{path}': corrupt safetensors checkpoint ({_first_line(error)})") from None
     model.to(device or default_device())
     if trainable and settings.lora is not None and not is_peft_folder(path):
         model = add_lora(model, settings.lora)
     return model, tokenizer, path
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def is_peft_folder(path: str) -> bool:
@@ -205,7 +291,7 @@ def load_saved_policy(path: str | Path, settings: ModelSettings, device: torch.d
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(settings.dtype), is_trainable=trainable,
+            path, dtype=weight_dtype(settings, trainable), is_trainable=trainable,
             trust_remote_code=settings.trust_remote_code)
         tokenizer = load_tokenizer(path, settings)
         return model.to(device or default_device()), tokenizer, path

@@ -2,8 +2,9 @@
 
 Strategies (pairing.strategy): best_worst (the iLR-DPO default), best_random (best against a
 seeded random lower-scored answer), all (every ordered pair with margin >= min_margin).
-Pairs with identical texts or tied rewards carry no preference and are dropped; answers cut by
-max_new_tokens are left out when pairing.skip_truncated is on.
+Pairs with identical texts or tied rewards carry no preference and are dropped; empty answers
+never enter a pair; answers cut by max_new_tokens are left out when pairing.skip_truncated is on
+(and otherwise trained without an EOS).
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def selection_keys(candidates: CandidateSet, penalty: float, cap: int) -> list[f
 def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int = 0,
                selection_penalty: float = 0.0, length_cap: int = 128, tie_tolerance: float = 0.0) -> list[PreferencePair]:
     keys = selection_keys(candidates, selection_penalty, length_cap)
-    eligible = [i for i in range(len(candidates.responses))
-                if not (settings.skip_truncated and candidates.truncated[i])]
+    # An empty answer (EOS first) is never trained on: it is not text a judge has read.
+    eligible = [i for i in range(len(candidates.responses)) if candidates.responses[i].strip()
+                and not (settings.skip_truncated and candidates.truncated[i])]
     if len(eligible) < 2:
         return []
     rng = random.Random(f"{seed}:{candidates.id}")
@@ -66,7 +68,8 @@ def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int
             prompt=candidates.prompt, chosen=candidates.responses[chosen],
             rejected=candidates.responses[rejected], chosen_reward=candidates.rewards[chosen],
             rejected_reward=candidates.rewards[rejected], margin=margin,
-            target_length=candidates.target_length,
+            target_length=candidates.target_length, chosen_truncated=candidates.truncated[chosen],
+            rejected_truncated=candidates.truncated[rejected],
         ))
     return pairs
 

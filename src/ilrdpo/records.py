@@ -6,6 +6,7 @@ A bad line is reported as `FILE:LINE: what is wrong` (UserInputError, exit statu
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,9 @@ class PreferencePair:
     rejected_reward: float | None = None
     margin: float | None = None
     target_length: int | None = None
+    # Cut by max_new_tokens: such an answer is trained without an EOS it never generated.
+    chosen_truncated: bool = False
+    rejected_truncated: bool = False
 
 
 @dataclass
@@ -47,7 +51,8 @@ class CandidateSet:
     responses: list[str]
     n_tokens: list[int]
     truncated: list[bool]
-    rewards: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # quality plus the configured length bias
+    quality: list[float] = field(default_factory=list)  # the scorer's own values
     reference: str | None = None
     target_length: int | None = None
 
@@ -55,22 +60,65 @@ class CandidateSet:
 # --- JSONL -------------------------------------------------------------------------------------
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; invalid JSON is a FILE:LINE error."""
-    path = Path(path)
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON; write a number or null")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a float")
+    return value
+
+
+def _decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserInputError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                             f"{error.start + 1}); save the file as UTF-8") from None
+
+
+def _existing_file(path: Path, kind: str) -> Path:
+    if path.is_dir():
+        raise UserInputError(f"{path}: is a folder, expected a {kind} file")
     if not path.is_file():
         raise UserInputError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    return path
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; bad bytes or invalid JSON (NaN and
+    Infinity included) are FILE:LINE errors."""
+    path = _existing_file(Path(path), "JSONL")
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            line = _decode_line(raw, f"{path}:{line_no}")
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
             except json.JSONDecodeError as error:
                 raise UserInputError(f"{path}:{line_no}: invalid JSON ({error.msg})") from None
+            except (ValueError, RecursionError) as error:
+                reason = str(error) if isinstance(error, ValueError) else "nested too deeply"
+                raise UserInputError(f"{path}:{line_no}: invalid JSON ({reason})") from None
             if not isinstance(obj, dict):
                 raise UserInputError(f"{path}:{line_no}: expected a JSON object")
             yield line_no, obj
+
+
+def read_json_file(path: str | Path) -> Any:
+    """A whole JSON file (state.json, eval.json, config.json); any problem is one line naming it."""
+    path = _existing_file(Path(path), "JSON")
+    text = _decode_line(path.read_bytes(), str(path))
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); "
+                             "restore the file or remove it") from None
+    except (ValueError, RecursionError):
+        raise UserInputError(f"{path}: invalid JSON; restore the file or remove it") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -91,7 +139,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
-    lines = [json.dumps(_as_dict(row), ensure_ascii=False) + "\n" for row in rows]
+    # allow_nan=False: a NaN or inf that got this far is a bug; never write a file that is not JSON.
+    lines = [json.dumps(_as_dict(row), ensure_ascii=False, allow_nan=False) + "\n" for row in rows]
     atomic_write_text(path, "".join(lines))
 
 
@@ -132,6 +181,11 @@ def recover_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_candidates(path: str | Path) -> list[CandidateSet]:
+    """candidates.jsonl as written by the generate and score stages."""
+    return [CandidateSet(**row) for row in read_jsonl_tolerant(path)]
+
+
 def _as_dict(row: Any) -> dict[str, Any]:
     return asdict(row) if hasattr(row, "__dataclass_fields__") else row
 
@@ -167,6 +221,13 @@ def _optional(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], whe
     return value
 
 
+def _target_length(obj: dict[str, Any], where: str) -> int | None:
+    target = _optional(obj, "target_length", int, where)
+    if target is not None and target < 0:
+        raise UserInputError(f"{where}: field 'target_length' is {target}; it must be a token count >= 0")
+    return target
+
+
 def answer_text(value: PromptText, where: str, name: str) -> str:
     """The answer of a chosen/rejected field: a string, or the last assistant message's content."""
     if isinstance(value, str):
@@ -181,9 +242,11 @@ def answer_text(value: PromptText, where: str, name: str) -> str:
 
 def prompt_from_row(obj: dict[str, Any], where: str, index: int = 0) -> Prompt:
     prompt = _text_or_messages(obj, "prompt", where)
-    target = _optional(obj, "target_length", int, where)
+    target = _target_length(obj, where)
     reference = _optional(obj, "reference", str, where)
     raw_id = obj.get("id", f"{index}")
+    if isinstance(raw_id, (dict, list)) or raw_id is None:
+        raise UserInputError(f"{where}: field 'id' must be a string or a number")
     return Prompt(prompt=prompt, id=str(raw_id), reference=reference, target_length=target)
 
 
@@ -202,35 +265,61 @@ def pair_from_row(obj: dict[str, Any], where: str) -> PreferencePair:
         raise UserInputError(f"{where}: missing field 'prompt'")
     scores = {name: _optional(obj, name, (int, float), where)
               for name in ("chosen_reward", "rejected_reward", "margin")}
-    return PreferencePair(
-        prompt=prompt,
-        chosen=answer_text(chosen_raw, where, "chosen"),
-        rejected=answer_text(rejected_raw, where, "rejected"),
-        target_length=_optional(obj, "target_length", int, where),
-        **scores,
-    )
+    chosen, rejected = answer_text(chosen_raw, where, "chosen"), answer_text(rejected_raw, where, "rejected")
+    if chosen == rejected:
+        # Identical answers give a zero margin and a zero gradient: the pair teaches nothing.
+        raise UserInputError(f"{where}: 'chosen' and 'rejected' are the same answer; remove the pair")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected,
+                          target_length=_target_length(obj, where), **scores,
+                          chosen_truncated=obj.get("chosen_truncated") is True,
+                          rejected_truncated=obj.get("rejected_truncated") is True)
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
-    prompts = []
+def _check_target_mix(has_target: list[tuple[int, bool]], path: str | Path, what: str) -> None:
+    """target_length on every row or on none: the loss cannot mix c(y) = |y| and | |y| - L |."""
+    with_target = [line for line, has in has_target if has]
+    if with_target and len(with_target) < len(has_target):
+        line = next(line for line, has in has_target if not has)
+        raise UserInputError(f"{path}:{line}: no 'target_length', but {len(with_target)} of {len(has_target)} "
+                             f"{what} have one (line {with_target[0]}); set it on all or none")
+
+
+def read_prompts(path: str | Path, limit: int | None = None, *, uniform_target: bool = False,
+                 reference_for: str | None = None) -> list[Prompt]:
+    """Prompts of a JSONL file; ids are unique. uniform_target: target_length on all or none
+    (training prompts, whose target lengths go into the loss). reference_for: every prompt
+    needs a 'reference' answer, for the judge named here."""
+    prompts, lines, first_line = [], [], {}
     for line_no, obj in iter_jsonl(path):
-        prompts.append(prompt_from_row(obj, f"{path}:{line_no}", index=len(prompts)))
+        prompt = prompt_from_row(obj, f"{path}:{line_no}", index=len(prompts))
+        if reference_for and not (prompt.reference and prompt.reference.strip()):
+            raise UserInputError(f"{path}:{line_no}: missing field 'reference' (the answer that {reference_for} "
+                                 "compares with); add it to every prompt or choose another scoring.type")
+        if prompt.id in first_line:
+            raise UserInputError(f"{path}:{line_no}: duplicate prompt ids: '{prompt.id}' is already on line "
+                                 f"{first_line[prompt.id]}; ids must be unique")
+        first_line[prompt.id] = line_no
+        prompts.append(prompt)
+        lines.append(line_no)
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
         raise UserInputError(f"{path}: no prompts")
-    ids = [p.id for p in prompts]
-    if len(set(ids)) != len(ids):
-        raise UserInputError(f"{path}: duplicate prompt ids")
+    if uniform_target:
+        _check_target_mix([(n, p.target_length is not None) for n, p in zip(lines, prompts)], path, "prompts")
     return prompts
 
 
-def read_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
-    pairs = []
+def read_pairs(path: str | Path, limit: int | None = None, *, uniform_target: bool = False) -> list[PreferencePair]:
+    """Pairs of a JSONL file. uniform_target: target_length on all or none (what training needs)."""
+    pairs, lines = [], []
     for line_no, obj in iter_jsonl(path):
         pairs.append(pair_from_row(obj, f"{path}:{line_no}"))
+        lines.append(line_no)
         if limit is not None and len(pairs) >= limit:
             break
     if not pairs:
         raise UserInputError(f"{path}: no preference pairs")
+    if uniform_target:
+        _check_target_mix([(n, p.target_length is not None) for n, p in zip(lines, pairs)], path, "pairs")
     return pairs

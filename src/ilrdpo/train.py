@@ -5,13 +5,28 @@ Order of work:
   2. reference log-probs, once, with the model as it is now (or its adapter disabled), before
      any update: pi_ref is this round's starting point, so no second model is held in memory;
   3. length-grouped micro-batches, chosen and rejected rows in one forward pass;
-  4. AdamW, warmup then decay, gradient accumulation, clipping; one metrics line per step.
+  4. AdamW, warmup then decay, gradient accumulation, clipping; one metrics line per step;
+     a divergence guard after every step; a checkpoint every train.save_steps steps, from which
+     a killed round resumes to the same weights.
+
+Mixed precision: with a bfloat16 or float16 compute dtype, full fine-tuning keeps float32
+master weights and optimizer state (models.load_policy loads them in float32) and runs the
+forward under autocast; float16 also scales the loss (GradScaler). Memory per parameter:
+4 (weights) + 4 (gradient) + 8 (AdamW moments) = 16 bytes, against 8 for pure bfloat16, which
+rounds away updates smaller than half a bfloat16 step (lr 5e-7 on weights near 0.02 moves ~0.5%
+of them). LoRA keeps its frozen base in the compute dtype and its adapter in float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import os
+import pickle
+import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +37,9 @@ from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import TokenizedPair, collate_pairs, length_grouped_batches, tokenize_pairs
 from ilrdpo.errors import TrainingDiverged, UserInputError
 from ilrdpo.logprobs import ld_weights, sequence_logps
-from ilrdpo.loss import REFERENCE_FREE, length_margin_term, preference_loss
+from ilrdpo.loss import REFERENCE_FREE, preference_loss
 from ilrdpo.progress import console, progress_bar
-from ilrdpo.records import PreferencePair, append_jsonl
+from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
 
 
 @dataclass
@@ -35,11 +50,13 @@ class TrainResult:
     tokens_per_s: float
     final: dict[str, float] = field(default_factory=dict)
     ref_logps: list[list[float]] | None = None  # (P, 2) [chosen, rejected], as used
+    resumed_from: int = 0  # step of the checkpoint this round continued from (0: a fresh start)
 
 
-def _autocast(device: torch.device, model_dtype: torch.dtype):
-    if device.type == "cuda" and model_dtype == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, compute_dtype: torch.dtype):
+    """Autocast to the compute dtype when it is a half type, on CPU and CUDA alike."""
+    if compute_dtype in (torch.bfloat16, torch.float16) and device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, dtype=compute_dtype)
     return contextlib.nullcontext()
 
 
@@ -48,17 +65,24 @@ def _batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chun
     if loss.type == "ld_dpo":
         mask = ld_weights(mask, mask.shape[0] // 2, loss.ld_alpha)
     logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], mask, chunk_size=chunk)
-    return logps  # (2B,)
+    return logps.float()  # (2B,)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _device_and_dtype(model, compute_dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    first = next(model.parameters())
+    return first.device, compute_dtype or first.dtype
+
+
 @torch.no_grad()
 def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: LossSettings,
-                    train: TrainSettings, device: torch.device, disable_adapter: bool = False) -> torch.Tensor:
+                    train: TrainSettings, disable_adapter: bool = False,
+                    compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(P, 2) reference log-probs [chosen, rejected] of every pair under the current weights."""
+    device, compute_dtype = _device_and_dtype(model, compute_dtype)
     out = torch.zeros(len(examples), 2)
     batches = length_grouped_batches([e.n_tokens for e in examples], train.batch_size * 2, seed=0)
     was_training = model.training
@@ -67,8 +91,8 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
     with adapter_off, progress_bar("reference log-probs", len(examples)) as bar:
         for indices in batches:
             batch = _to(collate_pairs([examples[i] for i in indices], pad_id), device)
-            with _autocast(device, next(model.parameters()).dtype):
-                logps = _batch_logps(model, batch, loss, train.logits_chunk).float().cpu()
+            with autocast(device, compute_dtype):
+                logps = _batch_logps(model, batch, loss, train.logits_chunk).cpu()
             out[indices, 0], out[indices, 1] = logps[:len(indices)], logps[len(indices):]
             bar.advance(len(indices))
     model.train(was_training)
@@ -81,17 +105,18 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
                for p in params)
 
 
-def _tokenize(tokenizer, pairs: list[PreferencePair], train: TrainSettings, data: DataSettings):
+def _tokenize(tokenizer, pairs: list[PreferencePair], train: TrainSettings, data: DataSettings, length_unit: str):
     return tokenize_pairs(tokenizer, pairs, max_length=train.max_length, max_prompt_length=train.max_prompt_length,
-                          use_chat_template=data.use_chat_template, system_prompt=data.system_prompt)
+                          use_chat_template=data.use_chat_template, system_prompt=data.system_prompt,
+                          length_unit=length_unit)
 
 
 def pair_reference_logps(model, tokenizer, pairs: list[PreferencePair], loss: LossSettings, train: TrainSettings,
-                         data: DataSettings, disable_adapter: bool = False) -> torch.Tensor:
+                         data: DataSettings, disable_adapter: bool = False,
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(P, 2) log-probs of the pairs under `model`, tokenised exactly as train_round does."""
-    examples = _tokenize(tokenizer, pairs, train, data)
-    device = next(model.parameters()).device
-    return reference_logps(model, examples, tokenizer.pad_token_id, loss, train, device, disable_adapter)
+    examples = _tokenize(tokenizer, pairs, train, data, loss.length_unit)
+    return reference_logps(model, examples, tokenizer.pad_token_id, loss, train, disable_adapter, compute_dtype)
 
 
 def _schedule(total_micro: int, batch_size: int, lengths: list[int], seed: int) -> list[list[int]]:
@@ -104,17 +129,18 @@ def _schedule(total_micro: int, batch_size: int, lengths: list[int], seed: int) 
     return order[:total_micro]
 
 
-def _open_trackers(report_to: list[str], output_dir: Path, hparams: dict) -> list:
+def _open_trackers(report_to: list[str], output_dir: Path, hparams: dict, run_name: str | None) -> list:
     """accelerate's trackers, used directly: an Accelerator would own global state per process."""
     if not report_to:
         return []
     from accelerate.tracking import TensorBoardTracker, WandBTracker
 
-    makers = {"tensorboard": lambda: TensorBoardTracker(output_dir.name, output_dir / "logs"),
-              "wandb": lambda: WandBTracker(output_dir.name)}
+    name = run_name or output_dir.name
+    makers = {"tensorboard": lambda: TensorBoardTracker(name, output_dir / "logs"),
+              "wandb": lambda: WandBTracker(name)}
     trackers = []
-    for name in report_to:
-        tracker = makers[name]()
+    for tracker_name in report_to:
+        tracker = makers[tracker_name]()
         tracker.start()
         # hparams must be scalars for TensorBoard
         tracker.store_init_configuration({k: v for k, v in hparams.items()
@@ -123,39 +149,163 @@ def _open_trackers(report_to: list[str], output_dir: Path, hparams: dict) -> lis
     return trackers
 
 
-def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSettings, train: TrainSettings,
-                data: DataSettings, output_dir: str | Path, seed: int = 0,
-                ref_logps: torch.Tensor | None = None, ref_adapter_disabled: bool = False,
-                hparams: dict | None = None) -> TrainResult:
-    """Train `model` in place for train.epochs over `pairs`; metrics to output_dir/metrics.jsonl.
+# --- divergence ----------------------------------------------------------------------------------
 
-    ref_logps: precomputed (P, 2) reference log-probs (e.g. from the initial model); by default
-    they are computed here from the model before its first update.
+
+class DivergenceGuard:
+    """Stops a round before a diverged model can be saved. After optimizer step s:
+
+    - the loss, the gradient norm or any trainable weight is not finite;
+    - the loss exceeds LOSS_FACTOR x max(median of the last WINDOW steps' losses, 1), or the
+      gradient norm (before clipping) exceeds GRAD_FACTOR x their median; both from step
+      MIN_HISTORY + 1 on, so a round's first noisy steps set the history;
+    - the trainable weights' norm moved by more than DRIFT x its starting value: fine-tuning
+      moves weights by a small fraction of their size, a diverged step by orders of magnitude.
+
+    The factors are loose on purpose: a false alarm costs a whole round, a miss costs a model.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    if not pairs:
-        raise UserInputError("no preference pairs to train on")
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
 
-    # 1. tokenise
-    examples = _tokenize(tokenizer, pairs, train, data)
-    n_truncated = sum(e.truncated for e in examples)
-    if n_truncated:
-        console.print(f"[yellow]{n_truncated} of {len(examples)} pairs truncated to "
-                      f"train.max_length={train.max_length}[/yellow]")
-    pad_id = tokenizer.pad_token_id
+    WINDOW, MIN_HISTORY = 20, 5
+    LOSS_FACTOR, GRAD_FACTOR, DRIFT = 20.0, 100.0, 1.0
 
-    # 2. reference log-probs, before any update (the weights must still be pi_ref's)
-    needs_ref = loss.type not in REFERENCE_FREE
-    if needs_ref and ref_logps is None:
-        ref_logps = reference_logps(model, examples, pad_id, loss, train, device, ref_adapter_disabled)
+    def __init__(self, params: list[torch.nn.Parameter], loss_scaling: bool = False) -> None:
+        self.params = params
+        self.loss_scaling = loss_scaling  # float16: an overflowing step is skipped by the scaler
+        self.start_norm = self._norm()
+        self.losses: list[float] = []
+        self.grads: list[float] = []
 
-    # 3. optimizer and schedule (after the reference pass: gradient checkpointing is train-only)
-    if train.gradient_checkpointing:
+    def _norm(self) -> float:
+        with torch.no_grad():
+            return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+                [p.detach().float() for p in self.params]))))
+
+    @staticmethod
+    def stop(step: int, what: str) -> None:
+        raise TrainingDiverged(f"training diverged at step {step}: {what}; stopped before saving, "
+                               "the last good model is kept (lower train.learning_rate)")
+
+    def check_loss(self, step: int, loss: float) -> None:
+        """Before the optimizer step: a non-finite loss never reaches the weights."""
+        if not math.isfinite(loss):
+            self.stop(step, f"non-finite loss ({loss})")
+
+    def check(self, step: int, loss: float, grad_norm: float) -> None:
+        """After the optimizer step."""
+        def stop(what: str) -> None:
+            self.stop(step, what)
+
+        if not math.isfinite(grad_norm):
+            if self.loss_scaling:
+                return  # the scaler skipped this step and lowers its scale
+            stop(f"non-finite gradient norm ({grad_norm})")
+        if len(self.losses) >= self.MIN_HISTORY:
+            loss_ref = max(statistics.median(self.losses[-self.WINDOW:]), 1.0)
+            if loss > self.LOSS_FACTOR * loss_ref:
+                stop(f"loss {loss:.4g} > {self.LOSS_FACTOR:g} x {loss_ref:.4g} (recent median)")
+            grad_ref = statistics.median(self.grads[-self.WINDOW:])
+            if grad_norm > self.GRAD_FACTOR * grad_ref:
+                stop(f"gradient norm {grad_norm:.4g} > {self.GRAD_FACTOR:g} x {grad_ref:.4g} (recent median)")
+        norm = self._norm()
+        if not math.isfinite(norm):
+            stop("non-finite weights")
+        if abs(norm - self.start_norm) > self.DRIFT * self.start_norm:
+            stop(f"weight norm {norm:.4g} moved more than {self.DRIFT:g} x its start {self.start_norm:.4g}")
+        self.losses.append(loss)
+        self.grads.append(grad_norm)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def round_fingerprint(pairs: list[PreferencePair], loss: LossSettings, train: TrainSettings, seed: int) -> str:
+    """What a checkpoint must agree with to be resumed from: the data and every setting that
+    shapes the updates (save_steps and trackers excluded)."""
+    settings = {"loss": loss.model_dump(), "seed": seed,
+                "train": train.model_dump(exclude={"save_steps", "report_to"}),
+                "pairs": [json.dumps(p.__dict__, sort_keys=True, ensure_ascii=False) for p in pairs]}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Checkpointer:
+    """checkpoint/state.pt: trainable weights, optimizer, scheduler, scaler, RNG, reference
+    log-probs and step. Written atomically (temp file + rename); read with weights_only."""
+
+    folder: Path | None
+    fingerprint: str
+    save_steps: int
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else self.folder / "state.pt"
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            # a torn or foreign file: start the round afresh
+            console.print(f"[yellow]{self.path}: unreadable checkpoint ({type(error).__name__}); "
+                          "training starts from step 1[/yellow]")
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            console.print(f"[yellow]{self.path}: checkpoint of other pairs or settings; training starts "
+                          "from step 1[/yellow]")
+            return None
+        return state
+
+    def save(self, step: int, model, optimizer, scheduler, scaler, ref_logps, tokens: int) -> None:
+        if self.folder is None or self.save_steps <= 0 or step % self.save_steps:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"fingerprint": self.fingerprint, "step": step, "tokens": tokens,
+                 "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                 "rng": torch.get_rng_state(), "ref_logps": ref_logps}
+        tmp = self.folder / ".state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        from ilrdpo.rundir import fault_point
+
+        fault_point("checkpoint")
+
+    def restore(self, state: dict, model, optimizer, scheduler, scaler) -> None:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --- the round -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundSetup:
+    examples: list[TokenizedPair]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    schedule: list[list[int]]
+    total_steps: int
+    n_batches: int
+
+
+def _setup(model, examples, train: TrainSettings, seed: int, device, compute_dtype) -> RoundSetup:
+    """Optimizer, learning-rate schedule, loss scaler and the micro-batch order of all epochs."""
+    if train.gradient_checkpointing:  # after the reference pass: checkpointing is train-only
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
@@ -169,76 +319,151 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
         "constant_with_warmup" if train.lr_scheduler == "constant" else train.lr_scheduler,
         optimizer, num_warmup_steps=int(train.warmup_ratio * total_steps), num_training_steps=total_steps,
     )
+    # float16 has too few exponent bits for small gradients: scale the loss (bfloat16 does not need it).
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     schedule = _schedule(total_micro, train.batch_size, [e.n_tokens for e in examples], seed)
-    trackers = _open_trackers(train.report_to, output_dir, hparams or {})
+    return RoundSetup(examples, params, optimizer, scheduler, scaler, schedule, total_steps, n_batches)
+
+
+def _resume_metrics(partial: Path, final: Path, step: int) -> None:
+    """The metrics file of a resumed round: the lines of steps 1..step, from where they are."""
+    source = partial if partial.exists() else final
+    rows = [r for r in read_jsonl_tolerant(source) if r.get("step", 0) <= step]
+    write_jsonl(partial, rows)
+
+
+def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSettings, train: TrainSettings,
+                data: DataSettings, output_dir: str | Path, seed: int = 0,
+                ref_logps: torch.Tensor | None = None, ref_adapter_disabled: bool = False,
+                hparams: dict | None = None, compute_dtype: torch.dtype | None = None,
+                checkpoint_dir: str | Path | None = None, run_name: str | None = None) -> TrainResult:
+    """Train `model` in place for train.epochs over `pairs`; metrics to output_dir/metrics.jsonl
+    (written as metrics.partial.jsonl while the round runs, renamed when it ends well).
+
+    ref_logps: precomputed (P, 2) reference log-probs (e.g. from the initial model); by default
+    they are computed here from the model before its first update. compute_dtype: the autocast
+    dtype (default: the weights' dtype). checkpoint_dir: where a checkpoint is kept every
+    train.save_steps steps; a valid one found there is resumed from.
+    """
+    if not pairs:
+        raise UserInputError("no preference pairs to train on")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device, compute_dtype = _device_and_dtype(model, compute_dtype)
+    metrics_path, partial_path = output_dir / "metrics.jsonl", output_dir / "metrics.partial.jsonl"
+    checkpoints = Checkpointer(None if checkpoint_dir is None else Path(checkpoint_dir),
+                               round_fingerprint(pairs, loss, train, seed), train.save_steps)
+    torch.manual_seed(seed)
+
+    # 1. tokenise
+    examples = _tokenize(tokenizer, pairs, train, data, loss.length_unit)
+    n_truncated = sum(e.truncated for e in examples)
+    if n_truncated:
+        console.print(f"[yellow]{n_truncated} of {len(examples)} pairs truncated to "
+                      f"train.max_length={train.max_length}[/yellow]")
+
+    # 2. reference log-probs, before any update (the weights must still be pi_ref's); a resumed
+    #    round takes them from its checkpoint, since the weights have moved since.
+    resumed = checkpoints.load()
+    if resumed is not None:
+        ref_logps = resumed["ref_logps"]
+    elif loss.type not in REFERENCE_FREE and ref_logps is None:
+        ref_logps = reference_logps(model, examples, tokenizer.pad_token_id, loss, train, ref_adapter_disabled,
+                                    compute_dtype)
+
+    # 3. optimizer and schedule
+    setup = _setup(model, examples, train, seed, device, compute_dtype)
+    start_step, tokens = 0, 0
+    if resumed is not None:
+        checkpoints.restore(resumed, model, setup.optimizer, setup.scheduler, setup.scaler)
+        start_step, tokens = resumed["step"], resumed["tokens"]
+        _resume_metrics(partial_path, metrics_path, start_step)
+        console.print(f"resuming training from the checkpoint at step {start_step}")
+    else:
+        partial_path.unlink(missing_ok=True)
 
     # 4. the loop
+    trackers = _open_trackers(train.report_to, output_dir, hparams or {}, run_name)
+    result = _run_steps(model, setup, tokenizer.pad_token_id, loss, train, ref_logps, compute_dtype, device,
+                        start_step, tokens, partial_path, checkpoints, trackers)
+    os.replace(partial_path, metrics_path)
+    checkpoints.remove()
+    result.n_truncated, result.resumed_from = n_truncated, start_step
+    result.ref_logps = None if ref_logps is None else ref_logps.tolist()
+    return result
+
+
+def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train: TrainSettings, ref_logps,
+               compute_dtype, device, start_step: int, tokens: int, metrics_path: Path,
+               checkpoints: Checkpointer, trackers: list) -> TrainResult:
+    """Optimizer steps start_step+1 .. total_steps; one metrics line each."""
     model.train()
-    model_dtype = next(model.parameters()).dtype
-    tokens, start, step, record = 0, time.perf_counter(), 0, {}
-    with progress_bar("training", total_steps) as bar:
-        for first in range(0, len(schedule), train.grad_accum):
-            group = schedule[first:first + train.grad_accum]
+    guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled())
+    start, record = time.perf_counter(), {}
+    with progress_bar("training", setup.total_steps) as bar:
+        bar.advance(start_step)
+        for step in range(start_step + 1, setup.total_steps + 1):
+            group = setup.schedule[(step - 1) * train.grad_accum:step * train.grad_accum]
             n_in_step = sum(len(ix) for ix in group)
             sums: dict[str, float] = {}
             for indices in group:
-                batch = _to(collate_pairs([examples[i] for i in indices], pad_id, loss.length_unit), device)
-                with _autocast(device, model_dtype):
+                batch = _to(collate_pairs([setup.examples[i] for i in indices], pad_id), device)
+                with autocast(device, compute_dtype):
                     policy = _batch_logps(model, batch, loss, train.logits_chunk)  # (2B,)
-                stats = _micro_step(policy, batch, ref_logps, indices, loss, weight=len(indices) / n_in_step,
-                                    step=step + 1)
+                stats = _micro_step(policy, batch, ref_logps, indices, loss, len(indices) / n_in_step, setup.scaler)
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value * len(indices) / n_in_step
-                tokens += sum(examples[i].n_tokens for i in indices)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-            learning_rate = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"step": step, "epoch": round(first / max(n_batches, 1), 4), **sums,
-                      "grad_norm": float(grad_norm), "learning_rate": learning_rate,
+                tokens += sum(setup.examples[i].n_tokens for i in indices)
+            guard.check_loss(step, sums["loss"])
+            setup.scaler.unscale_(setup.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.params, train.max_grad_norm))
+            learning_rate = setup.scheduler.get_last_lr()[0]  # the rate this step used
+            setup.scaler.step(setup.optimizer)
+            setup.scaler.update()
+            setup.scheduler.step()
+            setup.optimizer.zero_grad(set_to_none=True)
+            guard.check(step, sums["loss"], grad_norm)
+            record = {"step": step, "epoch": round((step - 1) * train.grad_accum / max(setup.n_batches, 1), 4),
+                      **sums, "grad_norm": grad_norm, "learning_rate": learning_rate,
                       "tokens": tokens, "elapsed_s": round(time.perf_counter() - start, 3)}
             append_jsonl(metrics_path, record)
             for tracker in trackers:
                 tracker.log(record, step=step)
+            checkpoints.save(step, model, setup.optimizer, setup.scheduler, setup.scaler, ref_logps, tokens)
             bar.advance(1, loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracies']:.2f}")
     for tracker in trackers:
         tracker.finish()
     if train.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     elapsed = time.perf_counter() - start
-    return TrainResult(steps=step, n_pairs=len(examples), n_truncated=n_truncated,
-                       tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, final=record,
-                       ref_logps=None if ref_logps is None else ref_logps.tolist())
+    return TrainResult(steps=setup.total_steps, n_pairs=len(setup.examples), n_truncated=0,
+                       tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, final=record)
 
 
 def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps: torch.Tensor | None,
-                indices: list[int], loss: LossSettings, weight: float, step: int) -> dict[str, float]:
+                indices: list[int], loss: LossSettings, weight: float, scaler) -> dict[str, float]:
     """Loss and backward of one micro-batch; returns its metrics (means over its pairs)."""
     n = len(indices)
     lengths, n_tokens = batch["lengths"], batch["n_tokens"]
     ref = ref_logps[indices].to(policy.device) if ref_logps is not None else None  # (B, 2)
     target = batch.get("target_length", loss.target_length)
-    losses, chosen_rewards, rejected_rewards = preference_loss(
+    out = preference_loss(
         policy[:n], policy[n:], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
         lengths[:n], lengths[n:], loss_type=loss.type, beta=loss.beta, alpha=loss.alpha,
         target_length=target, label_smoothing=loss.label_smoothing, simpo_gamma=loss.simpo_gamma,
         chosen_n_tokens=n_tokens[:n], rejected_n_tokens=n_tokens[n:],
     )
-    if not torch.isfinite(losses).all():
-        raise TrainingDiverged(f"non-finite loss at step {step}; training stopped, the last saved model is kept")
-    (losses.mean() * weight).backward()
-    margin_term = length_margin_term(lengths[:n], lengths[n:], loss.alpha, target)
+    if torch.isfinite(out.losses).all():  # a non-finite loss stops the round before the step
+        scaler.scale(out.losses.mean() * weight).backward()
     return {
-        "loss": losses.mean().item(),
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "loss": out.losses.mean().item(),
+        "rewards/chosen": out.chosen_rewards.mean().item(),
+        "rewards/rejected": out.rejected_rewards.mean().item(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
         "logps/chosen": policy[:n].mean().item(),
         "logps/rejected": policy[n:].mean().item(),
         "length/chosen": lengths[:n].mean().item(),
         "length/rejected": lengths[n:].mean().item(),
-        "length/margin_term": margin_term.mean().item(),
+        "length/margin_term": out.length_term.mean().item(),
     }

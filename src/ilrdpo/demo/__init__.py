@@ -19,8 +19,9 @@ from importlib import resources
 from pathlib import Path
 
 from ilrdpo.config import Config, build_config
-from ilrdpo.loop import RunState, run_iterations
+from ilrdpo.loop import run_iterations
 from ilrdpo.progress import console, stage
+from ilrdpo.rundir import RunDir
 
 ARMS = {"idpo": 0.0, "ilrdpo": None}  # None: the demo's alpha
 
@@ -89,15 +90,16 @@ def demo_configs(out: Path, *, quick: bool = False, model: str | None = None, se
 def share_first_iteration(source: Path, target: Path) -> None:
     """Give `target` the base model's eval answers and iteration-1 samples, scores and pairs
     of `source`: identical by construction (same model, prompts, seed, scorer, pairing)."""
-    if (target / "state.json").exists():
+    source_dir, target_dir = RunDir(source), RunDir(target)
+    if target_dir.state_path.exists():
         return
-    shutil.copytree(source / "iter_0", target / "iter_0", dirs_exist_ok=True)
-    (target / "iter_1").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source_dir.iteration(0), target_dir.iteration(0), dirs_exist_ok=True)
+    target_dir.iteration(1).mkdir(parents=True, exist_ok=True)
     for name in ("candidates.jsonl", "pairs.jsonl"):
-        shutil.copy2(source / "iter_1" / name, target / "iter_1" / name)
-    state = RunState(target)
-    state.finished = {0: ["eval"], 1: ["generate", "score", "pair"]}
-    state.save()
+        shutil.copy2(source_dir.file(1, name), target_dir.file(1, name))
+    state = target_dir.state()
+    for t, stage_name in ((0, "eval"), (1, "generate"), (1, "score"), (1, "pair")):
+        state.mark(t, stage_name)
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str | None = None, seed: int = 0,
@@ -111,8 +113,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     first, second = list(configs)
     with stage(f"arm {first}", timings):
         run_iterations(configs[first])
-    if not (out / second / "state.json").exists():
-        share_first_iteration(out / first, out / second)
+    share_first_iteration(out / first, out / second)
     with stage(f"arm {second}", timings):
         run_iterations(configs[second])
     with stage("report", timings):

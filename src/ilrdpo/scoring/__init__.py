@@ -9,6 +9,7 @@ Length shaping (a simulated verbosity bias) is applied on top by `shaped_rewards
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -62,6 +63,8 @@ def shaped_rewards(quality: list[float], n_tokens: list[int], settings: ScoringS
 
 
 def score_in_batches(scorer: Scorer, prompts: list[Prompt], responses: list[str], batch_size: int) -> list[float]:
+    """Scores of every (prompt, answer); a NaN or infinite score is an error naming the scorer,
+    the prompt and the answer's index among that prompt's answers (it would poison pairing)."""
     scores: list[float] = []
     for start in range(0, len(responses), batch_size):
         chunk = scorer.score(prompts[start:start + batch_size], responses[start:start + batch_size])
@@ -69,4 +72,11 @@ def score_in_batches(scorer: Scorer, prompts: list[Prompt], responses: list[str]
             raise UserInputError(f"scorer returned {len(chunk)} scores for "
                                  f"{len(responses[start:start + batch_size])} answers")
         scores.extend(float(s) for s in chunk)
+    for position, score in enumerate(scores):
+        if not math.isfinite(score):
+            prompt_id = prompts[position].id
+            answer_index = sum(p.id == prompt_id for p in prompts[:position])
+            name = getattr(scorer, "name", type(scorer).__name__)
+            raise UserInputError(f"{name} gave {score} for prompt '{prompt_id}', answer {answer_index}; "
+                                 "scores must be finite numbers")
     return scores

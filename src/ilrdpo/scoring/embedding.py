@@ -28,6 +28,7 @@ def load_sentence_model(name: str | None, device: torch.device):
 class EmbeddingScorer:
     def __init__(self, settings: ScoringSettings, device: torch.device) -> None:
         self.model = load_sentence_model(settings.model, device)
+        self.name = f"embedding_similarity scorer '{settings.model or DEFAULT_MODEL}'"
         self.batch_size = settings.batch_size
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:

@@ -16,20 +16,55 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.records import Prompt
 
 
-def load_function(spec: str):
+def _split(spec: str, key: str = "scoring.function") -> tuple[str, str]:
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise UserInputError(f"scoring.function '{spec}': expected 'file.py:fn' or 'package.module:fn'")
+        raise UserInputError(f"{key} '{spec}': expected 'file.py:fn' or 'package.module:fn'")
+    return target, name
+
+
+def _syntax_error(error: SyntaxError, fallback: str) -> UserInputError:
+    return UserInputError(f"{error.filename or fallback}:{error.lineno or 1}: syntax error in the scoring "
+                          f"function's file ({error.msg})")
+
+
+def check_function_file(spec: str, key: str = "scoring.function") -> None:
+    """Before anything runs: the spec's form, and for a .py file that it exists and compiles
+    (compiled, not executed: the code runs only when the scorer is built)."""
+    target, _ = _split(spec, key)
+    if not target.endswith(".py"):
+        return
+    path = Path(target)
+    if not path.is_file():
+        raise UserInputError(f"{key}: file '{path}' not found")
+    try:
+        compile(path.read_bytes(), str(path), "exec")
+    except SyntaxError as error:
+        raise _syntax_error(error, str(path)) from None
+    except ValueError as error:  # source with NUL bytes
+        raise UserInputError(f"{path}: cannot compile the scoring function's file ({error})") from None
+
+
+def load_function(spec: str):
+    target, name = _split(spec)
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
             raise UserInputError(f"scoring.function: file '{path}' not found")
         module_spec = importlib.util.spec_from_file_location(f"ilrdpo_user_scorer_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as error:
+            raise _syntax_error(error, str(path)) from None
+        except Exception as error:
+            raise UserInputError(f"scoring.function: importing '{path}' raised {type(error).__name__}: "
+                                 f"{_first_line(error)}") from None
     else:
         try:
             module = importlib.import_module(target)
+        except SyntaxError as error:
+            raise _syntax_error(error, target) from None
         except ImportError as error:
             raise UserInputError(f"scoring.function: cannot import '{target}' ({error})") from None
     fn = getattr(module, name, None)
@@ -44,10 +79,35 @@ class PythonScorer:
             raise UserInputError("scoring.function is required for scoring.type=python")
         self.fn = load_function(settings.function)
         self.spec = settings.function
+        self.name = f"scoring.function '{settings.function}'"
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
-        scores = list(self.fn(prompts, responses))
+        where = f"scoring.function '{self.spec}'"
+        try:
+            returned = self.fn(prompts, responses)
+        except Exception as error:  # the user's code: its failure is theirs to fix, shown as one line
+            first = f", first prompt '{prompts[0].id}'" if prompts else ""
+            raise UserInputError(f"{where} raised {type(error).__name__}: {_first_line(error)} "
+                                 f"(scoring {len(responses)} answers{first})") from None
+        try:
+            scores = list(returned)
+        except TypeError:
+            raise UserInputError(f"{where} returned {type(returned).__name__}, expected a list of numbers") from None
         if len(scores) != len(responses):
-            raise UserInputError(f"scoring.function '{self.spec}' returned {len(scores)} scores "
+            raise UserInputError(f"{where} returned {len(scores)} scores "
                                  f"for {len(responses)} answers")
+        for index, score in enumerate(scores):
+            if isinstance(score, bool) or not isinstance(score, (int, float)) and not _is_numeric(score):
+                raise UserInputError(f"{where} returned {score!r} ({type(score).__name__}) for prompt "
+                                     f"'{prompts[index].id}', expected a number")
         return [float(s) for s in scores]
+
+
+def _is_numeric(value) -> bool:
+    """numpy and torch scalars count as numbers; strings, None and containers do not."""
+    return hasattr(value, "__float__") and not isinstance(value, (str, bytes)) and getattr(value, "ndim", 0) == 0
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else "(no message)"

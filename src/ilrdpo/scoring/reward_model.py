@@ -27,6 +27,7 @@ class RewardModelScorer:
         self.tokenizer.padding_side = "right"
         self.model.to(device).eval()
         self.device = device
+        self.name = f"reward model '{settings.model}'"
         self.max_length = min(getattr(self.tokenizer, "model_max_length", 4096) or 4096, 4096)
 
     def _text(self, prompt: Prompt, response: str) -> str:

@@ -1,0 +1,183 @@
+"""The project's joint LC win rate against alpaca-eval 0.6.6's own GLM, on generated annotation sets.
+
+    .venv/bin/python benchmarks/lc_vs_alpaca_eval.py [--seeds 0 1 2] [--venv /tmp/aevenv]
+
+Creates the reference environment if it is missing (a separate venv with alpaca-eval==0.6.6 and
+the scikit-learn / pandas of its release time, installed from the package index), generates
+AlpacaEval-shaped annotation sets (805 prompts, a shared baseline, the baseline's concise and
+verbose variants as length anchors, soft judge preferences), and prints per model: the raw win
+rate, alpaca-eval's `get_length_controlled_winrate` (glm "length_controlled_v1") and ours.
+
+alpaca-eval downloads df_gamed.csv (the gamed-baseline rows and the instruction difficulty)
+from the Hugging Face hub inside `_get_featurized_data`. The driver below replaces the module's
+`hf_hub_download` with a function returning a CSV written here from the generated anchors and a
+difficulty we supply, so the run is offline and the reference sees exactly our inputs.
+Two references are printed: "AE" uses the generating difficulty (what AlpacaEval's published
+file is: a difficulty estimated once from many models) and "AE|our d" uses the difficulty our
+stage 1 estimated for that model (so the gap to ours isolates the per-model fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from ilrdpo.evaluation.lc import instruction_difficulty, joint_lc, scaled_tanh  # noqa: E402
+
+P = 805  # AlpacaEval's instruction count
+REFERENCE_PACKAGES = ["alpaca-eval==0.6.6", "scikit-learn==1.5.2", "pandas==2.2.3", "numpy<2.1"]
+ANCHORS = {"concise": -0.7, "verbose": 0.45}  # mean log length ratio of the gamed baseline variants
+
+DRIVER = r'''
+import json, sys, tempfile, warnings
+import numpy as np, pandas as pd
+import alpaca_eval.metrics.glm_winrate as glm
+warnings.filterwarnings("ignore")
+job = json.load(open(sys.argv[1]))
+base = np.array(job["base_len"])
+tmp = tempfile.mkdtemp()
+out = {}
+for task in job["tasks"]:
+    rows = []
+    for name, a in job["anchors"].items():  # gamed-baseline rows as alpaca-eval stores them
+        delta = base - np.array(a["len"])
+        rows.append(pd.DataFrame({"model": name, "index": np.arange(len(base)), "preference": a["prefs"],
+                                  "std_delta_len": delta / delta.std(ddof=1),
+                                  "instruction_difficulty": task["difficulty"], "not_gamed_baseline": False}))
+    path = f"{tmp}/df_gamed.csv"
+    pd.concat(rows).to_csv(path, index=False)
+    glm.hf_hub_download = lambda **kwargs: path  # offline: df_gamed.csv is the file we just wrote
+    ann = pd.DataFrame({"preference": 1.0 + np.array(task["prefs"]), "output_1": ["x" * int(n) for n in base],
+                        "output_2": ["y" * int(n) for n in task["len"]], "index": np.arange(len(base)),
+                        "generator_1": "baseline", "generator_2": task["model"], "annotator": "judge"})
+    metrics = glm.get_length_controlled_winrate(ann, save_weights_dir=None, is_warn_extreme_changes=False)
+    out[task["key"]] = float(metrics["length_controlled_winrate"])
+json.dump(out, sys.stdout)
+'''
+
+
+def ensure_reference(venv: Path) -> Path:
+    """Python of a venv with alpaca-eval 0.6.6, created and installed on first use."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import alpaca_eval.metrics.glm_winrate"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"installing alpaca-eval 0.6.6 into {venv} (once)...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *REFERENCE_PACKAGES], check=True)
+    subprocess.run(probe, check=True)
+    return python
+
+
+def _series(rng, base, difficulty, quality, mean_log_ratio, sd_log_ratio, length_bias):
+    """Lengths (chars) and soft preferences of one generator against the baseline.
+
+    logit = quality + difficulty_x + length_bias * tanh(delta / std(delta)) + N(0, 1) judge noise;
+    the judge's probability of preferring the model is the sigmoid of it (a soft label, as the
+    weighted_alpaca_eval_gpt4_turbo annotator gives)."""
+    lengths = np.maximum(1, np.round(base * np.exp(rng.normal(mean_log_ratio, sd_log_ratio, base.size))))
+    delta = lengths - base
+    logit = quality + difficulty + length_bias * np.tanh(delta / delta.std(ddof=1)) + rng.normal(0, 1, base.size)
+    return 1.0 / (1.0 + np.exp(-logit)), lengths
+
+
+def scenarios(seed: int) -> dict[str, dict]:
+    """The five annotation sets of issue 10, each with its own baseline, anchors and models."""
+    rng = np.random.default_rng(seed)
+    specs = {  # name: (length bias of the judge, [(model, quality, mean log ratio, sd log ratio)])
+        "length-biased judge, no quality gap": (1.5, [("short", 0.0, -0.4, 0.5), ("same", 0.0, 0.0, 0.5),
+                                                      ("long", 0.0, 0.4, 0.5)]),
+        "length-blind judge, quality gap": (0.0, [("worse", -1.0, 0.2, 0.5), ("equal", 0.0, -0.2, 0.5),
+                                                  ("better", 1.0, 0.0, 0.5)]),
+        "longer on ~97% of prompts": (1.5, [("longer97", 0.5, 0.75, 0.4)]),
+        "shorter on ~97% of prompts": (1.5, [("shorter97", 0.5, -0.75, 0.4)]),
+        "leaderboard, 50 models jointly": (1.2, [(f"m{i:02d}", rng.normal(-0.7, 1.0), rng.normal(0.0, 0.45),
+                                                  rng.uniform(0.3, 0.6)) for i in range(50)]),
+    }
+    sets = {}
+    for name, (bias, models) in specs.items():
+        base = np.round(np.exp(rng.normal(7.3, 0.6, P)))  # ~1500 characters
+        difficulty = rng.normal(0.0, 1.0, P)
+        anchors = {a: _series(rng, base, difficulty, 0.0, ratio, 0.3, bias) for a, ratio in ANCHORS.items()}
+        sets[name] = {"base": base, "difficulty": difficulty, "anchors": anchors,
+                      "models": {m: _series(rng, base, difficulty, q, mu, sd, bias) for m, q, mu, sd in models}}
+    return sets
+
+
+def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
+    """One row per (scenario, model): raw, alpaca-eval LC with the true and with our difficulty, ours."""
+    rows, jobs = [], []
+    for name, s in scenarios(seed).items():
+        models, anchors = s["models"], s["anchors"]
+        ours = joint_lc({m: p for m, (p, _) in models.items()}, {m: n for m, (_, n) in models.items()},
+                        s["base"], anchors=anchors, n_boot=n_boot, seed=seed)
+        prefs = np.array([p for p, _ in models.values()] + [p for p, _ in anchors.values()])
+        lengths = np.array([n for _, n in models.values()] + [n for _, n in anchors.values()])
+        our_d, _ = instruction_difficulty(prefs, scaled_tanh(lengths - s["base"])[0][0], list(range(len(models))), seed)
+        tasks = []
+        for i, (m, (p, n)) in enumerate(models.items()):
+            for label, d in (("true", s["difficulty"]), ("ours", our_d[i])):
+                tasks.append({"key": f"{m}|{label}", "model": m, "prefs": p.tolist(), "len": n.tolist(),
+                              "difficulty": d.tolist()})
+            rows.append({"seed": seed, "scenario": name, "model": m, "raw": 100 * p.mean(),
+                         "longer": float(np.mean(n > s["base"])), "ours": ours[m].lc_win_rate, "ci": ours[m].lc_ci})
+        jobs.append({"base_len": s["base"].tolist(),
+                     "anchors": {a: {"prefs": p.tolist(), "len": n.tolist()} for a, (p, n) in anchors.items()},
+                     "tasks": tasks})
+    reference = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, job in enumerate(jobs):
+            path = Path(tmp) / f"job{i}.json"
+            path.write_text(json.dumps(job))
+            done = subprocess.run([str(python), "-c", DRIVER, str(path)], capture_output=True, text=True, check=True)
+            reference[i] = json.loads(done.stdout)
+    names = list(dict.fromkeys(r["scenario"] for r in rows))
+    for row in rows:
+        ref = reference[names.index(row["scenario"])]
+        row["ae"], row["ae_our_d"] = ref[f"{row['model']}|true"], ref[f"{row['model']}|ours"]
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and max |ours - AE| and |ours - AE|our d| per scenario and overall."""
+    out = {}
+    for name in [*dict.fromkeys(r["scenario"] for r in rows), "all"]:
+        sel = [r for r in rows if name in ("all", r["scenario"])]
+        gap = np.array([abs(r["ours"] - r["ae"]) for r in sel])
+        gap_d = np.array([abs(r["ours"] - r["ae_our_d"]) for r in sel])
+        out[name] = {"n": len(sel), "mean": float(gap.mean()), "max": float(gap.max()),
+                     "mean_same_d": float(gap_d.mean()), "max_same_d": float(gap_d.max())}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--venv", type=Path, default=Path("/tmp/aevenv"))
+    parser.add_argument("--all-rows", action="store_true", help="print every leaderboard model, not 8")
+    args = parser.parse_args()
+    python = ensure_reference(args.venv)
+    rows = [row for seed in args.seeds for row in compare(seed, python)]
+    print(f"{'seed':>4} {'scenario':<36} {'model':<10} {'longer':>6} {'raw':>6} {'AE':>6} {'AE|our d':>8} "
+          f"{'ours [95% CI]':>22} {'ours-AE':>7}")
+    for r in rows:
+        if r["scenario"].startswith("leaderboard") and not args.all_rows and int(r["model"][1:]) >= 8:
+            continue
+        ci = f"[{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]"
+        print(f"{r['seed']:>4} {r['scenario']:<36} {r['model']:<10} {r['longer']:>6.0%} {r['raw']:>6.1f} "
+              f"{r['ae']:>6.1f} {r['ae_our_d']:>8.1f} {r['ours']:>7.1f} {ci:>14} {r['ours'] - r['ae']:>+7.2f}")
+    print(f"\n{'|ours - AE| (points)':<36} {'n':>4} {'mean':>6} {'max':>6} {'mean|same d':>12} {'max|same d':>11}")
+    for name, s in summarise(rows).items():
+        print(f"{name:<36} {s['n']:>4} {s['mean']:>6.2f} {s['max']:>6.2f} {s['mean_same_d']:>12.2f} "
+              f"{s['max_same_d']:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The run directory: the one owner of its layout, its state, its config history and its lock.
+
+    OUT/
+      config.yaml          the config in force (earlier ones in config_history/, never overwritten)
+      config_history/      001.yaml, 002.yaml, ...: every config this directory ran with before
+      state.json           started and finished stages per iteration, the alpha each train stage
+                           used, and the content hash of every input file
+      lock                 held (flock) by the one process working here; released by the kernel
+                           when that process dies, so a killed run never leaves it stuck
+      iter_T/              the files of iteration T (STAGE_FILES)
+
+No other module builds a path inside a run directory: they ask a RunDir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ilrdpo.config import Config, config_to_yaml, load_config
+from ilrdpo.errors import UserInputError
+from ilrdpo.records import atomic_write_text
+
+# The stages of an iteration in order, and the files each one writes in iter_T/.
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    "generate": ("candidates.jsonl",),
+    "score": ("candidates.jsonl",),
+    "pair": ("pairs.jsonl",),
+    "train": ("metrics.jsonl", "ref_logps.json", "model"),
+    "eval": ("eval_answers.jsonl", "eval.json"),
+}
+STAGES = tuple(STAGE_FILES)
+
+# Progress files of stages in progress: finished batches, picked up by a resumed run.
+PARTIAL_FILES = {"generate": "generation.partial.jsonl", "score": "scores.partial.jsonl",
+                 "train": "metrics.partial.jsonl"}
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the resume tests: ILRDPO_FAULT=NAME:K makes the K-th call with this
+    name (a file just written) raise SimulatedCrash, as if the process died right there."""
+    spec = os.environ.get("ILRDPO_FAULT")
+    if not spec:
+        return
+    target, _, count = spec.rpartition(":")
+    if target != name:
+        return
+    hits = _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if hits == int(count):
+        raise SimulatedCrash(f"fault injected after write {hits} of {name}")
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+class SimulatedCrash(BaseException):
+    """Raised by fault_point; a BaseException so that no `except Exception` swallows it."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunState:
+    """state.json: what is done, with what alpha, from which inputs. Written atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        raw = _read_state(path)
+        self.finished: dict[int, list[str]] = {int(k): v for k, v in raw.get("finished", {}).items()}
+        self.started: dict[int, list[str]] = {int(k): v for k, v in raw.get("started", {}).items()}
+        # alpha[T]: the alpha iteration T's train stage decided on when it started (its one home).
+        self.alpha: dict[int, float] = {int(k): v for k, v in raw.get("alpha", {}).items()}
+        # inputs: sha256 of every input file, keyed by the config key that names it.
+        self.inputs: dict[str, str] = dict(raw.get("inputs", {}))
+
+    def done(self, iteration: int, stage_name: str) -> bool:
+        return stage_name in self.finished.get(iteration, [])
+
+    def start(self, iteration: int, stage_name: str) -> None:
+        if stage_name not in self.started.get(iteration, []):
+            self.started.setdefault(iteration, []).append(stage_name)
+            self.save()
+
+    def mark(self, iteration: int, stage_name: str) -> None:
+        if stage_name not in self.finished.get(iteration, []):
+            self.finished.setdefault(iteration, []).append(stage_name)
+        self.save()
+
+    def touched(self) -> dict[int, list[str]]:
+        """Stages finished or with partial output on disk: both were made with the old config."""
+        return {t: sorted(set(self.finished.get(t, [])) | set(self.started.get(t, [])))
+                for t in set(self.finished) | set(self.started)}
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(
+            {"finished": self.finished, "started": self.started, "alpha": self.alpha, "inputs": self.inputs},
+            indent=1))
+        fault_point("state.json")
+
+
+def _read_state(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserInputError(f"{path}: corrupt state file (not JSON); restore it or start a new "
+                             "output_dir") from None
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{path}: corrupt state file (not a JSON object)")
+    return raw
+
+
+class RunDir:
+    """Paths and bookkeeping of one run directory (`ilrdpo run`, or one `ilrdpo train` folder)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise UserInputError(f"output_dir '{self.root}' is a file, not a folder")
+        self._lock_handle = None
+
+    # --- paths ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def history_dir(self) -> Path:
+        return self.root / "config_history"
+
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter_{t}"
+
+    def file(self, t: int, name: str) -> Path:
+        return self.iteration(t) / name
+
+    def partial(self, t: int, stage_name: str) -> Path:
+        return self.file(t, PARTIAL_FILES[stage_name])
+
+    def checkpoint(self, t: int | None = None) -> Path:
+        """Mid-training checkpoint of iteration t's train stage (or of `ilrdpo train`)."""
+        return (self.root if t is None else self.iteration(t)) / "checkpoint"
+
+    def iterations(self) -> dict[int, Path]:
+        found = {}
+        for d in self.root.glob("iter_*"):
+            suffix = d.name.removeprefix("iter_")
+            if d.is_dir() and suffix.isdigit():
+                found[int(suffix)] = d
+        return dict(sorted(found.items()))
+
+    def state(self) -> RunState:
+        return RunState(self.state_path)
+
+    # --- lock ----------------------------------------------------------------------------------
+    def lock(self, command: str) -> None:
+        """Take the directory for this process, or refuse naming the holder. Released on exit."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = (self.root / "lock").open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserInputError(f"{self.root}: in use by {holder}; wait for it to finish or use another "
+                                 "output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({command}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    @contextlib.contextmanager
+    def locked(self, command: str) -> Iterator[RunDir]:
+        self.lock(command)
+        try:
+            yield self
+        finally:
+            self.unlock()
+
+    def unlock(self) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # --- config --------------------------------------------------------------------------------
+    def recorded_config(self) -> Config | None:
+        return load_config(self.config_path) if self.config_path.exists() else None
+
+    def record_config(self, config: Config) -> None:
+        """config.yaml := config; a different earlier config moves to config_history/NNN.yaml."""
+        text = config_to_yaml(config)
+        if self.config_path.exists():
+            old = self.config_path.read_text(encoding="utf-8")
+            if old == text:
+                return
+            n = len(list(self.history_dir.glob("*.yaml"))) + 1
+            atomic_write_text(self.history_dir / f"{n:03d}.yaml", old)
+        atomic_write_text(self.config_path, text)
+        fault_point("config.yaml")
+
+    # --- debris of killed writers --------------------------------------------------------------
+    def remove_debris(self) -> list[Path]:
+        """Temp files of interrupted atomic writes and staging folders of interrupted saves."""
+        if not self.root.is_dir():
+            return []
+        debris = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        debris += [p for p in self.root.rglob("*") if p.is_dir() and p.name.endswith((".staging", ".old"))]
+        for path in debris:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return debris
+
+
+def input_hashes(config: Config) -> dict[str, str]:
+    """{config key + '.sha256': content hash} of every input file the config names."""
+    files = {"data.prompts": config.data.prompts, "data.eval_prompts": config.data.eval_prompts,
+             "scoring.function": _function_file(config.scoring.function),
+             "eval.judge.function": _function_file(config.eval.judge.function if config.eval.judge else None)}
+    return {f"{key}.sha256": file_sha256(path) for key, path in files.items()
+            if path and Path(path).is_file()}
+
+
+def _function_file(spec: str | None) -> str | None:
+    """The .py file of a 'file.py:fn' scorer (a module scorer has no single file to hash)."""
+    if not spec:
+        return None
+    target = spec.rpartition(":")[0]
+    return target if target.endswith(".py") else None
