@@ -118,6 +118,8 @@ def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
         models, anchors = s["models"], s["anchors"]
         ours = joint_lc({m: p for m, (p, _) in models.items()}, {m: n for m, (_, n) in models.items()},
                         s["base"], anchors=anchors, n_boot=n_boot, seed=seed)
+        bare = joint_lc({m: p for m, (p, _) in models.items()}, {m: n for m, (_, n) in models.items()},
+                        s["base"], n_boot=0, seed=seed)  # the same fit without length anchors
         prefs = np.array([p for p, _ in models.values()] + [p for p, _ in anchors.values()])
         lengths = np.array([n for _, n in models.values()] + [n for _, n in anchors.values()])
         our_d, _ = instruction_difficulty(prefs, scaled_tanh(lengths - s["base"])[0][0], list(range(len(models))), seed)
@@ -127,7 +129,8 @@ def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
                 tasks.append({"key": f"{m}|{label}", "model": m, "prefs": p.tolist(), "len": n.tolist(),
                               "difficulty": d.tolist()})
             rows.append({"seed": seed, "scenario": name, "model": m, "raw": 100 * p.mean(),
-                         "longer": float(np.mean(n > s["base"])), "ours": ours[m].lc_win_rate, "ci": ours[m].lc_ci})
+                         "longer": float(np.mean(n > s["base"])), "ours": ours[m].lc_win_rate, "ci": ours[m].lc_ci,
+                         "no_anchors": bare[m].lc_win_rate})
         jobs.append({"base_len": s["base"].tolist(),
                      "anchors": {a: {"prefs": p.tolist(), "len": n.tolist()} for a, (p, n) in anchors.items()},
                      "tasks": tasks})
@@ -166,13 +169,13 @@ def main() -> None:
     python = ensure_reference(args.venv)
     rows = [row for seed in args.seeds for row in compare(seed, python)]
     print(f"{'seed':>4} {'scenario':<36} {'model':<10} {'longer':>6} {'raw':>6} {'AE':>6} {'AE|our d':>8} "
-          f"{'ours [95% CI]':>22} {'ours-AE':>7}")
+          f"{'ours [95% CI]':>22} {'ours-AE':>7} {'no anchors':>10}")
     for r in rows:
         if r["scenario"].startswith("leaderboard") and not args.all_rows and int(r["model"][1:]) >= 8:
             continue
         ci = f"[{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]"
         print(f"{r['seed']:>4} {r['scenario']:<36} {r['model']:<10} {r['longer']:>6.0%} {r['raw']:>6.1f} "
-              f"{r['ae']:>6.1f} {r['ae_our_d']:>8.1f} {r['ours']:>7.1f} {ci:>14} {r['ours'] - r['ae']:>+7.2f}")
+              f"{r['ae']:>6.1f} {r['ae_our_d']:>8.1f} {r['ours']:>7.1f} {ci:>14} {r['ours'] - r['ae']:>+7.2f} {r['no_anchors']:>10.1f}")
     print(f"\n{'|ours - AE| (points)':<36} {'n':>4} {'mean':>6} {'max':>6} {'mean|same d':>12} {'max|same d':>11}")
     for name, s in summarise(rows).items():
         print(f"{name:<36} {s['n']:>4} {s['mean']:>6.2f} {s['max']:>6.2f} {s['mean_same_d']:>12.2f} "

@@ -72,9 +72,8 @@ def evaluate(
 
     from ilrdpo.config import GenerationSettings
     from ilrdpo.evaluation.pairwise import evaluate_models, load_judge_settings, print_evaluation
-    from ilrdpo.records import atomic_write_text
-
     from ilrdpo.preflight import check_evaluate
+    from ilrdpo.records import atomic_write_text
 
     judge_settings = load_judge_settings(judge)
     check_evaluate(model, prompts, judge_settings, baseline, out)
@@ -163,7 +162,7 @@ def _usage_line(error: typer.TyperException) -> str:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="ilrdpo")
     except IlrdpoError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ilrdpo.errors import UserInputError
 from ilrdpo.loss import LOSS_TYPES
 
-
 # Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
 MAX_LEARNING_RATE = 0.1
 

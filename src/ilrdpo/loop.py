@@ -11,6 +11,7 @@ import json
 from ilrdpo.config import AlphaControlSettings, Config
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluation.pairwise import answer_prompts, cached_answers, evaluate_answers, judge_answers
+from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.loss import method_name
 from ilrdpo.models import hyperparameters, load_policy, load_saved_policy, resolve_dtype, save_model
@@ -28,7 +29,7 @@ from ilrdpo.records import (
     recover_jsonl,
     write_jsonl,
 )
-from ilrdpo.rundir import STAGES, RunDir, fault_point, input_hashes
+from ilrdpo.rundir import STAGES, RunDir, input_hashes
 from ilrdpo.scoring import build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.train import autocast, pair_reference_logps, train_round
 
@@ -45,7 +46,7 @@ STAGE_SECTIONS = {
     "train": ("loss", "train", "iterations.reference", "iterations.alpha_control"),
     "eval": ("eval", "data.eval_prompts"),
 }
-assert tuple(STAGE_SECTIONS) == STAGES
+assert list(STAGE_SECTIONS) == STAGES
 # Keys that change how a stage runs, never what it computes.
 NEUTRAL_KEYS = {"train.save_steps", "train.report_to"}
 
@@ -155,8 +156,9 @@ class IterativeRun:
             check_resume(old, self.config, self.state.touched(), self.force,
                          old_inputs=self.state.inputs, new_inputs=inputs)
         self.dir.record_config(self.config)
-        self.state.inputs = inputs
-        self.state.save()
+        if self.state.inputs != inputs:
+            self.state.inputs = inputs
+            self.state.save()
         overlap = {str(p.prompt) for p in self.prompts} & {str(p.prompt) for p in self.eval_prompts}
         if overlap:
             console.print(f"[yellow]{len(overlap)} of {len(self.eval_prompts)} eval prompts are also training "
@@ -221,7 +223,6 @@ class IterativeRun:
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,
                              target_length=p.target_length) for p in self.prompts]
         write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
-        fault_point("candidates.jsonl")
         partial.unlink(missing_ok=True)
 
     # --- 2. score --------------------------------------------------------------------------------
@@ -249,12 +250,10 @@ class IterativeRun:
                     offset += len(c.responses)
                     scored[c.id] = {"id": c.id, "quality": q, "rewards": shaped_rewards(q, c.n_tokens, settings)}
                     append_jsonl(progress_file, scored[c.id])
-                    fault_point(progress_file.name)
                 bar.advance(len(chunk))
         for c in sets:
             c.quality, c.rewards = scored[c.id]["quality"], scored[c.id]["rewards"]
         write_jsonl(path, sets)
-        fault_point("candidates.jsonl")
         progress_file.unlink(missing_ok=True)
 
     # --- 3. pair ---------------------------------------------------------------------------------
@@ -267,7 +266,6 @@ class IterativeRun:
         if not pairs:
             raise UserInputError(f"{path}: no preference pairs: {no_pairs_reason(read_candidates(path))}")
         write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
-        fault_point("pairs.jsonl")
 
     # --- 4. train --------------------------------------------------------------------------------
     def decide_alpha(self, t: int) -> float:
@@ -310,7 +308,6 @@ class IterativeRun:
                              compute_dtype=self.compute_dtype, checkpoint_dir=self.dir.checkpoint(t),
                              run_name=f"{self.dir.root.name}/iter_{t}")
         atomic_write_text(self.dir.file(t, "ref_logps.json"), json.dumps(result.ref_logps))
-        fault_point("ref_logps.json")
         card = {"title": f"iLR-DPO iteration {t}", "base_model": config.model.name_or_path,
                 "method": f"iterative {method_name(loss.type, alpha)}",
                 "data": f"{len(pairs)} self-generated pairs",
@@ -328,7 +325,6 @@ class IterativeRun:
         if self.eval_prompts:
             result.update(self._judged_eval(t))
         atomic_write_text(self.dir.file(t, "eval.json"), json.dumps(result, indent=1))
-        fault_point("eval.json")
         return result
 
     def _judged_eval(self, t: int) -> dict:
@@ -344,7 +340,6 @@ class IterativeRun:
             return judge_answers(self.judge, self.eval_prompts, rows, self.judge_settings)
 
         rows = cached_answers(self.dir.file(t, "eval_answers.jsonl"), make)
-        fault_point("eval_answers.jsonl")
         baselines = {}
         if t > 0:
             baselines["initial"] = read_jsonl_tolerant(self.dir.file(0, "eval_answers.jsonl"))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ilrdpo.errors import UserInputError
+from ilrdpo.faults import fault_point
 
 Messages = list[dict[str, str]]
 PromptText = str | Messages
@@ -133,6 +134,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fault_point(path.name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -152,6 +154,7 @@ def append_jsonl(path: str | Path, row: Any) -> None:
         handle.write(json.dumps(_as_dict(row), ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+    fault_point(path.name)
 
 
 def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:

@@ -37,32 +37,11 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "train": ("metrics.jsonl", "ref_logps.json", "model"),
     "eval": ("eval_answers.jsonl", "eval.json"),
 }
-STAGES = tuple(STAGE_FILES)
+STAGES = list(STAGE_FILES)
 
 # Progress files of stages in progress: finished batches, picked up by a resumed run.
 PARTIAL_FILES = {"generate": "generation.partial.jsonl", "score": "scores.partial.jsonl",
                  "train": "metrics.partial.jsonl"}
-
-
-def fault_point(name: str) -> None:
-    """Fault injection for the resume tests: ILRDPO_FAULT=NAME:K makes the K-th call with this
-    name (a file just written) raise SimulatedCrash, as if the process died right there."""
-    spec = os.environ.get("ILRDPO_FAULT")
-    if not spec:
-        return
-    target, _, count = spec.rpartition(":")
-    if target != name:
-        return
-    hits = _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
-    if hits == int(count):
-        raise SimulatedCrash(f"fault injected after write {hits} of {name}")
-
-
-_FAULT_HITS: dict[str, int] = {}
-
-
-class SimulatedCrash(BaseException):
-    """Raised by fault_point; a BaseException so that no `except Exception` swallows it."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -108,7 +87,6 @@ class RunState:
         atomic_write_text(self.path, json.dumps(
             {"finished": self.finished, "started": self.started, "alpha": self.alpha, "inputs": self.inputs},
             indent=1))
-        fault_point("state.json")
 
 
 def _read_state(path: Path) -> dict:
@@ -218,7 +196,6 @@ class RunDir:
             n = len(list(self.history_dir.glob("*.yaml"))) + 1
             atomic_write_text(self.history_dir / f"{n:03d}.yaml", old)
         atomic_write_text(self.config_path, text)
-        fault_point("config.yaml")
 
     # --- debris of killed writers --------------------------------------------------------------
     def remove_debris(self) -> list[Path]:

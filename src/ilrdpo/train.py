@@ -36,6 +36,7 @@ import torch
 from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import TokenizedPair, collate_pairs, length_grouped_batches, tokenize_pairs
 from ilrdpo.errors import TrainingDiverged, UserInputError
+from ilrdpo.faults import fault_point
 from ilrdpo.logprobs import ld_weights, sequence_logps
 from ilrdpo.loss import REFERENCE_FREE, preference_loss
 from ilrdpo.progress import console, progress_bar
@@ -268,8 +269,6 @@ class Checkpointer:
         tmp = self.folder / ".state.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.path)
-        from ilrdpo.rundir import fault_point
-
         fault_point("checkpoint")
 
     def restore(self, state: dict, model, optimizer, scheduler, scaler) -> None:
@@ -387,6 +386,7 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
     result = _run_steps(model, setup, tokenizer.pad_token_id, loss, train, ref_logps, compute_dtype, device,
                         start_step, tokens, partial_path, checkpoints, trackers)
     os.replace(partial_path, metrics_path)
+    fault_point(metrics_path.name)
     checkpoints.remove()
     result.n_truncated, result.resumed_from = n_truncated, start_step
     result.ref_logps = None if ref_logps is None else ref_logps.tolist()

@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.unit
+
 from ilrdpo.evaluation import lc_win_rate_multi, pairwise_preferences, win_rates
 from ilrdpo.evaluation.winrate import bootstrap_ci
 
@@ -25,10 +27,14 @@ def _lengths(seed: int, n: int = 400, shift: float = 60.0):
     return model, baseline, rng
 
 
-def _length_judge(model, baseline):
-    """A judge that only looks at length: 1 if the model's answer is longer, 0 if shorter."""
+def _length_judge(model, baseline, rng=None):
+    """A judge that only looks at length. Without rng: 1 if the model's answer is longer, 0 if
+    shorter (a step, perfectly separable). With rng: Bernoulli(sigmoid(3 tanh(delta / 100))), a
+    noisy length-only judge, for which equal lengths mean a coin flip, so LC = 50."""
     delta = model - baseline
-    return np.where(delta > 0, 1.0, np.where(delta < 0, 0.0, 0.5))
+    if rng is None:
+        return np.where(delta > 0, 1.0, np.where(delta < 0, 0.0, 0.5))
+    return (rng.random(delta.size) < 1.0 / (1.0 + np.exp(-3.0 * np.tanh(delta / 100.0)))).astype(float)
 
 
 def test_pairwise_preferences_with_tolerance():
@@ -47,11 +53,14 @@ def test_bootstrap_ci_brackets_mean_and_is_seeded():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_length_only_judge_is_cancelled(seed):
-    """Property (a): raw ~ 75 (the model is longer on ~3/4 prompts), LC ~ 50."""
-    model, baseline, _ = _lengths(seed)
-    out = win_rates(_length_judge(model, baseline), model, baseline, n_boot=200)
+    """Property (a): raw ~ 70 (the model is longer on ~3/4 prompts), LC ~ 50.
+
+    The judge is the noisy length-only one: for the step judge every theta inside the margin
+    fits equally well, so LC is not defined by the data (the CV-chosen penalty is then weak)."""
+    model, baseline, rng = _lengths(seed)
+    out = win_rates(_length_judge(model, baseline, rng), model, baseline, n_boot=200)
     assert 0.68 < out["model_longer_share"] < 0.82
-    assert out["win_rate"] > 68.0
+    assert out["win_rate"] > 62.0
     assert abs(out["lc_win_rate"] - 50.0) < 10.0
     assert out["lc_identifiable"] and out["lc_note"] is None
 
@@ -102,6 +111,7 @@ def test_one_sided_lengths_are_flagged_but_fitted(shift):
     """Property (e), one-sided: longer (or shorter) on >= 95% of prompts -> flagged, finite."""
     model, baseline, _ = _lengths(5, n=200, shift=shift)
     out = win_rates(_length_judge(model, baseline), model, baseline, n_boot=100)
+    assert out["lc_ci"][0] <= out["lc_win_rate"] <= out["lc_ci"][1]
     assert max(out["model_longer_share"], out["model_shorter_share"]) >= 0.95
     assert out["lc_identifiable"] is False
     assert "prompts" in out["lc_note"]

@@ -184,7 +184,7 @@ def instruction_difficulty(prefs: np.ndarray, features: np.ndarray, leave_out: l
         for g, l2_d in enumerate(DIFFICULTY_GRID):  # warm start along the grid
             fit = fit_difficulty(prefs, features, (fold != k).astype(float), l2_d, fit)
             z = fit[0][:, None] + fit[1][:, None] * features + fit[2][None]
-            cv_loss[g] += np.sum(((fold == k) * (np.logaddexp(0.0, z) - prefs * z)))
+            cv_loss[g] += np.sum((fold == k) * (np.logaddexp(0.0, z) - prefs * z))
     l2_d = float(DIFFICULTY_GRID[np.argmin(cv_loss)])
     full = fit_difficulty(prefs, features, np.ones_like(prefs), l2_d)
     out = np.empty((len(leave_out), P))

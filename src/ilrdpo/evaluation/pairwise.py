@@ -1,18 +1,22 @@
 """Answer a prompt set with a model, judge the answers, compare against a baseline's answers.
 
-Used by `ilrdpo evaluate` and by the loop's per-iteration evaluation, so both report the same
-numbers. An answer record: id, response, n_tokens, n_chars, truncated, quality (the judge's
-own score) and reward (quality plus the configured length bias, what training optimises).
+Used by `ilrdpo evaluate`, the loop's per-iteration evaluation and the report, so all three
+report the same numbers. An answer record: id, response, n_tokens, n_chars, truncated, quality
+(the judge's own score) and reward (quality plus the configured length bias, what training
+optimises). The LC win rate is one joint fit over every model compared with the same baseline
+(`compare_all`), on answer lengths in characters as in AlpacaEval (docs/lc.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ilrdpo.config import DataSettings, GenerationSettings, ScoringSettings
 from ilrdpo.evaluation.lengths import length_stats
 from ilrdpo.evaluation.text_metrics import text_metrics
+from ilrdpo.evaluation.lc import joint_lc
 from ilrdpo.evaluation.winrate import pairwise_preferences, win_rates
 from ilrdpo.generation import generate_answers
 from ilrdpo.records import Prompt, read_jsonl_tolerant, write_jsonl
@@ -37,13 +41,85 @@ def judge_answers(judge: Scorer, prompts: list[Prompt], rows: list[dict[str, Any
     return rows
 
 
+LC_LENGTH = "n_chars"  # the length the LC GLM controls for: characters, as AlpacaEval
+# Length anchors (issue 10): the base model answers the eval prompts under these system prompts
+# at iteration 0; judged against its plain answers, they pin the LC length slope.
+ANCHOR_INSTRUCTIONS = {
+    "concise": "Answer as briefly as possible: give only what the question asks for, in as few words "
+               "as a complete answer allows, with no preamble, examples or summary.",
+    "verbose": "Answer in as much detail as possible: explain your reasoning step by step, add examples, "
+               "background and caveats, and finish with a summary.",
+}
+ANCHOR_FILES = {style: f"eval_answers_{style}.jsonl" for style in ANCHOR_INSTRUCTIONS}  # in iter_0/
+
+
+def anchor_inputs(prompts: list[Prompt], data: DataSettings, style: str) -> tuple[list[Prompt], DataSettings]:
+    """Prompts and data settings that make the model answer in `style` ("concise" or "verbose").
+
+    String prompts get the instruction as the system prompt (after the configured one, if any);
+    chat-message prompts get it prepended as a system message. Pass both to answer_prompts.
+    """
+    instruction = ANCHOR_INSTRUCTIONS[style]
+    system = f"{data.system_prompt}\n\n{instruction}" if data.system_prompt else instruction
+    styled = [p if isinstance(p.prompt, str) else replace(p, prompt=[{"role": "system", "content": instruction},
+                                                                      *p.prompt]) for p in prompts]
+    return styled, data.model_copy(update={"system_prompt": system})
+
+
+def answer_anchors(model, tokenizer, prompts: list[Prompt], generation: GenerationSettings, data: DataSettings,
+                   *, greedy: bool, seed: int, styles: tuple[str, ...] = tuple(ANCHOR_INSTRUCTIONS)
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """{style: answer records} of the (base) model under each anchor instruction; ids as `prompts`."""
+    out = {}
+    for style in styles:
+        styled, styled_data = anchor_inputs(prompts, data, style)
+        out[style] = answer_prompts(model, tokenizer, styled, generation, styled_data, greedy=greedy, seed=seed,
+                                    description=f"{style} anchor answers")
+    return out
+
+
+def compare_all(rows_by_model: dict[str, list[dict[str, Any]]], baseline: list[dict[str, Any]], *,
+                anchors: dict[str, list[dict[str, Any]]] | None = None, keys: tuple[str, ...] = ("reward", "quality"),
+                tie_tolerance: float = 0.0, n_boot: int = 200, seed: int = 0) -> dict[str, dict[str, dict]]:
+    """Raw and LC win rates of every model against `baseline`, the LC fitted jointly per key.
+
+    rows_by_model: {name: answer records}; anchors: {name: answer records of a baseline variant}
+    (the same baseline told to be concise / verbose). Only prompts answered by the baseline and
+    by every model and anchor are used. Returns {name: {key: win_rates(...) dict}}, each with
+    win_rate, win_rate_ci, lc_win_rate, lc_ci, the identifiability fields and lc_models /
+    lc_anchors (what the joint fit included).
+    """
+    anchors = anchors or {}
+    by_id = [{r["id"]: r for r in rows} for rows in (*rows_by_model.values(), *anchors.values())]
+    ids = [r["id"] for r in baseline if all(r["id"] in table for table in by_id)]
+    if not ids:
+        raise ValueError("no prompt is answered by the baseline and every model")
+    base = {r["id"]: r for r in baseline}
+    base_len = [base[i][LC_LENGTH] for i in ids]
+    series = dict(zip([*rows_by_model, *(("anchor", a) for a in anchors)], by_id))
+    out: dict[str, dict[str, dict]] = {name: {} for name in rows_by_model}
+    for key in keys:
+        prefs = {name: pairwise_preferences([table[i][key] for i in ids], [base[i][key] for i in ids], tie_tolerance)
+                 for name, table in series.items()}
+        lengths = {name: [table[i][LC_LENGTH] for i in ids] for name, table in series.items()}
+        fits = joint_lc({m: prefs[m] for m in rows_by_model}, {m: lengths[m] for m in rows_by_model}, base_len,
+                        anchors={a: (prefs[("anchor", a)], lengths[("anchor", a)]) for a in anchors},
+                        n_boot=n_boot, seed=seed)
+        for name, fit in fits.items():
+            out[name][key] = {**win_rates(prefs[name], lengths[name], base_len, n_boot=max(n_boot, 1000), seed=seed,
+                                          lc=asdict(fit)),
+                              "lc_length": LC_LENGTH, "lc_models": len(rows_by_model), "lc_anchors": sorted(anchors)}
+    return out
+
+
 def compare(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str = "reward",
-            tie_tolerance: float = 0.0) -> dict[str, Any]:
-    """Win rate and LC win rate of `rows` against `baseline` (same prompts, same order) on `key`."""
-    by_id = {r["id"]: r for r in baseline}
-    paired = [(r, by_id[r["id"]]) for r in rows if r["id"] in by_id]
-    prefs = pairwise_preferences([a[key] for a, _ in paired], [b[key] for _, b in paired], tie_tolerance)
-    return win_rates(prefs, [a["n_tokens"] for a, _ in paired], [b["n_tokens"] for _, b in paired])
+            tie_tolerance: float = 0.0, *, other_models: dict[str, list[dict[str, Any]]] | None = None,
+            anchors: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Win rate and LC win rate of `rows` against `baseline` on `key`; with other_models and
+    anchors, the LC comes from their joint fit (compare_all)."""
+    this = "\0this"  # a name no caller's model can have
+    return compare_all({this: rows, **(other_models or {})}, baseline, anchors=anchors, keys=(key,),
+                       tie_tolerance=tie_tolerance)[this][key]
 
 
 def summarize(rows: list[dict[str, Any]], prompts: list[Prompt]) -> dict[str, Any]:
@@ -64,13 +140,29 @@ def summarize(rows: list[dict[str, Any]], prompts: list[Prompt]) -> dict[str, An
 
 
 def evaluate_answers(rows: list[dict[str, Any]], prompts: list[Prompt],
-                     baselines: dict[str, list[dict[str, Any]]], tie_tolerance: float = 0.0) -> dict[str, Any]:
-    """summarize() plus, per named baseline, win rates on the biased reward and on quality."""
+                     baselines: dict[str, list[dict[str, Any]]], tie_tolerance: float = 0.0, *,
+                     other_models: dict[str, list[dict[str, Any]]] | None = None,
+                     anchors: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
+                     n_boot: int = 200) -> dict[str, Any]:
+    """summarize() plus, per named baseline, win rates on the biased reward and on quality.
+
+    other_models: answer records of other models judged on the same prompts (e.g. earlier
+    iterations), fitted jointly with `rows` for the LC; one identical to a baseline is skipped
+    for that baseline. anchors: {baseline name: {anchor name: records}}, the baseline's length
+    anchors (anchor_inputs); a baseline without an entry is fitted without anchors.
+    """
     result = summarize(rows, prompts)
+    this = "\0this"
     for name, baseline in baselines.items():
-        result[f"vs_{name}"] = compare(rows, baseline, "reward", tie_tolerance)
-        result[f"vs_{name}_quality"] = compare(rows, baseline, "quality", tie_tolerance)
+        others = {m: r for m, r in (other_models or {}).items() if not _same_answers(r, baseline)}
+        fits = compare_all({this: rows, **others}, baseline, anchors=(anchors or {}).get(name),
+                           tie_tolerance=tie_tolerance, n_boot=n_boot)[this]
+        result[f"vs_{name}"], result[f"vs_{name}_quality"] = fits["reward"], fits["quality"]
     return result
+
+
+def _same_answers(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    return [(r["id"], r.get("response")) for r in a] == [(r["id"], r.get("response")) for r in b]
 
 
 def cached_answers(path: Path, make) -> list[dict[str, Any]]:
@@ -106,11 +198,14 @@ def load_judge_settings(path: str | None) -> ScoringSettings:
 
 def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, baseline: str | None = None,
                     generation: GenerationSettings | None = None, data: DataSettings | None = None,
-                    greedy: bool = True, seed: int = 0, out_dir: Path | None = None) -> dict[str, Any]:
+                    greedy: bool = True, seed: int = 0, out_dir: Path | None = None,
+                    anchors: bool = False) -> dict[str, Any]:
     """`ilrdpo evaluate`: answer the prompts with `model` (and `baseline`), judge both, compare.
 
     Models are hub ids, folders (full weights or LoRA adapters) or bundled names. Models are
-    loaded one at a time. With out_dir, the answers are written there as JSONL.
+    loaded one at a time. With out_dir, the answers are written there as JSONL. With anchors
+    (and a baseline), the baseline also answers concisely and verbosely (two more passes) and
+    those answers pin the LC length slope.
     """
     from ilrdpo.config import ModelSettings
     from ilrdpo.models import load_saved_policy
@@ -129,6 +224,12 @@ def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, ba
         rows = answer_prompts(policy, tokenizer, prompts, generation, data, greedy=greedy, seed=seed,
                               description=f"{name} answers")
         answers[name] = judge_answers(scorer, prompts, rows, judge)
+        if name == "baseline" and anchors:
+            styled = answer_anchors(policy, tokenizer, prompts, generation, data, greedy=greedy, seed=seed)
+            for style, styled_rows in styled.items():
+                answers[f"anchor_{style}"] = judge_answers(scorer, prompts, styled_rows, judge)
+                if out_dir is not None:
+                    write_jsonl(Path(out_dir) / f"baseline_{style}_answers.jsonl", styled_rows)
         del policy
         if out_dir is not None:
             write_jsonl(Path(out_dir) / f"{name}_answers.jsonl", rows)
@@ -137,9 +238,11 @@ def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, ba
               "model_summary": summarize(answers["model"], prompts)}
     if baseline is not None:
         result["baseline_summary"] = summarize(answers["baseline"], prompts)
-        result["vs_baseline"] = compare(answers["model"], answers["baseline"], "reward", judge.tie_tolerance)
-        result["vs_baseline_quality"] = compare(answers["model"], answers["baseline"], "quality",
-                                                judge.tie_tolerance)
+        anchor_rows = {name.removeprefix("anchor_"): rows for name, rows in answers.items()
+                       if name.startswith("anchor_")}
+        fits = compare_all({"model": answers["model"]}, answers["baseline"], anchors=anchor_rows,
+                           tie_tolerance=judge.tie_tolerance)["model"]
+        result["vs_baseline"], result["vs_baseline_quality"] = fits["reward"], fits["quality"]
     return result
 
 
@@ -160,5 +263,7 @@ def print_evaluation(result: dict[str, Any]) -> None:
         w = result.get(key)
         if w:
             lo, hi = w["win_rate_ci"]
+            lc_ci = f" [{w['lc_ci'][0]:.1f}, {w['lc_ci'][1]:.1f}]" if w.get("lc_ci") else ""
             console.print(f"win rate ({label}): {w['win_rate']:.1f}% [{lo:.1f}, {hi:.1f}]  "
-                          f"LC win rate: {w['lc_win_rate']:.1f}%" + (f"  ({w['lc_note']})" if w["lc_note"] else ""))
+                          f"LC win rate: {w['lc_win_rate']:.1f}%{lc_ci}"
+                          + (f"  ({w['lc_note']})" if w["lc_note"] else ""))

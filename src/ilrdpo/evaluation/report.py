@@ -9,7 +9,10 @@ answers live in iter_k/, but its *training samples* live in iter_{k+1}/candidate
 because round k+1 samples from model k. Runs without eval prompts fall back to those samples.
 
 summary_rows() is the single source of every number in the results table: the markdown table
-and the rich table both format its rows through TABLE_COLUMNS.
+and the rich table both format its rows through TABLE_COLUMNS. Win rates vs the initial model
+are recomputed from the eval answers on disk by one joint fit per baseline (joint_win_rates):
+every iteration of every run whose initial model gave the same eval answers is fitted together,
+with the initial model's length anchors when iter_0 has them; eval.json is the fallback.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from rich.table import Table
 
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluation import plots
+from ilrdpo.evaluation.pairwise import ANCHOR_FILES, compare_all
 from ilrdpo.progress import console
 from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
 
@@ -47,6 +51,7 @@ class RunData:
     dirs: dict[int, Path] = field(default_factory=dict)
     evals: dict[int, dict[str, Any]] = field(default_factory=dict)
     answers: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    anchors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # iter_0 length anchors
     candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     metrics: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     pairs_count: dict[int, int] = field(default_factory=dict)
@@ -121,6 +126,9 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
                 store[k] = rows
         if (d / "pairs.jsonl").exists():
             run.pairs_count[k] = len(read_jsonl_tolerant(d / "pairs.jsonl"))
+    if 0 in dirs:
+        run.anchors = {style: rows for style, file_name in ANCHOR_FILES.items()
+                       if (rows := read_jsonl_tolerant(dirs[0] / file_name))}
     # state.json also holds the alpha planned for the next, not yet run, iteration: keep only
     # iterations on disk, and let eval.json (what the iteration really used) have the last word.
     run.alpha = {int(k): float(v) for k, v in state.get("alpha", {}).items()
@@ -175,15 +183,56 @@ def _mean(values: list) -> float | None:
     return None if not values or None in values else sum(values) / len(values)
 
 
-def summary_rows(run: RunData) -> list[dict[str, Any]]:
+Joint = dict[tuple[str, int], dict[str, dict[str, Any]]]
+
+
+def joint_win_rates(runs: list[RunData]) -> Joint:
+    """{(run name, k): {"reward": ..., "quality": ...}} win rates of model k vs its run's model 0.
+
+    Runs whose model 0 gave the same eval answers share a baseline; all their iterations k >= 1
+    are fitted in one joint LC fit (compare_all), with that baseline's length anchors if any run
+    of the group has them. A group whose answers cannot be compared (no common prompt, missing
+    fields) is left out, and summary_rows falls back to eval.json."""
+    groups: list[tuple[list[dict], list[RunData]]] = []
+    for run in runs:
+        if run.source != "eval" or 0 not in run.answers:
+            continue
+        key = [(r["id"], r.get("response")) for r in run.answers[0]]
+        for baseline, members in groups:
+            if [(r["id"], r.get("response")) for r in baseline] == key:
+                members.append(run)
+                break
+        else:
+            groups.append((run.answers[0], [run]))
+    out: Joint = {}
+    for baseline, members in groups:
+        models = {(run.name, k): rows for run in members for k, rows in run.answers.items() if k > 0}
+        if not models:
+            continue
+        anchors = next((run.anchors for run in members if run.anchors), {})
+        tie = next(((run.config.get("scoring") or {}).get("tie_tolerance") for run in members
+                    if (run.config.get("scoring") or {}).get("tie_tolerance") is not None), 0.0)
+        try:
+            fits = compare_all({f"{i}": rows for i, rows in enumerate(models.values())}, baseline,
+                               anchors=anchors, tie_tolerance=tie)
+        except (KeyError, TypeError, ValueError):
+            continue
+        out.update({name: fits[f"{i}"] for i, name in enumerate(models)})
+    return out
+
+
+def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any]]:
     """One row per model: the numbers of the results table, None where not available.
 
-    eval.json is the source; where it is absent (eval cut short, or no eval prompts) the same
-    means are taken over the answers on disk, and `source` says which answers those are."""
+    Win rates come from `joint` (joint_win_rates) where it has the model, else eval.json;
+    eval.json is the source of the other means, and where it is absent (eval cut short, or no
+    eval prompts) they are taken over the answers on disk, `source` saying which answers."""
     rows = []
     for k in run.iterations:
         ev = run.evals.get(k, {})
-        vs, vs_quality = ev.get("vs_initial") or {}, ev.get("vs_initial_quality") or {}
+        fitted = (joint or {}).get((run.name, k))
+        vs = fitted["reward"] if fitted else ev.get("vs_initial") or {}
+        vs_quality = fitted["quality"] if fitted else ev.get("vs_initial_quality") or {}
         on_disk = {key: _mean(values) for key, values in model_answers(run, k).items()}
         rows.append({
             "run": run.name, "iteration": k, "alpha": run.alpha.get(k), "source": run.source,
@@ -192,7 +241,8 @@ def summary_rows(run: RunData) -> list[dict[str, Any]]:
             "quality": ev.get("quality_mean", on_disk["quality"]),
             "reward": ev.get("reward_mean", on_disk["reward"]),
             "win_rate": vs.get("win_rate"), "win_rate_ci": vs.get("win_rate_ci"),
-            "lc_win_rate": vs.get("lc_win_rate"), "lc_identifiable": vs.get("lc_identifiable"),
+            "lc_win_rate": vs.get("lc_win_rate"), "lc_ci": vs.get("lc_ci"),
+            "lc_identifiable": vs.get("lc_identifiable"), "lc_note": vs.get("lc_note"),
             "quality_win_rate": vs_quality.get("win_rate"),
             "pairs": ev.get("pairs/count", run.pairs_count.get(k)),
         })
@@ -216,7 +266,11 @@ def _sampled(key: str, spec: str) -> Callable[[dict], str]:
 
 
 def _lc_cell(row: dict) -> str:
-    return _fmt(row["lc_win_rate"], ".1f") + ("‡" if row["lc_identifiable"] is False else "")
+    if row["lc_win_rate"] is None:
+        return "–"
+    ci = row.get("lc_ci")
+    return (f"{row['lc_win_rate']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+            + ("‡" if row["lc_identifiable"] is False else ""))
 
 
 # (header in report.md, short header for the terminal, cell of a summary row)
@@ -227,7 +281,7 @@ TABLE_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("quality", "quality", _sampled("quality", ".4g")),
     ("reward", "reward", _sampled("reward", ".4g")),
     ("win rate vs initial [95% CI]", "win % [95% CI]", _win_cell),
-    ("LC win rate vs initial", "LC win %", _lc_cell),
+    ("LC win rate vs initial [95% CI]", "LC win % [95% CI]", _lc_cell),
     ("quality win rate vs initial", "q. win %", lambda r: _fmt(r["quality_win_rate"], ".1f")),
     ("pairs", "pairs", lambda r: _fmt(r["pairs"], "d")),
 ]
@@ -240,11 +294,13 @@ FOOTNOTES = {
 }
 
 
-def table_cells(runs: list[RunData], short: bool = False) -> tuple[list[str], list[list[str]], list[str]]:
+def table_cells(runs: list[RunData], short: bool = False,
+                joint: Joint | None = None) -> tuple[list[str], list[list[str]], list[str]]:
     """Headers, formatted cells and footnotes of the results table; a run column when there are
-    several runs."""
+    several runs. `joint` (joint_win_rates(runs)) is computed here when not given."""
     with_run = len(runs) > 1
-    rows = [row for run in runs for row in summary_rows(run)]
+    joint = joint_win_rates(runs) if joint is None else joint
+    rows = [row for run in runs for row in summary_rows(run, joint)]
     headers = (["run"] if with_run else []) + [c[1] if short else c[0] for c in TABLE_COLUMNS]
     cells = [([row["run"]] if with_run else []) + [cell(row) for _, _, cell in TABLE_COLUMNS] for row in rows]
     used = {"‡": any(r["lc_identifiable"] is False for r in rows),
@@ -280,13 +336,18 @@ def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
     return ["## Runs", "", *_markdown_table(headers, cells), ""]
 
 
-def _lc_notes(runs: list[RunData]) -> list[str]:
-    """Each distinct lc_note once, followed by the runs, iterations and comparisons it applies to."""
+def _lc_notes(runs: list[RunData], joint: Joint) -> list[str]:
+    """Each distinct lc_note once, followed by the runs, iterations and comparisons it applies to
+    (vs_initial from the joint fit where there is one, the rest from eval.json)."""
     where: dict[str, dict[str, dict[int, list[str]]]] = {}
     for run in runs:
         for k, ev in sorted(run.evals.items()):
+            fitted = joint.get((run.name, k))
             for key in ("vs_initial", "vs_initial_quality", "vs_previous", "vs_previous_quality"):
-                if note := (ev.get(key) or {}).get("lc_note"):
+                source = ev.get(key) or {}
+                if fitted and key.startswith("vs_initial"):
+                    source = fitted["quality" if key.endswith("quality") else "reward"]
+                if note := source.get("lc_note"):
                     where.setdefault(note, {}).setdefault(run.name, {}).setdefault(k, []).append(key)
     if not where:
         return []
@@ -332,8 +393,9 @@ def _relative(path: Path, start: Path) -> str:
 
 # --- plots ---------------------------------------------------------------------------------------
 
-def draw_plots(runs: list[RunData], plots_dir: Path) -> tuple[dict[str, Path], list[str]]:
+def draw_plots(runs: list[RunData], plots_dir: Path, joint: Joint | None = None) -> tuple[dict[str, Path], list[str]]:
     """Gather each figure's data from the runs and draw them all (see plots.draw_all)."""
+    joint = joint_win_rates(runs) if joint is None else joint
     answers = {run.name: {k: model_answers(run, k) for k in run.iterations} for run in runs}
     # samples not yet scored have lengths but no rewards to plot
     points = {name: {k: (a["n_tokens"], a["reward"]) for k, a in by_k.items() if a["n_tokens"]
@@ -343,7 +405,7 @@ def draw_plots(runs: list[RunData], plots_dir: Path) -> tuple[dict[str, Path], l
         with_lengths = [k for k, a in by_k.items() if a["n_tokens"]]
         ends = sorted({with_lengths[0], with_lengths[-1]}) if with_lengths else []
         hists[name] = {f"iter {k}": by_k[k]["n_tokens"] for k in ends}
-    return plots.draw_all(plots_dir, {run.name: summary_rows(run) for run in runs}, points,
+    return plots.draw_all(plots_dir, {run.name: summary_rows(run, joint) for run in runs}, points,
                           {run.name: run.source for run in runs}, hists)
 
 
@@ -362,16 +424,20 @@ def load_runs(run_dirs: list[Path], names: list[str] | None = None) -> list[RunD
     return runs
 
 
-def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[str], out_dir: Path) -> str:
-    headers, cells, footnotes = table_cells(runs)
+def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[str], out_dir: Path,
+                    joint: Joint | None = None) -> str:
+    joint = joint_win_rates(runs) if joint is None else joint
+    headers, cells, footnotes = table_cells(runs, joint=joint)
     lines = [f"# iLR-DPO report: {' vs '.join(run.name for run in runs)}", "", *_runs_section(runs, out_dir),
              "## Results per iteration", "",
              ("Iteration k is the model after k rounds (0 = initial). Win rates are percentages of eval "
               "prompts on which the judge's reward prefers model k over the initial model (ties count "
-              "half); the quality win rate uses the judge's score without the length bias."), "",
+              "half); the quality win rate uses the judge's score without the length bias. The LC win rate "
+              "(docs/lc.md) is one joint fit over every model shown that shares an initial model, with a "
+              "95% bootstrap interval over prompts."), "",
              *_markdown_table(headers, cells), ""]
     lines += [line for note in footnotes for line in (note, "")]
-    lines += _lc_notes(runs) + _text_section(runs) + _training_section(runs)
+    lines += _lc_notes(runs, joint) + _text_section(runs) + _training_section(runs)
     if drawn:
         lines += ["## Plots", ""]
         for file_name, path in drawn.items():
@@ -387,9 +453,10 @@ def write_report(run_dirs: list[Path], out_dir: Path, names: list[str] | None = 
     runs = load_runs([Path(p) for p in run_dirs], names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    drawn, skipped = draw_plots(runs, out_dir / "plots")
+    joint = joint_win_rates(runs)  # one joint LC fit per baseline, shared by table, notes and plots
+    drawn, skipped = draw_plots(runs, out_dir / "plots", joint)
     report = out_dir / "report.md"
-    atomic_write_text(report, render_markdown(runs, drawn, skipped, out_dir))
+    atomic_write_text(report, render_markdown(runs, drawn, skipped, out_dir, joint))
     return report
 
 
