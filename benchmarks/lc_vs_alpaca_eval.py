@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ilrdpo.evaluation.lc import instruction_difficulty, joint_lc, scaled_tanh  # noqa: E402
+from ilrdpo.evaluation.lc import instruction_difficulty, joint_lc, scaled_tanh
 
 P = 805  # AlpacaEval's instruction count
 REFERENCE_PACKAGES = ["alpaca-eval==0.6.6", "scikit-learn==1.5.2", "pandas==2.2.3", "numpy<2.1"]
@@ -67,7 +67,7 @@ def ensure_reference(venv: Path) -> Path:
     """Python of a venv with alpaca-eval 0.6.6, created and installed on first use."""
     python = venv / "bin" / "python"
     probe = [str(python), "-c", "import alpaca_eval.metrics.glm_winrate"]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+    if python.exists() and subprocess.run(probe, check=False, capture_output=True).returncode == 0:
         return python
     print(f"installing alpaca-eval 0.6.6 into {venv} (once)...", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

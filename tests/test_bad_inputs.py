@@ -83,10 +83,9 @@ MODEL_VARIANTS = {"random_bytes": _random_bytes, "truncated": _truncated, "bad_h
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file below folder (the byte-for-byte check). `lock` holds
-    the pid of the last process that opened the directory; it is rewritten by any resume attempt
-    (rundir.RunDir.lock), so only its presence is compared."""
-    return {str(p.relative_to(folder)): "present" if p.name == "lock" else hashlib.sha256(p.read_bytes()).hexdigest()
+    """Relative path -> sha256 of every file below folder (the byte-for-byte check, lock included:
+    a refused start never rewrites it)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 

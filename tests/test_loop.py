@@ -509,3 +509,43 @@ def test_sigkill_during_training_resumes_to_the_uninterrupted_result(base_run, r
     assert finished_stages(out).get("1") == ["generate", "score", "pair"], "killed outside training"
     assert not (out / "iter_1" / "model").exists()
     resume_and_compare(config_path, out, base_run[0])
+
+
+# --- fault injection at every write point ---------------------------------------------------------
+# ILRDPO_FAULT=FILE:K "kills" the run right after the K-th write of FILE (ilrdpo.faults); the
+# same config then runs again to completion and must reproduce the uninterrupted run's files.
+# save_steps=2 adds mid-round checkpoints, so a round killed in training resumes from one.
+
+FAULTS = [
+    "config.yaml:1", "state.json:1", "eval_answers.jsonl:1", "generation.partial.jsonl:3",
+    "candidates.jsonl:1", "scores.partial.jsonl:2", "candidates.jsonl:2", "pairs.jsonl:1",
+    "metrics.partial.jsonl:3", "checkpoint:1", "metrics.jsonl:1", "ref_logps.json:1", "model:1",
+    "eval.json:2", "candidates.jsonl:4", "checkpoint:3", "state.json:12",
+]
+COMPARED = ["candidates.jsonl", "pairs.jsonl", "ref_logps.json", "eval_answers.jsonl", "model/model.safetensors"]
+
+
+@pytest.mark.slow  # ~6 s each: a killed and a resumed two-iteration run
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_at_every_write_point_resumes_to_the_same_files(base_run, raw_config, tmp_path, monkeypatch, fault):
+    from ilrdpo import faults
+
+    out = tmp_path / "run"
+    raw = raw_config(out)
+    raw["train"]["save_steps"] = 2
+    config = build_config(raw)
+    faults.reset()
+    monkeypatch.setenv("ILRDPO_FAULT", fault)
+    with pytest.raises(faults.SimulatedCrash):
+        run_iterations(config)
+    monkeypatch.delenv("ILRDPO_FAULT")
+    run_iterations(config)
+
+    base = base_run[0]
+    for k in (1, 2):
+        for name in COMPARED:
+            assert (out / f"iter_{k}" / name).read_bytes() == (base / f"iter_{k}" / name).read_bytes(), (k, name)
+        assert step_metrics(out / f"iter_{k}") == step_metrics(base / f"iter_{k}")
+        assert not (out / f"iter_{k}" / "checkpoint").exists()
+    assert (out / "iter_0" / "eval_answers.jsonl").read_bytes() == (base / "iter_0" / "eval_answers.jsonl").read_bytes()
+    assert not list(out.rglob("*.partial.jsonl")) and not list(out.rglob(".*.tmp"))

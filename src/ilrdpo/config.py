@@ -183,6 +183,10 @@ class EvalSettings(Section):
     baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
     greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
     max_new_tokens: int | None = Field(None, ge=1, description="Default generation.max_new_tokens.")
+    length_anchors: bool = Field(
+        True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "
+        "and told to be verbose; judged against the base answers, they pin down the LC fit's length "
+        "coefficient (AlpacaEval's gamed baselines). Costs two extra eval passes.")
 
 
 class Config(Section):

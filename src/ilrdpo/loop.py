@@ -10,7 +10,14 @@ import json
 
 from ilrdpo.config import AlphaControlSettings, Config
 from ilrdpo.errors import UserInputError
-from ilrdpo.evaluation.pairwise import answer_prompts, cached_answers, evaluate_answers, judge_answers
+from ilrdpo.evaluation.pairwise import (
+    ANCHOR_FILES,
+    answer_anchors,
+    answer_prompts,
+    cached_answers,
+    evaluate_answers,
+    judge_answers,
+)
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.loss import method_name
@@ -340,11 +347,31 @@ class IterativeRun:
             return judge_answers(self.judge, self.eval_prompts, rows, self.judge_settings)
 
         rows = cached_answers(self.dir.file(t, "eval_answers.jsonl"), make)
-        baselines = {}
-        if t > 0:
-            baselines["initial"] = read_jsonl_tolerant(self.dir.file(0, "eval_answers.jsonl"))
-            baselines["previous"] = read_jsonl_tolerant(self.dir.file(t - 1, "eval_answers.jsonl"))
-        return evaluate_answers(rows, self.eval_prompts, baselines, self.judge_settings.tie_tolerance)
+        if t == 0 and config.eval.length_anchors:
+            self._anchor_answers(gen)
+        if t == 0:
+            return evaluate_answers(rows, self.eval_prompts, {}, self.judge_settings.tie_tolerance)
+        # One joint LC fit per baseline: every iterate so far, plus the initial model's anchors.
+        answers = {k: read_jsonl_tolerant(self.dir.file(k, "eval_answers.jsonl")) for k in range(t)}
+        anchors = {style: read_jsonl_tolerant(self.dir.file(0, name)) for style, name in ANCHOR_FILES.items()
+                   if self.dir.file(0, name).exists()}
+        return evaluate_answers(rows, self.eval_prompts, {"initial": answers[0], "previous": answers[t - 1]},
+                                self.judge_settings.tie_tolerance,
+                                other_models={f"iter_{k}": answers[k] for k in range(1, t)},
+                                anchors={"initial": anchors} if anchors else None)
+
+    def _anchor_answers(self, gen) -> None:
+        """The initial model's concise and verbose answers (iter_0/eval_answers_{style}.jsonl)."""
+        config = self.config
+        for style, name in ANCHOR_FILES.items():
+            def make(style=style):
+                model, tokenizer = self.policy(0)
+                with autocast(next(model.parameters()).device, self.compute_dtype):
+                    rows = answer_anchors(model, tokenizer, self.eval_prompts, gen, config.data,
+                                          greedy=config.eval.greedy, seed=config.seed, styles=(style,))[style]
+                return judge_answers(self.judge, self.eval_prompts, rows, self.judge_settings)
+
+            cached_answers(self.dir.file(0, name), make)
 
 
 def no_pairs_reason(sets: list[CandidateSet]) -> str:
@@ -392,4 +419,5 @@ def run_iterations(config: Config, force: bool = False) -> list[dict]:
     run = IterativeRun(config, force)
     with run.dir.locked("ilrdpo run"):
         run.open()
+        run.dir.announce()
         return run.run()

@@ -30,6 +30,7 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
         if model_dir.exists() and not overwrite:
             raise UserInputError(f"{model_dir}: a trained model is already there; pass --overwrite to replace "
                                  "it, or choose another output_dir")
+        rundir.announce()
         rundir.remove_debris()
         rundir.record_config(config)
         with stage("load model"):

@@ -139,7 +139,7 @@ def _in_hub_cache(repo_id: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # a name the hub library rejects is not in its cache
+    except ValueError:  # HFValidationError: a name the hub library rejects is not in its cache
         return False
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ilrdpo.config import Config, config_to_yaml, load_config
 from ilrdpo.errors import UserInputError
-from ilrdpo.records import atomic_write_text
+from ilrdpo.records import atomic_write_text, read_json_file
 
 # The stages of an iteration in order, and the files each one writes in iter_T/.
 STAGE_FILES: dict[str, tuple[str, ...]] = {
@@ -57,7 +57,10 @@ class RunState:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        raw = _read_state(path)
+        raw = read_json_file(path) if path.exists() else {}
+        if not isinstance(raw, dict):
+            raise UserInputError(f"{path}: corrupt state file (not a JSON object); restore it or start a new "
+                                 "output_dir")
         self.finished: dict[int, list[str]] = {int(k): v for k, v in raw.get("finished", {}).items()}
         self.started: dict[int, list[str]] = {int(k): v for k, v in raw.get("started", {}).items()}
         # alpha[T]: the alpha iteration T's train stage decided on when it started (its one home).
@@ -87,19 +90,6 @@ class RunState:
         atomic_write_text(self.path, json.dumps(
             {"finished": self.finished, "started": self.started, "alpha": self.alpha, "inputs": self.inputs},
             indent=1))
-
-
-def _read_state(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise UserInputError(f"{path}: corrupt state file (not JSON); restore it or start a new "
-                             "output_dir") from None
-    if not isinstance(raw, dict):
-        raise UserInputError(f"{path}: corrupt state file (not a JSON object)")
-    return raw
 
 
 class RunDir:
@@ -150,7 +140,8 @@ class RunDir:
 
     # --- lock ----------------------------------------------------------------------------------
     def lock(self, command: str) -> None:
-        """Take the directory for this process, or refuse naming the holder. Released on exit."""
+        """Take the directory for this process, or refuse naming the holder. The kernel releases
+        the lock when the process ends, however it ends."""
         self.root.mkdir(parents=True, exist_ok=True)
         handle = (self.root / "lock").open("a+")
         try:
@@ -161,12 +152,18 @@ class RunDir:
             handle.close()
             raise UserInputError(f"{self.root}: in use by {holder}; wait for it to finish or use another "
                                  "output_dir") from None
+        self._lock_handle = handle
+        self._command = command
+
+    def announce(self) -> None:
+        """Write who holds the lock into it: called once the resume checks have passed, so that a
+        refused start changes no byte of the directory."""
+        handle = self._lock_handle
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({command}, since "
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({self._command}, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         handle.flush()
-        self._lock_handle = handle
 
     @contextlib.contextmanager
     def locked(self, command: str) -> Iterator[RunDir]:

@@ -1,5 +1,6 @@
 """Evaluation of an iterate: win rate, length-controlled win rate, lengths, text quality."""
 
+from ilrdpo.evaluation.lc import JointLC, joint_lc
 from ilrdpo.evaluation.lengths import length_stats
 from ilrdpo.evaluation.text_metrics import embedding_similarity, text_metrics
 from ilrdpo.evaluation.winrate import (
@@ -11,8 +12,10 @@ from ilrdpo.evaluation.winrate import (
 )
 
 __all__ = [
+    "JointLC",
     "bootstrap_ci",
     "embedding_similarity",
+    "joint_lc",
     "lc_win_rate",
     "lc_win_rate_multi",
     "length_stats",

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ilrdpo.config import DataSettings, GenerationSettings, ScoringSettings
+from ilrdpo.evaluation.lc import joint_lc
 from ilrdpo.evaluation.lengths import length_stats
 from ilrdpo.evaluation.text_metrics import text_metrics
-from ilrdpo.evaluation.lc import joint_lc
 from ilrdpo.evaluation.winrate import pairwise_preferences, win_rates
 from ilrdpo.generation import generate_answers
 from ilrdpo.records import Prompt, read_jsonl_tolerant, write_jsonl

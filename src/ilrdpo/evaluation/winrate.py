@@ -148,8 +148,8 @@ def lc_win_rate_multi(
     """
     if set(preferences_by_model) != set(lengths_by_model):
         raise ValueError("preferences_by_model and lengths_by_model must name the same models")
-    for name in preferences_by_model:
-        _check_inputs(preferences_by_model[name], lengths_by_model[name], baseline_lengths)
+    for name, prefs in preferences_by_model.items():
+        _check_inputs(prefs, lengths_by_model[name], baseline_lengths)
     for name, (prefs, lengths) in (anchors or {}).items():
         _check_inputs(prefs, lengths, baseline_lengths)
     fits = joint_lc(preferences_by_model, lengths_by_model, baseline_lengths, anchors=anchors,

@@ -57,7 +57,7 @@ def load_function(spec: str):
             module_spec.loader.exec_module(module)
         except SyntaxError as error:
             raise _syntax_error(error, str(path)) from None
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - the user's module may raise anything at import
             raise UserInputError(f"scoring.function: importing '{path}' raised {type(error).__name__}: "
                                  f"{_first_line(error)}") from None
     else:
@@ -85,7 +85,7 @@ class PythonScorer:
         where = f"scoring.function '{self.spec}'"
         try:
             returned = self.fn(prompts, responses)
-        except Exception as error:  # the user's code: its failure is theirs to fix, shown as one line
+        except Exception as error:  # noqa: BLE001 - the user's code: its failure is theirs to fix, as one line
             first = f", first prompt '{prompts[0].id}'" if prompts else ""
             raise UserInputError(f"{where} raised {type(error).__name__}: {_first_line(error)} "
                                  f"(scoring {len(responses)} answers{first})") from None
