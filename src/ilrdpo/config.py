@@ -124,9 +124,13 @@ class LossSettings(Section):
     beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")
     alpha: float = Field(0.0, ge=0.0, description="Length margin weight; 0 = plain DPO.")
     length_unit: Literal["tokens", "chars"] = Field("tokens", description="Unit of |y| in the length margin.")
-    target_length: float | None = Field(
-        None, ge=0.0, description="If set, c(y) = | |y| - target |: answers are pulled toward this length."
-    )
+    alpha_relative: bool = Field(
+        False, description="alpha is in logits for a pair whose length gap is the median |c(y_w) - c(y_l)| of "
+        "the round's pairs: the per-unit alpha used is alpha / that median (recorded in state.json). Keeps the "
+        "length term comparable to beta * delta whatever the answers' lengths.")
+    target_length: float | Literal["base"] | None = Field(
+        None, description="If set, c(y) = | |y| - target |: answers are pulled toward this length. 'base' (ilrdpo "
+        "run only): each prompt's target is the initial model's mean sampled answer length for it.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO epsilon.")
     simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma.")
     ld_alpha: float = Field(0.5, ge=0.0, le=1.0, description="LD-DPO weight of tokens past the shorter answer.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from ilrdpo.config import AlphaControlSettings, Config
+from ilrdpo.data import answer_length, count_tokens
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluation.pairwise import (
     ANCHOR_FILES,
@@ -27,6 +28,7 @@ from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
 from ilrdpo.records import (
     CandidateSet,
+    PreferencePair,
     append_jsonl,
     atomic_write_text,
     read_candidates,
@@ -267,7 +269,12 @@ class IterativeRun:
     def pair(self, t: int) -> None:
         path = self.dir.file(t, "candidates.jsonl")
         scoring = self.config.scoring
-        pairs = pair_all(read_candidates(path), self.config.pairing, seed=self.config.seed + t,
+        sets = read_candidates(path)
+        if self.config.loss.target_length == "base":
+            targets = base_targets(read_candidates(self.dir.file(1, "candidates.jsonl")))
+            for c in sets:
+                c.target_length = targets.get(c.id, c.target_length)
+        pairs = pair_all(sets, self.config.pairing, seed=self.config.seed + t,
                          selection_penalty=scoring.selection_length_penalty,
                          length_cap=scoring.length_bias_cap, tie_tolerance=scoring.tie_tolerance)
         if not pairs:
@@ -275,18 +282,26 @@ class IterativeRun:
         write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
 
     # --- 4. train --------------------------------------------------------------------------------
-    def decide_alpha(self, t: int) -> float:
-        """The alpha of iteration t: decided when its train stage first starts (the config's
-        loss.alpha, or alpha control from the evaluations so far) and recorded in state.json;
-        a resumed stage keeps it, unless --force, which lets the config decide again."""
+    def decide_alpha(self, t: int, pairs: list[PreferencePair], tokenizer) -> float:
+        """The per-unit alpha of iteration t: decided when its train stage first starts (the
+        config's loss.alpha, or alpha control from the evaluations so far; divided by the pairs'
+        median length gap with loss.alpha_relative) and recorded in state.json; a resumed stage
+        keeps it, unless --force, which lets the config decide again."""
         if t in self.state.alpha and not self.force:
             return self.state.alpha[t]
-        alpha = self.config.loss.alpha
+        loss = self.config.loss
+        alpha = loss.alpha
         control = self.config.iterations.alpha_control
         if control.mode == "auto" and t > 1:
-            previous = self.state.alpha.get(t - 1, alpha)
+            previous = self.state.alpha_setting.get(t - 1, alpha)
             lengths = [self._eval_length(k) for k in (t - 1, 0)]
             alpha = next_alpha(previous, lengths[0], lengths[1], control)
+        self.state.alpha_setting[t] = alpha
+        if loss.alpha_relative:
+            gaps = sorted(abs(answer_length(count_tokens(tokenizer, p.chosen), p.chosen, loss.length_unit)
+                              - answer_length(count_tokens(tokenizer, p.rejected), p.rejected, loss.length_unit))
+                          for p in pairs)
+            alpha = alpha / max(gaps[len(gaps) // 2], 1)
         self.state.alpha[t] = alpha
         self.state.save()
         return alpha
@@ -296,9 +311,12 @@ class IterativeRun:
 
     def train(self, t: int) -> None:
         config = self.config
-        alpha = self.decide_alpha(t)
         pairs = read_pairs(self.dir.file(t, "pairs.jsonl"))
-        loss = config.loss.model_copy(update={"alpha": alpha})
+        _, tokenizer = self.policy(t - 1)
+        alpha = self.decide_alpha(t, pairs, tokenizer)
+        # per-prompt targets ('base') travel with the pairs
+        target = None if config.loss.target_length == "base" else config.loss.target_length
+        loss = config.loss.model_copy(update={"alpha": alpha, "target_length": target})
         lora = config.model.lora is not None
         ref_logps = None
         if config.iterations.reference == "initial" and t > 1 and not lora:
@@ -350,7 +368,8 @@ class IterativeRun:
         if t == 0 and config.eval.length_anchors:
             self._anchor_answers(gen)
         if t == 0:
-            return evaluate_answers(rows, self.eval_prompts, {}, self.judge_settings.tie_tolerance)
+            return evaluate_answers(rows, self.eval_prompts, {}, self.judge_settings.tie_tolerance,
+                                    length_unit=config.loss.length_unit)
         # One joint LC fit per baseline: every iterate so far, plus the initial model's anchors.
         answers = {k: read_jsonl_tolerant(self.dir.file(k, "eval_answers.jsonl")) for k in range(t)}
         anchors = {style: read_jsonl_tolerant(self.dir.file(0, name)) for style, name in ANCHOR_FILES.items()
@@ -358,7 +377,7 @@ class IterativeRun:
         return evaluate_answers(rows, self.eval_prompts, {"initial": answers[0], "previous": answers[t - 1]},
                                 self.judge_settings.tie_tolerance,
                                 other_models={f"iter_{k}": answers[k] for k in range(1, t)},
-                                anchors={"initial": anchors} if anchors else None)
+                                anchors={"initial": anchors} if anchors else None, length_unit=config.loss.length_unit)
 
     def _anchor_answers(self, gen) -> None:
         """The initial model's concise and verbose answers (iter_0/eval_answers_{style}.jsonl)."""
@@ -372,6 +391,19 @@ class IterativeRun:
                 return judge_answers(self.judge, self.eval_prompts, rows, self.judge_settings)
 
             cached_answers(self.dir.file(0, name), make)
+
+
+def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
+    """loss.target_length 'base': per prompt, the mean token length of the initial model's
+    complete, non-empty sampled answers (iteration 1 samples from the initial model); when all
+    were cut by max_new_tokens, of the cut ones (a lower bound)."""
+    targets = {}
+    for c in initial_samples:
+        answers = [(n, cut) for n, r, cut in zip(c.n_tokens, c.responses, c.truncated) if r.strip()]
+        lengths = [n for n, cut in answers if not cut] or [n for n, _ in answers]
+        if lengths:
+            targets[c.id] = round(sum(lengths) / len(lengths))
+    return targets
 
 
 def no_pairs_reason(sets: list[CandidateSet]) -> str:

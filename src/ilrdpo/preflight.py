@@ -30,6 +30,9 @@ def check_config(config: Config, command: Command) -> None:
     """Settings and input files a command needs; raises UserInputError naming the key or FILE:LINE."""
     if command == "train" and not config.data.pairs:
         raise UserInputError("data.pairs is required for `ilrdpo train` (a JSONL file or a dataset)")
+    if command == "train" and config.loss.target_length == "base":
+        raise UserInputError("config key 'loss.target_length': 'base' needs the initial model's samples, which only "
+                             "`ilrdpo run` has; give a number, or per-pair target_length fields")
     if command == "run":
         if not config.data.prompts:
             raise UserInputError("data.prompts is required for `ilrdpo run`")

@@ -63,8 +63,10 @@ class RunState:
                                  "output_dir")
         self.finished: dict[int, list[str]] = {int(k): v for k, v in raw.get("finished", {}).items()}
         self.started: dict[int, list[str]] = {int(k): v for k, v in raw.get("started", {}).items()}
-        # alpha[T]: the alpha iteration T's train stage decided on when it started (its one home).
+        # alpha[T]: the per-unit alpha iteration T's train stage decided on when it started (its one
+        # home); alpha_setting[T]: the config-level value it came from (differs with alpha_relative).
         self.alpha: dict[int, float] = {int(k): v for k, v in raw.get("alpha", {}).items()}
+        self.alpha_setting: dict[int, float] = {int(k): v for k, v in raw.get("alpha_setting", {}).items()}
         # inputs: sha256 of every input file, keyed by the config key that names it.
         self.inputs: dict[str, str] = dict(raw.get("inputs", {}))
 
@@ -88,7 +90,8 @@ class RunState:
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(
-            {"finished": self.finished, "started": self.started, "alpha": self.alpha, "inputs": self.inputs},
+            {"finished": self.finished, "started": self.started, "alpha": self.alpha,
+             "alpha_setting": self.alpha_setting, "inputs": self.inputs},
             indent=1))
 
 

@@ -150,6 +150,9 @@ def _open_trackers(report_to: list[str], output_dir: Path, hparams: dict, run_na
     return trackers
 
 
+SATURATED_LOGITS = 3.0  # sigmoid(3) = 0.95: past this the length term decides the pair's gradient
+
+
 # --- divergence ----------------------------------------------------------------------------------
 
 
@@ -466,4 +469,6 @@ def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps:
         "length/chosen": lengths[:n].mean().item(),
         "length/rejected": lengths[n:].mean().item(),
         "length/margin_term": out.length_term.mean().item(),
+        # pairs whose length term alone puts the loss in the sigmoid's flat tails (|term| > 3 logits)
+        "length/saturated_share": (out.length_term.abs() > SATURATED_LOGITS).float().mean().item(),
     }

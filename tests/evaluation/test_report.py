@@ -16,7 +16,7 @@ import pytest
 
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
-from ilrdpo.evaluation.report import load_run, print_tables, summary_rows, write_report
+from ilrdpo.evaluation.report import joint_win_rates, load_run, print_tables, summary_rows, write_report
 from ilrdpo.loop import run_iterations
 from ilrdpo.progress import console
 
@@ -145,6 +145,8 @@ def test_write_report_tables_and_plots(run_dir, tmp_path):
         _check_png(tmp_path / "out" / "plots" / name)
     table = _results_table(text)
     assert [row["iteration"] for row in table] == ["0", "1", "2"]
+    run = load_run(run_dir)
+    joint = joint_win_rates([run])  # the report refits all iterations jointly (not eval.json's LC)
     for row in table:
         ev = _eval(run_dir, int(row["iteration"]))
         assert _number(row["reward"]) == pytest.approx(ev["reward_mean"], rel=1e-3)
@@ -154,13 +156,16 @@ def test_write_report_tables_and_plots(run_dir, tmp_path):
             vs = ev["vs_initial"]
             lo, hi = vs["win_rate_ci"]
             assert row["win rate vs initial [95% CI]"] == f"{vs['win_rate']:.1f} [{lo:.1f}, {hi:.1f}]"
-            assert _number(row["LC win rate vs initial"]) == pytest.approx(vs["lc_win_rate"], abs=0.05)
+            fit = joint[(run.name, int(row["iteration"]))]["reward"]
+            lc_lo, lc_hi = fit["lc_ci"]
+            assert row["LC win rate vs initial [95% CI]"].rstrip("‡") == (
+                f"{fit['lc_win_rate']:.1f} [{lc_lo:.1f}, {lc_hi:.1f}]")
             assert _number(row["quality win rate vs initial"]) == pytest.approx(
                 ev["vs_initial_quality"]["win_rate"], abs=0.05)
             assert int(row["pairs"]) == ev["pairs/count"]
     assert "## Text metrics" in text and "distinct_1" in text
     assert "## Missing" in text and "Nothing is missing." in text
-    notes = {ev[key]["lc_note"] for k in (1, 2) for ev in [_eval(run_dir, k)] for key in ("vs_initial",)}
+    notes = {joint[(run.name, k)]["reward"]["lc_note"] for k in (1, 2)}
     for note in notes - {None}:
         assert note in text  # every LC caveat reaches the reader
 
@@ -188,8 +193,14 @@ def test_two_runs_share_one_table(run_dir, tmp_path):
     assert [row["run"] for row in table] == ["vanilla DPO"] * 3 + ["iLR-DPO"] * 3
     edited = {row["iteration"]: row for row in table if row["run"] == "iLR-DPO"}
     assert _number(edited["2"]["reward"]) == 12.0 and _number(edited["2"]["quality"]) == 11.0
-    assert edited["2"]["win rate vs initial [95% CI]"] == "62.0 [40.0, 80.0]"
-    assert edited["2"]["LC win rate vs initial"] == "72.0" and edited["1"]["alpha"] == "0.05"
+    assert edited["1"]["alpha"] == "0.05"
+    # both runs share model 0's answers, so one joint fit covers all four iterates and win rates
+    # are refitted from the answers: the copy's answers are the same, so are its win-rate cells
+    # (the edited eval.json win rates are not used)
+    original = {row["iteration"]: row for row in table if row["run"] == "vanilla DPO"}
+    for k in ("1", "2"):
+        for column in ("win rate vs initial [95% CI]", "LC win rate vs initial [95% CI]"):
+            assert edited[k][column] == original[k][column]
     for name in PLOT_FILES:
         _check_png(tmp_path / "out" / "plots" / name)
 
@@ -221,14 +232,16 @@ def test_run_in_progress_lists_what_is_missing(run_dir, tmp_path):
     text = write_report([partial], tmp_path / "out").read_text()
     table = _results_table(text)
     assert [row["iteration"] for row in table] == ["0", "1"]
-    # iteration 1's eval answers survive the lost eval.json: their means stand in for it, but the
-    # win rates (computed only with eval.json) are gone
+    # iteration 1's eval answers survive the lost eval.json: their means stand in for it, and the
+    # win rates are refitted from them
     answers = run.answers[1]
     assert _number(table[1]["reward"]) == pytest.approx(sum(a["reward"] for a in answers) / len(answers),
                                                         rel=1e-3)
     assert _number(table[1]["mean length (tokens)"]) == pytest.approx(
         sum(a["n_tokens"] for a in answers) / len(answers), abs=0.05)
-    assert table[1]["win rate vs initial [95% CI]"] == "–" and table[1]["pairs"] == str(run.pairs_count[1])
+    fit = joint_win_rates([run])[(run.name, 1)]["reward"]
+    assert table[1]["win rate vs initial [95% CI]"].startswith(f"{fit['win_rate']:.1f} [")
+    assert table[1]["pairs"] == str(run.pairs_count[1])
     missing = text.split("## Missing")[1]
     assert "iter_2/: iteration 2 has not run yet" in missing and "iter_1/eval.json" in missing
 

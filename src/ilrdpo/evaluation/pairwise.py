@@ -122,7 +122,7 @@ def compare(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str
                        tie_tolerance=tie_tolerance)[this][key]
 
 
-def summarize(rows: list[dict[str, Any]], prompts: list[Prompt]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], prompts: list[Prompt], length_unit: str = "tokens") -> dict[str, Any]:
     """Mean reward and quality, length statistics and (with references) text metrics."""
     n = len(rows)
     summary: dict[str, Any] = {
@@ -131,7 +131,8 @@ def summarize(rows: list[dict[str, Any]], prompts: list[Prompt]) -> dict[str, An
         "quality_mean": sum(r["quality"] for r in rows) / n,
         "length": length_stats([r["n_tokens"] for r in rows], [r["n_chars"] for r in rows],
                                [r["truncated"] for r in rows], [p.target_length for p in prompts]
-                               if any(p.target_length is not None for p in prompts) else None),
+                               if any(p.target_length is not None for p in prompts) else None,
+                               target_unit=length_unit),
     }
     references = [p.reference for p in prompts]
     summary["text"] = text_metrics([r["response"] for r in rows],
@@ -143,7 +144,7 @@ def evaluate_answers(rows: list[dict[str, Any]], prompts: list[Prompt],
                      baselines: dict[str, list[dict[str, Any]]], tie_tolerance: float = 0.0, *,
                      other_models: dict[str, list[dict[str, Any]]] | None = None,
                      anchors: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
-                     n_boot: int = 200) -> dict[str, Any]:
+                     n_boot: int = 200, length_unit: str = "tokens") -> dict[str, Any]:
     """summarize() plus, per named baseline, win rates on the biased reward and on quality.
 
     other_models: answer records of other models judged on the same prompts (e.g. earlier
@@ -151,7 +152,7 @@ def evaluate_answers(rows: list[dict[str, Any]], prompts: list[Prompt],
     for that baseline. anchors: {baseline name: {anchor name: records}}, the baseline's length
     anchors (anchor_inputs); a baseline without an entry is fitted without anchors.
     """
-    result = summarize(rows, prompts)
+    result = summarize(rows, prompts, length_unit)
     this = "\0this"
     for name, baseline in baselines.items():
         others = {m: r for m, r in (other_models or {}).items() if not _same_answers(r, baseline)}
