@@ -91,3 +91,18 @@ def tiny_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+# --- test tiers ------------------------------------------------------------------------------------
+# slow: end-to-end runs, marked by hand. smoke: needs a model or the tokenizer (the tiny Llama is
+# built on the bundled SmolLM2 tokenizer). unit: everything else, which needs nothing downloaded
+# or bundled: `make test-fast` runs `-m unit`. Tiers follow from the fixtures a test uses.
+MODEL_FIXTURES = {"tokenizer", "tokenizer_dir", "tiny_model_dir", "tiny_model"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in ("slow", "smoke", "unit")):
+            continue
+        uses_model = MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.smoke if uses_model else pytest.mark.unit)

@@ -16,14 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import DESIGN_METRICS
 from ilrdpo import cli
 from ilrdpo.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PAIRS_FILE = EXAMPLES / "pairs.jsonl"
-DESIGN_METRICS = {"loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                  "rewards/accuracies", "logps/chosen", "logps/rejected", "length/chosen", "length/rejected",
-                  "length/margin_term"}
 
 
 def ilrdpo_command() -> list[str]:

@@ -23,12 +23,14 @@ import pytest
 import torch
 import yaml
 
+from helpers import DESIGN_METRICS
 from ilrdpo.config import AlphaControlSettings, build_config, load_config
 from ilrdpo.data import collate_pairs, count_tokens, tokenize_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.logprobs import sequence_logps
-from ilrdpo.loop import STAGES, check_resume, next_alpha, run_iterations
+from ilrdpo.loop import next_alpha, run_iterations
 from ilrdpo.records import read_pairs
+from ilrdpo.rundir import STAGES, check_resume
 
 TESTS = Path(__file__).resolve().parent
 SCORER = TESTS / "helpers" / "scorer.py"
@@ -39,9 +41,6 @@ TRAIN_PROMPTS = ["What is the capital of France?", "Name a colour.", "What do be
 EVAL_PROMPTS = ["What is ice?", "Name a planet."]
 MAX_NEW_TOKENS = 8
 EPOCHS = 2  # 4 steps per epoch: training lasts long enough to be killed in the middle
-DESIGN_METRICS = {"loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                  "rewards/accuracies", "logps/chosen", "logps/rejected", "length/chosen", "length/rejected",
-                  "length/margin_term"}
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import DESIGN_METRICS
 from ilrdpo.config import DataSettings, LoraSettings, LossSettings, TrainSettings, build_config
 from ilrdpo.data import collate_pairs, tokenize_pairs
 from ilrdpo.errors import TrainingDiverged, UserInputError
@@ -50,9 +51,6 @@ OFF_TOPIC = [
 ]
 PAIRS = [PreferencePair(prompt=q, chosen=a, rejected=OFF_TOPIC[i % 3]) for i, (q, a) in enumerate(QA)]
 
-DESIGN_METRICS = {"loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                  "rewards/accuracies", "logps/chosen", "logps/rejected", "length/chosen", "length/rejected",
-                  "length/margin_term"}
 
 LR = 3e-3
 

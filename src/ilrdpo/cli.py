@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from ilrdpo.config import GenerationSettings
 from ilrdpo.errors import IlrdpoError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -26,6 +27,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
     """Iterative Length-Regularized DPO: better answers without longer answers."""
 
 
+# `ilrdpo evaluate`'s defaults are the config's generation defaults: one source of truth.
+GENERATION = GenerationSettings()
 OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.alpha=0.05")
 
 
@@ -60,18 +63,19 @@ def evaluate(
     judge: str | None = typer.Option(None, "--judge", help="YAML with scoring-section keys"),
     baseline: str | None = typer.Option(None, "--baseline", help="Baseline model to compare against"),
     out: str | None = typer.Option(None, "--out", help="Write the result JSON here (answers beside it)"),
-    max_new_tokens: int = typer.Option(256, help="Longest answer in tokens"),
+    max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest answer in tokens"),
     sample: bool = typer.Option(False, "--sample", help="Sample (seeded) instead of greedy decoding"),
-    temperature: float = typer.Option(0.7, help="Sampling temperature with --sample"),
+    temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature with --sample"),
     seed: int = typer.Option(0, help="Seed for --sample"),
-    batch_size: int = typer.Option(32, help="Sequences decoded together"),
+    batch_size: int = typer.Option(GENERATION.batch_size, help="Sequences decoded together"),
+    anchors: bool = typer.Option(False, "--anchors", help="Also answer with the baseline told to be concise and "
+                                 "verbose (two more passes): length anchors for the LC fit"),
 ) -> None:
     """Win rate and length-controlled win rate of a model against a baseline under a judge."""
     import json
     from pathlib import Path
 
-    from ilrdpo.config import GenerationSettings
-    from ilrdpo.evaluation.pairwise import evaluate_models, load_judge_settings, print_evaluation
+    from ilrdpo.evaluate import evaluate_models, load_judge_settings, print_evaluation
     from ilrdpo.preflight import check_evaluate
     from ilrdpo.records import atomic_write_text
 
@@ -80,7 +84,8 @@ def evaluate(
     generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     out_path = Path(out) if out else None
     result = evaluate_models(model, prompts, judge_settings, baseline=baseline, generation=generation,
-                             greedy=not sample, seed=seed, out_dir=out_path.parent if out_path else None)
+                             greedy=not sample, seed=seed, out_dir=out_path.parent if out_path else None,
+                             anchors=anchors)
     print_evaluation(result)
     if out_path:
         atomic_write_text(out_path, json.dumps(result, indent=1))

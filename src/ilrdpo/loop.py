@@ -11,14 +11,7 @@ import json
 from ilrdpo.config import AlphaControlSettings, Config
 from ilrdpo.data import answer_length, count_tokens
 from ilrdpo.errors import UserInputError
-from ilrdpo.evaluation.pairwise import (
-    ANCHOR_FILES,
-    answer_anchors,
-    answer_prompts,
-    cached_answers,
-    evaluate_answers,
-    judge_answers,
-)
+from ilrdpo.evaluate import evaluate_iteration, summary_line
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.loss import method_name
@@ -32,86 +25,14 @@ from ilrdpo.records import (
     append_jsonl,
     atomic_write_text,
     read_candidates,
-    read_jsonl_tolerant,
     read_pairs,
     read_prompts,
     recover_jsonl,
     write_jsonl,
 )
-from ilrdpo.rundir import STAGES, RunDir, input_hashes
+from ilrdpo.rundir import RunDir, check_resume, input_hashes
 from ilrdpo.scoring import build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.train import autocast, pair_reference_logps, train_round
-
-# --- resume checks -------------------------------------------------------------------------------
-
-# The config keys each stage reads. A finished stage depends on its own keys and every earlier
-# stage's; from iteration 2 on, also on everything that shaped the previous model. An input
-# file's content counts as the key that names it plus ".sha256".
-STAGE_SECTIONS = {
-    "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
-                 "data.system_prompt", "generation", "seed"),
-    "score": ("scoring",),
-    "pair": ("pairing",),
-    "train": ("loss", "train", "iterations.reference", "iterations.alpha_control"),
-    "eval": ("eval", "data.eval_prompts"),
-}
-assert list(STAGE_SECTIONS) == STAGES
-# Keys that change how a stage runs, never what it computes.
-NEUTRAL_KEYS = {"train.save_steps", "train.report_to"}
-
-
-def stage_dependencies(iteration: int, stage_name: str) -> tuple[str, ...]:
-    """Config key prefixes whose values a finished (iteration, stage) was computed with."""
-    upto = STAGES.index(stage_name) + 1
-    if iteration >= 2:
-        upto = max(upto, STAGES.index("train") + 1)
-    deps = tuple(p for s in STAGES[:upto] for p in STAGE_SECTIONS[s])
-    if iteration == 0:  # the initial model's eval answers: model, generation, judge, eval set
-        deps = STAGE_SECTIONS["generate"] + STAGE_SECTIONS["score"] + STAGE_SECTIONS["eval"]
-    return deps
-
-
-def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_resume(old: Config, new: Config, finished: dict[int, list[str]], force: bool, *,
-                 old_inputs: dict[str, str] | None = None, new_inputs: dict[str, str] | None = None) -> None:
-    """Refuse a config or input-file change that touches finished work, unless forced.
-
-    The message names the key, the stage that reads it and the first finished stage whose
-    output was computed with the old value.
-    """
-    if force:
-        return
-    old_flat = {**_flatten(old.model_dump(mode="json")), **(old_inputs or {})}
-    new_flat = {**_flatten(new.model_dump(mode="json")), **(new_inputs or {})}
-    changed = [k for k in sorted(set(old_flat) | set(new_flat))
-               if old_flat.get(k) != new_flat.get(k) and k not in NEUTRAL_KEYS]
-    for iteration, stages in sorted(finished.items()):
-        for stage_name in stages:
-            hit = next((k for k in changed if _matches(k, stage_dependencies(iteration, stage_name))), None)
-            if hit is None:
-                continue
-            owner = next((s for s in STAGES if _matches(hit.removesuffix(".sha256"), STAGE_SECTIONS[s])), stage_name)
-            if hit.endswith(".sha256"):
-                what = f"the file named by '{hit.removesuffix('.sha256')}' changed (content hash differs)"
-            else:
-                what = f"config key '{hit}' changed ({old_flat.get(hit)!r} -> {new_flat.get(hit)!r})"
-            raise UserInputError(
-                f"{new.output_dir}: {what}; stage '{owner}' reads it, and iteration {iteration} already ran "
-                f"'{stage_name}' with the old value; use --force to continue anyway, or a new output_dir")
-
 
 # --- alpha control -------------------------------------------------------------------------------
 
@@ -343,54 +264,10 @@ class IterativeRun:
 
     # --- 5. evaluate -----------------------------------------------------------------------------
     def evaluate(self, t: int) -> dict:
-        """Greedy answers of pi_t on the eval prompts, judged, against pi_0 and pi_{t-1}."""
-        result: dict = {"iteration": t, "alpha": self.state.alpha.get(t) if t else None}
-        if t > 0:
-            result.update(generation_stats(self.dir, t))
-        if self.eval_prompts:
-            result.update(self._judged_eval(t))
-        atomic_write_text(self.dir.file(t, "eval.json"), json.dumps(result, indent=1))
-        return result
-
-    def _judged_eval(self, t: int) -> dict:
-        config = self.config
-        gen = config.generation.model_copy(update={"max_new_tokens": config.eval.max_new_tokens
-                                                   or config.generation.max_new_tokens})
-
-        def make():
-            model, tokenizer = self.policy(t)
-            with autocast(next(model.parameters()).device, self.compute_dtype):
-                rows = answer_prompts(model, tokenizer, self.eval_prompts, gen, config.data,
-                                      greedy=config.eval.greedy, seed=config.seed, description=f"iter {t} eval")
-            return judge_answers(self.judge, self.eval_prompts, rows, self.judge_settings)
-
-        rows = cached_answers(self.dir.file(t, "eval_answers.jsonl"), make)
-        if t == 0 and config.eval.length_anchors:
-            self._anchor_answers(gen)
-        if t == 0:
-            return evaluate_answers(rows, self.eval_prompts, {}, self.judge_settings.tie_tolerance,
-                                    length_unit=config.loss.length_unit)
-        # One joint LC fit per baseline: every iterate so far, plus the initial model's anchors.
-        answers = {k: read_jsonl_tolerant(self.dir.file(k, "eval_answers.jsonl")) for k in range(t)}
-        anchors = {style: read_jsonl_tolerant(self.dir.file(0, name)) for style, name in ANCHOR_FILES.items()
-                   if self.dir.file(0, name).exists()}
-        return evaluate_answers(rows, self.eval_prompts, {"initial": answers[0], "previous": answers[t - 1]},
-                                self.judge_settings.tie_tolerance,
-                                other_models={f"iter_{k}": answers[k] for k in range(1, t)},
-                                anchors={"initial": anchors} if anchors else None, length_unit=config.loss.length_unit)
-
-    def _anchor_answers(self, gen) -> None:
-        """The initial model's concise and verbose answers (iter_0/eval_answers_{style}.jsonl)."""
-        config = self.config
-        for style, name in ANCHOR_FILES.items():
-            def make(style=style):
-                model, tokenizer = self.policy(0)
-                with autocast(next(model.parameters()).device, self.compute_dtype):
-                    rows = answer_anchors(model, tokenizer, self.eval_prompts, gen, config.data,
-                                          greedy=config.eval.greedy, seed=config.seed, styles=(style,))[style]
-                return judge_answers(self.judge, self.eval_prompts, rows, self.judge_settings)
-
-            cached_answers(self.dir.file(0, name), make)
+        return evaluate_iteration(
+            t, rundir=self.dir, config=self.config, prompts=self.eval_prompts, judge=self.judge,
+            judge_settings=self.judge_settings, policy=self.policy, compute_dtype=self.compute_dtype,
+            alpha=self.state.alpha.get(t) if t else None)
 
 
 def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
@@ -414,36 +291,6 @@ def no_pairs_reason(sets: list[CandidateSet]) -> str:
     if answers and all(not r.strip() for r, _ in answers):
         return "every answer is empty"
     return "all answers tied, identical, empty or truncated; raise generation.temperature or num_samples"
-
-
-def generation_stats(rundir: RunDir, t: int) -> dict:
-    """Per-iteration sampling and pairing figures (gen/*, pairs/*) from the stage files."""
-    rows = read_jsonl_tolerant(rundir.file(t, "candidates.jsonl"))
-    pairs = read_jsonl_tolerant(rundir.file(t, "pairs.jsonl"))
-    lengths = [n for r in rows for n in r["n_tokens"]]
-    rewards = [x for r in rows for x in r.get("rewards", [])]
-    return {
-        "gen/length_mean": sum(lengths) / max(len(lengths), 1),
-        "gen/reward_mean": sum(rewards) / max(len(rewards), 1),
-        "gen/truncated_share": sum(t for r in rows for t in r["truncated"]) / max(len(lengths), 1),
-        "gen/empty_share": sum(not x.strip() for r in rows for x in r["responses"]) / max(len(lengths), 1),
-        "pairs/count": len(pairs),
-        "pairs/reward_margin": sum(p["margin"] for p in pairs) / max(len(pairs), 1),
-    }
-
-
-def summary_line(s: dict) -> str:
-    parts = [f"iter {s['iteration']}", f"alpha={s['alpha']:.3g}"]
-    if "pairs/count" in s:
-        parts.append(f"pairs={s['pairs/count']}")
-    if "reward_mean" in s:
-        parts += [f"reward={s['reward_mean']:.4f}", f"quality={s['quality_mean']:.4f}",
-                  f"length={s['length']['tokens_mean']:.1f}"]
-    for name in ("initial", "previous"):
-        if f"vs_{name}" in s:
-            w = s[f"vs_{name}"]
-            parts.append(f"win({name})={w['win_rate']:.1f}% lc={w['lc_win_rate']:.1f}%")
-    return "  ".join(parts)
 
 
 def run_iterations(config: Config, force: bool = False) -> list[dict]:

@@ -40,6 +40,9 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
 STAGES = list(STAGE_FILES)
 
 # Progress files of stages in progress: finished batches, picked up by a resumed run.
+# The initial model's length anchors (iter_0/): its answers when told to be concise or verbose.
+ANCHOR_FILES = {"concise": "eval_answers_concise.jsonl", "verbose": "eval_answers_verbose.jsonl"}
+
 PARTIAL_FILES = {"generate": "generation.partial.jsonl", "score": "scores.partial.jsonl",
                  "train": "metrics.partial.jsonl"}
 
@@ -50,6 +53,77 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- resume checks -------------------------------------------------------------------------------
+
+# The config keys each stage reads. A finished stage depends on its own keys and every earlier
+# stage's; from iteration 2 on, also on everything that shaped the previous model. An input
+# file's content counts as the key that names it plus ".sha256".
+STAGE_SECTIONS = {
+    "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
+                 "data.system_prompt", "generation", "seed"),
+    "score": ("scoring",),
+    "pair": ("pairing",),
+    "train": ("loss", "train", "iterations.reference", "iterations.alpha_control"),
+    "eval": ("eval", "data.eval_prompts"),
+}
+assert list(STAGE_SECTIONS) == STAGES
+# Keys that change how a stage runs, never what it computes.
+NEUTRAL_KEYS = {"train.save_steps", "train.report_to"}
+
+
+def stage_dependencies(iteration: int, stage_name: str) -> tuple[str, ...]:
+    """Config key prefixes whose values a finished (iteration, stage) was computed with."""
+    upto = STAGES.index(stage_name) + 1
+    if iteration >= 2:
+        upto = max(upto, STAGES.index("train") + 1)
+    deps = tuple(p for s in STAGES[:upto] for p in STAGE_SECTIONS[s])
+    if iteration == 0:  # the initial model's eval answers: model, generation, judge, eval set
+        deps = STAGE_SECTIONS["generate"] + STAGE_SECTIONS["score"] + STAGE_SECTIONS["eval"]
+    return deps
+
+
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(old: Config, new: Config, finished: dict[int, list[str]], force: bool, *,
+                 old_inputs: dict[str, str] | None = None, new_inputs: dict[str, str] | None = None) -> None:
+    """Refuse a config or input-file change that touches finished work, unless forced.
+
+    The message names the key, the stage that reads it and the first finished stage whose
+    output was computed with the old value.
+    """
+    if force:
+        return
+    old_flat = {**_flatten(old.model_dump(mode="json")), **(old_inputs or {})}
+    new_flat = {**_flatten(new.model_dump(mode="json")), **(new_inputs or {})}
+    changed = [k for k in sorted(set(old_flat) | set(new_flat))
+               if old_flat.get(k) != new_flat.get(k) and k not in NEUTRAL_KEYS]
+    for iteration, stages in sorted(finished.items()):
+        for stage_name in stages:
+            hit = next((k for k in changed if _matches(k, stage_dependencies(iteration, stage_name))), None)
+            if hit is None:
+                continue
+            owner = next((s for s in STAGES if _matches(hit.removesuffix(".sha256"), STAGE_SECTIONS[s])), stage_name)
+            if hit.endswith(".sha256"):
+                what = f"the file named by '{hit.removesuffix('.sha256')}' changed (content hash differs)"
+            else:
+                what = f"config key '{hit}' changed ({old_flat.get(hit)!r} -> {new_flat.get(hit)!r})"
+            raise UserInputError(
+                f"{new.output_dir}: {what}; stage '{owner}' reads it, and iteration {iteration} already ran "
+                f"'{stage_name}' with the old value; use --force to continue anyway, or a new output_dir")
 
 
 class RunState:
@@ -199,11 +273,15 @@ class RunDir:
 
     # --- debris of killed writers --------------------------------------------------------------
     def remove_debris(self) -> list[Path]:
-        """Temp files of interrupted atomic writes and staging folders of interrupted saves."""
+        """Temp files of interrupted atomic writes and staging folders of interrupted model saves.
+        Only the names this project writes, only in the folders it writes them: an output_dir
+        may hold a user's own files."""
         if not self.root.is_dir():
             return []
-        debris = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
-        debris += [p for p in self.root.rglob("*") if p.is_dir() and p.name.endswith((".staging", ".old"))]
+        folders = [self.root, self.history_dir, *self.iterations().values()]
+        folders += [f / "checkpoint" for f in folders]
+        debris = [p for f in folders for p in f.glob(".*.tmp") if p.is_file()]
+        debris += [f / name for f in folders for name in ("model.staging", "model.old") if (f / name).is_dir()]
         for path in debris:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

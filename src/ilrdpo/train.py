@@ -20,12 +20,8 @@ of them). LoRA keeps its frozen base in the compute dtype and its adapter in flo
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
-import pickle
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -33,13 +29,14 @@ from pathlib import Path
 
 import torch
 
+from ilrdpo.checkpoint import Checkpointer, round_fingerprint
 from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import TokenizedPair, collate_pairs, length_grouped_batches, tokenize_pairs
 from ilrdpo.errors import TrainingDiverged, UserInputError
 from ilrdpo.faults import fault_point
 from ilrdpo.logprobs import ld_weights, sequence_logps
 from ilrdpo.loss import REFERENCE_FREE, preference_loss
-from ilrdpo.progress import console, progress_bar
+from ilrdpo.progress import console, open_trackers, progress_bar
 from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
 
 
@@ -130,26 +127,6 @@ def _schedule(total_micro: int, batch_size: int, lengths: list[int], seed: int) 
     return order[:total_micro]
 
 
-def _open_trackers(report_to: list[str], output_dir: Path, hparams: dict, run_name: str | None) -> list:
-    """accelerate's trackers, used directly: an Accelerator would own global state per process."""
-    if not report_to:
-        return []
-    from accelerate.tracking import TensorBoardTracker, WandBTracker
-
-    name = run_name or output_dir.name
-    makers = {"tensorboard": lambda: TensorBoardTracker(name, output_dir / "logs"),
-              "wandb": lambda: WandBTracker(name)}
-    trackers = []
-    for tracker_name in report_to:
-        tracker = makers[tracker_name]()
-        tracker.start()
-        # hparams must be scalars for TensorBoard
-        tracker.store_init_configuration({k: v for k, v in hparams.items()
-                                          if isinstance(v, (int, float, str, bool))})
-        trackers.append(tracker)
-    return trackers
-
-
 SATURATED_LOGITS = 3.0  # sigmoid(3) = 0.95: past this the length term decides the pair's gradient
 
 
@@ -217,77 +194,6 @@ class DivergenceGuard:
             stop(f"weight norm {norm:.4g} moved more than {self.DRIFT:g} x its start {self.start_norm:.4g}")
         self.losses.append(loss)
         self.grads.append(grad_norm)
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-
-def round_fingerprint(pairs: list[PreferencePair], loss: LossSettings, train: TrainSettings, seed: int) -> str:
-    """What a checkpoint must agree with to be resumed from: the data and every setting that
-    shapes the updates (save_steps and trackers excluded)."""
-    settings = {"loss": loss.model_dump(), "seed": seed,
-                "train": train.model_dump(exclude={"save_steps", "report_to"}),
-                "pairs": [json.dumps(p.__dict__, sort_keys=True, ensure_ascii=False) for p in pairs]}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass
-class Checkpointer:
-    """checkpoint/state.pt: trainable weights, optimizer, scheduler, scaler, RNG, reference
-    log-probs and step. Written atomically (temp file + rename); read with weights_only."""
-
-    folder: Path | None
-    fingerprint: str
-    save_steps: int
-
-    @property
-    def path(self) -> Path | None:
-        return None if self.folder is None else self.folder / "state.pt"
-
-    def load(self) -> dict | None:
-        if self.path is None or not self.path.exists():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-            # a torn or foreign file: start the round afresh
-            console.print(f"[yellow]{self.path}: unreadable checkpoint ({type(error).__name__}); "
-                          "training starts from step 1[/yellow]")
-            return None
-        if state.get("fingerprint") != self.fingerprint:
-            console.print(f"[yellow]{self.path}: checkpoint of other pairs or settings; training starts "
-                          "from step 1[/yellow]")
-            return None
-        return state
-
-    def save(self, step: int, model, optimizer, scheduler, scaler, ref_logps, tokens: int) -> None:
-        if self.folder is None or self.save_steps <= 0 or step % self.save_steps:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"fingerprint": self.fingerprint, "step": step, "tokens": tokens,
-                 "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                 "rng": torch.get_rng_state(), "ref_logps": ref_logps}
-        tmp = self.folder / ".state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
-        fault_point("checkpoint")
-
-    def restore(self, state: dict, model, optimizer, scheduler, scaler) -> None:
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, value in state["params"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-
-    def remove(self) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # --- the round -----------------------------------------------------------------------------------
@@ -385,7 +291,7 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
         partial_path.unlink(missing_ok=True)
 
     # 4. the loop
-    trackers = _open_trackers(train.report_to, output_dir, hparams or {}, run_name)
+    trackers = open_trackers(train.report_to, output_dir, hparams or {}, run_name)
     result = _run_steps(model, setup, tokenizer.pad_token_id, loss, train, ref_logps, compute_dtype, device,
                         start_step, tokens, partial_path, checkpoints, trackers)
     os.replace(partial_path, metrics_path)

@@ -31,9 +31,10 @@ from rich.table import Table
 
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluation import plots
-from ilrdpo.evaluation.pairwise import ANCHOR_FILES, compare_all
+from ilrdpo.evaluation.compare import compare_all
 from ilrdpo.progress import console
 from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
+from ilrdpo.rundir import ANCHOR_FILES
 
 TEXT_METRICS = ("distinct_1", "distinct_2", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 # Files of iteration k >= 1 and the stage (state.json name) that writes each.

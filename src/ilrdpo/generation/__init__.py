@@ -96,7 +96,7 @@ def generate_hf(model, tokenizer, prompt_ids: list[list[int]], settings: Generat
 def generate_compact(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
                      num_samples: int, greedy: bool = False) -> list[list[Sample]]:
     """Finished rows leave the batch; each prompt is prefilled once for its N samples."""
-    from ilrdpo.generation_compact import decode_compact
+    from ilrdpo.generation.compact import decode_compact
 
     device = next(model.parameters()).device
     eos_ids = _generation_config(model, tokenizer, settings, greedy).eos_token_id

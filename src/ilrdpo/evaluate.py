@@ -1,26 +1,26 @@
-"""Answer a prompt set with a model, judge the answers, compare against a baseline's answers.
+"""The evaluate stage: answer eval prompts with a model, judge the answers, compare with baselines.
 
-Used by `ilrdpo evaluate`, the loop's per-iteration evaluation and the report, so all three
-report the same numbers. An answer record: id, response, n_tokens, n_chars, truncated, quality
-(the judge's own score) and reward (quality plus the configured length bias, what training
-optimises). The LC win rate is one joint fit over every model compared with the same baseline
-(`compare_all`), on answer lengths in characters as in AlpacaEval (docs/lc.md).
+Used by `ilrdpo evaluate` and by the loop's per-iteration evaluation (evaluate_iteration), so
+both report the same numbers; the comparisons themselves are pure (ilrdpo.evaluation.compare).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+import json
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ilrdpo.config import DataSettings, GenerationSettings, ScoringSettings
-from ilrdpo.evaluation.lc import joint_lc
-from ilrdpo.evaluation.lengths import length_stats
-from ilrdpo.evaluation.text_metrics import text_metrics
-from ilrdpo.evaluation.winrate import pairwise_preferences, win_rates
+import torch
+
+from ilrdpo.config import Config, DataSettings, GenerationSettings, ScoringSettings
+from ilrdpo.evaluation.compare import compare_all, evaluate_answers, summarize
 from ilrdpo.generation import generate_answers
-from ilrdpo.records import Prompt, read_jsonl_tolerant, write_jsonl
+from ilrdpo.records import Prompt, atomic_write_text, read_jsonl_tolerant, write_jsonl
+from ilrdpo.rundir import ANCHOR_FILES, RunDir
 from ilrdpo.scoring import Scorer, score_in_batches, shaped_rewards
+from ilrdpo.train import autocast
 
 
 def answer_prompts(model, tokenizer, prompts: list[Prompt], generation: GenerationSettings, data: DataSettings,
@@ -41,7 +41,6 @@ def judge_answers(judge: Scorer, prompts: list[Prompt], rows: list[dict[str, Any
     return rows
 
 
-LC_LENGTH = "n_chars"  # the length the LC GLM controls for: characters, as AlpacaEval
 # Length anchors (issue 10): the base model answers the eval prompts under these system prompts
 # at iteration 0; judged against its plain answers, they pin the LC length slope.
 ANCHOR_INSTRUCTIONS = {
@@ -50,7 +49,6 @@ ANCHOR_INSTRUCTIONS = {
     "verbose": "Answer in as much detail as possible: explain your reasoning step by step, add examples, "
                "background and caveats, and finish with a summary.",
 }
-ANCHOR_FILES = {style: f"eval_answers_{style}.jsonl" for style in ANCHOR_INSTRUCTIONS}  # in iter_0/
 
 
 def anchor_inputs(prompts: list[Prompt], data: DataSettings, style: str) -> tuple[list[Prompt], DataSettings]:
@@ -76,94 +74,6 @@ def answer_anchors(model, tokenizer, prompts: list[Prompt], generation: Generati
         out[style] = answer_prompts(model, tokenizer, styled, generation, styled_data, greedy=greedy, seed=seed,
                                     description=f"{style} anchor answers")
     return out
-
-
-def compare_all(rows_by_model: dict[str, list[dict[str, Any]]], baseline: list[dict[str, Any]], *,
-                anchors: dict[str, list[dict[str, Any]]] | None = None, keys: tuple[str, ...] = ("reward", "quality"),
-                tie_tolerance: float = 0.0, n_boot: int = 200, seed: int = 0) -> dict[str, dict[str, dict]]:
-    """Raw and LC win rates of every model against `baseline`, the LC fitted jointly per key.
-
-    rows_by_model: {name: answer records}; anchors: {name: answer records of a baseline variant}
-    (the same baseline told to be concise / verbose). Only prompts answered by the baseline and
-    by every model and anchor are used. Returns {name: {key: win_rates(...) dict}}, each with
-    win_rate, win_rate_ci, lc_win_rate, lc_ci, the identifiability fields and lc_models /
-    lc_anchors (what the joint fit included).
-    """
-    anchors = anchors or {}
-    by_id = [{r["id"]: r for r in rows} for rows in (*rows_by_model.values(), *anchors.values())]
-    ids = [r["id"] for r in baseline if all(r["id"] in table for table in by_id)]
-    if not ids:
-        raise ValueError("no prompt is answered by the baseline and every model")
-    base = {r["id"]: r for r in baseline}
-    base_len = [base[i][LC_LENGTH] for i in ids]
-    series = dict(zip([*rows_by_model, *(("anchor", a) for a in anchors)], by_id))
-    out: dict[str, dict[str, dict]] = {name: {} for name in rows_by_model}
-    for key in keys:
-        prefs = {name: pairwise_preferences([table[i][key] for i in ids], [base[i][key] for i in ids], tie_tolerance)
-                 for name, table in series.items()}
-        lengths = {name: [table[i][LC_LENGTH] for i in ids] for name, table in series.items()}
-        fits = joint_lc({m: prefs[m] for m in rows_by_model}, {m: lengths[m] for m in rows_by_model}, base_len,
-                        anchors={a: (prefs[("anchor", a)], lengths[("anchor", a)]) for a in anchors},
-                        n_boot=n_boot, seed=seed)
-        for name, fit in fits.items():
-            out[name][key] = {**win_rates(prefs[name], lengths[name], base_len, n_boot=max(n_boot, 1000), seed=seed,
-                                          lc=asdict(fit)),
-                              "lc_length": LC_LENGTH, "lc_models": len(rows_by_model), "lc_anchors": sorted(anchors)}
-    return out
-
-
-def compare(rows: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str = "reward",
-            tie_tolerance: float = 0.0, *, other_models: dict[str, list[dict[str, Any]]] | None = None,
-            anchors: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """Win rate and LC win rate of `rows` against `baseline` on `key`; with other_models and
-    anchors, the LC comes from their joint fit (compare_all)."""
-    this = "\0this"  # a name no caller's model can have
-    return compare_all({this: rows, **(other_models or {})}, baseline, anchors=anchors, keys=(key,),
-                       tie_tolerance=tie_tolerance)[this][key]
-
-
-def summarize(rows: list[dict[str, Any]], prompts: list[Prompt], length_unit: str = "tokens") -> dict[str, Any]:
-    """Mean reward and quality, length statistics and (with references) text metrics."""
-    n = len(rows)
-    summary: dict[str, Any] = {
-        "n_prompts": n,
-        "reward_mean": sum(r["reward"] for r in rows) / n,
-        "quality_mean": sum(r["quality"] for r in rows) / n,
-        "length": length_stats([r["n_tokens"] for r in rows], [r["n_chars"] for r in rows],
-                               [r["truncated"] for r in rows], [p.target_length for p in prompts]
-                               if any(p.target_length is not None for p in prompts) else None,
-                               target_unit=length_unit),
-    }
-    references = [p.reference for p in prompts]
-    summary["text"] = text_metrics([r["response"] for r in rows],
-                                   references if all(references) else None)
-    return summary
-
-
-def evaluate_answers(rows: list[dict[str, Any]], prompts: list[Prompt],
-                     baselines: dict[str, list[dict[str, Any]]], tie_tolerance: float = 0.0, *,
-                     other_models: dict[str, list[dict[str, Any]]] | None = None,
-                     anchors: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
-                     n_boot: int = 200, length_unit: str = "tokens") -> dict[str, Any]:
-    """summarize() plus, per named baseline, win rates on the biased reward and on quality.
-
-    other_models: answer records of other models judged on the same prompts (e.g. earlier
-    iterations), fitted jointly with `rows` for the LC; one identical to a baseline is skipped
-    for that baseline. anchors: {baseline name: {anchor name: records}}, the baseline's length
-    anchors (anchor_inputs); a baseline without an entry is fitted without anchors.
-    """
-    result = summarize(rows, prompts, length_unit)
-    this = "\0this"
-    for name, baseline in baselines.items():
-        others = {m: r for m, r in (other_models or {}).items() if not _same_answers(r, baseline)}
-        fits = compare_all({this: rows, **others}, baseline, anchors=(anchors or {}).get(name),
-                           tie_tolerance=tie_tolerance, n_boot=n_boot)[this]
-        result[f"vs_{name}"], result[f"vs_{name}_quality"] = fits["reward"], fits["quality"]
-    return result
-
-
-def _same_answers(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
-    return [(r["id"], r.get("response")) for r in a] == [(r["id"], r.get("response")) for r in b]
 
 
 def cached_answers(path: Path, make) -> list[dict[str, Any]]:
@@ -268,3 +178,82 @@ def print_evaluation(result: dict[str, Any]) -> None:
             console.print(f"win rate ({label}): {w['win_rate']:.1f}% [{lo:.1f}, {hi:.1f}]  "
                           f"LC win rate: {w['lc_win_rate']:.1f}%{lc_ci}"
                           + (f"  ({w['lc_note']})" if w["lc_note"] else ""))
+
+
+# --- the loop's per-iteration evaluation ---------------------------------------------------------
+
+Policy = Callable[[int], tuple[Any, Any]]  # iteration -> (model, tokenizer)
+
+
+def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[Prompt], judge: Scorer,
+                       judge_settings: ScoringSettings, policy: Policy, compute_dtype: torch.dtype,
+                       alpha: float | None) -> dict:
+    """iter_t/eval.json: pi_t's answers to the eval prompts (greedy by default), judged, against
+    pi_0 and pi_{t-1}, with the sampling and pairing figures of round t. At t = 0 also the
+    initial model's length anchors, when eval.length_anchors is on."""
+    result: dict = {"iteration": t, "alpha": alpha}
+    if t > 0:
+        result.update(generation_stats(rundir, t))
+    if prompts:
+        gen = config.generation.model_copy(update={"max_new_tokens": config.eval.max_new_tokens
+                                                   or config.generation.max_new_tokens})
+
+        def answer(k: int, style: str | None = None) -> list[dict[str, Any]]:
+            model, tokenizer = policy(k)
+            styled, data = anchor_inputs(prompts, config.data, style) if style else (prompts, config.data)
+            with autocast(next(model.parameters()).device, compute_dtype):
+                rows = answer_prompts(model, tokenizer, styled, gen, data, greedy=config.eval.greedy,
+                                      seed=config.seed, description=f"iter {k} eval" + (f" ({style})" if style else ""))
+            return judge_answers(judge, prompts, rows, judge_settings)
+
+        rows = cached_answers(rundir.file(t, "eval_answers.jsonl"), lambda: answer(t))
+        if t == 0 and config.eval.length_anchors:
+            for style, name in ANCHOR_FILES.items():
+                cached_answers(rundir.file(0, name), lambda style=style: answer(0, style))
+        result.update(_compare_with_baselines(t, rows, rundir, config, prompts, judge_settings))
+    atomic_write_text(rundir.file(t, "eval.json"), json.dumps(result, indent=1))
+    return result
+
+
+def _compare_with_baselines(t: int, rows, rundir: RunDir, config: Config, prompts: list[Prompt],
+                            judge_settings: ScoringSettings) -> dict:
+    """One joint LC fit per baseline (pi_0, pi_{t-1}): every iterate so far, plus pi_0's anchors."""
+    tie, unit = judge_settings.tie_tolerance, config.loss.length_unit
+    if t == 0:
+        return evaluate_answers(rows, prompts, {}, tie, length_unit=unit)
+    answers = {k: read_jsonl_tolerant(rundir.file(k, "eval_answers.jsonl")) for k in range(t)}
+    anchors = {style: read_jsonl_tolerant(rundir.file(0, name)) for style, name in ANCHOR_FILES.items()
+               if rundir.file(0, name).exists()}
+    return evaluate_answers(rows, prompts, {"initial": answers[0], "previous": answers[t - 1]}, tie,
+                            other_models={f"iter_{k}": answers[k] for k in range(1, t)},
+                            anchors={"initial": anchors} if anchors else None, length_unit=unit)
+
+
+def generation_stats(rundir: RunDir, t: int) -> dict:
+    """Per-iteration sampling and pairing figures (gen/*, pairs/*) from the stage files."""
+    rows = read_jsonl_tolerant(rundir.file(t, "candidates.jsonl"))
+    pairs = read_jsonl_tolerant(rundir.file(t, "pairs.jsonl"))
+    lengths = [n for r in rows for n in r["n_tokens"]]
+    rewards = [x for r in rows for x in r.get("rewards", [])]
+    return {
+        "gen/length_mean": sum(lengths) / max(len(lengths), 1),
+        "gen/reward_mean": sum(rewards) / max(len(rewards), 1),
+        "gen/truncated_share": sum(t for r in rows for t in r["truncated"]) / max(len(lengths), 1),
+        "gen/empty_share": sum(not x.strip() for r in rows for x in r["responses"]) / max(len(lengths), 1),
+        "pairs/count": len(pairs),
+        "pairs/reward_margin": sum(p["margin"] for p in pairs) / max(len(pairs), 1),
+    }
+
+
+def summary_line(s: dict) -> str:
+    parts = [f"iter {s['iteration']}", f"alpha={s['alpha']:.3g}"]
+    if "pairs/count" in s:
+        parts.append(f"pairs={s['pairs/count']}")
+    if "reward_mean" in s:
+        parts += [f"reward={s['reward_mean']:.4f}", f"quality={s['quality_mean']:.4f}",
+                  f"length={s['length']['tokens_mean']:.1f}"]
+    for name in ("initial", "previous"):
+        if f"vs_{name}" in s:
+            w = s[f"vs_{name}"]
+            parts.append(f"win({name})={w['win_rate']:.1f}% lc={w['lc_win_rate']:.1f}%")
+    return "  ".join(parts)

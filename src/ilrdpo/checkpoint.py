@@ -1,0 +1,86 @@
+"""Mid-round training checkpoints: a killed round resumes to the weights an uninterrupted one reaches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ilrdpo.config import LossSettings, TrainSettings
+from ilrdpo.faults import fault_point
+from ilrdpo.progress import console
+from ilrdpo.records import PreferencePair
+
+
+def round_fingerprint(pairs: list[PreferencePair], loss: LossSettings, train: TrainSettings, seed: int) -> str:
+    """What a checkpoint must agree with to be resumed from: the data and every setting that
+    shapes the updates (save_steps and trackers excluded)."""
+    settings = {"loss": loss.model_dump(), "seed": seed,
+                "train": train.model_dump(exclude={"save_steps", "report_to"}),
+                "pairs": [json.dumps(p.__dict__, sort_keys=True, ensure_ascii=False) for p in pairs]}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Checkpointer:
+    """checkpoint/state.pt: trainable weights, optimizer, scheduler, scaler, RNG, reference
+    log-probs and step. Written atomically (temp file + rename); read with weights_only."""
+
+    folder: Path | None
+    fingerprint: str
+    save_steps: int
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else self.folder / "state.pt"
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            # a torn or foreign file: start the round afresh
+            console.print(f"[yellow]{self.path}: unreadable checkpoint ({type(error).__name__}); "
+                          "training starts from step 1[/yellow]")
+            return None
+        if state.get("fingerprint") != self.fingerprint:
+            console.print(f"[yellow]{self.path}: checkpoint of other pairs or settings; training starts "
+                          "from step 1[/yellow]")
+            return None
+        return state
+
+    def save(self, step: int, model, optimizer, scheduler, scaler, ref_logps, tokens: int) -> None:
+        if self.folder is None or self.save_steps <= 0 or step % self.save_steps:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"fingerprint": self.fingerprint, "step": step, "tokens": tokens,
+                 "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                 "rng": torch.get_rng_state(), "ref_logps": ref_logps}
+        tmp = self.folder / ".state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        fault_point("checkpoint")
+
+    def restore(self, state: dict, model, optimizer, scheduler, scaler) -> None:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)

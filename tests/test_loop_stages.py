@@ -1,0 +1,167 @@
+"""The loop's stages (smoke tier, tiny Llama): alpha decided when training starts, input-file
+hashes, overlap of eval and training prompts, empty answers, relative alpha and base targets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilrdpo.config import TrainSettings, build_config
+from ilrdpo.errors import UserInputError
+from ilrdpo.faults import SimulatedCrash, reset
+from ilrdpo.loop import run_iterations
+from ilrdpo.records import PreferencePair
+
+pytestmark = pytest.mark.smoke
+
+TESTS = Path(__file__).resolve().parent
+SCORER = TESTS / "helpers" / "scorer.py"
+EXAMPLES = TESTS.parent / "examples"
+PAIRS = [PreferencePair(prompt=f"Question {i}?", chosen=f"Answer {i}.", rejected=f"Something else entirely, {i}!")
+         for i in range(12)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_settings(**overrides) -> TrainSettings:
+    values = {"learning_rate": 5e-7, "epochs": 1, "batch_size": 1, "warmup_ratio": 0.0,
+              "lr_scheduler": "constant", "max_length": 128}
+    return TrainSettings(**{**values, **overrides})
+
+
+# --- the loop: alpha, input hashes, empty answers ------------------------------------------------------
+
+TRAIN_PROMPTS = ["What is the capital of France?", "Name a colour.", "What do bees make?", "Say hello."]
+
+
+def loop_config(tiny_model_dir, tmp_path, out: Path, **changes):
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"prompt": p, "id": f"t{i}"}) + "\n" for i, p in enumerate(TRAIN_PROMPTS)))
+    raw = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"}, "data": {"prompts": str(prompts)},
+           "generation": {"num_samples": 3, "max_new_tokens": 6, "temperature": 1.0, "batch_size": 6},
+           "scoring": {"type": "python", "function": f"{SCORER}:char_count"},
+           "pairing": {"skip_truncated": False},
+           "train": {"batch_size": 2, "learning_rate": 1e-3, "warmup_ratio": 0.0, "max_length": 96},
+           "iterations": {"count": 1}, "output_dir": str(out)}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    return build_config(raw)
+
+
+def test_alpha_changed_before_the_train_stage_is_used(tiny_model_dir, tmp_path, monkeypatch):
+    """Stopped in the score stage with alpha 0, resumed with alpha 0.5: no --force needed (train
+    had not started), and training, state.json and the model card all use 0.5."""
+    out = tmp_path / "run"
+    reset()
+    monkeypatch.setenv("ILRDPO_FAULT", "scores.partial.jsonl:1")
+    with pytest.raises(SimulatedCrash):
+        run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.0))
+    monkeypatch.delenv("ILRDPO_FAULT")
+    run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.5))
+    assert json.loads((out / "state.json").read_text())["alpha"] == {"1": 0.5}
+    card = json.loads((out / "iter_1" / "model" / "ilrdpo.json").read_text())
+    assert card["hyperparameters"]["loss.alpha"] == 0.5 and "alpha=0.5" in card["method"]
+    for m in read_jsonl(out / "iter_1" / "metrics.jsonl"):
+        gap = m["length/chosen"] - m["length/rejected"]
+        assert m["length/margin_term"] == pytest.approx(0.5 * gap, abs=1e-5)
+
+
+def test_alpha_changed_after_training_started_needs_force_and_then_holds(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    reset()
+    monkeypatch.setenv("ILRDPO_FAULT", "metrics.partial.jsonl:1")
+    with pytest.raises(SimulatedCrash):
+        run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.0))
+    monkeypatch.delenv("ILRDPO_FAULT")
+    with pytest.raises(UserInputError, match=r"config key 'loss.alpha' changed \(0.0 -> 0.5\); stage 'train'"):
+        run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.5))
+    run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.5, iterations__count=2), force=True)
+    assert json.loads((out / "state.json").read_text())["alpha"] == {"1": 0.5, "2": 0.5}
+
+
+def test_edited_prompts_file_is_refused_on_resume(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    config = loop_config(tiny_model_dir, tmp_path, out)
+    run_iterations(config)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(prompts.read_text().replace("Name a colour.", "Name a metal."))  # same ids
+    with pytest.raises(UserInputError, match="the file named by 'data.prompts' changed .*iteration 1 already ran"):
+        run_iterations(config)
+    run_iterations(config, force=True)
+
+
+def test_eval_prompts_among_training_prompts_are_counted(tiny_model_dir, tmp_path, capfd):
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"prompt": "Say hello."}) + "\n" + json.dumps({"prompt": "Name a planet."}) + "\n")
+    run_iterations(loop_config(tiny_model_dir, tmp_path, tmp_path / "run", data__eval_prompts=str(evals)))
+    assert "1 of 2 eval prompts are also training prompts" in capfd.readouterr().err
+
+
+def eager_eos_model(tiny_model_dir, eos_weight: float):
+    """The tiny Llama, untied, with one residual dimension held at 1 (set in every embedding, written
+    by no layer) that only the EOS row of the head reads: EOS gets a fixed logit bonus."""
+    from transformers import AutoModelForCausalLM
+
+    tied = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = tied.config
+    config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(tied.state_dict(), strict=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(tied.model.embed_tokens.weight)
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[config.eos_token_id, 0] = eos_weight
+    return model
+
+
+def test_a_model_that_often_answers_empty_runs_the_whole_loop(tiny_model_dir, tokenizer, tmp_path):
+    """About half the sampled answers are empty (EOS first): they are never paired, the train
+    stage accepts every pairs file the loop writes, and two iterations finish."""
+    folder = tmp_path / "eager_eos"
+    eager_eos_model(tiny_model_dir, eos_weight=1.4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "run"
+    run_iterations(loop_config(tiny_model_dir, tmp_path, out, model__name_or_path=str(folder),
+                               iterations__count=2, generation__num_samples=4))
+    empty = [not r.strip() for k in (1, 2) for row in read_jsonl(out / f"iter_{k}" / "candidates.jsonl")
+             for r in row["responses"]]
+    assert 0.2 < sum(empty) / len(empty) < 0.9, sum(empty) / len(empty)
+    for k in (1, 2):
+        pairs = read_jsonl(out / f"iter_{k}" / "pairs.jsonl")
+        assert pairs and all(p["chosen"].strip() and p["rejected"].strip() for p in pairs)
+    assert json.loads((out / "state.json").read_text())["finished"]["2"][-1] == "eval"
+
+
+def test_relative_alpha_and_base_targets(tiny_model_dir, tokenizer, tmp_path):
+    """alpha_relative: the per-token alpha used is alpha / median |gap| of the round's pairs;
+    target_length 'base': each pair carries its prompt's mean initial answer length as target;
+    every metrics line reports the share of pairs the length term saturates."""
+    out = tmp_path / "run"
+    run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=1.0, loss__alpha_relative=True,
+                               loss__target_length="base", generation__num_samples=4))
+    pairs = read_jsonl(out / "iter_1" / "pairs.jsonl")
+    candidates = {json.dumps(c["prompt"]): c for c in read_jsonl(out / "iter_1" / "candidates.jsonl")}
+    for pair in pairs:
+        c = candidates[json.dumps(pair["prompt"])]
+        answers = [(n, cut) for n, r, cut in zip(c["n_tokens"], c["responses"], c["truncated"]) if r.strip()]
+        kept = [n for n, cut in answers if not cut] or [n for n, _ in answers]
+        assert pair["target_length"] == round(sum(kept) / len(kept))
+    raw_gaps = sorted(abs(len(tokenizer(p["chosen"], add_special_tokens=False)["input_ids"])
+                          - len(tokenizer(p["rejected"], add_special_tokens=False)["input_ids"])) for p in pairs)
+    state = json.loads((out / "state.json").read_text())
+    assert state["alpha_setting"] == {"1": 1.0}
+    assert state["alpha"]["1"] == pytest.approx(1.0 / max(raw_gaps[len(raw_gaps) // 2], 1))
+    for m in read_jsonl(out / "iter_1" / "metrics.jsonl"):
+        assert 0.0 <= m["length/saturated_share"] <= 1.0

@@ -1,0 +1,81 @@
+"""Mixed precision (smoke tier, tiny Llama): float32 master weights under a half compute dtype.
+
+models.weight_dtype loads full fine-tuning in float32 when model.dtype is bfloat16 or float16;
+train_round runs the forward under autocast and scales a float16 loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilrdpo.config import DataSettings, LossSettings, ModelSettings, TrainSettings
+from ilrdpo.models import load_policy
+from ilrdpo.records import PreferencePair
+from ilrdpo.train import train_round
+
+pytestmark = pytest.mark.smoke
+
+TESTS = Path(__file__).resolve().parent
+SCORER = TESTS / "helpers" / "scorer.py"
+EXAMPLES = TESTS.parent / "examples"
+PAIRS = [PreferencePair(prompt=f"Question {i}?", chosen=f"Answer {i}.", rejected=f"Something else entirely, {i}!")
+         for i in range(12)]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_settings(**overrides) -> TrainSettings:
+    values = {"learning_rate": 5e-7, "epochs": 1, "batch_size": 1, "warmup_ratio": 0.0,
+              "lr_scheduler": "constant", "max_length": 128}
+    return TrainSettings(**{**values, **overrides})
+
+
+# --- mixed precision -------------------------------------------------------------------------------
+
+
+def trained_copy(tiny_model_dir, tokenizer, tmp_path, dtype: str, name: str):
+    """Train a fresh copy loaded as `model.dtype: dtype` (12 steps at lr 5e-7); return
+    (initial weights, trained model, metrics)."""
+    model, _, _ = load_policy(ModelSettings(name_or_path=str(tiny_model_dir), dtype=dtype))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_round(model, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=train_settings(), data=DataSettings(),
+                output_dir=tmp_path / name, compute_dtype={"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                                           "float16": torch.float16}[dtype])
+    return before, model, read_jsonl(tmp_path / name / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_full_finetuning_moves_every_weight(tiny_model_dir, tokenizer, tmp_path, dtype):
+    """model.dtype bfloat16 (or float16 with loss scaling) at lr 5e-7: float32 master weights take
+    updates of ~5e-7 that a bfloat16 weight near 0.02 (step ~1.2e-4) would round away; essentially
+    every trainable weight changes, and the per-step loss follows the float32 run within 0.01
+    (autocast's half-precision matmuls are the only difference)."""
+    before, model, metrics = trained_copy(tiny_model_dir, tokenizer, tmp_path, dtype, dtype)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights
+    changed = {n: (p.detach() != before[n]) for n, p in model.named_parameters() if "embed" not in n}
+    assert torch.cat([c.flatten() for c in changed.values()]).float().mean().item() > 0.99
+    assert min(c.float().mean().item() for c in changed.values()) > 0.95  # norm weights included
+    _, _, reference = trained_copy(tiny_model_dir, tokenizer, tmp_path, "float32", "float32")
+    assert len(metrics) == len(reference) == 12
+    for ours, theirs in zip(metrics, reference):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-2)
+
+
+def test_pure_bfloat16_weights_lose_small_updates(tiny_model_dir, tokenizer, tmp_path):
+    """Why master weights: the same round on weights stored in bfloat16 leaves most unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_round(model, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=train_settings(), data=DataSettings(),
+                output_dir=tmp_path, compute_dtype=torch.bfloat16)
+    changed = torch.cat([(p.detach() != before[n]).flatten() for n, p in model.named_parameters() if "embed" not in n])
+    assert changed.float().mean().item() < 0.2
+
+
