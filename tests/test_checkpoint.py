@@ -3,35 +3,18 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from ilrdpo.config import DataSettings, LossSettings, ModelSettings, TrainSettings
+from helpers import constant_rate, read_jsonl, short_pairs
+from ilrdpo.config import DataSettings, LossSettings, ModelSettings
 from ilrdpo.faults import SimulatedCrash, reset
 from ilrdpo.models import load_policy
-from ilrdpo.records import PreferencePair
 from ilrdpo.train import train_round
 
 pytestmark = pytest.mark.smoke
 
-TESTS = Path(__file__).resolve().parent
-SCORER = TESTS / "helpers" / "scorer.py"
-EXAMPLES = TESTS.parent / "examples"
-PAIRS = [PreferencePair(prompt=f"Question {i}?", chosen=f"Answer {i}.", rejected=f"Something else entirely, {i}!")
-         for i in range(12)]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def train_settings(**overrides) -> TrainSettings:
-    values = {"learning_rate": 5e-7, "epochs": 1, "batch_size": 1, "warmup_ratio": 0.0,
-              "lr_scheduler": "constant", "max_length": 128}
-    return TrainSettings(**{**values, **overrides})
+PAIRS = short_pairs()
 
 
 # --- a round resumed from its checkpoint -------------------------------------------------------------
@@ -42,7 +25,7 @@ def test_killed_round_resumes_from_its_checkpoint_to_the_same_weights(tiny_model
     """save_steps 3 over 12 steps: a round killed after the checkpoint of step 6 resumes there
     (optimizer, scheduler, RNG, data order, reference log-probs restored) and ends with the
     weights and metrics of an uninterrupted round."""
-    settings = train_settings(learning_rate=1e-3, save_steps=3, lr_scheduler="cosine", warmup_ratio=0.2)
+    settings = constant_rate(learning_rate=1e-3, save_steps=3, lr_scheduler="cosine", warmup_ratio=0.2)
 
     def fresh():
         return load_policy(ModelSettings(name_or_path=str(tiny_model_dir), dtype="float32"))[0]
@@ -76,10 +59,10 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_model_dir, tokenizer, 
     reset()
     monkeypatch.setenv("ILRDPO_FAULT", "checkpoint:1")
     with pytest.raises(SimulatedCrash):
-        train_round(fresh(), tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=train_settings(save_steps=3),
+        train_round(fresh(), tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=constant_rate(save_steps=3),
                     data=DataSettings(), output_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoint")
     monkeypatch.delenv("ILRDPO_FAULT")
-    result = train_round(fresh(), tokenizer, PAIRS, loss=LossSettings(beta=0.2), train=train_settings(save_steps=3),
+    result = train_round(fresh(), tokenizer, PAIRS, loss=LossSettings(beta=0.2), train=constant_rate(save_steps=3),
                          data=DataSettings(), output_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoint")
     assert result.resumed_from == 0 and len(read_jsonl(tmp_path / "metrics.jsonl")) == 12
 

@@ -1,4 +1,5 @@
-"""The offline demo: bundled data checks (fast) and the quick demo end to end (slow, CI runs it)."""
+"""The offline demo: bundled data and the multi-seed study's arithmetic (fast), the quick demo end to
+end (slow, CI runs it)."""
 
 from __future__ import annotations
 
@@ -10,22 +11,40 @@ import time
 
 import pytest
 
-from ilrdpo.demo import bundled_prompts, demo_configs
+from ilrdpo.demo import ARMS, bundled_prompts, demo_configs
+from ilrdpo.demo.study import check_claim, study_table
+from ilrdpo.evaluation.plots import plot_bands
 from ilrdpo.records import read_prompts
+
+PNG = b"\x89PNG\r\n\x1a\n"
+QUICK_DEMO_BUDGET_S = 420  # `ilrdpo demo --quick` on 2 CPU cores; measured about 4 minutes alone
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def test_bundled_prompts_are_split_and_carry_references():
     train, held_out = read_prompts(bundled_prompts("train")), read_prompts(bundled_prompts("eval"))
     assert len(train) + len(held_out) >= 300 and len(held_out) >= 60
     assert all(p.reference for p in train + held_out)
-    normalise = lambda text: " ".join(text.lower().split())
-    assert not {normalise(p.prompt) for p in train} & {normalise(p.prompt) for p in held_out}
+    assert not {_normalise(p.prompt) for p in train} & {_normalise(p.prompt) for p in held_out}
 
 
-def test_demo_arms_differ_only_in_alpha(tmp_path):
+def test_second_held_out_set_is_new_and_has_references():
+    second = read_prompts(bundled_prompts("heldout"))
+    assert len(second) >= 100 and all(p.reference for p in second)
+    assert len({p.id for p in second}) == len(second)
+    seen = {_normalise(p.prompt) for split in ("train", "eval") for p in read_prompts(bundled_prompts(split))}
+    assert not seen & {_normalise(p.prompt) for p in second}
+
+
+def test_demo_arms_differ_only_in_the_length_margin(tmp_path):
     configs = demo_configs(tmp_path, quick=True)
     idpo, ilrdpo = configs["idpo"].model_dump(), configs["ilrdpo"].model_dump()
     assert idpo["loss"].pop("alpha") == 0.0 and ilrdpo["loss"].pop("alpha") > 0
+    assert idpo["iterations"]["alpha_control"].pop("mode") == "constant"  # vanilla: alpha stays 0
+    ilrdpo["iterations"]["alpha_control"].pop("mode")
     assert idpo.pop("output_dir") != ilrdpo.pop("output_dir")
     assert idpo == ilrdpo
     # the eval prompts are never trained on
@@ -33,9 +52,70 @@ def test_demo_arms_differ_only_in_alpha(tmp_path):
     assert not train & {p.id for p in read_prompts(configs["idpo"].data.eval_prompts)}
 
 
+def test_study_arms_are_overrides(tmp_path):
+    arms = {**ARMS, "rel2": ["loss.alpha_relative=true", "loss.alpha=2"]}
+    configs = demo_configs(tmp_path, quick=True, arms=arms, sizes={"iterations": 1, "n_eval": 5})
+    assert list(configs) == list(arms)
+    assert configs["rel2"].loss.alpha_relative and configs["rel2"].loss.alpha == 2
+    assert configs["idpo"].iterations.count == 1
+    assert len(read_prompts(configs["rel2"].data.eval_prompts)) == 5
+
+
+def _rows(method_lengths, vanilla_lengths, method_quality, vanilla_quality):
+    """Two seeds, base length 40 and quality 0.70 on both; values per iteration 1..2 per seed."""
+    rows = []
+    for seed in (0, 1):
+        for arm in ("idpo", "ilrdpo"):
+            rows.append({"arm": arm, "seed": seed, "iteration": 0, "eval_length": 40.0, "eval_quality": 0.70})
+        for k in (1, 2):
+            rows.append({"arm": "ilrdpo", "seed": seed, "iteration": k, "eval_length": method_lengths[seed][k - 1],
+                         "eval_quality": method_quality})
+            rows.append({"arm": "idpo", "seed": seed, "iteration": k, "eval_length": vanilla_lengths[seed][k - 1],
+                         "eval_quality": vanilla_quality})
+    return rows
+
+
+def test_claim_holds_within_the_length_limits():
+    """iLR-DPO at 44 and 36 tokens (+10%, -10% of 40) on both seeds: mean 0%, worst seed 10%;
+    vanilla at 60 (+50%); quality 0.72 >= base 0.70 and >= vanilla 0.71."""
+    rows = _rows({0: [44, 44], 1: [36, 36]}, {0: [60, 60], 1: [60, 60]}, 0.72, 0.71)
+    assert check_claim(rows, "eval") == []
+
+
+def test_claim_names_each_failure():
+    """Seed 0 at 54 tokens (+35%) breaks the per-seed 25% limit; the mean (54 + 44) / 2 = 49 is
+    +22.5%, over 15%; vanilla at 48 (+20%) is under 25% growth; quality 0.69 < base 0.70 and
+    < vanilla 0.71."""
+    rows = _rows({0: [54, 54], 1: [44, 44]}, {0: [48, 48], 1: [48, 48]}, 0.69, 0.71)
+    failures = check_claim(rows, "eval")
+    text = "\n".join(failures)
+    assert "mean quality 0.6900 < base 0.7000" in text
+    assert "iter 1: ilrdpo mean length +22% of base" in text or "+23%" in text
+    assert "a seed's ilrdpo length +35%" in text
+    assert "ilrdpo quality 0.6900 < idpo 0.7100" in text
+    assert "idpo length only +20%" in text
+    assert len(failures) == 1 + 2 * 4
+
+
+def test_study_table_gives_mean_and_range():
+    rows = _rows({0: [44, 44], 1: [36, 36]}, {0: [60, 60], 1: [60, 60]}, 0.72, 0.71)
+    table = "\n".join(study_table(rows, ["idpo", "ilrdpo"]))
+    assert "| base | 0 | 2 | 40.0 (40.0..40.0) |" in table
+    assert "| ilrdpo | 1 | 2 | 40.0 (36.0..44.0) | 0.7200 (0.7200..0.7200) |" in table
+    assert table.count("| base |") == 1
+
+
+def test_plot_bands_draws_a_png(tmp_path):
+    bands = {"idpo": {0: [40, 42], 1: [60, 80]}, "ilrdpo": {0: [40, 42], 1: [38, 45]}}
+    assert plot_bands({"length": bands, "empty": {"idpo": {}}}, tmp_path / "b.png", title="t")
+    assert (tmp_path / "b.png").read_bytes()[:8] == PNG
+    assert not plot_bands({"empty": {"idpo": {}}}, tmp_path / "none.png")
+
+
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """`ilrdpo demo --quick`: both arms, a report with its table and plots, within its budget."""
+    """`ilrdpo demo --quick`: both arms, the second held-out set, a report with its table and
+    plots, within its time budget."""
     env = {**os.environ, "ILRDPO_QUIET": "1", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "ilrdpo.cli", "demo", "--quick", "--out", str(tmp_path)],
@@ -44,14 +124,18 @@ def test_quick_demo_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     assert "idpo" in report and "ilrdpo" in report
-    for png in (tmp_path / "plots").glob("*.png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert pngs, "the report drew no plots"
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG
         assert f"plots/{png.name}" in report
     for arm in ("idpo", "ilrdpo"):
         state = json.loads((tmp_path / arm / "state.json").read_text())
         assert all("eval" in stages for stages in state["finished"].values())
         assert (tmp_path / arm / "iter_2" / "eval.json").exists()
+        held_out = json.loads((tmp_path / arm / "heldout" / "iter_2.json").read_text())
+        assert held_out["text"]["rougeL"] is not None
     # iteration 1's samples are shared: the same base model, prompts and seed
     same = [(tmp_path / arm / "iter_1" / "pairs.jsonl").read_text() for arm in ("idpo", "ilrdpo")]
     assert same[0] == same[1]
-    print(f"quick demo: {elapsed:.0f} s")
+    assert elapsed < QUICK_DEMO_BUDGET_S, f"quick demo took {elapsed:.0f} s, budget {QUICK_DEMO_BUDGET_S} s"

@@ -6,34 +6,17 @@ train_round runs the forward under autocast and scales a float16 loss.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from ilrdpo.config import DataSettings, LossSettings, ModelSettings, TrainSettings
+from helpers import constant_rate, read_jsonl, short_pairs
+from ilrdpo.config import DataSettings, LossSettings, ModelSettings
 from ilrdpo.models import load_policy
-from ilrdpo.records import PreferencePair
 from ilrdpo.train import train_round
 
 pytestmark = pytest.mark.smoke
 
-TESTS = Path(__file__).resolve().parent
-SCORER = TESTS / "helpers" / "scorer.py"
-EXAMPLES = TESTS.parent / "examples"
-PAIRS = [PreferencePair(prompt=f"Question {i}?", chosen=f"Answer {i}.", rejected=f"Something else entirely, {i}!")
-         for i in range(12)]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def train_settings(**overrides) -> TrainSettings:
-    values = {"learning_rate": 5e-7, "epochs": 1, "batch_size": 1, "warmup_ratio": 0.0,
-              "lr_scheduler": "constant", "max_length": 128}
-    return TrainSettings(**{**values, **overrides})
+PAIRS = short_pairs()
 
 
 # --- mixed precision -------------------------------------------------------------------------------
@@ -44,7 +27,7 @@ def trained_copy(tiny_model_dir, tokenizer, tmp_path, dtype: str, name: str):
     (initial weights, trained model, metrics)."""
     model, _, _ = load_policy(ModelSettings(name_or_path=str(tiny_model_dir), dtype=dtype))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_round(model, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=train_settings(), data=DataSettings(),
+    train_round(model, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=constant_rate(), data=DataSettings(),
                 output_dir=tmp_path / name, compute_dtype={"float32": torch.float32, "bfloat16": torch.bfloat16,
                                                            "float16": torch.float16}[dtype])
     return before, model, read_jsonl(tmp_path / name / "metrics.jsonl")
@@ -73,7 +56,7 @@ def test_pure_bfloat16_weights_lose_small_updates(tiny_model_dir, tokenizer, tmp
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_round(model, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=train_settings(), data=DataSettings(),
+    train_round(model, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=constant_rate(), data=DataSettings(),
                 output_dir=tmp_path, compute_dtype=torch.bfloat16)
     changed = torch.cat([(p.detach() != before[n]).flatten() for n, p in model.named_parameters() if "embed" not in n])
     assert changed.float().mean().item() < 0.2

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -11,29 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from ilrdpo.config import TrainSettings, build_config
+from helpers import EXAMPLES, short_pairs
+from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.offline import run_offline
-from ilrdpo.records import PreferencePair
 from ilrdpo.rundir import RunDir
 
 pytestmark = pytest.mark.smoke
 
-TESTS = Path(__file__).resolve().parent
-SCORER = TESTS / "helpers" / "scorer.py"
-EXAMPLES = TESTS.parent / "examples"
-PAIRS = [PreferencePair(prompt=f"Question {i}?", chosen=f"Answer {i}.", rejected=f"Something else entirely, {i}!")
-         for i in range(12)]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def train_settings(**overrides) -> TrainSettings:
-    values = {"learning_rate": 5e-7, "epochs": 1, "batch_size": 1, "warmup_ratio": 0.0,
-              "lr_scheduler": "constant", "max_length": 128}
-    return TrainSettings(**{**values, **overrides})
+PAIRS = short_pairs()
 
 
 # --- the run directory -------------------------------------------------------------------------------
