@@ -59,6 +59,6 @@ def test_pure_bfloat16_weights_lose_small_updates(tiny_model_dir, tokenizer, tmp
     train_round(model, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=constant_rate(), data=DataSettings(),
                 output_dir=tmp_path, compute_dtype=torch.bfloat16)
     changed = torch.cat([(p.detach() != before[n]).flatten() for n, p in model.named_parameters() if "embed" not in n])
-    assert changed.float().mean().item() < 0.2
+    assert changed.float().mean().item() < 0.05  # measured: 1.0%
 
 
