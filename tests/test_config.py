@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ilrdpo.config import (
@@ -37,7 +39,7 @@ def test_unknown_key_in_file_is_named(tmp_path, yaml_text, key):
     path = write(tmp_path / "c.yaml", yaml_text)
     with pytest.raises(UserInputError) as info:
         load_config(path)
-    assert str(info.value) == f"{path}: unknown config key '{key}'"
+    assert str(info.value).startswith(f"{path}: unknown config key '{key}'")
     assert info.value.exit_code == 2
 
 
@@ -141,3 +143,25 @@ def test_field_docs_cover_every_key():
     assert {"model.name_or_path", "model.lora.r", "loss.alpha", "loss.target_length", "train.max_length",
             "iterations.alpha_control.mode", "eval.judge.*", "seed"} <= keys
     assert all(doc for key, _, doc in field_docs() if not key.endswith("*"))
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"loss": {"alpah": 0.1}}, "unknown config key 'loss.alpah' (did you mean 'loss.alpha'?)"),
+    ({"trian": {}}, "unknown config key 'trian' (did you mean 'train'?)"),
+    ({"per_device_train_batch": 4}, "did you mean 'per_device_train_batch_size'?"),
+])
+def test_unknown_keys_suggest_the_nearest(data, message):
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        build_config(data)
+
+
+def test_trl_names_land_on_the_project_keys():
+    """A DPOConfig-style flat config: every TRL name maps to one project key."""
+    config = build_config({"learning_rate": 5e-7, "num_train_epochs": 2, "per_device_train_batch_size": 8,
+                           "gradient_accumulation_steps": 4, "max_length": 512, "max_prompt_length": 128,
+                           "lr_scheduler_type": "linear", "beta": 0.05, "loss_type": "ipo", "report_to": "none",
+                           "train": {"warmup_ratio": 0.2}})
+    assert (config.train.learning_rate, config.train.epochs, config.train.batch_size, config.train.grad_accum,
+            config.train.max_length, config.train.max_prompt_length, config.train.lr_scheduler,
+            config.loss.beta, config.loss.type, config.train.report_to, config.train.warmup_ratio) == (
+        5e-7, 2, 8, 4, 512, 128, "linear", 0.05, "ipo", [], 0.2)

@@ -6,6 +6,7 @@ key anywhere is an error that names it.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,7 +95,8 @@ class ScoringSettings(Section):
     )
     function: str | None = Field(
         None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
-        "fn(prompts, responses) -> list[float]. Runs only when named here.",
+        "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward-function form; prompts as text or "
+        "messages; kwargs id, reference, target_length). Runs only when named here.",
     )
     batch_size: int = Field(32, ge=1, description="Answers scored together.")
     length_bias: float = Field(
@@ -154,6 +156,13 @@ class TrainSettings(Section):
         default_factory=list, description="Also log metrics to these trackers (through accelerate)."
     )
     logits_chunk: int = Field(1024, ge=1, description="Answer positions per chunk of the log-prob head.")
+    prefix_sharing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Compute each prompt once for both answers (one row prompt+chosen+rejected with a "
+        "mask that keeps the answers apart); same log-probs as two rows. auto = on on CPU, off on CUDA "
+        "(not measured there yet); used where the attention takes a 4D mask (sdpa, eager).")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="Split each optimizer step's batch_size x grad_accum pairs into micro-batches "
+        "of at most this many positions (padding included); same gradient. Default: micro-batches of batch_size.")
     save_steps: int = Field(
         100, ge=0, description="Checkpoint (weights, optimizer, scheduler, RNG) every N steps; a killed round "
         "resumes from the last one to the same weights. 0 = off.")
@@ -264,7 +273,8 @@ def explain_validation_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"{source}: unknown config key '{key}'"
+        near = difflib.get_close_matches(key, [*all_keys(), *TRL_ALIASES, *SECTION_NAMES], n=1, cutoff=0.6)
+        return f"{source}: unknown config key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "")
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "finite_number":
         message = "must be a finite number, not NaN or infinity"
@@ -274,10 +284,59 @@ def explain_validation_error(error: ValidationError, source: str) -> str:
     return f"{source}: config key '{key}': {message}"
 
 
+# TRL's DPOConfig names, accepted at the top level (as in a DPOConfig) or in their section.
+TRL_ALIASES = {
+    "learning_rate": "train.learning_rate", "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "max_length": "train.max_length", "max_prompt_length": "train.max_prompt_length",
+    "warmup_ratio": "train.warmup_ratio", "lr_scheduler_type": "train.lr_scheduler",
+    "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
+    "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to",
+    "save_steps": "train.save_steps", "beta": "loss.beta", "loss_type": "loss.type",
+    "label_smoothing": "loss.label_smoothing", "ld_alpha": "loss.ld_alpha", "simpo_gamma": "loss.simpo_gamma",
+    "model_name_or_path": "model.name_or_path",
+}
+
+
+def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted config key."""
+    keys = []
+    for name, field in (model or Config).model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += all_keys(annotation, f"{prefix}{name}.")
+            continue
+        keys.append(f"{prefix}{name}")
+        nested = {"lora": LoraSettings, "judge": ScoringSettings}.get(name)
+        if nested is not None:
+            keys += all_keys(nested, f"{prefix}{name}.")
+    return keys
+
+
+def apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
+    """Move TRL-named keys (top level or inside their section) to the project's keys."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for alias, target in TRL_ALIASES.items():
+        section, _, name = target.rpartition(".")
+        places = [(data, alias)] + ([(data[section], alias)] if isinstance(data.get(section), dict) else [])
+        for holder, key in places:
+            if key not in holder:
+                continue
+            value = holder.pop(key)
+            if alias == "report_to" and isinstance(value, str):
+                value = [] if value == "none" else [value]
+            node = data.setdefault(section, {}) if section else data
+            if name in node and node[name] != value:
+                raise UserInputError(f"config keys '{alias}' (TRL's name) and '{target}' are both set, to different "
+                                     "values; keep one")
+            node[name] = value
+    return data
+
+
 def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
     # A section whose keys are all commented out reads as null: treat it as empty.
     data = {k: ({} if v is None and k in SECTION_NAMES else v) for k, v in data.items()}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = apply_aliases(_merge(data, parse_overrides(overrides or [])))
     try:
         return Config.model_validate(data)
     except ValidationError as error:
@@ -342,4 +401,6 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
             rows.extend(field_docs(LoraSettings, key + "."))
         if name == "judge":
             rows.append((key + ".*", "", "same keys as the scoring section"))
+    if not prefix:
+        rows += [(alias, "", f"TRL's DPOConfig name, accepted for {target}") for alias, target in TRL_ALIASES.items()]
     return rows

@@ -246,7 +246,7 @@ def generation_stats(rundir: RunDir, t: int) -> dict:
 
 
 def summary_line(s: dict) -> str:
-    parts = [f"iter {s['iteration']}", f"alpha={s['alpha']:.3g}"]
+    parts = [f"iter {s['iteration']}"] + ([f"alpha={s['alpha']:.3g}"] if s.get("alpha") is not None else [])
     if "pairs/count" in s:
         parts.append(f"pairs={s['pairs/count']}")
     if "reward_mean" in s:

@@ -31,7 +31,7 @@ from ilrdpo.records import (
     write_jsonl,
 )
 from ilrdpo.rundir import RunDir, check_resume, input_hashes
-from ilrdpo.scoring import build_scorer, score_in_batches, shaped_rewards
+from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.train import autocast, pair_reference_logps, train_round
 
 # --- alpha control -------------------------------------------------------------------------------
@@ -64,9 +64,9 @@ class IterativeRun:
     directory (lock, resume checks, config history, scorer); run() does the iterations.
     """
 
-    def __init__(self, config: Config, force: bool = False) -> None:
-        check_config(config, "run")
-        self.config, self.force = config, force
+    def __init__(self, config: Config, force: bool = False, scorer: Scorer | None = None) -> None:
+        check_config(config, "run", scorer_given=scorer is not None)
+        self.config, self.force, self.given_scorer = config, force, scorer
         self.dir = RunDir(config.output_dir)
         self.prompts = read_prompts(config.data.prompts, config.data.max_examples)
         self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
@@ -94,7 +94,7 @@ class IterativeRun:
             console.print(f"[yellow]{len(overlap)} of {len(self.eval_prompts)} eval prompts are also training "
                           "prompts: their win rates are not held-out figures[/yellow]")
         with stage("load scorer", self.timings):
-            self.scorer = build_scorer(self.config.scoring)
+            self.scorer = self.given_scorer or build_scorer(self.config.scoring)
             self.judge = self.scorer if self.config.eval.judge is None else build_scorer(self.config.eval.judge)
 
     # models: loaded from disk at the start of each iteration, so a resumed run and an
@@ -293,10 +293,22 @@ def no_pairs_reason(sets: list[CandidateSet]) -> str:
     return "all answers tied, identical, empty or truncated; raise generation.temperature or num_samples"
 
 
-def run_iterations(config: Config, force: bool = False) -> list[dict]:
-    """`ilrdpo run`: all iterations, resuming whatever is already finished in output_dir."""
-    run = IterativeRun(config, force)
+def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = None) -> list[dict]:
+    """`ilrdpo run`: all iterations, resuming whatever is already finished in output_dir.
+    scorer: a Scorer object used instead of the one the scoring section describes."""
+    run = IterativeRun(config, force, scorer)
     with run.dir.locked("ilrdpo run"):
         run.open()
         run.dir.announce()
-        return run.run()
+        summaries = run.run()
+    print_run_summary(run.dir, config, summaries)
+    return summaries
+
+
+def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict]) -> None:
+    """The end of a run: where the final model is, each iteration's line, what to run next."""
+    final = rundir.file(config.iterations.count, "model")
+    console.print(f"final model: {final}")
+    for summary in summaries:
+        console.print("  " + summary_line(summary))
+    console.print(f"report: ilrdpo report {rundir.root} --out {rundir.root / 'report'}")

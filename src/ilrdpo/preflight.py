@@ -26,8 +26,9 @@ TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("w
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def check_config(config: Config, command: Command) -> None:
-    """Settings and input files a command needs; raises UserInputError naming the key or FILE:LINE."""
+def check_config(config: Config, command: Command, scorer_given: bool = False) -> None:
+    """Settings and input files a command needs; raises UserInputError naming the key or FILE:LINE.
+    scorer_given: the Python API passed the scorer as a callable, so the scoring section names none."""
     if command == "train" and not config.data.pairs:
         raise UserInputError("data.pairs is required for `ilrdpo train` (a JSONL file or a dataset)")
     if command == "train" and config.loss.target_length == "base":
@@ -48,7 +49,8 @@ def check_config(config: Config, command: Command) -> None:
         check_pairs_file(config)
     else:
         check_prompt_files(config)
-        check_scorer(config.scoring, "scoring")
+        if not scorer_given:
+            check_scorer(config.scoring, "scoring")
         if config.eval.judge is not None:
             check_scorer(config.eval.judge, "eval.judge")
 

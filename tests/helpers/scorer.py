@@ -19,9 +19,10 @@ def one_short(prompts, responses):
     return [0.0] * (len(responses) - 1)
 
 
-def fails_on_training_prompts(prompts, responses):
+def fails_on_training_prompts(prompts, completions, id, **kwargs):
     """char_count for the eval prompts (ids 'e...'), an error for the training prompts (ids 't...'):
-    stops a run right after iteration 1's generation."""
-    if any(p.id.startswith("t") for p in prompts):
+    stops a run right after iteration 1's generation. TRL's form: the prompts file's id column
+    arrives as a keyword list."""
+    if any(i.startswith("t") for i in id):
         raise RuntimeError("scorer unavailable for training prompts")
-    return char_count(prompts, responses)
+    return char_count(prompts, completions)

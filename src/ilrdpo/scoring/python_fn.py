@@ -1,14 +1,21 @@
-"""A user's scoring function, imported only because the config names it.
+"""A user's scoring function: imported only because the config names it, or passed as a callable.
 
-scoring.function: "path/to/file.py:fn" or "package.module:fn"; called as
-fn(prompts: list[Prompt], responses: list[str]) -> list[float]. Each Prompt has .prompt
-(string or messages), .id, .reference and .target_length.
+scoring.function: "path/to/file.py:fn" or "package.module:fn". The function has TRL's
+reward-function signature,
+
+    fn(prompts, completions, **kwargs) -> list[float]
+
+with prompts as strings or message lists (as in the prompts file) and completions as strings;
+the prompts file's other columns arrive as keyword lists, one value per completion: id,
+reference, target_length (each passed only if the function names it or takes **kwargs).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 from ilrdpo.config import ScoringSettings
@@ -73,18 +80,32 @@ def load_function(spec: str):
     return fn
 
 
+COLUMNS = ("id", "reference", "target_length")  # prompt-file columns passed as keyword lists
+
+
+def call_reward_function(fn: Callable, prompts: list[Prompt], completions: list[str]):
+    """fn(prompts, completions, **columns) in TRL's form: prompts as text or messages."""
+    parameters = inspect.signature(fn).parameters.values()
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    named = {p.name for p in parameters}
+    columns = {name: [getattr(p, name) for p in prompts] for name in COLUMNS if takes_all or name in named}
+    return fn([p.prompt for p in prompts], completions, **columns)
+
+
 class PythonScorer:
-    def __init__(self, settings: ScoringSettings) -> None:
-        if not settings.function:
+    """Scores with a user function: named in the config (settings.function) or given as `fn`."""
+
+    def __init__(self, settings: ScoringSettings, fn: Callable | None = None) -> None:
+        if fn is None and not settings.function:
             raise UserInputError("scoring.function is required for scoring.type=python")
-        self.fn = load_function(settings.function)
-        self.spec = settings.function
-        self.name = f"scoring.function '{settings.function}'"
+        self.fn = fn if fn is not None else load_function(settings.function)
+        self.spec = settings.function or getattr(fn, "__name__", "callable")
+        self.name = f"scoring.function '{self.spec}'"
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
         where = f"scoring.function '{self.spec}'"
         try:
-            returned = self.fn(prompts, responses)
+            returned = call_reward_function(self.fn, prompts, responses)
         except Exception as error:  # noqa: BLE001 - the user's code: its failure is theirs to fix, as one line
             first = f", first prompt '{prompts[0].id}'" if prompts else ""
             raise UserInputError(f"{where} raised {type(error).__name__}: {_first_line(error)} "
