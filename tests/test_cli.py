@@ -156,3 +156,27 @@ def test_lora_run_saves_adapter_and_merged_weights(monkeypatch, tiny_model_dir, 
     merged_logps = answer_logps(merged, tokenizer)
     torch.testing.assert_close(merged_logps, answer_logps(adapted, tokenizer), rtol=1e-5, atol=1e-4)
     assert (merged_logps - answer_logps(base, tokenizer)).abs().max() > 1e-2  # the adapter learned something
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["c.yaml", "loss.beta=1"], ("c.yaml", ["loss.beta=1"])),
+    (["loss.beta=1"], (None, ["loss.beta=1"])),
+    (["--config", "c.yaml", "--beta", "0.2", "--loss.alpha=0.1", "--gradient-checkpointing", "seed=3"],
+     ("c.yaml", ["beta=0.2", "loss.alpha=0.1", "gradient_checkpointing=true", "seed=3"])),
+])
+def test_config_and_overrides_in_every_form(args, expected):
+    """TRL-style `--key value` flags and `--config` next to `key=value` (typer hands unknown
+    options of train/run through as arguments)."""
+    from ilrdpo.cli import _split_config
+
+    assert _split_config(args[0], args[1:]) == expected
+
+
+def test_trl_flag_on_the_command_line_overrides_the_file(monkeypatch, tmp_path, capsys):
+    """`--beta 0.2` (TRL's name) beats the file's loss.beta and reaches the config: the run stops
+    only at the missing pairs file, after the config was built."""
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("loss:\n  beta: 0.3\n")
+    code = call_main(monkeypatch, ["train", "--config", str(config_file), "--beta", "0.2",
+                                   "data.pairs=missing.jsonl", f"output_dir={tmp_path / 'o'}"])
+    assert code == 2 and capsys.readouterr().err == "error: missing.jsonl: file not found\n"

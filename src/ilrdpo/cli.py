@@ -8,7 +8,7 @@ import sys
 import typer
 
 from ilrdpo.config import GenerationSettings
-from ilrdpo.errors import IlrdpoError
+from ilrdpo.errors import IlrdpoError, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Iterative Length-Regularized DPO: better answers without longer answers.")
@@ -32,7 +32,12 @@ GENERATION = GenerationSettings()
 OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.alpha=0.05")
 
 
-@app.command()
+# `--key value`, `--key=value` and `--config FILE` are accepted next to `key=value` (TRL's style).
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+CONFIG_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
+
+
+@app.command(**CONFIG_ARGS)
 def train(config: str | None = typer.Argument(None, help="YAML config (omit for defaults)"),
           overrides: list[str] | None = OVERRIDES,
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a trained model in output_dir")) -> None:
@@ -44,7 +49,7 @@ def train(config: str | None = typer.Argument(None, help="YAML config (omit for 
     run_offline(load_config(config, overrides), overwrite=overwrite)
 
 
-@app.command()
+@app.command(**CONFIG_ARGS)
 def run(config: str | None = typer.Argument(None, help="YAML config"),
         overrides: list[str] | None = OVERRIDES,
         force: bool = typer.Option(False, "--force", help="Continue even if the config changed under finished work")) -> None:
@@ -97,12 +102,21 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Fewer prompts and iterations (about 4 minutes)"),
     model: str | None = typer.Option(None, "--model", help="Base policy (default: bundled SmolLM2-135M-Instruct)"),
     seed: int = typer.Option(0, help="Seed for both arms"),
+    seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: the demo once "
+                                     "per seed (OUT/seed_S) and a table of mean and spread (OUT/study.md)"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Vanilla iterative DPO vs iLR-DPO offline: quality up, length not."""
-    from ilrdpo.demo import run_demo
+    from ilrdpo.demo import run_demo, run_study
 
-    run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
+    if seeds is None:
+        run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
+        return
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
+    run_study(out, seed_list, quick=quick, model=model, overrides=list(overrides or []))
 
 
 @app.command()
@@ -136,11 +150,31 @@ def config_help() -> None:
 
 
 def _split_config(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
-    """Allow `ilrdpo train k=v` with no config file: a first argument with '=' is an override."""
-    overrides = list(overrides or [])
-    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        return None, [config, *overrides]
-    return config, overrides
+    """The config file and the overrides, from `CONFIG k=v ...`, `k=v ...` (no file),
+    `--config CONFIG`, `--key value` and `--key=value` in any mix; `--flag` alone means true."""
+    tokens = [t for t in (config, *(overrides or [])) if t is not None]
+    path, out, i = None, [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("--"):
+            key, sep, value = token[2:].partition("=")
+            if not sep:
+                following = tokens[i + 1] if i + 1 < len(tokens) else "--"
+                has_value = not following.startswith("--") and not OVERRIDE.match(following)
+                value, i = (tokens[i + 1], i + 1) if has_value else ("true", i)
+            if key == "config":
+                path = value
+            else:
+                out.append(f"{key.replace('-', '_')}={value}")
+        elif "=" in token and not token.endswith((".yaml", ".yml")):
+            out.append(token)
+        elif path is None:
+            path = token
+        else:
+            raise UserInputError(f"override {token!r}: expected section.key=value (or --key value); "
+                                 f"the config file is '{path}'")
+        i += 1
+    return path, out
 
 
 def _usage_line(error: typer.TyperException) -> str:

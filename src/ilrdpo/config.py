@@ -336,7 +336,8 @@ def apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
 def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
     # A section whose keys are all commented out reads as null: treat it as empty.
     data = {k: ({} if v is None and k in SECTION_NAMES else v) for k, v in data.items()}
-    data = apply_aliases(_merge(data, parse_overrides(overrides or [])))
+    # aliases resolved per source, so a command-line `beta` overrides a file's `loss.beta`
+    data = _merge(apply_aliases(data), apply_aliases(parse_overrides(overrides or [])))
     try:
         return Config.model_validate(data)
     except ValidationError as error:
