@@ -54,6 +54,9 @@ class ModelSettings(Section):
         False, description="Load a pickle checkpoint (pytorch_model.bin), which can run code when loaded. "
         "Off: only safetensors are loaded.")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
+    push_to_hub: str | None = Field(
+        None, description="Hub repository (org/name) to upload the trained model to: `ilrdpo train`'s model, or the "
+        "final iteration's model of `ilrdpo run`, with a model card carrying base_model, datasets and the eval table.")
 
 
 class DataSettings(Section):
@@ -294,7 +297,8 @@ TRL_ALIASES = {
     "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to",
     "save_steps": "train.save_steps", "beta": "loss.beta", "loss_type": "loss.type",
     "label_smoothing": "loss.label_smoothing", "ld_alpha": "loss.ld_alpha", "simpo_gamma": "loss.simpo_gamma",
-    "model_name_or_path": "model.name_or_path",
+    "model_name_or_path": "model.name_or_path", "push_to_hub": "model.push_to_hub",
+    "hub_model_id": "model.push_to_hub",
 }
 
 

@@ -14,8 +14,9 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.evaluate import evaluate_iteration, summary_line
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
+from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss import method_name
-from ilrdpo.models import hyperparameters, load_policy, load_saved_policy, resolve_dtype, save_model
+from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype, save_model
 from ilrdpo.pairing import pair_all
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
@@ -301,8 +302,21 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
         run.open()
         run.dir.announce()
         summaries = run.run()
+        if config.model.push_to_hub:
+            publish_final_model(run.dir, config, summaries)
     print_run_summary(run.dir, config, summaries)
     return summaries
+
+
+def publish_final_model(rundir: RunDir, config: Config, summaries: list[dict]) -> str:
+    """The final iteration's model, its card completed with every iteration's evaluation, to the hub."""
+    folder = rundir.file(config.iterations.count, "model")
+    info = json.loads((folder / "ilrdpo.json").read_text())
+    info["eval"] = summaries
+    atomic_write_text(folder / "README.md", model_card(info))
+    url = push_to_hub(folder, config.model.push_to_hub)
+    console.print(f"uploaded: {url}")
+    return url
 
 
 def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict]) -> None:

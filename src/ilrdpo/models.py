@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from ilrdpo.config import Config, LoraSettings, ModelSettings
+from ilrdpo.config import LoraSettings, ModelSettings
 from ilrdpo.errors import UserInputError
+from ilrdpo.hub import model_card
 
 # Models that ship inside PyPI packages, so the demo and tests run offline:
 # name -> (package, file inside the package folder or None for the folder itself).
@@ -232,29 +233,6 @@ def add_lora(model, lora: LoraSettings):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def hyperparameters(config: Config) -> dict[str, Any]:
-    """The flat loss/train/LoRA/seed settings a model card lists."""
-    flat = {f"loss.{k}": v for k, v in config.loss.model_dump().items()}
-    flat.update({f"train.{k}": v for k, v in config.train.model_dump().items() if k != "report_to"})
-    flat["model.lora"] = "none" if config.model.lora is None else str(config.model.lora.model_dump())
-    flat["seed"] = config.seed
-    return flat
-
-
-def model_card(info: dict[str, Any]) -> str:
-    hyper = "\n".join(f"- {k}: {v}" for k, v in info.get("hyperparameters", {}).items())
-    metrics = "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
-                        for k, v in info.get("metrics", {}).items())
-    return (
-        "---\nlibrary_name: transformers\ntags: [ilrdpo, dpo, lr-dpo]\n---\n\n"
-        f"# {info.get('title', 'ilrdpo model')}\n\n"
-        f"- Base model: {info.get('base_model', '?')}\n"
-        f"- Method: {info.get('method', 'LR-DPO')} (ilrdpo)\n"
-        f"- Data: {info.get('data', '?')}\n\n"
-        f"## Hyperparameters\n\n{hyper or '-'}\n\n## Final metrics\n\n{metrics or '-'}\n"
-    )
 
 
 def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False) -> Path:

@@ -7,8 +7,9 @@ from pathlib import Path
 from ilrdpo.config import Config
 from ilrdpo.data import load_pairs
 from ilrdpo.errors import UserInputError
+from ilrdpo.hub import hyperparameters, push_to_hub
 from ilrdpo.loss import method_name
-from ilrdpo.models import hyperparameters, load_policy, resolve_dtype, save_model
+from ilrdpo.models import load_policy, resolve_dtype, save_model
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, stage
 from ilrdpo.rundir import RunDir
@@ -43,9 +44,12 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
         method = method_name(config.loss.type, config.loss.alpha)
         card = {"title": f"{Path(base_path).name} + {method}", "base_model": config.model.name_or_path,
                 "method": method, "data": f"{config.data.pairs} ({len(pairs)} pairs)",
+                "datasets": [] if Path(config.data.pairs).exists() else [config.data.pairs],
                 "hyperparameters": hyperparameters(config), "metrics": result.final}
         with stage("save"):
             model_dir = save_model(model, tokenizer, model_dir, card, merge_lora=config.model.merge_lora)
     console.print(f"saved {model_dir}  ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s, "
                   f"final loss {result.final.get('loss', float('nan')):.4f})")
+    if config.model.push_to_hub:
+        console.print(f"uploaded: {push_to_hub(model_dir, config.model.push_to_hub)}")
     return model_dir, result

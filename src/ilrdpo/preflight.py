@@ -23,6 +23,7 @@ Command = Literal["run", "train"]
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 # Python packages each train.report_to tracker needs (any one of them).
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -41,6 +42,9 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
             raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
     check_output_dir(Path(config.output_dir), command)
+    if config.model.push_to_hub and not HUB_REPO.fullmatch(config.model.push_to_hub):
+        raise UserInputError(f"config key 'model.push_to_hub': '{config.model.push_to_hub}' is not a hub repository "
+                             "id; use org/name")
     check_trackers(config.train.report_to)
     model_config = check_model(config.model)
     if model_config is not None:

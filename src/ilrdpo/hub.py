@@ -1,0 +1,82 @@
+"""Model cards and the Hugging Face Hub: what a saved model says about itself, and its upload.
+
+The card's YAML header carries what the hub reads (base_model, datasets, tags, pipeline_tag);
+its body the method, the hyperparameters, the final training metrics and, for `ilrdpo run`,
+the evaluation of every iteration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ilrdpo.config import Config
+from ilrdpo.errors import UserInputError
+
+
+def hyperparameters(config: Config) -> dict[str, Any]:
+    """The flat loss/train/LoRA/seed settings a model card lists."""
+    flat = {f"loss.{k}": v for k, v in config.loss.model_dump().items()}
+    flat.update({f"train.{k}": v for k, v in config.train.model_dump().items() if k != "report_to"})
+    flat["model.lora"] = "none" if config.model.lora is None else str(config.model.lora.model_dump())
+    flat["seed"] = config.seed
+    return flat
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """README.md of a saved model. info: title, base_model, method, data, datasets (hub names),
+    hyperparameters, metrics, eval (rows of iteration, length, quality, win rate, LC win rate)."""
+    header = {"library_name": "transformers", "pipeline_tag": "text-generation",
+              "tags": ["ilrdpo", "dpo", "lr-dpo", "trl"]}
+    if info.get("base_model") and not str(info["base_model"]).startswith(("/", ".", "bundled:")):
+        header["base_model"] = str(info["base_model"])
+    if info.get("datasets"):
+        header["datasets"] = list(info["datasets"])
+    hyper = "\n".join(f"- {k}: {v}" for k, v in info.get("hyperparameters", {}).items())
+    metrics = "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
+                        for k, v in info.get("metrics", {}).items())
+    return (
+        f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
+        f"# {info.get('title', 'ilrdpo model')}\n\n"
+        f"- Base model: {info.get('base_model', '?')}\n"
+        f"- Method: {info.get('method', 'LR-DPO')} (ilrdpo)\n"
+        f"- Data: {info.get('data', '?')}\n\n"
+        f"## Hyperparameters\n\n{hyper or '-'}\n\n## Final metrics\n\n{metrics or '-'}\n"
+        + eval_table(info.get("eval") or [])
+    )
+
+
+def eval_table(rows: list[dict[str, Any]]) -> str:
+    """The per-iteration evaluation as a markdown section ('' without rows)."""
+    if not rows:
+        return ""
+    def cell(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| iteration | alpha | mean length (tokens) | quality | win rate vs initial | LC win rate vs initial |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = r.get("vs_initial") or {}
+        lines.append(f"| {r['iteration']} | {cell(r.get('alpha'), '.3g')} | "
+                     f"{cell((r.get('length') or {}).get('tokens_mean'), '.1f')} | {cell(r.get('quality_mean'), '.4f')} | "
+                     f"{cell(vs.get('win_rate'), '.1f')} | {cell(vs.get('lc_win_rate'), '.1f')} |")
+    return "\n## Evaluation (per iteration, eval prompts)\n\n" + "\n".join(lines) + "\n"
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Create (if needed) the hub repository and upload a saved model folder; returns its URL.
+    Authentication is huggingface_hub's own (HF_TOKEN or `hf auth login`)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message=f"Upload {Path(folder).name} (ilrdpo)")
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise UserInputError(f"model.push_to_hub '{repo_id}': upload failed ({type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    return f"https://huggingface.co/{repo_id}"
