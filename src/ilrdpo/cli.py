@@ -97,6 +97,34 @@ def evaluate(
 
 
 @app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA) or hub id"),
+    prompts: str = typer.Option(..., "--prompts", help="Prompts JSONL (strings or message lists; target_length optional)"),
+    out: str = typer.Option(..., "--out", help="Output JSONL: prompt, response, candidates"),
+    num_samples: int = typer.Option(4, "--num-samples", min=1, help="Answers sampled per prompt"),
+    best_of: bool = typer.Option(False, "--best-of", help="Keep the best-scored answer (needs --scorer)"),
+    scorer: str | None = typer.Option(None, "--scorer", help="YAML with scoring-section keys"),
+    target_length: float | None = typer.Option(None, "--target-length", help="Prefer answers near this length"),
+    length_unit: str = typer.Option("tokens", "--length-unit", help="tokens or chars"),
+    length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per unit of |length - target|"),
+    max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest answer in tokens"),
+    temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
+    top_p: float = typer.Option(GENERATION.top_p, help="Nucleus sampling mass"),
+    seed: int = typer.Option(0, help="Sampling seed"),
+) -> None:
+    """N answers per prompt from a trained model; --best-of keeps the best under a scorer and a target length."""
+    from ilrdpo.evaluate import load_judge_settings
+    from ilrdpo.generation.best_of import Rerank, generate_file
+
+    if length_unit not in ("tokens", "chars"):
+        raise UserInputError(f"option '--length-unit': '{length_unit}' is not tokens or chars")
+    generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    generate_file(model, prompts, out, num_samples=num_samples, best_of=best_of, seed=seed, generation=generation,
+                  scorer=load_judge_settings(scorer) if scorer else None,
+                  rerank=Rerank(target_length, length_unit, length_weight))
+
+
+@app.command()
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Folder for both arms and the report"),
     quick: bool = typer.Option(False, "--quick", help="Fewer prompts and iterations (about 4 minutes)"),
