@@ -207,3 +207,25 @@ def test_reward_model_needs_a_model():
 def test_reward_model_that_cannot_load_is_a_user_error(tmp_path):
     with pytest.raises(UserInputError, match="scoring.model"):
         build_scorer(ScoringSettings(type="reward_model", model=str(tmp_path / "nothing")), CPU)
+
+
+def test_reward_model_cuts_long_texts_from_the_left(reward_model_dir):
+    """max_length 24: the text keeps its last 24 tokens (the answer and the end of the prompt),
+    scored exactly as those 24 tokens alone; the cut is counted."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    scorer = build_scorer(ScoringSettings(type="reward_model", model=str(reward_model_dir)), CPU)
+    scorer.max_length = 24
+    prompt = Prompt(prompt="Tell me " + "a very long story " * 10, id="long")
+    answer = "The end."
+    (score,) = scorer.score([prompt], [answer])
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    messages = as_messages(prompt.prompt) + [{"role": "assistant", "content": answer}]
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True)
+    ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    assert len(ids) > 24 and scorer.truncated == 1
+    model = LlamaForSequenceClassification.from_pretrained(reward_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids[-24:]])).logits[0, 0].item()
+    assert score == pytest.approx(expected, abs=1e-5)
+    assert tokenizer.decode(ids[-24:]).count("The end.") == 1

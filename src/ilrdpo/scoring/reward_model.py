@@ -1,4 +1,9 @@
-"""A sequence-classification reward model: prompt and answer in its own chat template."""
+"""A sequence-classification reward model: prompt and answer in its own chat template.
+
+A text longer than the model's limit is cut from the left: the prompt goes first and the answer
+being judged is never cut before the prompt is gone. Every cut is counted (`truncated`) and
+reported once per scoring call.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import torch
 from ilrdpo.config import ScoringSettings
 from ilrdpo.data import as_messages
 from ilrdpo.errors import UserInputError
+from ilrdpo.progress import console
 from ilrdpo.records import Prompt
 
 
@@ -25,10 +31,12 @@ class RewardModelScorer:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"  # keep the end: the answer under judgement
         self.model.to(device).eval()
         self.device = device
         self.name = f"reward model '{settings.model}'"
         self.max_length = min(getattr(self.tokenizer, "model_max_length", 4096) or 4096, 4096)
+        self.truncated = 0  # texts cut to max_length so far
 
     def _text(self, prompt: Prompt, response: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -41,8 +49,14 @@ class RewardModelScorer:
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
         texts = [self._text(p, r) for p, r in zip(prompts, responses)]
         # The chat template already holds the special tokens.
+        special = not getattr(self.tokenizer, "chat_template", None)
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
+        cut = sum(n > self.max_length for n in lengths)
+        if cut:
+            self.truncated += cut
+            console.print(f"[yellow]{self.name}: {cut} of {len(texts)} texts longer than {self.max_length} tokens "
+                          f"were cut from the left (prompt first; {self.truncated} so far)[/yellow]")
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                               max_length=self.max_length,
-                               add_special_tokens=not getattr(self.tokenizer, "chat_template", None))
+                               max_length=self.max_length, add_special_tokens=special)
         logits = self.model(**batch.to(self.device)).logits  # (B, num_labels)
         return logits[:, 0].float().cpu().tolist()
