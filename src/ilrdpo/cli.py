@@ -124,6 +124,21 @@ def generate(
                   rerank=Rerank(target_length, length_unit, length_weight))
 
 
+@app.command(**CONFIG_ARGS)
+def tune(config: str | None = typer.Argument(None, help="YAML config with a tune section"),
+         overrides: list[str] | None = OVERRIDES,
+         trials: int = typer.Option(10, "--trials", min=1, help="Trials to run in this invocation"),
+         storage: str | None = typer.Option(None, "--storage", help="optuna storage URL (default OUT/study.db)"),
+         study: str | None = typer.Option(None, "--study", help="Study name (default the output folder's name)"),
+         resume: bool = typer.Option(False, "--resume", help="Add trials to an existing study")) -> None:
+    """Hyperparameter search (optuna): each trial a short `ilrdpo run`; best config, Pareto set and plots."""
+    from ilrdpo.config import load_config
+    from ilrdpo.tuning import tune as run_tune
+
+    config, overrides = _split_config(config, overrides)
+    run_tune(load_config(config, overrides), trials=trials, storage=storage, study_name=study, resume=resume)
+
+
 @app.command()
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Folder for both arms and the report"),

@@ -205,6 +205,38 @@ class EvalSettings(Section):
         "coefficient (AlpacaEval's gamed baselines). Costs two extra eval passes.")
 
 
+class SearchDimension(Section):
+    type: Literal["log_uniform", "uniform", "int", "categorical"] = Field(..., description="Distribution.")
+    low: float | None = Field(None, description="Lower bound (log_uniform, uniform, int).")
+    high: float | None = Field(None, description="Upper bound (log_uniform, uniform, int).")
+    choices: list[Any] | None = Field(None, description="Values (categorical).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs choices")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension needs low < high")
+        elif self.type == "log_uniform" and self.low <= 0:
+            raise ValueError("a log_uniform dimension needs low > 0")
+        return self
+
+
+class TuneSettings(Section):
+    space: dict[str, SearchDimension] = Field(
+        default_factory=dict, description="Config key -> search dimension; empty = ilrdpo.tuning.DEFAULT_SPACE "
+        "(learning rate, beta, alpha).")
+    objectives: list[str] = Field(
+        default_factory=lambda: ["vs_initial_quality.lc_win_rate:maximize"],
+        description="'eval.json key:maximize|minimize', one or several (several = a Pareto front), read from the last "
+        "iteration's eval.json, e.g. vs_initial.lc_win_rate, quality_mean, length.tokens_mean.")
+    sampler: Literal["auto", "gp", "tpe", "nsga2"] = Field(
+        "auto", description="auto = Gaussian-process BO for one objective and up to 30 trials, TPE beyond, NSGA-II "
+        "for several objectives.")
+    prune: bool = Field(True, description="Stop poor trials after an iteration (one objective only; median rule).")
+
+
 class Config(Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings = Field(default_factory=DataSettings)
@@ -215,6 +247,7 @@ class Config(Section):
     train: TrainSettings = Field(default_factory=TrainSettings)
     iterations: IterationSettings = Field(default_factory=IterationSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
     output_dir: str = Field("runs/default", description="Run directory.")
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
 

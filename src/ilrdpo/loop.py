@@ -130,11 +130,15 @@ class IterativeRun:
         self._stage(t, "eval", lambda: self.evaluate(t))
         return json.loads(self.dir.file(t, "eval.json").read_text())
 
+    def run_stage(self, t: int, name: str) -> None:
+        """Stage `name` of iteration t, unless state.json has it finished."""
+        work = {"generate": self.generate, "score": self.score, "pair": self.pair, "train": self.train,
+                "eval": self.evaluate}[name]
+        self._stage(t, name, lambda: work(t))
+
     def iteration(self, t: int) -> dict:
-        self._stage(t, "generate", lambda: self.generate(t))
-        self._stage(t, "score", lambda: self.score(t))
-        self._stage(t, "pair", lambda: self.pair(t))
-        self._stage(t, "train", lambda: self.train(t))
+        for name in ("generate", "score", "pair", "train"):
+            self.run_stage(t, name)
         summary = self._evaluation(t)
         console.print(summary_line(summary))
         return summary

@@ -271,6 +271,21 @@ class RunDir:
             atomic_write_text(self.history_dir / f"{n:03d}.yaml", old)
         atomic_write_text(self.config_path, text)
 
+    def adopt(self, source: RunDir, stages: dict[int, list[str]]) -> None:
+        """Copy finished stages' files from another run directory and mark them finished here:
+        for work that does not depend on the settings that differ (a study's trials, the demo's arms)."""
+        state = self.state()
+        for t, names in stages.items():
+            self.iteration(t).mkdir(parents=True, exist_ok=True)
+            files = {f for name in names for f in STAGE_FILES[name]}
+            if t == 0 and "eval" in names:
+                files |= set(ANCHOR_FILES.values())
+            for name in sorted(files):
+                if source.file(t, name).is_file():
+                    shutil.copy2(source.file(t, name), self.file(t, name))
+            for name in names:
+                state.mark(t, name)
+
     # --- debris of killed writers --------------------------------------------------------------
     def remove_debris(self) -> list[Path]:
         """Temp files of interrupted atomic writes and staging folders of interrupted model saves.
