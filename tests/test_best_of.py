@@ -110,3 +110,28 @@ def test_generate_command(tiny_model_dir, tmp_path, prompt_file, monkeypatch):
     rows = read_jsonl(out)
     assert {"id", "prompt", "response", "kept", "candidates"} <= rows[0].keys()
     assert {"text", "score", "n_tokens", "n_chars", "truncated"} <= rows[0]["candidates"][0].keys()
+
+
+RECIPES = [("summarize.jsonl", "summarize-scorer.yaml", "4", "25"), ("dialogue.jsonl", "dialogue-scorer.yaml", "5", "30")]
+
+
+@pytest.mark.slow  # the bundled SmolLM2-135M and MiniLM: about a minute each on 2 CPU cores
+@pytest.mark.parametrize("prompts,scorer,n,target", RECIPES, ids=["summaries", "dialogue"])
+def test_recipe_runs_offline_on_the_bundled_models(tmp_path, monkeypatch, capsys, prompts, scorer, n, target):
+    import sys
+    from pathlib import Path
+
+    from ilrdpo import cli
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(sys, "argv", ["ilrdpo", "generate", "--model", "bundled:smollm2-135m-instruct",
+                                      "--prompts", str(root / "examples" / prompts), "--num-samples", n, "--best-of",
+                                      "--scorer", str(root / "configs" / scorer), "--target-length", target,
+                                      "--length-weight", "0.01", "--max-new-tokens", "48", "--out", str(out)])
+    cli.main()
+    rows = read_jsonl(out)
+    assert rows and all(len(r["candidates"]) == int(n) and r["response"].strip() for r in rows)
+    assert all(-1.0 <= c["score"] <= 1.0 for r in rows for c in r["candidates"])
+    if prompts == "summarize.jsonl":
+        assert "ROUGE-L" in capsys.readouterr().err

@@ -96,6 +96,9 @@ class ScoringSettings(Section):
         None, description="Reward model (reward_model) or sentence-transformers model "
         "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'.",
     )
+    compare_to: Literal["reference", "prompt"] = Field(
+        "reference", description="embedding_similarity: compare the answer with the prompt's reference answer, or "
+        "with the prompt itself (the document to summarise, the conversation's last user turn).")
     function: str | None = Field(
         None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
         "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward-function form; prompts as text or "

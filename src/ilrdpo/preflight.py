@@ -234,7 +234,8 @@ def check_pairs_file(config: Config) -> None:
 
 
 def _needs_reference(settings: ScoringSettings, key: str) -> str | None:
-    return f"{key}.type embedding_similarity" if settings.type == "embedding_similarity" else None
+    needs = settings.type == "embedding_similarity" and settings.compare_to == "reference"
+    return f"{key}.type embedding_similarity" if needs else None
 
 
 def check_prompt_files(config: Config) -> None:

@@ -74,7 +74,22 @@ def generate_file(model: str, prompts_path: str, out: str | Path, *, num_samples
     write_jsonl(out, rows)
     console.print(f"wrote {out} ({len(rows)} prompts x {num_samples} samples"
                   + (", best-of reranked" if best_of else "") + ")")
+    print_summary(prompts, rows, rerank)
     return rows
+
+
+def print_summary(prompts: list[Prompt], rows: list[dict[str, Any]], rerank: Rerank) -> None:
+    """Mean length of the kept answers and, where every prompt has a reference, ROUGE and chrF."""
+    from ilrdpo.evaluation.text_metrics import text_metrics
+
+    kept = [row["candidates"][row["kept"]] for row in rows]
+    lengths = [answer_length(c["n_tokens"], c["text"], rerank.length_unit) for c in kept]
+    line = f"kept answers: mean length {sum(lengths) / len(lengths):.1f} {rerank.length_unit}"
+    references = [p.reference for p in prompts]
+    if all(references):
+        metrics = text_metrics([c["text"] for c in kept], references)
+        line += f", ROUGE-L {metrics['rougeL']:.3f}, chrF {metrics['chrf']:.1f} against the references"
+    console.print(line)
 
 
 def _row(prompt: Prompt, samples) -> dict[str, Any]:

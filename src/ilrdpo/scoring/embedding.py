@@ -1,4 +1,5 @@
-"""Quality as cosine similarity between an answer and the prompt's reference answer."""
+"""Quality as cosine similarity between an answer and the prompt's reference answer (or the prompt:
+the document a summary should cover, the last user turn a reply should answer)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,23 @@ class EmbeddingScorer:
         self.model = load_sentence_model(settings.model, device)
         self.name = f"embedding_similarity scorer '{settings.model or DEFAULT_MODEL}'"
         self.batch_size = settings.batch_size
+        self.compare_to = settings.compare_to
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
-        missing = [p.id for p in prompts if not p.reference]
-        if missing:
-            raise UserInputError(f"prompt '{missing[0]}' has no 'reference'; embedding_similarity needs one")
-        texts = [p.reference for p in prompts] + list(responses)
+        if self.compare_to == "prompt":
+            targets = [p.prompt if isinstance(p.prompt, str) else last_user_turn(p.prompt) for p in prompts]
+        else:
+            missing = [p.id for p in prompts if not p.reference]
+            if missing:
+                raise UserInputError(f"prompt '{missing[0]}' has no 'reference'; embedding_similarity needs one "
+                                     "(or scoring.compare_to: prompt)")
+            targets = [p.reference for p in prompts]
+        texts = targets + list(responses)
         emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
                                 normalize_embeddings=True, show_progress_bar=False)  # (2n, D)
         refs, answers = emb[:len(prompts)], emb[len(prompts):]
         return (refs * answers).sum(-1).float().cpu().tolist()
+
+
+def last_user_turn(messages: list[dict[str, str]]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
