@@ -198,11 +198,24 @@ def test_finished_progress_file_samples_nothing(tiny_model, tokenizer, tmp_path)
     assert calls == []
 
 
-def test_prompt_longer_than_the_context_names_the_prompt(tiny_model, tokenizer):
-    """The tiny model's context is 512 positions; 600 words do not fit."""
-    prompts = PROMPTS[:2] + [Prompt(prompt="word " * 600, id="too-long")]
+def test_prompt_longer_than_the_context_names_the_prompt(tokenizer):
+    """data.on_long_prompt=error: a prompt that does not fit is an error naming it."""
+    prompt = Prompt(prompt="word " * 600, id="too-long")
     with pytest.raises(UserInputError, match=r"prompt 'too-long' is \d+ tokens.*context of 512"):
-        generate(tiny_model, tokenizer, prompts=prompts)
+        encode_prompts(tokenizer, [prompt], DATA.model_copy(update={"on_long_prompt": "error"}), max_new_tokens=8,
+                       context=512)
+
+
+def test_prompt_longer_than_the_context_keeps_its_end(tiny_model, tokenizer, capfd):
+    """The default: the tiny model's context is 512 positions; 600 words keep their last 504
+    tokens (the end of the text and the generation prompt), counted in a warning, and generate."""
+    long = Prompt(prompt="word " * 600, id="too-long")
+    (ids,) = encode_prompts(tokenizer, [long], DATA, max_new_tokens=8, context=512)
+    full = chat_ids(tokenizer, long.prompt)
+    assert ids == full[-504:]
+    assert "1 of 1 prompts longer than the context" in capfd.readouterr().err
+    result = generate(tiny_model, tokenizer, prompts=PROMPTS[:1] + [long])
+    assert len(result["too-long"]) == 2
 
 
 def test_context_check_boundary(tokenizer):
@@ -211,7 +224,8 @@ def test_context_check_boundary(tokenizer):
     n = len(chat_ids(tokenizer, "Hi"))
     assert encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=8, context=n + 8) == [chat_ids(tokenizer, "Hi")]
     with pytest.raises(UserInputError, match="prompt 'hi'"):
-        encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=8, context=n + 7)
+        encode_prompts(tokenizer, [prompt], DATA.model_copy(update={"on_long_prompt": "error"}), max_new_tokens=8,
+                       context=n + 7)
 
 
 def test_top_k_zero_samples_from_the_whole_vocabulary(tiny_model, tokenizer):

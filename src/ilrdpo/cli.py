@@ -111,15 +111,20 @@ def generate(
     temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
     top_p: float = typer.Option(GENERATION.top_p, help="Nucleus sampling mass"),
     seed: int = typer.Option(0, help="Sampling seed"),
+    on_long_prompt: str = typer.Option("truncate", "--on-long-prompt", help="truncate (keep the end) or error"),
 ) -> None:
     """N answers per prompt from a trained model; --best-of keeps the best under a scorer and a target length."""
+    from ilrdpo.config import DataSettings
     from ilrdpo.evaluate import load_judge_settings
     from ilrdpo.generation.best_of import Rerank, generate_file
 
     if length_unit not in ("tokens", "chars"):
         raise UserInputError(f"option '--length-unit': '{length_unit}' is not tokens or chars")
     generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if on_long_prompt not in ("truncate", "error"):
+        raise UserInputError(f"option '--on-long-prompt': '{on_long_prompt}' is not truncate or error")
     generate_file(model, prompts, out, num_samples=num_samples, best_of=best_of, seed=seed, generation=generation,
+                  data=DataSettings(on_long_prompt=on_long_prompt),
                   scorer=load_judge_settings(scorer) if scorer else None,
                   rerank=Rerank(target_length, length_unit, length_weight))
 

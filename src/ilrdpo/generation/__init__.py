@@ -20,7 +20,7 @@ import torch
 from ilrdpo.config import DataSettings, GenerationSettings
 from ilrdpo.data import count_tokens, encode_prompt
 from ilrdpo.errors import UserInputError
-from ilrdpo.progress import progress_bar
+from ilrdpo.progress import console, progress_bar
 from ilrdpo.records import Prompt, append_jsonl, recover_jsonl
 
 
@@ -127,15 +127,22 @@ def context_length(model) -> int | None:
 
 def encode_prompts(tokenizer, prompts: list[Prompt], data: DataSettings, max_new_tokens: int,
                    context: int | None, source: str = "prompts") -> list[list[int]]:
-    """Prompt ids; a prompt that leaves no room for the answer is an error naming it."""
-    encoded = []
+    """Prompt ids. A prompt that leaves no room for the answer keeps its end (the instruction and
+    the generation prompt sit there), counted in one warning; with data.on_long_prompt=error it
+    is an error naming it."""
+    encoded, cut = [], 0
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt.prompt, data.use_chat_template, data.system_prompt)
         if context is not None and len(ids) + max_new_tokens > context:
-            raise UserInputError(
-                f"{source}: prompt '{prompt.id}' is {len(ids)} tokens; with max_new_tokens="
-                f"{max_new_tokens} it exceeds the model's context of {context} tokens")
+            if data.on_long_prompt == "error" or max_new_tokens >= context:
+                raise UserInputError(
+                    f"{source}: prompt '{prompt.id}' is {len(ids)} tokens; with max_new_tokens="
+                    f"{max_new_tokens} it exceeds the model's context of {context} tokens")
+            ids, cut = ids[len(ids) + max_new_tokens - context:], cut + 1
         encoded.append(ids)
+    if cut:
+        console.print(f"[yellow]{source}: {cut} of {len(prompts)} prompts longer than the context allows "
+                      f"({context} tokens with max_new_tokens={max_new_tokens}) keep only their end[/yellow]")
     return encoded
 
 
