@@ -129,6 +129,28 @@ def generate(
                   rerank=Rerank(target_length, length_unit, length_weight))
 
 
+@app.command()
+def chat(
+    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA) or hub id"),
+    best_of: int = typer.Option(1, "--best-of", min=1, help="Sample N candidates per turn and keep the best"),
+    scorer: str | None = typer.Option(None, "--scorer", help="YAML with scoring-section keys (for --best-of)"),
+    target_length: float | None = typer.Option(None, "--target-length", help="Prefer replies near this length"),
+    length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per token from the target"),
+    system_prompt: str | None = typer.Option(None, "--system", help="System message"),
+    max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest reply in tokens"),
+    temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
+    verbose: bool = typer.Option(False, "--verbose", help="Show every candidate with its score"),
+) -> None:
+    """Chat with a model in the terminal (/reset, /save FILE, /quit); input may be piped in."""
+    from ilrdpo.chat import run_chat
+    from ilrdpo.evaluate import load_judge_settings
+    from ilrdpo.generation.best_of import Rerank
+
+    run_chat(model, best_of=best_of, scorer=load_judge_settings(scorer) if scorer else None,
+             rerank=Rerank(target_length, "tokens", length_weight), system_prompt=system_prompt, verbose=verbose,
+             generation=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+
+
 @app.command(**CONFIG_ARGS)
 def tune(config: str | None = typer.Argument(None, help="YAML config with a tune section"),
          overrides: list[str] | None = OVERRIDES,
