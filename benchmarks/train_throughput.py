@@ -7,17 +7,22 @@ TRL runs with precompute_ref_log_probs=True and no gradient checkpointing, as do
 (its reference pass is always a one-off pass before training).
 
     python benchmarks/train_throughput.py                       # tiny Llama on CPU, < 2 min
+    python benchmarks/train_throughput.py --size 135m --threads 1   # SmolLM2-135M shape on CPU
     python benchmarks/train_throughput.py --size 0.5b --device cuda --batch 8 --steps 20 --warmup 5
 
 What is measured (identically for both systems):
 
-* tokens/s: real (non-padding) prompt+answer tokens of the chosen and rejected rows of the
-  timed steps, divided by the wall time from the end of the last warmup step to the end of the
-  last step. The tokens are counted by one forward pre-hook on the decoder (the sum of the
-  attention mask of each forward run with gradients on), so the count does not depend on
-  either system's bookkeeping. The reference pass runs before the first training step in both
-  systems and is outside the timed window. Step end times come from TRL's on_step_end callback
-  and from the per-step `elapsed_s` that train_round writes to metrics.jsonl.
+* tokens/s: pair tokens of the timed steps (real prompt+answer tokens of the chosen and
+  rejected rows, the prompt counted twice), divided by the wall time from the end of the last
+  warmup step to the end of the last step; the same unit whether a system computes each prompt
+  twice (TRL, ilrdpo with prefix sharing off) or once (ilrdpo's prefix sharing). TRL's are
+  counted by a forward pre-hook on the decoder (the attention mask of its one forward a step),
+  ilrdpo's come from `tokens` in metrics.jsonl; their totals are checked against the data. The
+  hook also counts the positions each system computes and their padding. The reference pass
+  runs before the first training step in both systems and is outside the timed window. Step
+  end times come from TRL's on_step_end callback and from the per-step `elapsed_s` that
+  train_round writes to metrics.jsonl. Tokens per CPU-second use the process CPU time between
+  the same optimizer steps (less sensitive than wall time to other load on the machine).
 * peak memory: each system runs in its own fresh subprocess of this invocation. On CUDA,
   torch.cuda.max_memory_allocated(), reset when the first training forward starts (after the
   reference pass); the model's weights are included. On CPU, the peak resident set size of the
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -54,6 +60,12 @@ SIZES = {
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32000,
              "max_position_embeddings": 2048, "plen": (8, 48), "rlen": (8, 64),
              "batch": 4, "steps": 8, "warmup": 2},
+    # SmolLM2-135M shape (the demo's model): Llama, 30 layers, hidden 576, 9 heads / 3 kv heads,
+    # vocab 49,152, tied head; lengths like the demo's pairs.
+    "135m": {"arch": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+             "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+             "max_position_embeddings": 8192, "rope_theta": 100000.0, "plen": (32, 128), "rlen": (32, 160),
+             "batch": 4, "steps": 6, "warmup": 2},
     # Qwen2.5-0.5B shape: 24 layers, hidden 896, 14 heads / 2 kv heads, vocab 151,936, tied head.
     "0.5b": {"arch": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
              "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
@@ -79,7 +91,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads in each worker "
                    "(default: torch's own choice, one per core)")
     p.add_argument("--systems", default="ilrdpo,trl", help="comma-separated, run in this order")
+    p.add_argument("--prefix-sharing", choices=["auto", "on", "off"], default="auto",
+                   help="ilrdpo's train.prefix_sharing (auto: on on CPU, off on CUDA)")
+    p.add_argument("--max-tokens-per-batch", type=int, default=None,
+                   help="ilrdpo's train.max_tokens_per_batch (default: micro-batches of --batch pairs)")
     p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the device's dense bfloat16 peak for model FLOP/s utilisation on CUDA "
+                   "(default: H100/H200 SXM, 989)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -186,8 +205,11 @@ class Meter:
         import torch
 
         self.torch, self.device = torch, device
-        self.step_tokens: list = []  # real tokens of each training forward
-        self.step_slots: list[int] = []  # rows x width, padding included
+        self.forward_tokens: list = []  # real (non-padding) positions of each training forward
+        self.forward_slots: list[int] = []  # rows x width, padding included
+        self.forward_step: list[int] = []  # optimizer steps taken before each training forward
+        self.optimizer_steps = 0
+        self.step_cpu_s: list[float] = []  # process CPU time at each optimizer step's end
         self.first_train_forward_t: float | None = None
         self._sampler: threading.Thread | None = None
         self._sampling = False
@@ -199,18 +221,30 @@ class Meter:
             self.baseline = _proc_status_bytes("VmRSS")
         self.method = None
         model.get_decoder().register_forward_pre_hook(self._hook, with_kwargs=True)
+        # Both systems step a torch optimizer once per optimizer step: it attributes forwards to steps.
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(self._count_step)
+
+    def _count_step(self, *_):
+        self.optimizer_steps += 1
+        self.step_cpu_s.append(time.process_time())
 
     def _hook(self, module, args, kwargs):
         if not self.torch.is_grad_enabled():
             return
-        mask = kwargs.get("attention_mask")
-        if mask is None:
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+        if mask is None or (mask.ndim == 4 and ids is None):
             raise RuntimeError("training forward without attention_mask: cannot count its real tokens")
         if self.first_train_forward_t is None:  # the training phase starts here
             self.first_train_forward_t = time.perf_counter()
             self._start_window()
-        self.step_tokens.append(mask.sum())  # a tensor: no device sync inside the timed steps
-        self.step_slots.append(mask.numel())
+        self.forward_step.append(self.optimizer_steps)
+        # a tensor: no device sync inside the timed steps. A 4D mask (ilrdpo's prefix sharing:
+        # prompt + chosen + rejected in one row) says nothing about padding; the ids do (PAD is
+        # never a word of the synthetic data).
+        self.forward_tokens.append(mask.sum() if mask.ndim == 2 else (ids != PAD).sum())
+        self.forward_slots.append(mask.shape[0] * mask.shape[-1])
 
     def _start_window(self):
         if self.device == "cuda":
@@ -253,25 +287,36 @@ class Meter:
                 "peak_increase_bytes": peak - self.baseline, "memory_method": self.method}
 
 
-def summarise(a, meter: Meter, step_end_times: list[float], t_call: float) -> dict:
-    """Timed window: from the end of warmup step `a.warmup` to the end of the last step."""
+def summarise(a, meter: Meter, step_end_times: list[float], step_tokens: list[int], t_call: float) -> dict:
+    """Timed window: from the end of warmup step `a.warmup` to the end of the last step.
+
+    step_tokens: the pair tokens (2 x prompt + chosen + rejected) of each step, the throughput
+    unit of both systems; a system that computes each prompt once computes fewer positions
+    (`computed_positions`) for the same pairs."""
     n_steps = a.warmup + a.steps
-    meter.step_tokens = [int(t) for t in meter.step_tokens]
-    if len(meter.step_tokens) != n_steps or len(step_end_times) != n_steps:
-        raise RuntimeError(f"expected {n_steps} steps, saw {len(meter.step_tokens)} training forwards "
+    if len(step_tokens) != n_steps or len(step_end_times) != n_steps:
+        raise RuntimeError(f"expected {n_steps} steps, saw {len(step_tokens)} step token counts "
                            f"and {len(step_end_times)} step ends")
     window = step_end_times[-1] - step_end_times[a.warmup - 1]
-    tokens = sum(meter.step_tokens[a.warmup:])
-    slots = sum(meter.step_slots[a.warmup:])
+    # CPU time of the same steps (optimizer step to optimizer step): on a shared machine the wall
+    # time depends on what else runs, the CPU time much less (compare at the same --threads).
+    cpu_window = meter.step_cpu_s[-1] - meter.step_cpu_s[a.warmup - 1]
+    tokens = sum(step_tokens[a.warmup:])
+    timed = [step >= a.warmup for step in meter.forward_step]
+    positions = sum(int(n) for n, on in zip(meter.forward_tokens, timed) if on)
+    slots = sum(n for n, on in zip(meter.forward_slots, timed) if on)
     step_s = [t1 - t0 for t0, t1 in zip(step_end_times[a.warmup - 1:], step_end_times[a.warmup:])]
     return {
         "tokens_per_s": tokens / window,
+        "tokens_per_cpu_s": tokens / cpu_window,
         "timed_tokens": tokens,
         "timed_s": window,
         "step_median_s": sorted(step_s)[len(step_s) // 2],
         "step_s": [round(s, 4) for s in step_s],
-        "padding_fraction": 1 - tokens / slots,
-        "all_tokens": sum(meter.step_tokens),
+        "padding_fraction": 1 - positions / slots,
+        "computed_positions": positions,
+        "forwards_per_step": sum(timed) / a.steps,
+        "all_tokens": sum(step_tokens),
         "setup_and_ref_s": meter.first_train_forward_t - t_call,
         **meter.finish(),
     }
@@ -291,7 +336,8 @@ def worker_ilrdpo(a, rows) -> dict:
     loss = LossSettings(type="sigmoid", beta=a.beta, alpha=0.0)
     train = TrainSettings(learning_rate=a.lr, epochs=1.0, batch_size=a.batch, grad_accum=1,
                           max_length=a.max_length, warmup_ratio=0.0, lr_scheduler="constant",
-                          weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False)
+                          weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False,
+                          prefix_sharing=a.prefix_sharing, max_tokens_per_batch=a.max_tokens_per_batch)
     data = DataSettings(use_chat_template=False)
     # The same call train_round makes, for the identity check only (not timed, before the model).
     examples = tokenize_pairs(tok, pairs, max_length=train.max_length,
@@ -307,12 +353,15 @@ def worker_ilrdpo(a, rows) -> dict:
     t_call = time.perf_counter()
     train_round(model, tok, pairs, loss=loss, train=train, data=data, output_dir=out, seed=a.seed)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    result = summarise(a, meter, [r["elapsed_s"] for r in records], t_call)
-    # cross-check: train_round's own token count (2*prompt + chosen + rejected) equals the hook's
-    if records[-1]["tokens"] != result["all_tokens"]:
-        raise RuntimeError(f"token counts differ: metrics.jsonl {records[-1]['tokens']}, "
-                           f"hook {result['all_tokens']}")
-    result.update(digest=digest, truncated=truncated)
+    # train_round's own count of each step's pairs' tokens (2*prompt + chosen + rejected); the
+    # driver checks their total against the data, and the hook's positions against it below.
+    cumulative = [0] + [r["tokens"] for r in records]
+    step_tokens = [b - c for c, b in itertools.pairwise(cumulative)]
+    result = summarise(a, meter, [r["elapsed_s"] for r in records], step_tokens, t_call)
+    computed = sum(int(n) for n in meter.forward_tokens)
+    if a.prefix_sharing == "off" and computed != result["all_tokens"]:
+        raise RuntimeError(f"token counts differ: metrics.jsonl {result['all_tokens']}, hook {computed}")
+    result.update(digest=digest, truncated=truncated, n_params=sum(p.numel() for p in model.parameters()))
     return result
 
 
@@ -349,8 +398,9 @@ def worker_trl(a, rows) -> dict:
     digest = sequences_digest(zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
     trainer.add_callback(StepClock())
     trainer.train()
-    result = summarise(a, meter, step_end_times, t_call)
-    result.update(digest=digest, truncated=0)
+    # one forward per step (TRL concatenates chosen and rejected rows): its real tokens
+    result = summarise(a, meter, step_end_times, [int(n) for n in meter.forward_tokens], t_call)
+    result.update(digest=digest, truncated=0, n_params=sum(p.numel() for p in model.parameters()))
     return result
 
 
@@ -393,6 +443,7 @@ def main(argv=None):
                for r in rows)
     print(f"train_throughput: size={a.size} device={a.device} batch={a.batch} steps={a.steps} "
           f"warmup={a.warmup} max_length={a.max_length} beta={a.beta} lr={a.lr} seed={a.seed} "
+          f"ilrdpo: prefix_sharing={a.prefix_sharing} max_tokens_per_batch={a.max_tokens_per_batch} "
           f"pairs={len(rows)} ({real} real tokens, {real / len(rows) / 2:.0f} per row on average)")
     print("versions: " + " ".join(f"{k}={v}" for k, v in versions().items())
           + f" cpus={os.cpu_count()} threads={a.threads or 'default'}")
@@ -412,6 +463,9 @@ def main(argv=None):
                 "--seed", str(a.seed), "--workdir", workdir]
         if a.threads:
             base += ["--threads", str(a.threads)]
+        base += ["--prefix-sharing", a.prefix_sharing]
+        if a.max_tokens_per_batch:
+            base += ["--max-tokens-per-batch", str(a.max_tokens_per_batch)]
         for name in systems:
             t0 = time.perf_counter()
             proc = subprocess.run(base + ["--worker", name], env=env, capture_output=True, text=True,
@@ -429,10 +483,16 @@ def main(argv=None):
                    f"peak_rss_increase={r['peak_increase_bytes'] / mib:.0f} MiB "
                    f"(rss after model load {r['baseline_bytes'] / mib:.0f} MiB, "
                    f"at first training step {r['start_bytes'] / mib:.0f} MiB)")
+            # model FLOP/s: 6 x parameters per pair token (forward + backward), the usual convention
+            flops = 6 * r["n_params"] * r["tokens_per_s"]
+            mfu = f", MFU {100 * flops / (a.peak_tflops * 1e12):.1f}%" if a.device == "cuda" else ""
             print(f"{name:>6}: tokens/s={r['tokens_per_s']:,.0f} ({r['timed_tokens']} tokens in "
                   f"{r['timed_s']:.2f} s over {a.steps} steps, median step {r['step_median_s']:.3f} s, "
-                  f"padding {100 * r['padding_fraction']:.1f}%) {mem}; setup+reference pass "
+                  f"padding {100 * r['padding_fraction']:.1f}%, {r['computed_positions']} positions computed "
+                  f"in {r['forwards_per_step']:.1f} forwards a step) {mem}; setup+reference pass "
                   f"{r['setup_and_ref_s']:.1f} s, process {r['process_s']:.1f} s")
+            print(f"{'':>6}  model {flops / 1e12:.3f} TFLOP/s (6 x {r['n_params'] / 1e6:.0f}M parameters x "
+                  f"tokens/s){mfu}")
     print(f"memory method: {next(iter(results.values()))['memory_method']}")
     if len({r["digest"] for r in results.values()}) > 1:
         raise SystemExit("the systems did not train on identical token sequences: "
@@ -446,6 +506,9 @@ def main(argv=None):
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
     if "ilrdpo" in results and "trl" in results:
         i, t = results["ilrdpo"], results["trl"]
+        print(f"ilrdpo/trl tokens per CPU-second={i['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x "
+              f"(ilrdpo {i['tokens_per_cpu_s']:.1f}, trl {t['tokens_per_cpu_s']:.1f}; process CPU time "
+              f"of the timed steps, less sensitive than wall time to other load)")
         mem_key = "peak_bytes" if a.device == "cuda" else "peak_increase_bytes"
         print(f"ilrdpo/trl throughput={i['tokens_per_s'] / t['tokens_per_s']:.2f}x "
               f"peak_memory={i[mem_key] / t[mem_key]:.2f}x")

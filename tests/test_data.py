@@ -12,11 +12,14 @@ import torch
 from ilrdpo.data import (
     TokenizedPair,
     collate_pairs,
+    collate_shared_prefix,
     count_tokens,
     encode_answer,
     encode_prompt,
     length_grouped_batches,
     load_pairs,
+    padded_tokens,
+    split_by_token_budget,
     tokenize_pairs,
     truncate,
 )
@@ -198,6 +201,43 @@ def test_collate_pairs_target_lengths():
     assert batch["target_length"].tolist() == [10.0, 25.5]
     assert "target_length" not in collate_pairs([pair(None), pair(None)], pad_id=0)
 
+
+
+def test_collate_shared_prefix_rows_positions_and_predictors():
+    """Two pairs, one row each: prompt | chosen | rejected, right padded to 8.
+
+    Row 0: 11 12 13 | 14 15 2 | 16 2          positions 0 1 2 | 3 4 5 | 3 4
+    Row 1: 21 | 22 2 | 23 24 25 2 | pad        positions 0 | 1 2 | 1 2 3 4 | 0
+    Answer tokens in [chosen rows; rejected rows] order, as flat indices into the (2, 8) batch
+    (row 1 starts at 8); each is predicted at the position before it, except an answer's first
+    token, predicted at the prompt's last position (2 in row 0, 8 in row 1).
+    """
+    examples = [
+        TokenizedPair([11, 12, 13], [14, 15, 2], [16, 2], 9, 4),
+        TokenizedPair([21], [22, 2], [23, 24, 25, 2], 3, 30),
+    ]
+    batch = collate_shared_prefix(examples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 15, 2, 16, 2], [21, 22, 2, 23, 24, 25, 2, 0]]
+    assert batch["segments"].tolist() == [[1, 1, 1, 2, 2, 2, 3, 3], [1, 2, 2, 3, 3, 3, 3, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4], [0, 1, 2, 1, 2, 3, 4, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 8, [1] * 7 + [0]]
+    #                                      chosen 0 | chosen 1 | rejected 0 | rejected 1
+    assert batch["answer_position"].tolist() == [3, 4, 5, 9, 10, 6, 7, 11, 12, 13, 14]
+    assert batch["predictor"].tolist() == [2, 3, 4, 8, 9, 2, 6, 8, 11, 12, 13]
+    assert batch["answer_row"].tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert batch["answer_index"].tolist() == [1, 2, 3, 1, 2, 1, 2, 1, 2, 3, 4]
+    assert batch["lengths"].tolist() == [9, 3, 4, 30] and batch["n_tokens"].tolist() == [3, 2, 2, 4]
+    assert padded_tokens(examples, shared_prefix=True) == 2 * 8
+    assert padded_tokens(examples, shared_prefix=False) == 4 * 6  # rows of 6, 3, 5, 5 tokens
+
+
+def test_split_by_token_budget_by_hand():
+    """Packed sizes 4, 6, 5, 9 positions; budget 12: sorted 4, 5, 6, 9 -> [4, 5] (2 x 5 = 10),
+    then [6] (2 x 6 = 12 fits, 3 x 9 would not: [6, 9] is 2 x 9 = 18), then [9]."""
+    examples = [TokenizedPair([1], [2] * a, [3] * b, a, b) for a, b in ((2, 1), (3, 2), (2, 2), (4, 4))]
+    assert [padded_tokens([e], True) for e in examples] == [4, 6, 5, 9]
+    assert split_by_token_budget(examples, [0, 1, 2, 3], True, 12) == [[0, 2], [1], [3]]
+    assert split_by_token_budget(examples, [3, 1], True, 1) == [[1], [3]]  # over budget: alone
 
 # --- loading -----------------------------------------------------------------------------------
 

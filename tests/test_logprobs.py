@@ -254,3 +254,94 @@ def test_empty_answer_mask_gives_zero():
     with torch.no_grad():
         logps, n_tokens = sequence_logps(model, input_ids, attention_mask, torch.zeros_like(response_mask))
     assert logps.tolist() == [0.0, 0.0] and n_tokens.tolist() == [0, 0]
+
+
+# --- prefix sharing ------------------------------------------------------------------------------
+# (prompt, chosen, rejected) lengths: answers longer and shorter than each other, a one-token
+# answer, a one-token prompt, and an empty prompt (its answers' first tokens have no predictor).
+PACKED_SHAPES = [(3, 5, 2), (7, 1, 4), (1, 8, 8), (5, 4, 6), (0, 3, 2)]
+
+
+def tokenized_pairs(seed: int = 0):
+    from ilrdpo.data import TokenizedPair
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(0, VOCAB, (n,), generator=generator).tolist()
+
+    return [TokenizedPair(ids(p), ids(c), ids(r), c, r) for p, c, r in PACKED_SHAPES]
+
+
+def logps_and_grads(model, run):
+    logps, n_tokens = run(model)
+    grads = torch.autograd.grad(logps.sum(), [p for p in model.parameters() if p.requires_grad])
+    return logps.detach(), n_tokens, grads
+
+
+# Llama's RMSNorm computes in float32 whatever the weights' dtype, so its float64 copy agrees to
+# float32 precision only; GPT-2's LayerNorm keeps float64, so GPT-2 is held to 1e-10 there.
+TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol": 1e-10, "atol": 1e-10}}
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_gemma2], ids=["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("ld_alpha", [None, 0.3])
+def test_shared_prefix_gives_the_plain_logps_and_gradients(make, dtype, attention, ld_alpha):
+    """One packed row per pair (prompt once) = [chosen rows; rejected rows] with the prompt twice:
+    the same summed log-probs, token counts and parameter gradients, LD-DPO weights included."""
+    from ilrdpo.data import collate_pairs, collate_shared_prefix
+    from ilrdpo.logprobs import shared_prefix_logps, shared_prefix_supported
+
+    if make is tiny_gemma2 and attention == "sdpa":
+        pytest.skip("Gemma 2 soft-caps attention scores, which transformers runs in eager only")
+    model = make().to(dtype)
+    model.config._attn_implementation = attention
+    examples = tokenized_pairs()
+    plain, packed = collate_pairs(examples, PAD), collate_shared_prefix(examples, PAD)
+    mask = plain["response_mask"]
+    if ld_alpha is not None:
+        mask = ld_weights(mask, len(examples), ld_alpha)
+    assert shared_prefix_supported(model, packed["input_ids"].shape[1])
+    expected, expected_n, expected_grads = logps_and_grads(
+        model, lambda m: sequence_logps(m, plain["input_ids"], plain["attention_mask"], mask, chunk_size=3))
+    logps, n_tokens, grads = logps_and_grads(
+        model, lambda m: shared_prefix_logps(m, packed, ld_alpha=ld_alpha, chunk_size=3))
+    tolerance = TOLERANCE[torch.float32 if make is not tiny_gpt2 else dtype]
+    torch.testing.assert_close(logps, expected, **tolerance)
+    assert n_tokens.tolist() == expected_n.tolist()
+    for (name, _), grad, expected_grad in zip(model.named_parameters(), grads, expected_grads):
+        assert expected_grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, expected_grad, **tolerance, msg=name)
+
+
+def test_shared_prefix_mask_by_hand():
+    """Row: prompt p p, chosen c c, rejected r, pad. True = the query (row) may attend the key:
+    causal; rejected sees the prompt and itself, never the chosen answer; the pad sees itself."""
+    from ilrdpo.logprobs import shared_prefix_mask
+
+    segments = torch.tensor([[1, 1, 2, 2, 3, 0]])
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0],  # p
+        [1, 1, 0, 0, 0, 0],  # p
+        [1, 1, 1, 0, 0, 0],  # c
+        [1, 1, 1, 1, 0, 0],  # c
+        [1, 1, 0, 0, 1, 0],  # r
+        [0, 0, 0, 0, 0, 1],  # pad
+    ], dtype=torch.bool)
+    assert shared_prefix_mask(segments, "sdpa").tolist() == [[expected.tolist()]]
+    additive = shared_prefix_mask(segments, "eager")[0, 0]
+    assert (additive[expected] == 0).all() and (additive[~expected] == torch.finfo(torch.float32).min).all()
+
+
+def test_shared_prefix_is_refused_where_a_sliding_window_is_shorter_than_the_row():
+    from ilrdpo.logprobs import shared_prefix_supported
+
+    model = tiny_llama()
+    assert shared_prefix_supported(model, 10_000)
+    model.config.sliding_window = 16
+    assert shared_prefix_supported(model, 16) and not shared_prefix_supported(model, 17)
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flash_attention_2"
+    assert not shared_prefix_supported(model, 8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -414,3 +415,96 @@ def test_metrics_reach_tensorboard_through_accelerate(tiny_model, tokenizer, tmp
         scalars |= set(acc.Tags()["scalars"])
     assert {"loss", "rewards/margins", "grad_norm"} <= scalars
     assert len(metrics) == 2
+
+
+# --- prefix sharing and token-budget micro-batches -----------------------------------------------
+
+
+def first_step_gradients(model_dir, tokenizer, loss: LossSettings, lora: bool = False, **train_overrides):
+    """(metrics of step 1, {name: gradient}) of a one-step round whose learning rate is ~0, so the
+    gradients of that step can be read off a hook on the optimizer."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora:
+        torch.manual_seed(0)
+        model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        with torch.no_grad():  # a nonzero B, so the adapter's A matrices get gradients too
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+    grads = {}
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def keep(optimizer, *_):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                grads[names[id(p)]] = p.grad.detach().clone()
+
+    settings = train_settings(epochs=1, learning_rate=1e-12, max_grad_norm=1e9, **train_overrides)
+    handle = register_optimizer_step_pre_hook(keep)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            train_round(model, tokenizer, PAIRS, loss=loss, train=settings, data=DataSettings(), output_dir=out)
+            first = read_metrics(Path(out) / "metrics.jsonl")[0]
+    finally:
+        handle.remove()
+    return first, grads
+
+
+def assert_same_step(a, b):
+    (metrics_a, grads_a), (metrics_b, grads_b) = a, b
+    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert metrics_a[key] == pytest.approx(metrics_b[key], rel=1e-4, abs=1e-5), key
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("loss", [LossSettings(beta=0.1, alpha=0.02), LossSettings(type="ld_dpo", ld_alpha=0.4),
+                                  LossSettings(type="simpo")], ids=["lr_dpo", "ld_dpo", "simpo"])
+def test_prefix_sharing_gives_the_plain_step(tiny_model_dir, tokenizer, loss):
+    """Same pairs, one step of 12: prompt once per pair (packed rows) or twice (two rows) give the
+    same loss, reference log-probs, rewards and per-parameter gradients."""
+    assert_same_step(first_step_gradients(tiny_model_dir, tokenizer, loss, batch_size=12, prefix_sharing="on"),
+                     first_step_gradients(tiny_model_dir, tokenizer, loss, batch_size=12, prefix_sharing="off"))
+
+
+def test_prefix_sharing_gives_the_plain_step_with_lora(tiny_model_dir, tokenizer):
+    loss = LossSettings(beta=0.1)
+    on = first_step_gradients(tiny_model_dir, tokenizer, loss, lora=True, batch_size=12, prefix_sharing="on")
+    assert all("lora_" in name for name in on[1])
+    assert_same_step(on, first_step_gradients(tiny_model_dir, tokenizer, loss, lora=True, batch_size=12,
+                                              prefix_sharing="off"))
+
+
+# Positions per micro-batch that give several micro-batches of 1 to 3 pairs per step: a pair here
+# takes 51-58 positions packed, 94-108 as two rows.
+BUDGET = {"on": 160, "off": 420}
+
+
+@pytest.mark.parametrize("prefix_sharing", ["on", "off"])
+def test_token_budget_gives_the_fixed_batch_step(tiny_model_dir, tokenizer, prefix_sharing):
+    """A step of 4 x 3 = 12 pairs, re-split into micro-batches of at most BUDGET positions (of
+    unequal sizes), has the gradient of 3 accumulated micro-batches of 4: each
+    micro-batch's mean loss is weighted by its share of the step's pairs, so the step's loss is
+    the mean over its 12 pairs either way."""
+    loss = LossSettings(beta=0.1, alpha=0.02)
+    fixed = first_step_gradients(tiny_model_dir, tokenizer, loss, batch_size=4, grad_accum=3,
+                                 prefix_sharing=prefix_sharing)
+    budget = first_step_gradients(tiny_model_dir, tokenizer, loss, batch_size=4, grad_accum=3,
+                                  prefix_sharing=prefix_sharing, max_tokens_per_batch=BUDGET[prefix_sharing])
+    assert_same_step(fixed, budget)
+
+
+def test_token_budget_micro_batches_stay_under_the_budget(tokenizer):
+    from ilrdpo.data import padded_tokens, split_by_token_budget
+
+    examples = tokenize_pairs(tokenizer, PAIRS, max_length=128)
+    for shared, budget in ((True, BUDGET["on"]), (False, BUDGET["off"])):
+        batches = split_by_token_budget(examples, list(range(12)), shared, budget)
+        assert sorted(i for b in batches for i in b) == list(range(12))
+        assert 4 <= len(batches) <= 6 and len({len(b) for b in batches}) > 1
+        assert all(padded_tokens([examples[i] for i in b], shared) <= budget for b in batches)
+    assert split_by_token_budget(examples, [0, 1], True, 10) == [[1], [0]]  # too large: alone

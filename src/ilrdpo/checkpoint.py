@@ -20,9 +20,10 @@ from ilrdpo.records import PreferencePair
 
 def round_fingerprint(pairs: list[PreferencePair], loss: LossSettings, train: TrainSettings, seed: int) -> str:
     """What a checkpoint must agree with to be resumed from: the data and every setting that
-    shapes the updates (save_steps and trackers excluded)."""
+    shapes the updates (save_steps, trackers and the batching switches, which change only round-off,
+    excluded)."""
     settings = {"loss": loss.model_dump(), "seed": seed,
-                "train": train.model_dump(exclude={"save_steps", "report_to"}),
+                "train": train.model_dump(exclude={"save_steps", "report_to", "prefix_sharing", "max_tokens_per_batch"}),
                 "pairs": [json.dumps(p.__dict__, sort_keys=True, ensure_ascii=False) for p in pairs]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

@@ -171,15 +171,87 @@ def collate_pairs(examples: list[TokenizedPair], pad_id: int) -> dict[str, torch
         input_ids[i, :len(row)] = torch.tensor(row)
         attention_mask[i, :len(row)] = 1
         response_mask[i, len(row) - n_answer:len(row)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    return {**batch, **_pair_fields(examples)}
+
+
+def _pair_fields(examples: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+    """What the loss needs besides log-probs, in [chosen; rejected] order."""
     lengths = [e.chosen_length for e in examples] + [e.rejected_length for e in examples]
+    answer_lens = [len(e.chosen_ids) for e in examples] + [len(e.rejected_ids) for e in examples]
     targets = [e.target_length for e in examples]  # all set or none (checked in tokenize_pairs)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "response_mask": response_mask,
+    fields = {
         "lengths": torch.tensor(lengths, dtype=torch.float32),  # (2B,) |y| for the length margin
         "n_tokens": torch.tensor(answer_lens, dtype=torch.float32),  # (2B,) scored tokens (SimPO's average)
     }
     if targets[0] is not None:
-        batch["target_length"] = torch.tensor(targets, dtype=torch.float32)  # (B,)
-    return batch
+        fields["target_length"] = torch.tensor(targets, dtype=torch.float32)  # (B,)
+    return fields
+
+
+def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded row per pair, prompt + chosen + rejected, for logprobs.shared_prefix_logps:
+    the prompt is computed once for both answers. Positions restart after the prompt, so the
+    rejected answer sits where it sits in its own row; segments (0 pad, 1 prompt, 2 chosen,
+    3 rejected) give the attention mask. Each answer token t is predicted at position t - 1,
+    except a first answer token, predicted at the prompt's last position. The flat indices
+    below (into the (P, T) row-major batch) list the answer tokens in the order
+    [chosen rows; rejected rows]; answer_row is the output row (chosen i -> i, rejected i -> P + i).
+    """
+    width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # (P, T)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)  # real tokens (for counting)
+    segments = torch.zeros((n, width), dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    predictor, answer_position, answer_row, answer_index = [], [], [], []
+    for side, key in enumerate(("chosen_ids", "rejected_ids")):
+        for i, e in enumerate(examples):
+            n_prompt, n_chosen = len(e.prompt_ids), len(e.chosen_ids)
+            start = n_prompt + (n_chosen if side else 0)  # first column of this answer
+            answer = getattr(e, key)
+            for k in range(len(answer)):  # without a prompt the first token has no predictor
+                if k or n_prompt:
+                    answer_position.append(i * width + start + k)
+                    predictor.append(i * width + (start + k - 1 if k else n_prompt - 1))
+                    answer_row.append(side * n + i)
+                    answer_index.append(k + 1)
+    for i, e in enumerate(examples):
+        row = e.prompt_ids + e.chosen_ids + e.rejected_ids
+        n_prompt, n_chosen, n_rejected = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+        segments[i, :len(row)] = torch.tensor([1] * n_prompt + [2] * n_chosen + [3] * n_rejected)
+        position_ids[i, :len(row)] = torch.tensor(
+            list(range(n_prompt + n_chosen)) + list(range(n_prompt, n_prompt + n_rejected)))
+    batch = {
+        "input_ids": input_ids, "attention_mask": attention_mask, "segments": segments,
+        "position_ids": position_ids,
+        "predictor": torch.tensor(predictor, dtype=torch.long),  # (N,)
+        "answer_position": torch.tensor(answer_position, dtype=torch.long),  # (N,)
+        "answer_row": torch.tensor(answer_row, dtype=torch.long),  # (N,)
+        "answer_index": torch.tensor(answer_index, dtype=torch.long),  # (N,) 1-based, for LD-DPO
+    }
+    return {**batch, **_pair_fields(examples)}
+
+
+def padded_tokens(examples: list[TokenizedPair], shared_prefix: bool) -> int:
+    """Positions (padding included) of the batch the collate function builds for `examples`."""
+    if shared_prefix:
+        return len(examples) * max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    return 2 * len(examples) * max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
+                                   for e in examples)
+
+
+def split_by_token_budget(examples: list[TokenizedPair], indices: list[int], shared_prefix: bool,
+                          budget: int) -> list[list[int]]:
+    """The pairs `indices` in micro-batches whose padded size stays within `budget` positions:
+    sorted by length (little padding), filled greedily; a pair larger than the budget alone."""
+    order = sorted(indices, key=lambda i: padded_tokens([examples[i]], shared_prefix))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and padded_tokens([examples[j] for j in batches[-1] + [i]], shared_prefix) <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

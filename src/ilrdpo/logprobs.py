@@ -47,17 +47,35 @@ def _head_token_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor) ->
     return _token_logps(head(hidden), targets)
 
 
-def _answer_hidden_or_logits(model, input_ids, attention_mask, selected):
-    """Hidden states (plain head) or logits at the positions that predict answer tokens."""
+def _states_at(model, input_ids, attention_mask, position_ids, predictors):
+    """Hidden states (plain head) or logits at the flat positions `predictors` (N,) of (B, T)."""
     lm = causal_lm(model)
-    position_ids = position_ids_from_mask(attention_mask)
     if getattr(lm.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
         out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state[:, :-1][selected], lm.get_output_embeddings()  # (N, H)
+        return out.last_hidden_state.flatten(0, 1)[predictors], lm.get_output_embeddings()  # (N, H)
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
                    position_ids=position_ids, use_cache=False).logits  # (B, T, V)
-    return logits[:, :-1][selected], None  # (N, V)
+    return logits.flatten(0, 1)[predictors], None  # (N, V)
+
+
+def _summed_logps(states: Tensor, head, targets: Tensor, rows: Tensor, weights: Tensor, n_rows: int,
+                  chunk_size: int) -> Tensor:
+    """sum_t w_t log pi(target_t) per output row, the head run on `states` (N, H) in chunks."""
+    recompute = head is not None and torch.is_grad_enabled() and \
+        targets.shape[0] * head.weight.shape[0] * 4 > HEAD_MEMORY_BUDGET
+    pieces = []
+    for start in range(0, targets.shape[0], chunk_size):
+        chunk, chunk_targets = states[start:start + chunk_size], targets[start:start + chunk_size]
+        if head is None:
+            pieces.append(_token_logps(chunk, chunk_targets))
+        elif recompute:
+            pieces.append(checkpoint(_head_token_logps, head, chunk, chunk_targets, use_reentrant=False))
+        else:
+            pieces.append(_head_token_logps(head, chunk, chunk_targets))
+    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)  # (N,)
+    sum_logps = torch.zeros(n_rows, dtype=torch.float32, device=targets.device)
+    return sum_logps.index_add(0, rows, token_logps * weights)  # (n_rows,)
 
 
 def sequence_logps(
@@ -81,26 +99,66 @@ def sequence_logps(
     """
     weights = response_mask[:, 1:].float()  # (B, T-1): token t+1 is predicted at position t
     selected = weights != 0
-    targets = input_ids[:, 1:][selected]  # (N,)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(selected)[selected]
-    states, head = _answer_hidden_or_logits(model, input_ids, attention_mask, selected)
-
-    recompute = head is not None and torch.is_grad_enabled() and \
-        targets.shape[0] * head.weight.shape[0] * 4 > HEAD_MEMORY_BUDGET
-    pieces = []
-    for start in range(0, targets.shape[0], chunk_size):
-        chunk, chunk_targets = states[start:start + chunk_size], targets[start:start + chunk_size]
-        if head is None:
-            pieces.append(_token_logps(chunk, chunk_targets))
-        elif recompute:
-            pieces.append(checkpoint(_head_token_logps, head, chunk, chunk_targets, use_reentrant=False))
-        else:
-            pieces.append(_head_token_logps(head, chunk, chunk_targets))
-    token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)  # (N,)
-
-    sum_logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    sum_logps = sum_logps.index_add(0, rows, token_logps * weights[selected])  # (B,)
+    rows, positions = selected.nonzero(as_tuple=True)  # (N,) each, row-major
+    targets = input_ids[rows, positions + 1]  # (N,)
+    states, head = _states_at(model, input_ids, attention_mask, position_ids_from_mask(attention_mask),
+                              rows * input_ids.shape[1] + positions)
+    sum_logps = _summed_logps(states, head, targets, rows, weights[rows, positions], input_ids.shape[0],
+                              chunk_size)
     return sum_logps, selected.sum(-1)
+
+
+# --- prefix sharing ------------------------------------------------------------------------------
+# One row per pair, prompt + chosen + rejected, with a 4D attention mask in which rejected tokens
+# see the prompt but not the chosen answer, and positions restart after the prompt: the prompt is
+# computed once for both answers (Wang and Hegde 2024, arXiv 2410.20305). Exact: every answer
+# token sees what it sees in its own row (transformers returns a 4D mask as given).
+
+PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids; 0 is padding
+SHARED_PREFIX_ATTENTION = {"sdpa", "eager"}  # implementations that take an arbitrary 4D mask
+
+
+def shared_prefix_supported(model, width: int) -> bool:
+    """Whether the packed layout is exact for this model at this row width: its attention takes
+    a 4D mask, and no sliding window is shorter than the row (a 4D mask replaces the window)."""
+    config = causal_lm(model).config
+    window = getattr(config, "sliding_window", None)
+    return getattr(config, "_attn_implementation", None) in SHARED_PREFIX_ATTENTION and \
+        (not window or width <= window)
+
+
+def shared_prefix_mask(segments: Tensor, attn_implementation: str) -> Tensor:
+    """(B, 1, T, T) mask of the packed layout: causal, keys in the prompt or in the query's own
+    answer. Padding queries see themselves only, so no row is all masked (NaN in SDPA)."""
+    width = segments.shape[1]
+    query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (query != 0) & (key != 0) & ((key == PROMPT) | (key == query))  # (B, T, T)
+    allowed |= torch.eye(width, dtype=torch.bool, device=segments.device)
+    if attn_implementation == "eager":  # eager adds the mask to the scores
+        return torch.zeros(allowed.shape, device=segments.device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)[:, None]
+    return allowed[:, None]
+
+
+def shared_prefix_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, ld_alpha: float | None = None,
+                        chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Summed answer log-probs of a packed batch (data.collate_shared_prefix): (2P,) float32
+    [chosen rows; rejected rows] and (2P,) int64 token counts, as sequence_logps gives for the
+    same pairs in [chosen; rejected] rows. ld_alpha: LD-DPO weights as ld_weights sets them."""
+    input_ids, rows = batch["input_ids"], batch["answer_row"]  # (P, T), (N,)
+    n_rows = 2 * input_ids.shape[0]
+    weights = torch.ones(rows.shape, dtype=torch.float32, device=rows.device)  # (N,)
+    if ld_alpha is not None:
+        answer_lens = batch["n_tokens"]  # (2P,) answer tokens, as ld_weights counts them
+        shared = torch.minimum(answer_lens[:n_rows // 2], answer_lens[n_rows // 2:]).repeat(2)  # (2P,)
+        weights = torch.where(batch["answer_index"] <= shared[rows], 1.0, ld_alpha)
+    attention = getattr(causal_lm(model).config, "_attn_implementation", "sdpa")
+    mask = shared_prefix_mask(batch["segments"], attention)
+    states, head = _states_at(model, input_ids, mask, batch["position_ids"], batch["predictor"])
+    targets = input_ids.flatten()[batch["answer_position"]]  # (N,)
+    return _summed_logps(states, head, targets, rows, weights, n_rows, chunk_size), \
+        torch.bincount(rows, minlength=n_rows)
 
 
 def ld_weights(response_mask: Tensor, n_pairs: int, ld_alpha: float) -> Tensor:
@@ -111,3 +169,27 @@ def ld_weights(response_mask: Tensor, n_pairs: int, ld_alpha: float) -> Tensor:
     index_in_answer = response_mask.cumsum(-1)  # (2P, T), 1-based on answer tokens
     inside = index_in_answer <= shared[:, None]
     return response_mask.float() * torch.where(inside, 1.0, ld_alpha)
+
+
+@torch.no_grad()
+def sliding_window_logprob(model, input_ids: Tensor, window: int, stride: int) -> tuple[float, int]:
+    """Log-likelihood of a text longer than the context: (sum of token log-probs, n_tokens).
+
+    Targets are taken `stride` at a time; each group is scored in one forward pass over the up to
+    `window` tokens that end with it, so every token after the first is scored exactly once
+    (n_tokens = length - 1) with at least window - stride tokens of context (all of it near the
+    start). When the text fits one window this is the plain log-likelihood. input_ids: (T,) or
+    (1, T); 0 < stride < window.
+    """
+    if not 0 < stride < window:
+        raise ValueError(f"need 0 < stride < window, got stride={stride}, window={window}")
+    ids = input_ids.reshape(-1)  # (T,)
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(1, len(ids), stride):  # targets [start, stop)
+        stop = min(start + stride, len(ids))
+        context = max(0, stop - window)
+        chunk = ids[context:stop].unsqueeze(0).to(device)  # (1, <= window)
+        logps = _token_logps(model(input_ids=chunk).logits[0, :-1], chunk[0, 1:])  # targets context+1 .. stop-1
+        total += float(logps[start - context - 1:].double().sum())
+    return total, max(len(ids) - 1, 0)

@@ -4,7 +4,10 @@ Order of work:
   1. tokenise the pairs (prompt via chat template, answers appended as ids) and truncate;
   2. reference log-probs, once, with the model as it is now (or its adapter disabled), before
      any update: pi_ref is this round's starting point, so no second model is held in memory;
-  3. length-grouped micro-batches, chosen and rejected rows in one forward pass;
+  3. length-grouped micro-batches, chosen and rejected rows in one forward pass; with
+     train.prefix_sharing one row per pair (prompt computed once, logprobs.shared_prefix_logps);
+     with train.max_tokens_per_batch each step's pairs re-split into micro-batches of at most
+     that many positions, each micro-batch's loss weighted by its share of the step's pairs;
   4. AdamW, warmup then decay, gradient accumulation, clipping; one metrics line per step;
      a divergence guard after every step; a checkpoint every train.save_steps steps, from which
      a killed round resumes to the same weights.
@@ -31,10 +34,17 @@ import torch
 
 from ilrdpo.checkpoint import Checkpointer, round_fingerprint
 from ilrdpo.config import DataSettings, LossSettings, TrainSettings
-from ilrdpo.data import TokenizedPair, collate_pairs, length_grouped_batches, tokenize_pairs
+from ilrdpo.data import (
+    TokenizedPair,
+    collate_pairs,
+    collate_shared_prefix,
+    length_grouped_batches,
+    split_by_token_budget,
+    tokenize_pairs,
+)
 from ilrdpo.errors import TrainingDiverged, UserInputError
 from ilrdpo.faults import fault_point
-from ilrdpo.logprobs import ld_weights, sequence_logps
+from ilrdpo.logprobs import ld_weights, sequence_logps, shared_prefix_logps, shared_prefix_supported
 from ilrdpo.loss import REFERENCE_FREE, preference_loss
 from ilrdpo.progress import console, open_trackers, progress_bar
 from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
@@ -58,7 +68,33 @@ def autocast(device: torch.device, compute_dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def shares_prefix(train: TrainSettings, device: torch.device) -> bool:
+    """train.prefix_sharing resolved for this device: auto is on where it was measured to win (CPU)."""
+    return train.prefix_sharing == "on" or (train.prefix_sharing == "auto" and device.type == "cpu")
+
+
+def _collate(model, examples: list[TokenizedPair], pad_id: int, shared_prefix: bool) -> dict[str, torch.Tensor]:
+    """The packed layout where it is exact for this model and width, else [chosen; rejected] rows."""
+    if shared_prefix:
+        width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+        if shared_prefix_supported(model, width):
+            return collate_shared_prefix(examples, pad_id)
+    return collate_pairs(examples, pad_id)
+
+
+def _micro_batches(examples: list[TokenizedPair], batches: list[list[int]], train: TrainSettings,
+                   shared_prefix: bool) -> list[list[int]]:
+    """The pairs of `batches`, re-split to train.max_tokens_per_batch positions when it is set."""
+    if train.max_tokens_per_batch is None:
+        return batches
+    return split_by_token_budget(examples, [i for b in batches for i in b], shared_prefix,
+                                 train.max_tokens_per_batch)
+
+
 def _batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chunk: int):
+    if "segments" in batch:
+        ld_alpha = loss.ld_alpha if loss.type == "ld_dpo" else None
+        return shared_prefix_logps(model, batch, ld_alpha=ld_alpha, chunk_size=chunk)[0]  # (2B,)
     mask = batch["response_mask"]
     if loss.type == "ld_dpo":
         mask = ld_weights(mask, mask.shape[0] // 2, loss.ld_alpha)
@@ -82,13 +118,15 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
     """(P, 2) reference log-probs [chosen, rejected] of every pair under the current weights."""
     device, compute_dtype = _device_and_dtype(model, compute_dtype)
     out = torch.zeros(len(examples), 2)
+    shared_prefix = shares_prefix(train, device)
     batches = length_grouped_batches([e.n_tokens for e in examples], train.batch_size * 2, seed=0)
+    batches = [b for group in batches for b in _micro_batches(examples, [group], train, shared_prefix)]
     was_training = model.training
     model.eval()
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     with adapter_off, progress_bar("reference log-probs", len(examples)) as bar:
         for indices in batches:
-            batch = _to(collate_pairs([examples[i] for i in indices], pad_id), device)
+            batch = _to(_collate(model, [examples[i] for i in indices], pad_id, shared_prefix), device)
             with autocast(device, compute_dtype):
                 logps = _batch_logps(model, batch, loss, train.logits_chunk).cpu()
             out[indices, 0], out[indices, 1] = logps[:len(indices)], logps[len(indices):]
@@ -308,15 +346,17 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
     """Optimizer steps start_step+1 .. total_steps; one metrics line each."""
     model.train()
     guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled())
+    shared_prefix = shares_prefix(train, device)
     start, record = time.perf_counter(), {}
     with progress_bar("training", setup.total_steps) as bar:
         bar.advance(start_step)
         for step in range(start_step + 1, setup.total_steps + 1):
             group = setup.schedule[(step - 1) * train.grad_accum:step * train.grad_accum]
+            group = _micro_batches(setup.examples, group, train, shared_prefix)
             n_in_step = sum(len(ix) for ix in group)
             sums: dict[str, float] = {}
             for indices in group:
-                batch = _to(collate_pairs([setup.examples[i] for i in indices], pad_id), device)
+                batch = _to(_collate(model, [setup.examples[i] for i in indices], pad_id, shared_prefix), device)
                 with autocast(device, compute_dtype):
                     policy = _batch_logps(model, batch, loss, train.logits_chunk)  # (2B,)
                 stats = _micro_step(policy, batch, ref_logps, indices, loss, len(indices) / n_in_step, setup.scaler)
