@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ilrdpo.demo import ARMS, bundled_prompts, demo_configs
+from ilrdpo.demo import ARMS, bundled_prompts, demo_configs, share_first_iteration
 from ilrdpo.demo.study import check_claim, study_table
 from ilrdpo.evaluation.plots import plot_bands
 from ilrdpo.records import read_prompts
@@ -42,9 +42,12 @@ def test_second_held_out_set_is_new_and_has_references():
 def test_demo_arms_differ_only_in_the_length_margin(tmp_path):
     configs = demo_configs(tmp_path, quick=True)
     idpo, ilrdpo = configs["idpo"].model_dump(), configs["ilrdpo"].model_dump()
-    assert idpo["loss"].pop("alpha") == 0.0 and ilrdpo["loss"].pop("alpha") > 0
-    assert idpo["iterations"]["alpha_control"].pop("mode") == "constant"  # vanilla: alpha stays 0
-    ilrdpo["iterations"]["alpha_control"].pop("mode")
+    assert idpo["loss"]["alpha"] == 0.0 and ilrdpo["loss"]["alpha"] > 0
+    assert idpo["iterations"].pop("alpha_control")["mode"] == "constant"  # vanilla: alpha stays 0
+    ilrdpo["iterations"].pop("alpha_control")
+    idpo_loss, ilrdpo_loss = idpo.pop("loss"), ilrdpo.pop("loss")
+    assert {key for key in idpo_loss if idpo_loss[key] != ilrdpo_loss[key]} <= {"alpha", "alpha_relative",
+                                                                                 "target_length"}
     assert idpo.pop("output_dir") != ilrdpo.pop("output_dir")
     assert idpo == ilrdpo
     # the eval prompts are never trained on
@@ -59,6 +62,20 @@ def test_study_arms_are_overrides(tmp_path):
     assert configs["rel2"].loss.alpha_relative and configs["rel2"].loss.alpha == 2
     assert configs["idpo"].iterations.count == 1
     assert len(read_prompts(configs["rel2"].data.eval_prompts)) == 5
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_first_iteration_shares_pairs_only_when_asked(tmp_path, pairs):
+    """Pairs carry per-prompt length targets: an arm with another target setting pairs again."""
+    source, target = tmp_path / "idpo", tmp_path / "ilrdpo"
+    for name, text in (("iter_0/eval.json", "{}"), ("iter_1/candidates.jsonl", "c\n"), ("iter_1/pairs.jsonl", "p\n")):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(text)
+    share_first_iteration(source, target, pairs=pairs)
+    assert (target / "iter_1" / "candidates.jsonl").read_text() == "c\n"
+    assert (target / "iter_1" / "pairs.jsonl").exists() == pairs
+    finished = json.loads((target / "state.json").read_text())["finished"]
+    assert finished == {"0": ["eval"], "1": ["generate", "score", *(["pair"] if pairs else [])]}
 
 
 def _rows(method_lengths, vanilla_lengths, method_quality, vanilla_quality):
@@ -79,7 +96,7 @@ def test_claim_holds_within_the_length_limits():
     """iLR-DPO at 44 and 36 tokens (+10%, -10% of 40) on both seeds: mean 0%, worst seed 10%;
     vanilla at 60 (+50%); quality 0.72 >= base 0.70 and >= vanilla 0.71."""
     rows = _rows({0: [44, 44], 1: [36, 36]}, {0: [60, 60], 1: [60, 60]}, 0.72, 0.71)
-    assert check_claim(rows, "eval") == []
+    assert check_claim(rows, "eval") == [f"eval iter {k}: 2 seed(s), the claim needs 3" for k in (1, 2)]
 
 
 def test_claim_names_each_failure():
@@ -94,7 +111,7 @@ def test_claim_names_each_failure():
     assert "a seed's ilrdpo length +35%" in text
     assert "ilrdpo quality 0.6900 < idpo 0.7100" in text
     assert "idpo length only +20%" in text
-    assert len(failures) == 1 + 2 * 4
+    assert len(failures) == 1 + 2 * 5
 
 
 def test_study_table_gives_mean_and_range():
@@ -139,3 +156,33 @@ def test_quick_demo_end_to_end(tmp_path):
     same = [(tmp_path / arm / "iter_1" / "pairs.jsonl").read_text() for arm in ("idpo", "ilrdpo")]
     assert same[0] == same[1]
     assert elapsed < QUICK_DEMO_BUDGET_S, f"quick demo took {elapsed:.0f} s, budget {QUICK_DEMO_BUDGET_S} s"
+
+
+def _demo_cli(monkeypatch, args: list[str]) -> tuple[int, list]:
+    """`ilrdpo demo ARGS` in-process with the runs replaced by a recorder."""
+    import ilrdpo.demo
+    from ilrdpo import cli
+
+    calls: list = []
+    monkeypatch.setattr(ilrdpo.demo, "run_study", lambda out, seeds, **kw: calls.append(("study", seeds, kw)))
+    monkeypatch.setattr(ilrdpo.demo, "run_demo", lambda out, **kw: calls.append(("demo", kw["seed"], kw)))
+    monkeypatch.setattr(sys, "argv", ["ilrdpo", "demo", *args])
+    try:
+        cli.main()
+    except SystemExit as stop:
+        return stop.code, calls
+    return 0, calls
+
+
+def test_demo_seeds_option_runs_the_study(monkeypatch, tmp_path):
+    code, calls = _demo_cli(monkeypatch, ["--seeds", "0,1,2", "--out", str(tmp_path), "loss.alpha=0.5"])
+    assert code == 0 and calls == [("study", [0, 1, 2], {"quick": False, "model": None,
+                                                         "overrides": ["loss.alpha=0.5"]})]
+    code, calls = _demo_cli(monkeypatch, ["--seed", "3", "--out", str(tmp_path)])
+    assert code == 0 and [c[:2] for c in calls] == [("demo", 3)]
+
+
+def test_demo_bad_seeds_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    code, calls = _demo_cli(monkeypatch, ["--seeds", "0,x", "--out", str(tmp_path)])
+    assert code == 2 and not calls
+    assert "comma-separated integers" in capsys.readouterr().err

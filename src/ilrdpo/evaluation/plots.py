@@ -198,3 +198,31 @@ def draw_all(plots_dir: Path, rows_by_run: Rows, points_by_run: dict, sources: d
         else:
             skipped.append(f"plots/{file_name}: no data to draw")
     return drawn, skipped
+
+
+Bands = dict[str, dict[int, Sequence[float]]]  # arm -> iteration -> one value per seed
+
+
+def plot_bands(panels: dict[str, Bands], path: Path, title: str = "") -> bool:
+    """A multi-seed study: one panel per measure, per arm the mean over seeds as a line and the
+    range over seeds (min to max) as a band; panels are {panel title: Bands}."""
+    panels = {name: bands for name, bands in panels.items() if any(bands.values())}
+    if not panels:
+        return False
+    fig, axes = _figure(ncols=len(panels), width=4.5)
+    for ax, (panel, bands) in zip(axes, panels.items()):
+        for i, (arm, by_iteration) in enumerate(bands.items()):
+            xs = sorted(k for k, values in by_iteration.items() if len(values))
+            if not xs:
+                continue
+            values = [np.asarray(by_iteration[k], dtype=float) for k in xs]
+            colour = RUN_COLOURS(i % 10)
+            n_seeds = max(len(v) for v in values)
+            ax.plot(xs, [v.mean() for v in values], "o-", color=colour, label=f"{arm} (mean of {n_seeds})")
+            ax.fill_between(xs, [v.min() for v in values], [v.max() for v in values], color=colour, alpha=0.2)
+        ax.set(title=panel)
+        _iteration_axis(ax)
+        _legend(ax)
+    if title:
+        fig.suptitle(f"{title} (band: min to max over seeds)", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,174 @@
+"""The demo over several seeds: every arm's length and quality per iteration, mean and spread.
+
+`ilrdpo demo --seeds 0,1,2` runs the demo once per seed into seed_{s}/ and then writes
+study.md (one row per arm and iteration: mean and min..max over seeds of the eval length,
+quality, LC win rate and saturated share, and the same on the second held-out set with
+ROUGE-L and chrF) and study_*.png (means with bands). study.json holds every seed's numbers.
+
+The claim the demo makes (issue 12) is checked here, per eval set, against the base model
+(iteration 0) and the vanilla arm:
+    iLR-DPO mean length within 15% of the base's at every iteration, every seed within 25%;
+    iLR-DPO mean quality >= the base's mean (averaged over iterations 1..T) and >= vanilla's
+    mean at every iteration; vanilla's mean length >= 1.25 x the base's at every iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ilrdpo.demo.heldout import heldout_path
+from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
+
+SETS = {"eval": "bundled eval prompts", "heldout": "second held-out set"}
+VANILLA, METHOD = "idpo", "ilrdpo"
+MIN_SEEDS = 3
+
+
+def _eval_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
+    path = run_dir / f"iter_{k}" / "eval.json"
+    if not path.exists():
+        return {}
+    ev = json.loads(path.read_text())
+    metrics = read_jsonl_tolerant(run_dir / f"iter_{k}" / "metrics.jsonl") if k else []
+    saturated = [m["length/saturated_share"] for m in metrics if "length/saturated_share" in m]
+    state = json.loads((run_dir / "state.json").read_text())
+    return {"eval_length": ev["length"]["tokens_mean"], "eval_quality": ev["quality_mean"],
+            "eval_reward": ev["reward_mean"], "eval_lc": (ev.get("vs_initial") or {}).get("lc_win_rate"),
+            "sample_length": ev.get("gen/length_mean"),
+            "saturated_share": statistics.fmean(saturated) if saturated else None,
+            "alpha": state.get("alpha", {}).get(str(k))}
+
+
+def _heldout_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
+    path = heldout_path(run_dir, k)
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text())
+    return {"heldout_length": summary["length"]["tokens_mean"], "heldout_quality": summary["quality_mean"],
+            "heldout_rougeL": summary["text"].get("rougeL"), "heldout_chrf": summary["text"].get("chrf")}
+
+
+def collect(out: Path, seeds: list[int], arms: list[str]) -> list[dict[str, Any]]:
+    """One row per (arm, seed, iteration) with every number the study reports."""
+    rows = []
+    for seed in seeds:
+        for arm in arms:
+            run_dir = out / f"seed_{seed}" / arm
+            k = 0
+            while (run_dir / f"iter_{k}" / "eval.json").exists():
+                rows.append({"arm": arm, "seed": seed, "iteration": k,
+                             **_eval_numbers(run_dir, k), **_heldout_numbers(run_dir, k)})
+                k += 1
+    return rows
+
+
+def by_iteration(rows: list[dict], arm: str, key: str) -> dict[int, list[float]]:
+    """{iteration: [value per seed]} of one arm; iteration 0 (the shared base model) for every arm."""
+    values: dict[int, list[float]] = {}
+    for row in rows:
+        if row["arm"] == arm and row.get(key) is not None:
+            values.setdefault(row["iteration"], []).append(row[key])
+    return values
+
+
+def _relative_lengths(rows: list[dict], arm: str, key: str) -> dict[int, list[float]]:
+    """Per iteration, each seed's length over that seed's base length, minus 1."""
+    base = {r["seed"]: r[key] for r in rows if r["arm"] == arm and r["iteration"] == 0 and r.get(key)}
+    out: dict[int, list[float]] = {}
+    for row in rows:
+        if row["arm"] == arm and row["iteration"] > 0 and row.get(key) is not None and row["seed"] in base:
+            out.setdefault(row["iteration"], []).append(row[key] / base[row["seed"]] - 1)
+    return out
+
+
+def check_claim(rows: list[dict], prefix: str, vanilla: str = VANILLA, method: str = METHOD) -> list[str]:
+    """Issue 12's conditions on one eval set ("eval" or "heldout"); one line per failure.
+    Vanilla is compared on the seeds the method has at each iteration."""
+    length, quality = f"{prefix}_length", f"{prefix}_quality"
+    seeds = {(r["iteration"], r["seed"]) for r in rows if r["arm"] == method and r.get(length) is not None}
+    rows = [r for r in rows if r["arm"] != vanilla or (r["iteration"], r["seed"]) in seeds]
+    method_rel, vanilla_rel = _relative_lengths(rows, method, length), _relative_lengths(rows, vanilla, length)
+    method_q, vanilla_q = by_iteration(rows, method, quality), by_iteration(rows, vanilla, quality)
+    if not method_rel or 0 not in method_q:
+        return [f"{prefix}: no numbers"]
+    failures = []
+    base_q = statistics.fmean(method_q[0])
+    later = [statistics.fmean(method_q[k]) for k in sorted(method_rel)]
+    if statistics.fmean(later) < base_q:
+        failures.append(f"{prefix}: mean quality {statistics.fmean(later):.4f} < base {base_q:.4f}")
+    for k in sorted(method_rel):
+        if len(method_rel[k]) < MIN_SEEDS:
+            failures.append(f"{prefix} iter {k}: {len(method_rel[k])} seed(s), the claim needs {MIN_SEEDS}")
+        mean_rel = statistics.fmean(method_rel[k])
+        if abs(mean_rel) > 0.15:
+            failures.append(f"{prefix} iter {k}: {method} mean length {mean_rel:+.0%} of base (limit 15%)")
+        worst = max(method_rel[k], key=abs)
+        if abs(worst) > 0.25:
+            failures.append(f"{prefix} iter {k}: a seed's {method} length {worst:+.0%} of base (limit 25%)")
+        if k in vanilla_q and statistics.fmean(method_q[k]) < statistics.fmean(vanilla_q[k]):
+            failures.append(f"{prefix} iter {k}: {method} quality {statistics.fmean(method_q[k]):.4f} < "
+                            f"{vanilla} {statistics.fmean(vanilla_q[k]):.4f}")
+        if k in vanilla_rel and statistics.fmean(vanilla_rel[k]) < 0.25:
+            failures.append(f"{prefix} iter {k}: {vanilla} length only {statistics.fmean(vanilla_rel[k]):+.0%}")
+    return failures
+
+
+COLUMNS = (("eval_length", "length", ".1f"), ("eval_quality", "quality", ".4f"), ("eval_lc", "LC win %", ".1f"),
+           ("saturated_share", "saturated", ".2f"), ("heldout_length", "held-out length", ".1f"),
+           ("heldout_quality", "held-out quality", ".4f"), ("heldout_rougeL", "held-out ROUGE-L", ".3f"),
+           ("heldout_chrf", "held-out chrF", ".1f"))
+
+
+def _cell(values: list[float], spec: str) -> str:
+    if not values:
+        return "-"
+    mean = format(statistics.fmean(values), spec)
+    return mean if len(values) == 1 else f"{mean} ({format(min(values), spec)}..{format(max(values), spec)})"
+
+
+def study_table(rows: list[dict], arms: list[str]) -> list[str]:
+    """Markdown: per arm and iteration, mean (min..max over seeds) of each column."""
+    lines = ["| arm | iter | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    for arm in arms:
+        iterations = sorted({r["iteration"] for r in rows if r["arm"] == arm})
+        for k in iterations:
+            if k == 0 and arm != arms[0]:
+                continue  # the base model: one row
+            selected = [r for r in rows if r["arm"] == arm and r["iteration"] == k]
+            cells = [_cell([r[key] for r in selected if r.get(key) is not None], spec) for key, _, spec in COLUMNS]
+            lines.append(f"| {'base' if k == 0 else arm} | {k} | {len(selected)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
+    """study.md, study.json and the band plots of the seeds' runs under `out`."""
+    from ilrdpo.evaluation.plots import plot_bands
+
+    rows = collect(out, seeds, arms)
+    atomic_write_text(out / "study.json", json.dumps(rows, indent=1))
+    lines = [f"# Demo over seeds {', '.join(map(str, seeds))}", "",
+             ("Mean over seeds, (min..max) in brackets. length: mean eval answer length in tokens; "
+              "quality: the judge's similarity to the reference; LC win %: length-controlled win rate "
+              "against the base model; saturated: share of training pairs whose length term "
+              "|alpha * gap| exceeds 3 logits; held-out: the second held-out set (prompts_heldout.jsonl), "
+              "never used to choose settings."), "", *study_table(rows, arms), ""]
+    if VANILLA in arms:
+        lines += ["## The claim (issue 12)", ""]
+        for method in (arm for arm in arms if arm != VANILLA):
+            for prefix, name in SETS.items():
+                failures = check_claim(rows, prefix, method=method)
+                lines.append(f"- {method}, {name}: " + ("met" if not failures else "not met: " + "; ".join(failures)))
+        lines.append("")
+    for prefix, name in SETS.items():
+        panels = {title: {arm: by_iteration(rows, arm, f"{prefix}_{key}") for arm in arms}
+                  for key, title in (("length", "mean length (tokens)"), ("quality", "quality"))}
+        if prefix == "heldout":
+            panels["ROUGE-L"] = {arm: by_iteration(rows, arm, "heldout_rougeL") for arm in arms}
+        if plot_bands(panels, out / f"study_{prefix}.png", title=name):
+            lines += [f"![{name}](study_{prefix}.png)", ""]
+    atomic_write_text(out / "study.md", "\n".join(lines))
+    return out / "study.md"
