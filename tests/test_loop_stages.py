@@ -131,7 +131,7 @@ def test_a_model_that_often_answers_empty_runs_the_whole_loop(tiny_model_dir, to
 
 
 def test_relative_alpha_and_base_targets(tiny_model_dir, tokenizer, tmp_path):
-    """alpha_relative: the per-token alpha used is alpha / median |gap| of the round's pairs;
+    """alpha_relative: the per-token alpha used is alpha / median |c(y_w) - c(y_l)| of the round's pairs;
     target_length 'base': each pair carries its prompt's mean initial answer length as target;
     every metrics line reports the share of pairs the length term saturates."""
     out = tmp_path / "run"
@@ -144,10 +144,14 @@ def test_relative_alpha_and_base_targets(tiny_model_dir, tokenizer, tmp_path):
         answers = [(n, cut) for n, r, cut in zip(c["n_tokens"], c["responses"], c["truncated"]) if r.strip()]
         kept = [n for n, cut in answers if not cut] or [n for n, _ in answers]
         assert pair["target_length"] == round(sum(kept) / len(kept))
-    raw_gaps = sorted(abs(len(tokenizer(p["chosen"], add_special_tokens=False)["input_ids"])
-                          - len(tokenizer(p["rejected"], add_special_tokens=False)["input_ids"])) for p in pairs)
+    def n(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # relative alpha's unit in target mode: the median gap in distance to each pair's own target
+    gaps = sorted(abs(abs(n(p["chosen"]) - p["target_length"]) - abs(n(p["rejected"]) - p["target_length"]))
+                  for p in pairs)
     state = json.loads((out / "state.json").read_text())
     assert state["alpha_setting"] == {"1": 1.0}
-    assert state["alpha"]["1"] == pytest.approx(1.0 / max(raw_gaps[len(raw_gaps) // 2], 1))
+    assert state["alpha"]["1"] == pytest.approx(1.0 / max(gaps[len(gaps) // 2], 1))
     for m in read_jsonl(out / "iter_1" / "metrics.jsonl"):
         assert 0.0 <= m["length/saturated_share"] <= 1.0

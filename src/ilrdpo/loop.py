@@ -224,10 +224,7 @@ class IterativeRun:
             alpha = next_alpha(previous, lengths[0], lengths[1], control)
         self.state.alpha_setting[t] = alpha
         if loss.alpha_relative:
-            gaps = sorted(abs(answer_length(count_tokens(tokenizer, p.chosen), p.chosen, loss.length_unit)
-                              - answer_length(count_tokens(tokenizer, p.rejected), p.rejected, loss.length_unit))
-                          for p in pairs)
-            alpha = alpha / max(gaps[len(gaps) // 2], 1)
+            alpha = alpha / max(median_cost_gap(pairs, tokenizer, loss), 1)
         self.state.alpha[t] = alpha
         self.state.save()
         return alpha
@@ -238,6 +235,9 @@ class IterativeRun:
     def train(self, t: int) -> None:
         config = self.config
         pairs = read_pairs(self.dir.file(t, "pairs.jsonl"))
+        if config.loss.target_length == "base" and any(p.target_length is None for p in pairs):
+            raise UserInputError(f"{self.dir.file(t, 'pairs.jsonl')}: loss.target_length is 'base' but these pairs "
+                                 "carry no target_length (made by a run without it); rerun the pair stage")
         _, tokenizer = self.policy(t - 1)
         alpha = self.decide_alpha(t, pairs, tokenizer)
         # per-prompt targets ('base') travel with the pairs
@@ -273,6 +273,19 @@ class IterativeRun:
             t, rundir=self.dir, config=self.config, prompts=self.eval_prompts, judge=self.judge,
             judge_settings=self.judge_settings, policy=self.policy, compute_dtype=self.compute_dtype,
             alpha=self.state.alpha.get(t) if t else None)
+
+
+def median_cost_gap(pairs: list[PreferencePair], tokenizer, loss) -> float:
+    """Median |c(y_w) - c(y_l)| of a round's pairs: the unit of a relative alpha. With a target
+    length, c is the distance to the target (the pair's own, or loss.target_length)."""
+    def cost(text: str, target) -> float:
+        length = answer_length(count_tokens(tokenizer, text), text, loss.length_unit)
+        return abs(length - target) if target is not None else length
+
+    fixed = None if loss.target_length in (None, "base") else loss.target_length
+    gaps = sorted(abs(cost(p.chosen, p.target_length if p.target_length is not None else fixed)
+                      - cost(p.rejected, p.target_length if p.target_length is not None else fixed)) for p in pairs)
+    return gaps[len(gaps) // 2]
 
 
 def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
