@@ -17,7 +17,6 @@ from ilrdpo.evaluation.plots import plot_bands
 from ilrdpo.records import read_prompts
 
 PNG = b"\x89PNG\r\n\x1a\n"
-QUICK_DEMO_BUDGET_S = 420  # `ilrdpo demo --quick` on 2 CPU cores; measured about 4 minutes alone
 
 
 def _normalise(text: str) -> str:
@@ -132,7 +131,8 @@ def test_plot_bands_draws_a_png(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     """`ilrdpo demo --quick`: both arms, the second held-out set, a report with its table and
-    plots, within its time budget."""
+    plots. Its wall time is printed (pytest -s, or the durations table), not asserted: this
+    project measures time in benchmarks, never in a timed test."""
     env = {**os.environ, "ILRDPO_QUIET": "1", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "ilrdpo.cli", "demo", "--quick", "--out", str(tmp_path)],
@@ -155,7 +155,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # iteration 1's samples are shared: the same base model, prompts and seed
     same = [(tmp_path / arm / "iter_1" / "pairs.jsonl").read_text() for arm in ("idpo", "ilrdpo")]
     assert same[0] == same[1]
-    assert elapsed < QUICK_DEMO_BUDGET_S, f"quick demo took {elapsed:.0f} s, budget {QUICK_DEMO_BUDGET_S} s"
+    print(f"ilrdpo demo --quick: {elapsed:.0f} s")
 
 
 def _demo_cli(monkeypatch, args: list[str]) -> tuple[int, list]:
