@@ -238,20 +238,20 @@ class IterativeRun:
         if config.loss.target_length == "base" and any(p.target_length is None for p in pairs):
             raise UserInputError(f"{self.dir.file(t, 'pairs.jsonl')}: loss.target_length is 'base' but these pairs "
                                  "carry no target_length (made by a run without it); rerun the pair stage")
-        _, tokenizer = self.policy(t - 1)
-        alpha = self.decide_alpha(t, pairs, tokenizer)
         # per-prompt targets ('base') travel with the pairs
         target = None if config.loss.target_length == "base" else config.loss.target_length
-        loss = config.loss.model_copy(update={"alpha": alpha, "target_length": target})
+        loss = config.loss.model_copy(update={"target_length": target})
         lora = config.model.lora is not None
         ref_logps = None
         if config.iterations.reference == "initial" and t > 1 and not lora:
             # pi_ref = pi_0 under full fine-tuning: score the pairs with pi_0 first, then free it,
-            # so two models are never in memory together.
+            # so two models are never in memory together (reference log-probs do not depend on alpha).
             model, tokenizer = self.policy(0)
             ref_logps = pair_reference_logps(model, tokenizer, pairs, loss, config.train, config.data,
                                              compute_dtype=self.compute_dtype)
         model, tokenizer = self.policy(t - 1)
+        alpha = self.decide_alpha(t, pairs, tokenizer)
+        loss = loss.model_copy(update={"alpha": alpha})
         result = train_round(model, tokenizer, pairs, loss=loss, train=config.train, data=config.data,
                              output_dir=self.dir.iteration(t), seed=config.seed + t, ref_logps=ref_logps,
                              ref_adapter_disabled=lora and config.iterations.reference == "initial",
