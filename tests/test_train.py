@@ -321,6 +321,9 @@ def guard(start_norm: float = 1.0) -> DivergenceGuard:
     ([0.69] * 6 + [25.0], [1.0] * 7, 7, "loss 25"),
     # the same loss in the first 5 steps only sets the history
     ([25.0, 0.69, 0.69], [1.0] * 3, None, None),
+    # saturated pairs: gradient norms near 0.017, then one pair at 17.7 (the default demo's iLR-DPO
+    # arm): under 100 x max(median, clipping norm 1), not an explosion
+    ([0.05] * 6 + [2.0], [0.017] * 6 + [17.7], None, None),
     # gradient norm 500 > 100 x median 2
     ([0.6] * 6 + [0.6], [2.0] * 6 + [500.0], 7, "gradient norm 500"),
     ([0.6, float("inf")], [1.0, 1.0], 2, "non-finite loss"),

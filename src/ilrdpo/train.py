@@ -176,7 +176,9 @@ class DivergenceGuard:
 
     - the loss, the gradient norm or any trainable weight is not finite;
     - the loss exceeds LOSS_FACTOR x max(median of the last WINDOW steps' losses, 1), or the
-      gradient norm (before clipping) exceeds GRAD_FACTOR x their median; both from step
+      gradient norm (before clipping) exceeds GRAD_FACTOR x max(their median, the clipping norm:
+      saturated pairs give near-zero gradients, and one unsaturated pair must not look like an
+      explosion against them); both from step
       MIN_HISTORY + 1 on, so a round's first noisy steps set the history;
     - the trainable weights' norm moved by more than DRIFT x its starting value: fine-tuning
       moves weights by a small fraction of their size, a diverged step by orders of magnitude.
@@ -187,7 +189,8 @@ class DivergenceGuard:
     WINDOW, MIN_HISTORY = 20, 5
     LOSS_FACTOR, GRAD_FACTOR, DRIFT = 20.0, 100.0, 1.0
 
-    def __init__(self, params: list[torch.nn.Parameter], loss_scaling: bool = False) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], loss_scaling: bool = False, grad_floor: float = 1.0) -> None:
+        self.grad_floor = grad_floor
         self.params = params
         self.loss_scaling = loss_scaling  # float16: an overflowing step is skipped by the scaler
         self.start_norm = self._norm()
@@ -222,7 +225,7 @@ class DivergenceGuard:
             loss_ref = max(statistics.median(self.losses[-self.WINDOW:]), 1.0)
             if loss > self.LOSS_FACTOR * loss_ref:
                 stop(f"loss {loss:.4g} > {self.LOSS_FACTOR:g} x {loss_ref:.4g} (recent median)")
-            grad_ref = statistics.median(self.grads[-self.WINDOW:])
+            grad_ref = max(statistics.median(self.grads[-self.WINDOW:]), self.grad_floor)
             if grad_norm > self.GRAD_FACTOR * grad_ref:
                 stop(f"gradient norm {grad_norm:.4g} > {self.GRAD_FACTOR:g} x {grad_ref:.4g} (recent median)")
         norm = self._norm()
@@ -345,7 +348,7 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                checkpoints: Checkpointer, trackers: list) -> TrainResult:
     """Optimizer steps start_step+1 .. total_steps; one metrics line each."""
     model.train()
-    guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled())
+    guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled(), grad_floor=train.max_grad_norm)
     shared_prefix = shares_prefix(train, device)
     start, record = time.perf_counter(), {}
     with progress_bar("training", setup.total_steps) as bar:
