@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import constant_rate, read_jsonl, short_pairs
+from helpers import constant_rate, crash_after, read_jsonl, short_pairs
 from ilrdpo.config import DataSettings, LossSettings, ModelSettings
-from ilrdpo.faults import SimulatedCrash, reset
 from ilrdpo.models import load_policy
 from ilrdpo.train import train_round
 
@@ -34,12 +33,9 @@ def test_killed_round_resumes_from_its_checkpoint_to_the_same_weights(tiny_model
     train_round(whole, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=settings, data=DataSettings(),
                 output_dir=tmp_path / "whole", checkpoint_dir=tmp_path / "whole" / "checkpoint")
     out = tmp_path / "killed"
-    reset()
-    monkeypatch.setenv("ILRDPO_FAULT", "checkpoint:2")
-    with pytest.raises(SimulatedCrash):
+    crash_after(monkeypatch, "checkpoint:2", lambda: (
         train_round(fresh(), tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=settings, data=DataSettings(),
-                    output_dir=out, checkpoint_dir=out / "checkpoint")
-    monkeypatch.delenv("ILRDPO_FAULT")
+                    output_dir=out, checkpoint_dir=out / "checkpoint")))
     assert len(read_jsonl(out / "metrics.partial.jsonl")) == 6
     resumed = fresh()
     result = train_round(resumed, tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=settings, data=DataSettings(),
@@ -56,12 +52,9 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny_model_dir, tokenizer, 
     def fresh():
         return load_policy(ModelSettings(name_or_path=str(tiny_model_dir), dtype="float32"))[0]
 
-    reset()
-    monkeypatch.setenv("ILRDPO_FAULT", "checkpoint:1")
-    with pytest.raises(SimulatedCrash):
+    crash_after(monkeypatch, "checkpoint:1", lambda: (
         train_round(fresh(), tokenizer, PAIRS, loss=LossSettings(beta=0.1), train=constant_rate(save_steps=3),
-                    data=DataSettings(), output_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoint")
-    monkeypatch.delenv("ILRDPO_FAULT")
+                    data=DataSettings(), output_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoint")))
     result = train_round(fresh(), tokenizer, PAIRS, loss=LossSettings(beta=0.2), train=constant_rate(save_steps=3),
                          data=DataSettings(), output_dir=tmp_path, checkpoint_dir=tmp_path / "checkpoint")
     assert result.resumed_from == 0 and len(read_jsonl(tmp_path / "metrics.jsonl")) == 12

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SCORER, read_jsonl, short_pairs
+from helpers import SCORER, crash_after, read_jsonl, short_pairs
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
-from ilrdpo.faults import SimulatedCrash, reset
 from ilrdpo.loop import run_iterations
 
 pytestmark = pytest.mark.smoke
@@ -46,11 +45,8 @@ def test_alpha_changed_before_the_train_stage_is_used(tiny_model_dir, tmp_path, 
     """Stopped in the score stage with alpha 0, resumed with alpha 0.5: no --force needed (train
     had not started), and training, state.json and the model card all use 0.5."""
     out = tmp_path / "run"
-    reset()
-    monkeypatch.setenv("ILRDPO_FAULT", "scores.partial.jsonl:1")
-    with pytest.raises(SimulatedCrash):
-        run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.0))
-    monkeypatch.delenv("ILRDPO_FAULT")
+    crash_after(monkeypatch, "scores.partial.jsonl:1", lambda: (
+        run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.0))))
     run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.5))
     assert json.loads((out / "state.json").read_text())["alpha"] == {"1": 0.5}
     card = json.loads((out / "iter_1" / "model" / "ilrdpo.json").read_text())
@@ -62,11 +58,8 @@ def test_alpha_changed_before_the_train_stage_is_used(tiny_model_dir, tmp_path, 
 
 def test_alpha_changed_after_training_started_needs_force_and_then_holds(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    reset()
-    monkeypatch.setenv("ILRDPO_FAULT", "metrics.partial.jsonl:1")
-    with pytest.raises(SimulatedCrash):
-        run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.0))
-    monkeypatch.delenv("ILRDPO_FAULT")
+    crash_after(monkeypatch, "metrics.partial.jsonl:1", lambda: (
+        run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.0))))
     with pytest.raises(UserInputError, match=r"config key 'loss.alpha' changed \(0.0 -> 0.5\); stage 'train'"):
         run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.5))
     run_iterations(loop_config(tiny_model_dir, tmp_path, out, loss__alpha=0.5, iterations__count=2), force=True)

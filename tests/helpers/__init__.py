@@ -32,3 +32,16 @@ def constant_rate(**overrides):
     values = {"learning_rate": 5e-7, "epochs": 1, "batch_size": 1, "warmup_ratio": 0.0,
               "lr_scheduler": "constant", "max_length": 128}
     return TrainSettings(**{**values, **overrides})
+
+
+def crash_after(monkeypatch, fault: str, work) -> None:
+    """Run work() with ILRDPO_FAULT=fault and check that it "died" there (ilrdpo.faults)."""
+    import pytest
+
+    from ilrdpo.faults import SimulatedCrash, reset
+
+    reset()
+    monkeypatch.setenv("ILRDPO_FAULT", fault)
+    with pytest.raises(SimulatedCrash):
+        work()
+    monkeypatch.delenv("ILRDPO_FAULT")
