@@ -308,3 +308,24 @@ def test_compact_sampling_is_seeded_and_respects_eos_and_max_new_tokens(tiny_mod
     assert all(len(v) == 4 for v in a.values())
     assert all(s.n_tokens == count_tokens(tokenizer, s.text) for s in samples)
     assert any(not s.truncated for s in samples) and any(s.truncated for s in samples)
+
+
+@pytest.mark.parametrize("backend", ["hf", "compact"])
+def test_under_autocast_float32_weights_decode_as_a_copy_in_the_compute_dtype(tiny_model, tokenizer, backend):
+    """Half-precision full fine-tuning keeps float32 master weights and decodes under autocast:
+    decoding then runs on a bfloat16 copy with autocast off (one dtype for a static KV cache, the
+    failure seen on CUDA), giving exactly the answers of that copy, and the weights stay float32."""
+    import copy
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = texts(generate(tiny_model, tokenizer, seed=3, backend=backend))
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    assert texts(generate(half, tokenizer, seed=3, backend=backend)) == under_autocast
+    from ilrdpo.generation import generation_model
+
+    assert generation_model(tiny_model) is tiny_model  # no autocast: the model itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decoder = generation_model(tiny_model)
+        assert decoder is not tiny_model and all(p.dtype == torch.bfloat16 for p in decoder.parameters())
+        assert generation_model(half) is half  # already in the compute dtype

@@ -11,6 +11,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,30 @@ def _auto(model, *args, **kwargs) -> list[list[Sample]]:
 BACKENDS = {"auto": _auto, "hf": generate_hf, "compact": generate_compact}
 
 
+def generation_model(model):
+    """The model to decode with. Under autocast with weights in another dtype (float32 master
+    weights of half-precision full fine-tuning), decoding runs on a copy in the autocast dtype,
+    outside autocast: a static KV cache needs one dtype (keys after float32 rotary embeddings and
+    values from half-precision projections differ under autocast), and half-precision weights are
+    what makes decoding fast. The copy costs 2 bytes per parameter while it lives (one call of
+    generate_answers); the caller's model is unchanged. Decode with it under autocast_off()."""
+    import copy
+
+    device = next(model.parameters()).device
+    if not torch.is_autocast_enabled(device.type):
+        return model
+    dtype = torch.get_autocast_dtype(device.type)
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def autocast_off(decoder, model):
+    """Autocast off while decoding with generation_model's copy (already in the compute dtype)."""
+    device = next(decoder.parameters()).device
+    return torch.autocast(device.type, enabled=False) if decoder is not model else contextlib.nullcontext()
+
+
 def context_length(model) -> int | None:
     config = getattr(model, "config", None)
     return getattr(config, "max_position_embeddings", None)
@@ -160,14 +185,16 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
     for row in recover_jsonl(progress_file) if progress_file else []:
         done[row["id"]] = [Sample(**s) for s in row["samples"]]
     backend = BACKENDS[settings.backend]
-    new_tokens, start = 0, time.perf_counter()
+    new_tokens, start, decoder = 0, time.perf_counter(), None
     with progress_bar(description, len(prompts) * num_samples) as bar:
         bar.advance(sum(len(v) for k, v in done.items()))
         for k, batch in enumerate(batches):
             if all(prompts[i].id in done for i in batch):
                 continue
+            decoder = decoder if decoder is not None else generation_model(model)
             torch.manual_seed(seed * 1_000_003 + k)
-            results = backend(model, tokenizer, [prompt_ids[i] for i in batch], settings, num_samples, greedy)
+            with autocast_off(decoder, model):
+                results = backend(decoder, tokenizer, [prompt_ids[i] for i in batch], settings, num_samples, greedy)
             for i, samples in zip(batch, results):
                 done[prompts[i].id] = samples
                 if progress_file:
