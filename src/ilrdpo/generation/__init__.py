@@ -56,8 +56,8 @@ def _generation_config(model, tokenizer, settings: GenerationSettings, greedy: b
     return config
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
+def _left_pad(rows: list[list[int]], pad_id: int, device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -83,7 +83,10 @@ def generate_hf(model, tokenizer, prompt_ids: list[list[int]], settings: Generat
     """transformers generate; the N samples of a prompt are N rows of one batch (KV cache on)."""
     device = next(model.parameters()).device
     config = _generation_config(model, tokenizer, settings, greedy)
-    ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    # The compiled static-cache step is specialised to the cache's shape: prompt widths rounded up
+    # to a multiple of 64 let batches of similar prompts share one compiled graph.
+    ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id, device,
+                          64 if config.cache_implementation == "static" else 1)
     ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)  # (B*N, T)
     was_training = model.training
     model.eval()
