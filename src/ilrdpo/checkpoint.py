@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ilrdpo.config import LossSettings, TrainSettings
+from ilrdpo.distributed import is_main
 from ilrdpo.faults import fault_point
 from ilrdpo.progress import console
 from ilrdpo.records import PreferencePair
@@ -58,8 +59,8 @@ class Checkpointer:
         return state
 
     def save(self, step: int, model, optimizer, scheduler, scaler, ref_logps, tokens: int) -> None:
-        if self.folder is None or self.save_steps <= 0 or step % self.save_steps:
-            return
+        if self.folder is None or self.save_steps <= 0 or step % self.save_steps or not is_main():
+            return  # under several processes the main one saves (the weights are identical)
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {"fingerprint": self.fingerprint, "step": step, "tokens": tokens,
                  "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -83,5 +84,5 @@ class Checkpointer:
         torch.set_rng_state(state["rng"])
 
     def remove(self) -> None:
-        if self.folder is not None:
+        if self.folder is not None and is_main():
             shutil.rmtree(self.folder, ignore_errors=True)

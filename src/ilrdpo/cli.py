@@ -25,6 +25,9 @@ def _print_version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Iterative Length-Regularized DPO: better answers without longer answers."""
+    from ilrdpo import distributed
+
+    distributed.init()  # under accelerate launch / torchrun: join the processes (one: nothing)
 
 
 # `ilrdpo evaluate`'s defaults are the config's generation defaults: one source of truth.

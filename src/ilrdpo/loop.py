@@ -7,7 +7,9 @@ Every stage reads its inputs from files of the run directory and writes its outp
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from ilrdpo import distributed
 from ilrdpo.config import AlphaControlSettings, Config
 from ilrdpo.data import answer_length, count_tokens
 from ilrdpo.errors import UserInputError
@@ -80,6 +82,7 @@ class IterativeRun:
     def open(self) -> None:
         """Resume checks against what the directory was made with, then record this config."""
         self.dir.remove_debris()
+        distributed.barrier()  # the main process has cleaned before any process reads
         self.state = self.dir.state()
         inputs = input_hashes(self.config)
         old = self.dir.recorded_config()
@@ -125,6 +128,7 @@ class IterativeRun:
         with stage(f"iter {t} {name}", self.timings):
             work()
         self.state.mark(t, name)
+        distributed.barrier()  # what the main process wrote is there before any process reads it
 
     def _evaluation(self, t: int) -> dict:
         self._stage(t, "eval", lambda: self.evaluate(t))
@@ -158,7 +162,7 @@ class IterativeRun:
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,
                              target_length=p.target_length) for p in self.prompts]
         write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
-        partial.unlink(missing_ok=True)
+        remove_progress(partial)
 
     # --- 2. score --------------------------------------------------------------------------------
     def score(self, t: int) -> None:
@@ -167,15 +171,17 @@ class IterativeRun:
         path = self.dir.file(t, "candidates.jsonl")
         sets = read_candidates(path)
         progress_file = self.dir.partial(t, "score")
-        scored = {row["id"]: row for row in recover_jsonl(progress_file)}
+        scored = {row["id"]: row for path in distributed.rank_files(progress_file) for row in recover_jsonl(path)}
         by_id = {p.id: p for p in self.prompts}
         settings = self.config.scoring
         per_chunk = max(1, settings.batch_size // max(1, self.config.generation.num_samples))
         todo = [c for c in sets if c.id not in scored]
+        distributed.barrier()  # every process has read the progress files before any appends to them
         with progress_bar("scoring", len(sets)) as bar:
             bar.advance(len(sets) - len(todo))
-            for start in range(0, len(todo), per_chunk):
-                chunk = todo[start:start + per_chunk]
+            starts = range(0, len(todo), per_chunk)
+            for k in distributed.mine(len(starts)):  # chunk k to process k % W
+                chunk = todo[starts[k]:starts[k] + per_chunk]
                 prompts = [by_id[c.id] for c in chunk for _ in c.responses]
                 quality = score_in_batches(self.scorer, prompts, [r for c in chunk for r in c.responses],
                                            settings.batch_size)
@@ -184,12 +190,13 @@ class IterativeRun:
                     q = quality[offset:offset + len(c.responses)]
                     offset += len(c.responses)
                     scored[c.id] = {"id": c.id, "quality": q, "rewards": shaped_rewards(q, c.n_tokens, settings)}
-                    append_jsonl(progress_file, scored[c.id])
+                    append_jsonl(distributed.rank_file(progress_file), scored[c.id], every_process=True)
                 bar.advance(len(chunk))
+        scored = distributed.gather_dict(scored)
         for c in sets:
             c.quality, c.rewards = scored[c.id]["quality"], scored[c.id]["rewards"]
         write_jsonl(path, sets)
-        progress_file.unlink(missing_ok=True)
+        remove_progress(progress_file)
 
     # --- 3. pair ---------------------------------------------------------------------------------
     def pair(self, t: int) -> None:
@@ -273,6 +280,14 @@ class IterativeRun:
             t, rundir=self.dir, config=self.config, prompts=self.eval_prompts, judge=self.judge,
             judge_settings=self.judge_settings, policy=self.policy, compute_dtype=self.compute_dtype,
             alpha=self.state.alpha.get(t) if t else None)
+
+
+def remove_progress(path: Path) -> None:
+    """A stage's progress files (one per process that wrote one), once its output is written."""
+    distributed.barrier()  # every process has gathered what it needs from them
+    if distributed.is_main():
+        for file in distributed.rank_files(path):
+            file.unlink(missing_ok=True)
 
 
 def median_cost_gap(pairs: list[PreferencePair], tokenizer, loss) -> float:

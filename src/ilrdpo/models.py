@@ -65,7 +65,9 @@ def weight_dtype(settings: ModelSettings, trainable: bool = True) -> torch.dtype
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ilrdpo.distributed import local_device
+
+    return local_device()
 
 
 def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
@@ -237,8 +239,13 @@ def add_lora(model, lora: LoraSettings):
 
 def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False) -> Path:
     """save_pretrained (safetensors) + tokenizer + README.md model card, written to a staging
-    folder and swapped in at the end, so a crash never leaves a half-written model in place."""
+    folder and swapped in at the end, so a crash never leaves a half-written model in place.
+    Under several processes only the main one writes (their weights are identical)."""
+    from ilrdpo.distributed import is_main
+
     out_dir = Path(out_dir)
+    if not is_main():
+        return out_dir
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)

@@ -218,7 +218,21 @@ class RunDir:
     # --- lock ----------------------------------------------------------------------------------
     def lock(self, command: str) -> None:
         """Take the directory for this process, or refuse naming the holder. The kernel releases
-        the lock when the process ends, however it ends."""
+        the lock when the process ends, however it ends. Under several processes the main one
+        holds it for all, and all refuse together."""
+        from ilrdpo import distributed
+
+        refusal = None
+        if distributed.is_main():
+            try:
+                self._lock(command)
+            except UserInputError as error:
+                refusal = str(error)
+        refusal = distributed.broadcast(refusal)
+        if refusal is not None:
+            raise UserInputError(refusal)
+
+    def _lock(self, command: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         handle = (self.root / "lock").open("a+")
         try:
@@ -236,6 +250,8 @@ class RunDir:
         """Write who holds the lock into it: called once the resume checks have passed, so that a
         refused start changes no byte of the directory."""
         handle = self._lock_handle
+        if handle is None:  # not the main process
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({self._command}, since "
@@ -290,8 +306,10 @@ class RunDir:
     def remove_debris(self) -> list[Path]:
         """Temp files of interrupted atomic writes and staging folders of interrupted model saves.
         Only the names this project writes, only in the folders it writes them: an output_dir
-        may hold a user's own files."""
-        if not self.root.is_dir():
+        may hold a user's own files. The main process cleans (ilrdpo.distributed)."""
+        from ilrdpo.distributed import is_main
+
+        if not self.root.is_dir() or not is_main():
             return []
         folders = [self.root, self.history_dir, *self.iterations().values()]
         folders += [f / "checkpoint" for f in folders]

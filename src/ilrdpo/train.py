@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ilrdpo import distributed
 from ilrdpo.checkpoint import Checkpointer, round_fingerprint
 from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import (
@@ -125,14 +126,14 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
     model.eval()
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     with adapter_off, progress_bar("reference log-probs", len(examples)) as bar:
-        for indices in batches:
+        for indices in [batches[k] for k in distributed.mine(len(batches))]:  # batch k to process k % W
             batch = _to(_collate(model, [examples[i] for i in indices], pad_id, shared_prefix), device)
             with autocast(device, compute_dtype):
                 logps = _batch_logps(model, batch, loss, train.logits_chunk).cpu()
             out[indices, 0], out[indices, 1] = logps[:len(indices)], logps[len(indices):]
             bar.advance(len(indices))
     model.train(was_training)
-    return out
+    return distributed.all_sum(out)  # each row was filled by exactly one process
 
 
 def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
@@ -328,15 +329,16 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
         start_step, tokens = resumed["step"], resumed["tokens"]
         _resume_metrics(partial_path, metrics_path, start_step)
         console.print(f"resuming training from the checkpoint at step {start_step}")
-    else:
+    elif distributed.is_main():
         partial_path.unlink(missing_ok=True)
 
     # 4. the loop
     trackers = open_trackers(train.report_to, output_dir, hparams or {}, run_name)
     result = _run_steps(model, setup, tokenizer.pad_token_id, loss, train, ref_logps, compute_dtype, device,
                         start_step, tokens, partial_path, checkpoints, trackers)
-    os.replace(partial_path, metrics_path)
-    fault_point(metrics_path.name)
+    if distributed.is_main():
+        os.replace(partial_path, metrics_path)
+        fault_point(metrics_path.name)
     checkpoints.remove()
     result.n_truncated, result.resumed_from = n_truncated, start_step
     result.ref_logps = None if ref_logps is None else ref_logps.tolist()
@@ -357,15 +359,26 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
             group = setup.schedule[(step - 1) * train.grad_accum:step * train.grad_accum]
             group = _micro_batches(setup.examples, group, train, shared_prefix)
             n_in_step = sum(len(ix) for ix in group)
-            sums: dict[str, float] = {}
-            for indices in group:
+            sums = dict.fromkeys(STATS, 0.0)
+            step_tokens = 0
+            for group_indices in group:
+                # several processes: each takes its share of every micro-batch (the same number of
+                # micro-batches per step in each), weighted by the step's global pair count
+                indices = group_indices[distributed.rank()::distributed.world_size()]
+                if not indices:
+                    continue
                 batch = _to(_collate(model, [setup.examples[i] for i in indices], pad_id, shared_prefix), device)
                 with autocast(device, compute_dtype):
                     policy = _batch_logps(model, batch, loss, train.logits_chunk)  # (2B,)
                 stats = _micro_step(policy, batch, ref_logps, indices, loss, len(indices) / n_in_step, setup.scaler)
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value * len(indices) / n_in_step
-                tokens += sum(setup.examples[i].n_tokens for i in indices)
+                for key in STATS:
+                    sums[key] += stats[key] * len(indices) / n_in_step
+                step_tokens += sum(setup.examples[i].n_tokens for i in indices)
+            if distributed.world_size() > 1:
+                totals = distributed.all_sum(torch.tensor([*sums.values(), step_tokens], dtype=torch.float64))
+                sums, step_tokens = dict(zip(STATS, totals[:-1].tolist())), int(totals[-1])
+                distributed.sum_gradients(setup.params)
+            tokens += step_tokens
             guard.check_loss(step, sums["loss"])
             setup.scaler.unscale_(setup.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.params, train.max_grad_norm))
@@ -390,6 +403,10 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
     elapsed = time.perf_counter() - start
     return TrainResult(steps=setup.total_steps, n_pairs=len(setup.examples), n_truncated=0,
                        tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, final=record)
+
+
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+         "logps/rejected", "length/chosen", "length/rejected", "length/margin_term", "length/saturated_share")
 
 
 def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps: torch.Tensor | None,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ilrdpo import distributed
 from ilrdpo.config import DataSettings, GenerationSettings
 from ilrdpo.data import count_tokens, encode_prompt
 from ilrdpo.errors import UserInputError
@@ -185,14 +186,17 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
     batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
 
     done: dict[str, list[Sample]] = {}
-    for row in recover_jsonl(progress_file) if progress_file else []:
-        done[row["id"]] = [Sample(**s) for s in row["samples"]]
+    for path in distributed.rank_files(progress_file) if progress_file else []:
+        for row in recover_jsonl(path):
+            done[row["id"]] = [Sample(**s) for s in row["samples"]]
+    own = set(distributed.mine(len(batches)))  # batch k to process k % W: the single-process answers
+    distributed.barrier()  # every process has read the progress files before any appends to them
     backend = BACKENDS[settings.backend]
     new_tokens, start, decoder = 0, time.perf_counter(), None
     with progress_bar(description, len(prompts) * num_samples) as bar:
         bar.advance(sum(len(v) for k, v in done.items()))
         for k, batch in enumerate(batches):
-            if all(prompts[i].id in done for i in batch):
+            if k not in own or all(prompts[i].id in done for i in batch):
                 continue
             decoder = decoder if decoder is not None else generation_model(model)
             torch.manual_seed(seed * 1_000_003 + k)
@@ -201,7 +205,8 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
             for i, samples in zip(batch, results):
                 done[prompts[i].id] = samples
                 if progress_file:
-                    append_jsonl(progress_file, {"id": prompts[i].id, "samples": [s.__dict__ for s in samples]})
+                    append_jsonl(distributed.rank_file(progress_file),
+                                 {"id": prompts[i].id, "samples": [s.__dict__ for s in samples]}, every_process=True)
             new_tokens += sum(s.n_tokens for r in results for s in r)
             bar.advance(len(batch) * num_samples, tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
-    return done
+    return distributed.gather_dict(done)

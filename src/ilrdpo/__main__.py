@@ -1,0 +1,5 @@
+"""`python -m ilrdpo`: the command line (also what `accelerate launch -m ilrdpo` runs)."""
+
+from ilrdpo.cli import main
+
+main()
