@@ -548,3 +548,36 @@ def test_fault_at_every_write_point_resumes_to_the_same_files(base_run, raw_conf
         assert not (out / f"iter_{k}" / "checkpoint").exists()
     assert (out / "iter_0" / "eval_answers.jsonl").read_bytes() == (base / "iter_0" / "eval_answers.jsonl").read_bytes()
     assert not list(out.rglob("*.partial.jsonl")) and not list(out.rglob(".*.tmp"))
+
+
+def test_one_tracker_run_with_a_global_step_across_iterations(raw_config, tmp_path):
+    """train.report_to=[tensorboard] in `ilrdpo run`: one event log under OUT/logs; train/ steps
+    continue across iterations, eval/ figures sit where each iteration's training ended."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = raw_config(tmp_path / "run")
+    raw["train"]["report_to"] = ["tensorboard"]
+    run_iterations(build_config(raw))
+    # one run: its scalars, and the hyperparameters TensorBoard keeps in a subfolder of it
+    events = list((tmp_path / "run" / "logs" / "run").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and [p.name for p in (tmp_path / "run" / "logs").iterdir()] == ["run"]
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    steps = [len(read_jsonl(tmp_path / "run" / f"iter_{t}" / "metrics.jsonl")) for t in (1, 2)]
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, sum(steps) + 1))
+    assert [e.step for e in acc.Scalars("eval/length")] == [0, steps[0], sum(steps)]
+    assert {"eval/lc_win_rate_vs_initial", "eval/quality", "train/length/saturated_share"} <= set(acc.Tags()["scalars"])
+
+
+def test_wandb_project_and_run_name(monkeypatch, tmp_path):
+    """W&B gets the project from train.project, else $WANDB_PROJECT, else 'ilrdpo' (accelerate's
+    WandBTracker passes its run_name to wandb.init as the project) and the run name separately."""
+    from ilrdpo.tracking import tracker_arguments
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    assert tracker_arguments("wandb", tmp_path / "out", None, None) == {"run_name": "ilrdpo", "name": "out"}
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    assert tracker_arguments("wandb", tmp_path / "out", None, "r1") == {"run_name": "mine", "name": "r1"}
+    assert tracker_arguments("wandb", tmp_path / "out", "p", None)["run_name"] == "p"
+    assert tracker_arguments("tensorboard", tmp_path / "out", "p", None) == {"run_name": "out",
+                                                                             "logging_dir": tmp_path / "out" / "logs"}

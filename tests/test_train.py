@@ -416,7 +416,7 @@ def test_metrics_reach_tensorboard_through_accelerate(tiny_model, tokenizer, tmp
         acc = EventAccumulator(str(path))
         acc.Reload()
         scalars |= set(acc.Tags()["scalars"])
-    assert {"loss", "rewards/margins", "grad_norm"} <= scalars
+    assert {"train/loss", "train/rewards/margins", "train/grad_norm"} <= scalars
     assert len(metrics) == 2
 
 

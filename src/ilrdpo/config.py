@@ -162,8 +162,11 @@ class TrainSettings(Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient-norm clipping.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Also log metrics to these trackers (through accelerate)."
+        default_factory=list, description="Also log metrics to these trackers (through accelerate): one tracker "
+        "run per `ilrdpo run`, train/ metrics at a global step across iterations, eval/ per iteration."
     )
+    run_name: str | None = Field(None, description="Tracker run name; default the output folder's name.")
+    project: str | None = Field(None, description="W&B project; default $WANDB_PROJECT, else 'ilrdpo'.")
     logits_chunk: int = Field(1024, ge=1, description="Answer positions per chunk of the log-prob head.")
     prefix_sharing: Literal["auto", "on", "off"] = Field(
         "auto", description="Compute each prompt once for both answers (one row prompt+chosen+rejected with a "
@@ -333,7 +336,7 @@ TRL_ALIASES = {
     "max_length": "train.max_length", "max_prompt_length": "train.max_prompt_length",
     "warmup_ratio": "train.warmup_ratio", "lr_scheduler_type": "train.lr_scheduler",
     "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
-    "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to",
+    "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to", "run_name": "train.run_name",
     "save_steps": "train.save_steps", "beta": "loss.beta", "loss_type": "loss.type",
     "label_smoothing": "loss.label_smoothing", "ld_alpha": "loss.ld_alpha", "simpo_gamma": "loss.simpo_gamma",
     "model_name_or_path": "model.name_or_path", "push_to_hub": "model.push_to_hub",

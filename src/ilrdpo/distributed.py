@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-
 SHARDING_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 

@@ -19,7 +19,7 @@ from ilrdpo.errors import UserInputError
 def hyperparameters(config: Config) -> dict[str, Any]:
     """The flat loss/train/LoRA/seed settings a model card lists."""
     flat = {f"loss.{k}": v for k, v in config.loss.model_dump().items()}
-    flat.update({f"train.{k}": v for k, v in config.train.model_dump().items() if k != "report_to"})
+    flat.update({f"train.{k}": v for k, v in config.train.model_dump().items() if k not in ("report_to", "run_name", "project")})
     flat["model.lora"] = "none" if config.model.lora is None else str(config.model.lora.model_dump())
     flat["seed"] = config.seed
     return flat

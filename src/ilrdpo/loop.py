@@ -28,6 +28,7 @@ from ilrdpo.records import (
     append_jsonl,
     atomic_write_text,
     read_candidates,
+    read_jsonl_tolerant,
     read_pairs,
     read_prompts,
     recover_jsonl,
@@ -35,6 +36,7 @@ from ilrdpo.records import (
 )
 from ilrdpo.rundir import RunDir, check_resume, input_hashes
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
+from ilrdpo.tracking import RunTracker
 from ilrdpo.train import autocast, pair_reference_logps, train_round
 
 # --- alpha control -------------------------------------------------------------------------------
@@ -115,9 +117,15 @@ class IterativeRun:
         return self.model, self.tokenizer
 
     def run(self) -> list[dict]:
-        summaries = [self._evaluation(0)] if self.eval_prompts else []
-        for t in range(1, self.config.iterations.count + 1):
-            summaries.append(self.iteration(t))
+        train = self.config.train
+        self.tracker = RunTracker(train.report_to, self.dir.root, hyperparameters(self.config),
+                                  project=train.project, run_name=train.run_name)
+        try:
+            summaries = [self._evaluation(0)] if self.eval_prompts else []
+            for t in range(1, self.config.iterations.count + 1):
+                summaries.append(self.iteration(t))
+        finally:
+            self.tracker.finish()
         atomic_write_text(self.dir.root / "timings.json", json.dumps(self.timings, indent=1))
         return summaries
 
@@ -132,7 +140,14 @@ class IterativeRun:
 
     def _evaluation(self, t: int) -> dict:
         self._stage(t, "eval", lambda: self.evaluate(t))
-        return json.loads(self.dir.file(t, "eval.json").read_text())
+        summary = json.loads(self.dir.file(t, "eval.json").read_text())
+        self.tracker.log_eval(summary, self.steps_before(t + 1))
+        return summary
+
+    def steps_before(self, t: int) -> int:
+        """Optimizer steps of iterations 1..t-1: the trackers' global step where iteration t starts."""
+        files = [self.dir.file(k, "metrics.jsonl") for k in range(1, t)]
+        return sum(len(read_jsonl_tolerant(f)) for f in files if f.is_file())
 
     def run_stage(self, t: int, name: str) -> None:
         """Stage `name` of iteration t, unless state.json has it finished."""
@@ -264,7 +279,7 @@ class IterativeRun:
                              ref_adapter_disabled=lora and config.iterations.reference == "initial",
                              hparams={**hyperparameters(config), "loss.alpha": alpha},
                              compute_dtype=self.compute_dtype, checkpoint_dir=self.dir.checkpoint(t),
-                             run_name=f"{self.dir.root.name}/iter_{t}")
+                             tracker=self.tracker, step_offset=self.steps_before(t))
         atomic_write_text(self.dir.file(t, "ref_logps.json"), json.dumps(result.ref_logps))
         card = {"title": f"iLR-DPO iteration {t}", "base_model": config.model.name_or_path,
                 "method": f"iterative {method_name(loss.type, alpha)}",

@@ -6,7 +6,6 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -63,23 +62,3 @@ def stage(name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
     memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" \
         if cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()) else ""
     console.print(f"[dim]{name}: {elapsed:.1f} s{memory}[/dim]")
-
-
-def open_trackers(report_to: list[str], output_dir: Path, hparams: dict, run_name: str | None) -> list:
-    """accelerate's trackers, used directly: an Accelerator would own global state per process."""
-    if not report_to:
-        return []
-    from accelerate.tracking import TensorBoardTracker, WandBTracker
-
-    name = run_name or output_dir.name
-    makers = {"tensorboard": lambda: TensorBoardTracker(name, output_dir / "logs"),
-              "wandb": lambda: WandBTracker(name)}
-    trackers = []
-    for tracker_name in report_to:
-        tracker = makers[tracker_name]()
-        tracker.start()
-        # hparams must be scalars for TensorBoard
-        tracker.store_init_configuration({k: v for k, v in hparams.items()
-                                          if isinstance(v, (int, float, str, bool))})
-        trackers.append(tracker)
-    return trackers

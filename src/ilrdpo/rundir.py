@@ -70,7 +70,7 @@ STAGE_SECTIONS = {
 }
 assert list(STAGE_SECTIONS) == STAGES
 # Keys that change how a stage runs, never what it computes.
-NEUTRAL_KEYS = {"train.save_steps", "train.report_to"}
+NEUTRAL_KEYS = {"train.save_steps", "train.report_to", "train.run_name", "train.project"}
 
 
 def stage_dependencies(iteration: int, stage_name: str) -> tuple[str, ...]:

@@ -47,8 +47,9 @@ from ilrdpo.errors import TrainingDiverged, UserInputError
 from ilrdpo.faults import fault_point
 from ilrdpo.logprobs import ld_weights, sequence_logps, shared_prefix_logps, shared_prefix_supported
 from ilrdpo.loss import REFERENCE_FREE, preference_loss
-from ilrdpo.progress import console, open_trackers, progress_bar
+from ilrdpo.progress import console, progress_bar
 from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
+from ilrdpo.tracking import RunTracker
 
 
 @dataclass
@@ -286,14 +287,17 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
                 data: DataSettings, output_dir: str | Path, seed: int = 0,
                 ref_logps: torch.Tensor | None = None, ref_adapter_disabled: bool = False,
                 hparams: dict | None = None, compute_dtype: torch.dtype | None = None,
-                checkpoint_dir: str | Path | None = None, run_name: str | None = None) -> TrainResult:
+                checkpoint_dir: str | Path | None = None, run_name: str | None = None,
+                tracker: RunTracker | None = None, step_offset: int = 0) -> TrainResult:
     """Train `model` in place for train.epochs over `pairs`; metrics to output_dir/metrics.jsonl
     (written as metrics.partial.jsonl while the round runs, renamed when it ends well).
 
     ref_logps: precomputed (P, 2) reference log-probs (e.g. from the initial model); by default
     they are computed here from the model before its first update. compute_dtype: the autocast
     dtype (default: the weights' dtype). checkpoint_dir: where a checkpoint is kept every
-    train.save_steps steps; a valid one found there is resumed from.
+    train.save_steps steps; a valid one found there is resumed from. tracker: the run's tracker
+    (ilrdpo.tracking), steps logged at step_offset + step; without one, train.report_to opens a
+    tracker run for this round alone.
     """
     if not pairs:
         raise UserInputError("no preference pairs to train on")
@@ -333,9 +337,16 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
         partial_path.unlink(missing_ok=True)
 
     # 4. the loop
-    trackers = open_trackers(train.report_to, output_dir, hparams or {}, run_name)
-    result = _run_steps(model, setup, tokenizer.pad_token_id, loss, train, ref_logps, compute_dtype, device,
-                        start_step, tokens, partial_path, checkpoints, trackers)
+    own = tracker is None
+    if own:
+        tracker = RunTracker(train.report_to, output_dir, hparams or {}, project=train.project,
+                             run_name=run_name or train.run_name)
+    try:
+        result = _run_steps(model, setup, tokenizer.pad_token_id, loss, train, ref_logps, compute_dtype, device,
+                            start_step, tokens, partial_path, checkpoints, tracker, step_offset)
+    finally:
+        if own:
+            tracker.finish()
     if distributed.is_main():
         os.replace(partial_path, metrics_path)
         fault_point(metrics_path.name)
@@ -347,7 +358,7 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
 
 def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train: TrainSettings, ref_logps,
                compute_dtype, device, start_step: int, tokens: int, metrics_path: Path,
-               checkpoints: Checkpointer, trackers: list) -> TrainResult:
+               checkpoints: Checkpointer, tracker: RunTracker, step_offset: int) -> TrainResult:
     """Optimizer steps start_step+1 .. total_steps; one metrics line each."""
     model.train()
     guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled(), grad_floor=train.max_grad_norm)
@@ -392,12 +403,9 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                       **sums, "grad_norm": grad_norm, "learning_rate": learning_rate,
                       "tokens": tokens, "elapsed_s": round(time.perf_counter() - start, 3)}
             append_jsonl(metrics_path, record)
-            for tracker in trackers:
-                tracker.log(record, step=step)
+            tracker.log_train(record, step_offset + step)
             checkpoints.save(step, model, setup.optimizer, setup.scheduler, setup.scaler, ref_logps, tokens)
             bar.advance(1, loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracies']:.2f}")
-    for tracker in trackers:
-        tracker.finish()
     if train.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     elapsed = time.perf_counter() - start

@@ -23,7 +23,8 @@ from ilrdpo.progress import console
 os.environ["ILRDPO_QUIET"] = "1"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PLOT_FILES = ("reward_winrate.png", "length.png", "reward_vs_length.png", "length_hist.png", "alpha.png")
+PLOT_FILES = ("reward_winrate.png", "length.png", "reward_vs_length.png", "length_hist.png", "alpha.png",
+              "training.png")
 SCORER = """
 def score(prompts, responses):
     # distinct words reward variety; the small length term breaks ties between equal counts

@@ -175,11 +175,43 @@ TITLES = {
     "reward_vs_length.png": "Reward against length of each answer",
     "length_hist.png": "Answer lengths of the first and the last model",
     "alpha.png": "Alpha per iteration",
+    "training.png": "Training curves (every optimizer step of every iteration)",
 }
 
 
+TRAINING_PANELS = {"loss": "loss", "rewards/accuracies": "pair accuracy", "rewards/margins": "reward margin",
+                   "length/margin_term": "length term (logits)"}
+
+
+def plot_training(steps_by_run: dict[str, dict[int, list[dict]]], path: Path) -> bool:
+    """Training curves per optimizer step, one global step axis across iterations (dotted lines
+    where an iteration's round starts): loss, pair accuracy, reward margin, length term."""
+    if not any(steps for by_k in steps_by_run.values() for steps in by_k.values()):
+        return False
+    fig, axes = _figure(len(TRAINING_PANELS), width=4.0)
+    for name, by_k in steps_by_run.items():
+        offset, xs, series, starts = 0, [], {key: [] for key in TRAINING_PANELS}, []
+        for _, steps in sorted(by_k.items()):
+            starts.append(offset)
+            for row in steps:
+                xs.append(offset + row.get("step", 0))
+                for key in TRAINING_PANELS:
+                    series[key].append(row.get(key, float("nan")))
+            offset += len(steps)
+        for ax, key in zip(axes, TRAINING_PANELS):
+            ax.plot(xs, series[key], "-", lw=1, label=name)
+            for start in starts[1:]:
+                ax.axvline(start + 0.5, color="grey", ls=":", lw=0.8)
+    for ax, title in zip(axes, TRAINING_PANELS.values()):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step (all iterations)")
+        ax.grid(alpha=0.3)
+    _legend(axes[0])
+    return _save(fig, path)
+
+
 def draw_all(plots_dir: Path, rows_by_run: Rows, points_by_run: dict, sources: dict[str, str],
-             lengths_by_run: dict) -> tuple[dict[str, Path], list[str]]:
+             lengths_by_run: dict, steps_by_run: dict | None = None) -> tuple[dict[str, Path], list[str]]:
     """Every figure of the report; returns {file name: path} of those drawn and a line for each
     one left out for lack of data."""
     draw = {
@@ -188,6 +220,7 @@ def draw_all(plots_dir: Path, rows_by_run: Rows, points_by_run: dict, sources: d
         "reward_vs_length.png": lambda path: plot_reward_vs_length(points_by_run, sources, path),
         "length_hist.png": lambda path: plot_length_hist(lengths_by_run, path),
         "alpha.png": lambda path: plot_alpha(rows_by_run, path),
+        "training.png": lambda path: plot_training(steps_by_run or {}, path),
     }
     drawn, skipped = {}, []
     for file_name, plot in draw.items():

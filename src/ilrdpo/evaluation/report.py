@@ -417,7 +417,7 @@ def draw_plots(runs: list[RunData], plots_dir: Path, joint: Joint | None = None)
         ends = sorted({with_lengths[0], with_lengths[-1]}) if with_lengths else []
         hists[name] = {f"iter {k}": by_k[k]["n_tokens"] for k in ends}
     return plots.draw_all(plots_dir, {run.name: summary_rows(run, joint) for run in runs}, points,
-                          {run.name: run.source for run in runs}, hists)
+                          {run.name: run.source for run in runs}, hists, {run.name: run.metrics for run in runs})
 
 
 # --- entry points --------------------------------------------------------------------------------
