@@ -287,3 +287,14 @@ def test_not_a_run_directory(tmp_path):
         load_run(tmp_path)
     with pytest.raises(UserInputError, match="names"):
         write_report([tmp_path], tmp_path / "out", names=["a", "b"])
+
+
+def test_terminal_table_fits_80_columns(run_dir, monkeypatch):
+    from ilrdpo.evaluation.report import print_tables
+
+    monkeypatch.setattr(console, "width", 80)
+    with console.capture() as captured:
+        print_tables([load_run(run_dir), load_run(run_dir, name="again")])
+    lines = captured.get().splitlines()
+    assert lines and max(len(line) for line in lines) <= 80
+    assert any("report.md" in line for line in lines)  # where the intervals went

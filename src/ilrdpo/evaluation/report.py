@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,9 +472,16 @@ def write_report(run_dirs: list[Path], out_dir: Path, names: list[str] | None = 
     return report
 
 
+def _no_interval(text: str) -> str:
+    return re.sub(r"\s*\[[^\]]*\]", "", text)
+
+
 def print_tables(runs: list[RunData]) -> None:
     """The results table (same cells as report.md) and what is missing, on the stderr console."""
     headers, cells, footnotes = table_cells(runs, short=True)
+    if console.width < 100:  # an 80-column terminal: the 95% intervals stay in report.md
+        headers, cells = [_no_interval(h) for h in headers], [[_no_interval(c) for c in row] for row in cells]
+        footnotes = [*footnotes, "95% intervals of the win rates: report.md"]
     # Cells wrap rather than truncate on a narrow console: an ellipsis would hide digits.
     table = Table(title="iLR-DPO runs", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     for header in headers:
