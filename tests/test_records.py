@@ -139,3 +139,27 @@ def test_append_and_tolerant_read_drop_a_torn_last_line(tmp_path):
     assert CandidateSet(**rows[1]) == candidate
     assert len(rows) == 2
     assert read_jsonl_tolerant(tmp_path / "absent.jsonl") == []
+
+
+def test_every_trl_layout_with_and_without_a_system_turn(tmp_path):
+    """TRL DPOTrainer's layouts: explicit or implicit prompt, strings or messages, with a system turn."""
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour?"}
+    chosen, rejected = {"role": "assistant", "content": "Blue."}, {"role": "assistant", "content": "Red."}
+    path = write_lines(tmp_path / "pairs.jsonl", *lines_of(
+        {"prompt": "Sky colour?", "chosen": "Blue.", "rejected": "Red."},
+        {"chosen": "Sky colour? Blue.", "rejected": "Sky colour? Red."},  # implicit prompt, strings
+        {"prompt": [system, user], "chosen": [chosen], "rejected": [rejected]},
+        {"chosen": [system, user, chosen], "rejected": [system, user, rejected]},
+        {"prompt": [user], "chosen": [chosen], "rejected": [rejected]},
+    ))
+    pairs = read_pairs(path)
+    assert pairs[0] == PreferencePair("Sky colour?", "Blue.", "Red.")
+    assert pairs[1] == PreferencePair("Sky colour?", " Blue.", " Red.")  # TRL's split: the space stays
+    assert pairs[2] == pairs[3] == PreferencePair([system, user], "Blue.", "Red.")
+    assert pairs[4] == PreferencePair([user], "Blue.", "Red.")
+
+
+def test_implicit_string_pairs_without_a_shared_prompt_are_refused(tmp_path):
+    path = write_lines(tmp_path / "pairs.jsonl", *lines_of({"chosen": "Blue.", "rejected": "Red."}))
+    with pytest.raises(UserInputError, match=r"pairs.jsonl:1: missing field 'prompt'"):
+        read_pairs(path)

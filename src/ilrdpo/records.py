@@ -263,6 +263,17 @@ def prompt_from_row(obj: dict[str, Any], where: str, index: int = 0) -> Prompt:
     return Prompt(prompt=prompt, id=str(raw_id), reference=reference, target_length=target)
 
 
+def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit prompt of string pairs: (prompt, chosen answer, rejected answer), the prompt
+    being the longest common prefix, less a space just before the answers begin."""
+    end = 0
+    while end < min(len(chosen), len(rejected)) and chosen[end] == rejected[end]:
+        end += 1
+    if 0 < end < min(len(chosen), len(rejected)) and chosen[end - 1] == " ":
+        end -= 1
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
 def pair_from_row(obj: dict[str, Any], where: str) -> PreferencePair:
     """Standard (strings) or conversational (message lists) pairs; with no 'prompt' field the
     prompt is the shared history of chosen and rejected (TRL's implicit-prompt format)."""
@@ -274,6 +285,10 @@ def pair_from_row(obj: dict[str, Any], where: str) -> PreferencePair:
         prompt = chosen_raw[:-1]
         if rejected_raw[:-1] != prompt:
             raise UserInputError(f"{where}: chosen and rejected do not share the same prompt messages")
+    elif isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
+        prompt, chosen_raw, rejected_raw = split_shared_prefix(chosen_raw, rejected_raw)
+        if not prompt.strip():
+            raise UserInputError(f"{where}: missing field 'prompt' (and chosen and rejected share no prompt text)")
     else:
         raise UserInputError(f"{where}: missing field 'prompt'")
     scores = {name: _optional(obj, name, (int, float), where)
