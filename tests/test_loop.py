@@ -581,3 +581,33 @@ def test_wandb_project_and_run_name(monkeypatch, tmp_path):
     assert tracker_arguments("wandb", tmp_path / "out", "p", None)["run_name"] == "p"
     assert tracker_arguments("tensorboard", tmp_path / "out", "p", None) == {"run_name": "out",
                                                                              "logging_dir": tmp_path / "out" / "logs"}
+
+
+def test_eval_perplexity_under_the_initial_model(raw_config, tmp_path, tiny_model_dir, tokenizer):
+    """eval.perplexity: eval.json's perplexity_initial is exp(-mean log pi_0(answer token | prompt,
+    answer so far)), checked against a plain forward pass per answer (all fit the context)."""
+    from transformers import AutoModelForCausalLM
+
+    from ilrdpo.data import encode_prompt
+
+    raw = raw_config(tmp_path / "run")
+    raw["eval"]["perplexity"] = True
+    raw["iterations"]["count"] = 1
+    run_iterations(build_config(raw))
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = {row["id"]: row["prompt"] for row in read_jsonl(Path(raw["data"]["eval_prompts"]))}
+    for t in (0, 1):
+        total, count = 0.0, 0
+        for row in read_jsonl(tmp_path / "run" / f"iter_{t}" / "eval_answers.jsonl"):
+            if not row["response"]:
+                continue
+            prompt = encode_prompt(tokenizer, prompts[row["id"]], True, None)
+            answer = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                logps = torch.log_softmax(initial(input_ids=ids).logits[0, :-1].double(), -1)
+            total += float(logps[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None]).sum())
+            count += len(answer)
+        result = json.loads((tmp_path / "run" / f"iter_{t}" / "eval.json").read_text())
+        assert result["perplexity_tokens"] == count and result["perplexity_windowed"] == 0
+        assert result["perplexity_initial"] == pytest.approx(math.exp(-total / count), rel=1e-4)

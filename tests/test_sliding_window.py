@@ -47,3 +47,15 @@ def test_every_token_once_with_its_window_of_context(tiny_model, text_ids, windo
 def test_stride_must_leave_context():
     with pytest.raises(ValueError, match="0 < stride < window"):
         sliding_window_logprob(None, torch.zeros(5, dtype=torch.long), window=8, stride=8)
+
+
+@pytest.mark.parametrize("window,stride", [(64, 16), (16, 8)])
+def test_answer_only_from_the_first_target(tiny_model, text_ids, window, stride):
+    """first=P scores tokens P.. only, token p in group (p-P) // stride, each with its window."""
+    first, T = 25, len(text_ids)
+    total, n = sliding_window_logprob(tiny_model, text_ids, window=window, stride=stride, first=first)
+    expected = 0.0
+    for p in range(first, T):
+        stop = min(first + ((p - first) // stride + 1) * stride, T)
+        expected += token_logp(tiny_model, text_ids[max(0, stop - window):p], int(text_ids[p]))
+    assert n == T - first and total == pytest.approx(expected, abs=2e-3)

@@ -207,6 +207,10 @@ class EvalSettings(Section):
     judge: ScoringSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
     baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
     greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
+    perplexity: bool = Field(
+        False, description="Also the perplexity of each model's eval answers under the initial model "
+        "(eval.json perplexity_initial; strided sliding windows where prompt + answer exceed the context): "
+        "whether the answers stay natural to pi_0. Loads pi_0 once more per iteration.")
     max_new_tokens: int | None = Field(None, ge=1, description="Default generation.max_new_tokens.")
     length_anchors: bool = Field(
         True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "

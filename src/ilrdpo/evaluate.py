@@ -7,6 +7,7 @@ both report the same numbers; the comparisons themselves are pure (ilrdpo.evalua
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from ilrdpo.config import Config, DataSettings, GenerationSettings, ScoringSettings
+from ilrdpo.data import encode_prompt
 from ilrdpo.evaluation.compare import compare_all, evaluate_answers, summarize
 from ilrdpo.generation import generate_answers
 from ilrdpo.records import Prompt, atomic_write_text, read_jsonl_tolerant, write_jsonl
@@ -211,8 +213,39 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
             for style, name in ANCHOR_FILES.items():
                 cached_answers(rundir.file(0, name), lambda style=style: answer(0, style))
         result.update(_compare_with_baselines(t, rows, rundir, config, prompts, judge_settings))
+        if config.eval.perplexity:
+            model, tokenizer = policy(0)
+            with autocast(next(model.parameters()).device, compute_dtype):
+                result.update(answer_perplexity(model, tokenizer, prompts, rows, config.data))
     atomic_write_text(rundir.file(t, "eval.json"), json.dumps(result, indent=1))
     return result
+
+
+@torch.no_grad()
+def answer_perplexity(model, tokenizer, prompts: list[Prompt], rows: list[dict[str, Any]],
+                      data: DataSettings) -> dict[str, Any]:
+    """exp(-mean log-prob) of the answers' tokens under `model`, each answer in its prompt's
+    context; past the model's context (capped at 2,048 tokens) a strided sliding window (half a
+    window of stride) scores every answer token once."""
+    from ilrdpo.generation import context_length
+    from ilrdpo.logprobs import sliding_window_logprob
+
+    window = min(context_length(model) or 2048, 2048)
+    by_id = {p.id: p for p in prompts}
+    total, count, windowed = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    for row in rows:
+        if not row["response"]:
+            continue
+        prompt_ids = encode_prompt(tokenizer, by_id[row["id"]].prompt, data.use_chat_template, data.system_prompt)
+        answer_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor(prompt_ids + answer_ids)
+        logp, n = sliding_window_logprob(model, ids, window, window // 2, first=len(prompt_ids))
+        total, count, windowed = total + logp, count + n, windowed + (len(ids) > window)
+    model.train(was_training)
+    return {"perplexity_initial": math.exp(-total / count) if count else None,
+            "perplexity_tokens": count, "perplexity_windowed": windowed}
 
 
 def _compare_with_baselines(t: int, rows, rundir: RunDir, config: Config, prompts: list[Prompt],

@@ -172,24 +172,25 @@ def ld_weights(response_mask: Tensor, n_pairs: int, ld_alpha: float) -> Tensor:
 
 
 @torch.no_grad()
-def sliding_window_logprob(model, input_ids: Tensor, window: int, stride: int) -> tuple[float, int]:
+def sliding_window_logprob(model, input_ids: Tensor, window: int, stride: int, first: int = 1) -> tuple[float, int]:
     """Log-likelihood of a text longer than the context: (sum of token log-probs, n_tokens).
 
     Targets are taken `stride` at a time; each group is scored in one forward pass over the up to
     `window` tokens that end with it, so every token after the first is scored exactly once
     (n_tokens = length - 1) with at least window - stride tokens of context (all of it near the
     start). When the text fits one window this is the plain log-likelihood. input_ids: (T,) or
-    (1, T); 0 < stride < window.
+    (1, T); 0 < stride < window. first: the first target position (1: the whole text; the length
+    of a prompt: its answer alone, every answer token with the prompt as context where it fits).
     """
     if not 0 < stride < window:
         raise ValueError(f"need 0 < stride < window, got stride={stride}, window={window}")
     ids = input_ids.reshape(-1)  # (T,)
     device = next(model.parameters()).device
     total = 0.0
-    for start in range(1, len(ids), stride):  # targets [start, stop)
+    for start in range(max(first, 1), len(ids), stride):  # targets [start, stop)
         stop = min(start + stride, len(ids))
         context = max(0, stop - window)
         chunk = ids[context:stop].unsqueeze(0).to(device)  # (1, <= window)
         logps = _token_logps(model(input_ids=chunk).logits[0, :-1], chunk[0, 1:])  # targets context+1 .. stop-1
         total += float(logps[start - context - 1:].double().sum())
-    return total, max(len(ids) - 1, 0)
+    return total, max(len(ids) - max(first, 1), 0)

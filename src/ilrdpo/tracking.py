@@ -21,6 +21,7 @@ EVAL_METRICS = {
     "win_rate_vs_initial": ("vs_initial", "win_rate"), "lc_win_rate_vs_initial": ("vs_initial", "lc_win_rate"),
     "win_rate_vs_previous": ("vs_previous", "win_rate"), "lc_win_rate_vs_previous": ("vs_previous", "lc_win_rate"),
     "alpha": ("alpha",), "pairs": ("pairs/count",), "samples_length": ("gen/length_mean",),
+    "perplexity_initial": ("perplexity_initial",),
 }
 
 
