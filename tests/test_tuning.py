@@ -67,6 +67,15 @@ def test_study_runs_resumes_and_shares_the_first_round(study_config, tmp_path, m
     assert (tmp_path / "study" / "plots" / "history.png").is_file()
     assert (tmp_path / "study" / "plots" / "importances.png").is_file()
 
+    # a trial's run directory says where it came from, and `ilrdpo report` shows it
+    from ilrdpo.evaluation.report import write_report
+
+    trial = json.loads((tmp_path / "study" / f"trial_{best.number:03d}" / "trial.json").read_text())
+    assert trial["trial"] == best.number and trial["params"] == best.params
+    assert list(trial["objectives"].values()) == [pytest.approx(best.value)]
+    text = write_report([tmp_path / "study" / f"trial_{best.number:03d}"], tmp_path / "report").read_text()
+    assert "## From a hyperparameter study" in text and "train.learning_rate=" in text
+
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(study_config, tmp_path):
     """learning rates of 0.05-0.1 on the tiny model diverge (weight-drift rule): failed trials,

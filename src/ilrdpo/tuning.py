@@ -15,6 +15,7 @@ iteration, so the median pruner can stop a poor trial early; several give a Pare
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import yaml
 from ilrdpo.config import Config, SearchDimension, build_config, config_to_yaml
 from ilrdpo.errors import IlrdpoError, UserInputError
 from ilrdpo.progress import console
+from ilrdpo.records import atomic_write_text
 from ilrdpo.rundir import RunDir, stage_dependencies
 
 # Used when tune.space is empty. Why these ranges:
@@ -184,6 +186,11 @@ def _objective(trial, config: Config, space, objectives, shared: RunDir | None, 
                             else str(error))
         raise
     values = [metric(summary, key) for key, _ in objectives]
+    # what `ilrdpo report` shows of a run that came from a study
+    atomic_write_text(folder / "trial.json", json.dumps({
+        "study": str(out), "trial": trial.number, "params": params,
+        "objectives": {f"{key} ({direction})": value for (key, direction), value in zip(objectives, values)}},
+        indent=1, default=str))
     return values[0] if len(values) == 1 else values
 
 

@@ -60,6 +60,7 @@ class RunData:
     alpha: dict[int, float] = field(default_factory=dict)
     finished: dict[int, list[str]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    trial: dict[str, Any] | None = None  # trial.json of a run that `ilrdpo tune` made
 
     @property
     def has_eval_prompts(self) -> bool:
@@ -136,6 +137,8 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     run.alpha = {int(k): float(v) for k, v in state.get("alpha", {}).items()
                  if int(k) in dirs and v is not None}
     run.alpha.update({k: float(ev["alpha"]) for k, ev in run.evals.items() if ev.get("alpha") is not None})
+    if (path / "trial.json").exists():
+        run.trial = _read_mapping(path / "trial.json", problems)
     run.missing = _missing_items(run, bool(state)) + problems
     return run
 
@@ -324,6 +327,19 @@ def _setting(run: RunData, section: str, key: str) -> Any:
     return (run.config.get(section) or {}).get(key)
 
 
+def _study_section(runs: list[RunData], out_dir: Path) -> list[str]:
+    """Runs that are trials of an `ilrdpo tune` study: the study, the trial's settings and objectives."""
+    cells = [[run.name, _relative(Path(run.trial.get("study", "?")), out_dir), str(run.trial.get("trial", "?")),
+              ", ".join(f"{k}={_fmt(v)}" for k, v in run.trial.get("params", {}).items()),
+              ", ".join(f"{k}: {_fmt(v)}" for k, v in run.trial.get("objectives", {}).items())]
+             for run in runs if run.trial]
+    if not cells:
+        return []
+    return ["## From a hyperparameter study", "",
+            "These runs are trials of `ilrdpo tune`; the study's plots and best settings are in its folder.", "",
+            *_markdown_table(["run", "study", "trial", "settings", "objectives"], cells), ""]
+
+
 def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
     cells = []
     for run in runs:
@@ -441,6 +457,7 @@ def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[s
     joint = joint_win_rates(runs) if joint is None else joint
     headers, cells, footnotes = table_cells(runs, joint=joint)
     lines = [f"# iLR-DPO report: {' vs '.join(run.name for run in runs)}", "", *_runs_section(runs, out_dir),
+             *_study_section(runs, out_dir),
              "## Results per iteration", "",
              ("Iteration k is the model after k rounds (0 = initial). Win rates are percentages of eval "
               "prompts on which the judge's reward prefers model k over the initial model (ties count "
