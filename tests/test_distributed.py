@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from helpers import SCORER
-
 from ilrdpo import distributed
 
 PAIRS_FILE = Path(__file__).resolve().parents[1] / "examples" / "pairs.jsonl"
