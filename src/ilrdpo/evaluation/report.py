@@ -17,15 +17,12 @@ with the initial model's length anchors when iter_0 has them; eval.json is the f
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich import box
 from rich.markup import escape
 from rich.table import Table
@@ -33,140 +30,11 @@ from rich.table import Table
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluation import plots
 from ilrdpo.evaluation.compare import compare_all
+from ilrdpo.evaluation.rundata import RunData, load_run
 from ilrdpo.progress import console
-from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
-from ilrdpo.rundir import ANCHOR_FILES
+from ilrdpo.records import atomic_write_text
 
 TEXT_METRICS = ("distinct_1", "distinct_2", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
-# Files of iteration k >= 1 and the stage (state.json name) that writes each.
-ITERATION_FILES = (("candidates.jsonl", "generate"), ("pairs.jsonl", "pair"),
-                   ("metrics.jsonl", "train"), ("eval.json", "eval"))
-
-
-@dataclass
-class RunData:
-    """What the report reads from one run directory; dict keys are iteration numbers."""
-
-    name: str
-    path: Path
-    config: dict[str, Any]
-    dirs: dict[int, Path] = field(default_factory=dict)
-    evals: dict[int, dict[str, Any]] = field(default_factory=dict)
-    answers: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
-    anchors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # iter_0 length anchors
-    candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
-    metrics: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
-    pairs_count: dict[int, int] = field(default_factory=dict)
-    alpha: dict[int, float] = field(default_factory=dict)
-    finished: dict[int, list[str]] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-    trial: dict[str, Any] | None = None  # trial.json of a run that `ilrdpo tune` made
-
-    @property
-    def has_eval_prompts(self) -> bool:
-        if self.config:
-            return bool((self.config.get("eval") or {}).get("prompts")
-                        or (self.config.get("data") or {}).get("eval_prompts"))
-        return bool(self.answers or 0 in self.evals)
-
-    @property
-    def source(self) -> str:
-        """Where answer lengths and rewards come from: "eval" answers or training "samples"."""
-        return "eval" if self.has_eval_prompts else "samples"
-
-    @property
-    def iterations(self) -> list[int]:
-        """Models with anything to show; model 0 also when only its training samples exist."""
-        found = set(self.dirs) | set(self.evals)
-        return sorted(found | ({0} if self.candidates.get(1) else set()))
-
-
-# --- reading a run directory ---------------------------------------------------------------------
-
-
-def _read_mapping(path: Path, problems: list[str], loader: Callable = json.loads) -> dict | None:
-    """The parsed file (a JSON or YAML mapping), or None when absent; an unreadable file is
-    noted in `problems`, not raised."""
-    if not path.exists():
-        return None
-    try:
-        data = loader(path.read_text(encoding="utf-8"))
-    except (ValueError, yaml.YAMLError, OSError) as error:
-        problems.append(f"{path.parent.name}/{path.name}: unreadable ({type(error).__name__})")
-        return None
-    if not isinstance(data, dict):
-        problems.append(f"{path.parent.name}/{path.name}: unreadable (not a mapping)")
-        return None
-    return data
-
-
-def _iteration_dirs(path: Path) -> dict[int, Path]:
-    dirs = {}
-    for d in path.glob("iter_*"):
-        suffix = d.name.removeprefix("iter_")
-        if d.is_dir() and suffix.isdigit():
-            dirs[int(suffix)] = d
-    return dict(sorted(dirs.items()))
-
-
-def load_run(path: str | Path, name: str | None = None) -> RunData:
-    """Everything the report needs from a run directory written by `ilrdpo run`."""
-    path = Path(path)
-    dirs = _iteration_dirs(path) if path.is_dir() else {}
-    if not (dirs or (path / "config.yaml").exists() or (path / "state.json").exists()):
-        raise UserInputError(f"{path}: not a run directory (no config.yaml, state.json or iter_*/)")
-    problems: list[str] = []
-    config = _read_mapping(path / "config.yaml", problems, yaml.safe_load) or {}
-    state = _read_mapping(path / "state.json", problems) or {}
-    run = RunData(name=name or path.resolve().name, path=path, config=config, dirs=dirs,
-                  finished={int(k): v for k, v in state.get("finished", {}).items()})
-    for k, d in dirs.items():
-        if (ev := _read_mapping(d / "eval.json", problems)) is not None:
-            run.evals[k] = ev
-        for store, file_name in ((run.answers, "eval_answers.jsonl"), (run.candidates, "candidates.jsonl"),
-                                 (run.metrics, "metrics.jsonl")):
-            if rows := read_jsonl_tolerant(d / file_name):
-                store[k] = rows
-        if (d / "pairs.jsonl").exists():
-            run.pairs_count[k] = len(read_jsonl_tolerant(d / "pairs.jsonl"))
-    if 0 in dirs:
-        run.anchors = {style: rows for style, file_name in ANCHOR_FILES.items()
-                       if (rows := read_jsonl_tolerant(dirs[0] / file_name))}
-    # state.json also holds the alpha planned for the next, not yet run, iteration: keep only
-    # iterations on disk, and let eval.json (what the iteration really used) have the last word.
-    run.alpha = {int(k): float(v) for k, v in state.get("alpha", {}).items()
-                 if int(k) in dirs and v is not None}
-    run.alpha.update({k: float(ev["alpha"]) for k, ev in run.evals.items() if ev.get("alpha") is not None})
-    if (path / "trial.json").exists():
-        run.trial = _read_mapping(path / "trial.json", problems)
-    run.missing = _missing_items(run, bool(state)) + problems
-    return run
-
-
-def _missing_items(run: RunData, has_state: bool) -> list[str]:
-    items = []
-    if not run.config:
-        items.append("config.yaml: settings and the planned number of iterations are unknown")
-    if not has_state:
-        items.append("state.json: finished stages unknown; alpha read from eval.json only")
-    if not run.has_eval_prompts:
-        items.append("eval prompts: none configured, so no eval answers and no win rates; length, "
-                     "reward and quality come from the training samples (†)")
-    elif 0 not in run.evals:
-        items.append("iter_0/eval.json: the initial model's evaluation (no win rates vs initial)")
-    planned = (run.config.get("iterations") or {}).get("count") or 0
-    items += [f"iter_{k}/: iteration {k} has not run yet" for k in range(1, planned + 1) if k not in run.dirs]
-    for k, d in run.dirs.items():
-        done = run.finished.get(k, [])
-        for file_name, stage_name in ITERATION_FILES if k > 0 else ():
-            if not (d / file_name).exists():
-                why = "marked finished in state.json" if stage_name in done else "not finished"
-                items.append(f"iter_{k}/{file_name}: stage '{stage_name}' {why}")
-        if run.has_eval_prompts and k not in run.answers:
-            items.append(f"iter_{k}/eval_answers.jsonl: no eval answers for model {k}")
-    return items
-
-
 # --- numbers -------------------------------------------------------------------------------------
 
 
