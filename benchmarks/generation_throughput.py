@@ -75,6 +75,70 @@ def timed(fn):
     return result, time.perf_counter() - start, first
 
 
+def measure(rows: int, model, tokenizer, all_prompts, args) -> dict[str, float]:
+    """New tokens/s of every system on the same `rows` rows (B / N prompts x N samples)."""
+    from ilrdpo.config import DataSettings, GenerationSettings
+    from ilrdpo.generation import (
+        BACKENDS,
+        COMPACT_MIN_ROWS,
+        _decode,
+        _generation_config,
+        _left_pad,
+        encode_prompts,
+        generate_answers,
+    )
+
+    device = next(model.parameters()).device
+    data = DataSettings()
+    prompts = all_prompts[:max(1, rows // args.num_samples)]
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=rows, top_p=0.95, temperature=0.8)
+    auto = "hf" if device.type == "cuda" or rows < COMPACT_MIN_ROWS else "compact"
+    speeds: dict[str, float] = {}
+
+    def report(name, samples, seconds, first):
+        tokens = sum(s.n_tokens for s in samples)
+        speeds[name] = tokens / seconds
+        print(f"  batch {rows:4d}  {name:<22} {tokens / seconds:9.1f} new tokens/s  ({tokens} tokens in "
+              f"{seconds:.2f} s; untimed first run {first:.2f} s)")
+
+    def ours(backend):
+        torch.manual_seed(args.seed)
+        out = generate_answers(model, tokenizer, prompts, settings.model_copy(update={"backend": backend}),
+                               data, num_samples=args.num_samples, seed=args.seed)
+        return [s for p in prompts for s in out[p.id]]
+
+    for backend in [auto] + [b for b in BACKENDS if b not in ("auto", auto)]:
+        report(f"ilrdpo {backend}" + (" (auto)" if backend == auto else ""), *timed(lambda b=backend: ours(b)))
+
+    prompt_ids = encode_prompts(tokenizer, prompts, data, args.max_new_tokens, None)
+    config = _generation_config(model, tokenizer, settings, greedy=False)
+    config.cache_implementation = None  # plain generate: the default dynamic cache, no compilation
+
+    def batched():
+        torch.manual_seed(args.seed)
+        ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id, device)
+        ids, mask = ids.repeat_interleave(args.num_samples, 0), mask.repeat_interleave(args.num_samples, 0)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        return _decode(tokenizer, out[:, ids.shape[1]:], config.eos_token_id)
+    report("generate (batched)", *timed(batched))
+
+    def continuous():
+        torch.manual_seed(args.seed)
+        rows_in = [ids for ids in prompt_ids for _ in range(args.num_samples)]
+        out = model.generate_batch(inputs=rows_in, generation_config=config)
+        width = args.max_new_tokens
+        padded = torch.tensor([(list(o.generated_tokens) + [tokenizer.pad_token_id] * width)[:width]
+                               for o in out.values()])
+        return _decode(tokenizer, padded, config.eos_token_id)
+    if not args.no_generate_batch and hasattr(model, "generate_batch"):
+        try:
+            report("generate_batch", *timed(continuous))
+        except Exception as error:  # noqa: BLE001 - a peer that does not run here is reported, not fatal
+            print(f"  batch {rows:4d}  generate_batch         did not run: {type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:120] if str(error) else ''}")
+    return speeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["135m", "0.5b"], default="135m")
@@ -90,71 +154,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from ilrdpo.config import DataSettings, GenerationSettings
     from ilrdpo.demo import bundled_prompts
-    from ilrdpo.generation import BACKENDS, _decode, _generation_config, _left_pad, encode_prompts, generate_answers
     from ilrdpo.records import read_prompts
 
     model, tokenizer = build_model(args)
     device = next(model.parameters()).device
     n_params = sum(p.numel() for p in model.parameters())
-    data = DataSettings()
     all_prompts = read_prompts(bundled_prompts("train"))
     print(f"{args.size} shape, {n_params / 1e6:.0f}M parameters, {next(model.parameters()).dtype} on {device} "
           f"({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}); "
           f"{args.num_samples} samples per prompt, max_new_tokens {args.max_new_tokens}, top-p 0.95, T 0.8")
-    auto = "hf" if device.type == "cuda" else "compact"
     ratios: dict[int, float] = {}
     for rows in [int(b) for b in args.batch_sizes.split(",")]:
-        prompts = all_prompts[:max(1, rows // args.num_samples)]
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=rows, top_p=0.95,
-                                      temperature=0.8)
-        speeds: dict[str, float] = {}
-
-        def report(name, samples, seconds, first):
-            tokens = sum(s.n_tokens for s in samples)
-            speeds[name] = tokens / seconds
-            print(f"  batch {rows:4d}  {name:<22} {tokens / seconds:9.1f} new tokens/s  ({tokens} tokens in "
-                  f"{seconds:.2f} s; untimed first run {first:.2f} s)")
-
-        for backend in [auto] + [b for b in BACKENDS if b not in ("auto", auto)]:
-            def ours(backend=backend):
-                torch.manual_seed(args.seed)
-                out = generate_answers(model, tokenizer, prompts, settings.model_copy(update={"backend": backend}),
-                                       data, num_samples=args.num_samples, seed=args.seed)
-                return [s for p in prompts for s in out[p.id]]
-            samples, seconds, first = timed(ours)
-            report(f"ilrdpo {backend}" + (" (auto)" if backend == auto else ""), samples, seconds, first)
-
-        prompt_ids = encode_prompts(tokenizer, prompts, data, args.max_new_tokens, None)
-        config = _generation_config(model, tokenizer, settings, greedy=False)
-        config.cache_implementation = None  # plain generate: the default dynamic cache, no compilation
-        eos = config.eos_token_id
-
-        def batched():
-            torch.manual_seed(args.seed)
-            ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id, device)
-            ids, mask = ids.repeat_interleave(args.num_samples, 0), mask.repeat_interleave(args.num_samples, 0)
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            return _decode(tokenizer, out[:, ids.shape[1]:], eos)
-        samples, seconds, first = timed(batched)
-        report("generate (batched)", samples, seconds, first)
-
-        if not args.no_generate_batch and hasattr(model, "generate_batch"):
-            def continuous():
-                torch.manual_seed(args.seed)
-                rows_in = [ids for ids in prompt_ids for _ in range(args.num_samples)]
-                out = model.generate_batch(inputs=rows_in, generation_config=config)
-                width = args.max_new_tokens
-                padded = torch.tensor([(list(o.generated_tokens) + [tokenizer.pad_token_id] * width)[:width]
-                                       for o in out.values()])
-                return _decode(tokenizer, padded, eos)
-            try:
-                samples, seconds, first = timed(continuous)
-                report("generate_batch", samples, seconds, first)
-            except Exception as error:  # noqa: BLE001 - a peer that does not run here is reported, not fatal
-                print(f"  batch {rows:4d}  generate_batch         did not run: {type(error).__name__}: "
-                      f"{str(error).splitlines()[0][:120] if str(error) else ''}")
+        speeds = measure(rows, model, tokenizer, all_prompts, args)
         ours_name = next(n for n in speeds if n.endswith("(auto)"))
         ratios[rows] = speeds[ours_name] / speeds["generate (batched)"]
         peers = ", ".join(f"{speeds[ours_name] / v:.2f}x {n}" for n, v in speeds.items() if not n.startswith("ilrdpo"))
