@@ -67,7 +67,18 @@ def eval_table(rows: list[dict[str, Any]]) -> str:
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> str:
     """Create (if needed) the hub repository and upload a saved model folder; returns its URL.
-    Authentication is huggingface_hub's own (HF_TOKEN or `hf auth login`)."""
+    Authentication is huggingface_hub's own (HF_TOKEN or `hf auth login`). Under several
+    processes the main one uploads; every process returns the URL."""
+    from ilrdpo import distributed
+
+    if not distributed.is_main():
+        return distributed.broadcast(None)
+    url = _upload(folder, repo_id, private)
+    distributed.broadcast(url)
+    return url
+
+
+def _upload(folder: str | Path, repo_id: str, private: bool) -> str:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
