@@ -186,3 +186,27 @@ def test_demo_bad_seeds_is_a_usage_error(monkeypatch, tmp_path, capsys):
     code, calls = _demo_cli(monkeypatch, ["--seeds", "0,x", "--out", str(tmp_path)])
     assert code == 2 and not calls
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_demo_tune_is_the_ilrdpo_arm_searched_over_alpha(tmp_path):
+    from ilrdpo.demo import tune_config
+
+    config = tune_config(tmp_path / "t")
+    arm = demo_configs(tmp_path / "d", arms={"ilrdpo": ARMS["ilrdpo"]})["ilrdpo"]
+    assert list(config.tune.space) == ["loss.alpha"] and config.iterations.count == 1
+    assert len(config.tune.objectives) == 2 and config.output_dir == str(tmp_path / "t")
+    assert (config.loss, config.scoring, config.generation, config.train) == (arm.loss, arm.scoring, arm.generation,
+                                                                             arm.train)
+
+
+@pytest.mark.slow
+def test_demo_tune_quick_runs_a_study(tmp_path):
+    """`ilrdpo demo --tune --quick --trials 2`: real trials on the bundled models, a Pareto set."""
+    done = subprocess.run([sys.executable, "-m", "ilrdpo", "demo", "--tune", "--quick", "--trials", "2",
+                           "--out", str(tmp_path)], env={**os.environ, "ILRDPO_QUIET": "1"},
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "study.db").is_file() and list((tmp_path / "pareto").glob("trial_*.yaml"))
+    trials = [json.loads(p.read_text()) for p in tmp_path.glob("trial_*/trial.json")]
+    assert len(trials) == 2 and all(0.003 <= t["params"]["loss.alpha"] <= 1.0 for t in trials)
+    assert (tmp_path / "plots" / "pareto.png").is_file()

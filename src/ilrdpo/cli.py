@@ -177,11 +177,21 @@ def demo(
     seed: int = typer.Option(0, help="Seed for both arms"),
     seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: the demo once "
                                      "per seed (OUT/seed_S) and a table of mean and spread (OUT/study.md)"),
+    tune: bool = typer.Option(False, "--tune", help="Instead: search alpha for the demo's setup (one iteration "
+                              "per trial; quality LC win rate up, length down: a Pareto set in OUT)"),
+    trials: int = typer.Option(6, "--trials", min=1, help="With --tune: trials to run"),
+    resume: bool = typer.Option(False, "--resume", help="With --tune: add trials to OUT's study"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Vanilla iterative DPO vs iLR-DPO offline: quality up, length not."""
-    from ilrdpo.demo import run_demo, run_study
+    from ilrdpo.demo import run_demo, run_study, tune_config
 
+    if tune:
+        from ilrdpo.tuning import tune as run_tune
+
+        run_tune(tune_config(out, quick=quick, model=model, seed=seed, overrides=list(overrides or [])),
+                 trials=trials, resume=resume)
+        return
     if seeds is None:
         run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
         return

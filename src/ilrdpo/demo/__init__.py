@@ -20,7 +20,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from ilrdpo.config import Config, build_config
+from ilrdpo.config import Config, TuneSettings, build_config
 from ilrdpo.loop import run_iterations
 from ilrdpo.progress import console, stage
 from ilrdpo.rundir import RunDir
@@ -168,6 +168,22 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     print_tables(load_runs(run_dirs, list(configs)))
     console.print(f"report: {report}  (total {sum(timings.values()):.0f} s)")
     return report
+
+
+# `ilrdpo demo --tune`: alpha on a log scale from a tenth of a logit per 30-token gap to far past
+# saturation; two objectives, since "better at no extra length" is a trade-off a user picks on.
+TUNE = {"space": {"loss.alpha": {"type": "log_uniform", "low": 0.003, "high": 1.0}},
+        "objectives": ["vs_initial_quality.lc_win_rate:maximize", "length.tokens_mean:minimize"]}
+TUNE_SIZES = {"iterations": 1, "n_eval": 30}
+
+
+def tune_config(out: str | Path, *, quick: bool = False, model: str | None = None, seed: int = 0,
+                overrides: list[str] | None = None) -> Config:
+    """The demo's iLR-DPO arm as a study over alpha: one iteration per trial, 30 eval prompts."""
+    sizes = {**TUNE_SIZES, "n_eval": 10} if quick else TUNE_SIZES
+    config = demo_configs(Path(out), quick=quick, model=model, seed=seed, overrides=overrides,
+                          arms={"tune": list(RECIPE)}, sizes=sizes)["tune"]
+    return config.model_copy(update={"tune": TuneSettings(**TUNE), "output_dir": str(Path(out))})
 
 
 def run_study(out: str | Path, seeds: list[int], **demo_options) -> Path:
