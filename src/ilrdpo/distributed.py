@@ -137,6 +137,23 @@ def rank_file(path: str | Path) -> Path:
     return path if world_size() == 1 else path.with_name(f"{path.name}.rank{rank()}")
 
 
+def read_progress(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a stage's progress files (every process's, torn last lines cut off), read by
+    every process before any of them appends again."""
+    from ilrdpo.records import recover_jsonl
+
+    rows = [row for file in rank_files(path) for row in recover_jsonl(file)]
+    barrier()
+    return rows
+
+
+def append_progress(path: str | Path, row: Any) -> None:
+    """One finished row to this process's own progress file."""
+    from ilrdpo.records import append_jsonl
+
+    append_jsonl(rank_file(path), row, every_process=True)
+
+
 def rank_files(path: str | Path) -> list[Path]:
     """Every process's progress file for `path`, whatever the number of processes that wrote them."""
     path = Path(path)

@@ -25,13 +25,11 @@ from ilrdpo.progress import console, progress_bar, stage
 from ilrdpo.records import (
     CandidateSet,
     PreferencePair,
-    append_jsonl,
     atomic_write_text,
     read_candidates,
     read_jsonl_tolerant,
     read_pairs,
     read_prompts,
-    recover_jsonl,
     write_jsonl,
 )
 from ilrdpo.rundir import RunDir, check_resume, input_hashes
@@ -186,12 +184,11 @@ class IterativeRun:
         path = self.dir.file(t, "candidates.jsonl")
         sets = read_candidates(path)
         progress_file = self.dir.partial(t, "score")
-        scored = {row["id"]: row for path in distributed.rank_files(progress_file) for row in recover_jsonl(path)}
+        scored = {row["id"]: row for row in distributed.read_progress(progress_file)}
         by_id = {p.id: p for p in self.prompts}
         settings = self.config.scoring
         per_chunk = max(1, settings.batch_size // max(1, self.config.generation.num_samples))
         todo = [c for c in sets if c.id not in scored]
-        distributed.barrier()  # every process has read the progress files before any appends to them
         with progress_bar("scoring", len(sets)) as bar:
             bar.advance(len(sets) - len(todo))
             starts = range(0, len(todo), per_chunk)
@@ -205,7 +202,7 @@ class IterativeRun:
                     q = quality[offset:offset + len(c.responses)]
                     offset += len(c.responses)
                     scored[c.id] = {"id": c.id, "quality": q, "rewards": shaped_rewards(q, c.n_tokens, settings)}
-                    append_jsonl(distributed.rank_file(progress_file), scored[c.id], every_process=True)
+                    distributed.append_progress(progress_file, scored[c.id])
                 bar.advance(len(chunk))
         scored = distributed.gather_dict(scored)
         for c in sets:

@@ -23,7 +23,7 @@ from ilrdpo.config import DataSettings, GenerationSettings
 from ilrdpo.data import count_tokens, encode_prompt
 from ilrdpo.errors import UserInputError
 from ilrdpo.progress import console, progress_bar
-from ilrdpo.records import Prompt, append_jsonl, recover_jsonl
+from ilrdpo.records import Prompt
 
 
 @dataclass
@@ -192,11 +192,9 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
     batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
 
     done: dict[str, list[Sample]] = {}
-    for path in distributed.rank_files(progress_file) if progress_file else []:
-        for row in recover_jsonl(path):
-            done[row["id"]] = [Sample(**s) for s in row["samples"]]
+    for row in distributed.read_progress(progress_file) if progress_file else []:
+        done[row["id"]] = [Sample(**s) for s in row["samples"]]
     own = set(distributed.mine(len(batches)))  # batch k to process k % W: the single-process answers
-    distributed.barrier()  # every process has read the progress files before any appends to them
     backend = BACKENDS[settings.backend]
     new_tokens, start, decoder = 0, time.perf_counter(), None
     with progress_bar(description, len(prompts) * num_samples) as bar:
@@ -211,8 +209,8 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
             for i, samples in zip(batch, results):
                 done[prompts[i].id] = samples
                 if progress_file:
-                    append_jsonl(distributed.rank_file(progress_file),
-                                 {"id": prompts[i].id, "samples": [s.__dict__ for s in samples]}, every_process=True)
+                    distributed.append_progress(progress_file,
+                                                {"id": prompts[i].id, "samples": [s.__dict__ for s in samples]})
             new_tokens += sum(s.n_tokens for r in results for s in r)
             bar.advance(len(batch) * num_samples, tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
     return distributed.gather_dict(done)
