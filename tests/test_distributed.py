@@ -18,12 +18,20 @@ from helpers import SCORER
 from ilrdpo import distributed
 
 PAIRS_FILE = Path(__file__).resolve().parents[1] / "examples" / "pairs.jsonl"
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
-def launch(args: list[str], cwd: Path, processes: int = 1, fault: str | None = None) -> subprocess.CompletedProcess:
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `accelerate launch` sets from fsdp.yaml
+
+
+def launch(args: list[str], cwd: Path, processes: int = 1, fault: str | None = None,
+           env_extra: dict[str, str] | None = None, accelerate_config: str | None = None) -> subprocess.CompletedProcess:
     command = TORCHRUN + [f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if accelerate_config:  # the real launcher with a config of configs/accelerate/
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ACCELERATE_CONFIGS / accelerate_config), f"--num_processes={processes}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("ILRDPO_FAULT", None)
     if fault:
         env["ILRDPO_FAULT"] = fault
@@ -149,15 +157,98 @@ def test_killed_in_sampling_resumes_with_another_number_of_processes(run_config,
     same_run(out, one_process_run)
 
 
-@pytest.mark.parametrize("variable", sorted(distributed.SHARDING_ENGINES))
-def test_a_sharding_engine_is_refused_in_one_line(monkeypatch, capsys, variable):
-    """FSDP and DeepSpeed configs of accelerate would silently run as full replicas: refused."""
+# --- FSDP (fully_shard over gloo on CPU) --------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [(8, 1), (1, 4)], ids=["4+4 pairs", "1 pair per micro-batch"])
+def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, batch):
+    """Sharded weights, gradients and optimizer state give the single-process update; with one pair
+    per micro-batch the second process runs a zero-weighted pass in lockstep."""
+    batch_size, grad_accum = batch
+    args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
+            f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=128",
+            "train.learning_rate=1e-3"]
+    one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
+    two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2, env_extra=FSDP)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    moved = largest_gap(tmp_path / "one" / "model", tiny_model_dir)
+    assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < 1e-2 * moved
+    assert set(weights(tmp_path / "two" / "model")) == set(weights(tmp_path / "one" / "model"))
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) and losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine,extra,tolerance", [
+    ("ddp", ["model.lora.r=4", "model.lora.dropout=0"], 1e-2),
+    ("fsdp", ["model.lora.r=4", "model.lora.dropout=0"], 1e-2),
+    # sharded: weights gathered in bfloat16 (FSDP's mixed precision) where one process autocasts
+    ("fsdp", ["model.dtype=bfloat16"], 0.1),
+], ids=["LoRA DDP", "LoRA FSDP", "bfloat16 FSDP"])
+def test_lora_and_bfloat16_train_under_several_processes_as_in_one(tiny_model_dir, tmp_path, engine, extra,
+                                                                     tolerance):
+    """LoRA (the reference is the adapter switched off: no second model) and bfloat16 mixed
+    precision with float32 master weights, split over two processes."""
+    args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
+            "train.batch_size=8", "train.max_length=128", "train.learning_rate=1e-3", *extra]
+    one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
+    two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2,
+                 env_extra=FSDP if engine == "fsdp" else None)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    name = "adapter_model.safetensors" if "model.lora.r=4" in extra else "model.safetensors"
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "one" / "model" / name), load_file(tmp_path / "two" / "model" / name)
+    assert set(a) == set(b)
+    start = weights(tiny_model_dir) if name == "model.safetensors" else \
+        {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in a.items()}  # LoRA B starts at zero
+
+    def norm(x: dict) -> float:
+        return float(torch.cat([v.float().flatten() for v in x.values()]).norm())
+
+    moved = norm({k: a[k].float() - start[k].float() for k in a})
+    # Adam's first steps move each weight by about the learning rate whatever its gradient, so
+    # round-off flips single near-zero gradients: the whole update is compared, not one weight
+    assert moved > 0 and norm({k: a[k].float() - b[k].float() for k in a}) < tolerance * moved
+
+
+@pytest.mark.slow
+def test_fsdp_run_samples_pairs_and_trains_like_one(run_config, one_process_run):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` (full shard, activation checkpointing)."""
+    out = run_config.parent / "fsdp"
+    proc = launch(["run", str(run_config), f"output_dir={out}"], run_config.parent, processes=2,
+                  accelerate_config="fsdp.yaml")
+    assert proc.returncode == 0, proc.stderr
+    same_run(out, one_process_run)
+
+
+@pytest.mark.slow
+def test_killed_fsdp_run_resumes_in_one_process_from_its_checkpoint(run_config, one_process_run):
+    """The checkpoint holds gathered weights and optimizer state: one unsharded process takes it up."""
+    out = run_config.parent / "fsdp-killed"
+    args = ["run", str(run_config), f"output_dir={out}", "train.save_steps=1"]
+    crashed = launch(args, run_config.parent, processes=2, fault="metrics.partial.jsonl:3", env_extra=FSDP)
+    assert crashed.returncode != 0
+    assert (out / "iter_1" / "checkpoint" / "state.pt").is_file()
+    resumed = launch(args, run_config.parent)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming training from the checkpoint at step 2" in resumed.stderr + resumed.stdout
+    same_run(out, one_process_run)
+
+
+@pytest.mark.parametrize("variable,value,says", [("ACCELERATE_USE_DEEPSPEED", "true", "DeepSpeed"),
+                                                 ("FSDP_VERSION", "1", "fsdp_version 1")])
+def test_an_unsupported_engine_is_refused_in_one_line(monkeypatch, capsys, variable, value, says):
+    """A DeepSpeed or FSDP1 config of accelerate would silently run as full replicas: refused."""
     from ilrdpo import cli
 
-    monkeypatch.setenv(variable, "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(variable, value)
     monkeypatch.setattr(sys, "argv", ["ilrdpo", "config-help"])
     with pytest.raises(SystemExit) as stop:
         cli.main()
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: accelerate config:") and "multi-gpu.yaml" in err and len(err.splitlines()) == 1
+    assert err.startswith("error: accelerate config:") and says in err and len(err.splitlines()) == 1

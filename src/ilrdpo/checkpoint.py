@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ilrdpo import distributed
 from ilrdpo.config import LossSettings, TrainSettings
 from ilrdpo.distributed import is_main
 from ilrdpo.faults import fault_point
@@ -28,6 +29,9 @@ def round_fingerprint(pairs: list[PreferencePair], loss: LossSettings, train: Tr
                                                    "prefix_sharing", "max_tokens_per_batch"}),
                 "pairs": [json.dumps(p.__dict__, sort_keys=True, ensure_ascii=False) for p in pairs]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+FORMAT = 2  # weights and optimizer state keyed by parameter name (torch.distributed.checkpoint.state_dict)
 
 
 @dataclass
@@ -53,6 +57,9 @@ class Checkpointer:
             console.print(f"[yellow]{self.path}: unreadable checkpoint ({type(error).__name__}); "
                           "training starts from step 1[/yellow]")
             return None
+        if state.get("format") != FORMAT:
+            console.print(f"[yellow]{self.path}: checkpoint of an older ilrdpo; training starts from step 1[/yellow]")
+            return None
         if state.get("fingerprint") != self.fingerprint:
             console.print(f"[yellow]{self.path}: checkpoint of other pairs or settings; training starts "
                           "from step 1[/yellow]")
@@ -60,12 +67,17 @@ class Checkpointer:
         return state
 
     def save(self, step: int, model, optimizer, scheduler, scaler, ref_logps, tokens: int) -> None:
-        if self.folder is None or self.save_steps <= 0 or step % self.save_steps or not is_main():
-            return  # under several processes the main one saves (the weights are identical)
+        if self.folder is None or self.save_steps <= 0 or step % self.save_steps:
+            return
+        # whole trainable weights and optimizer state by parameter name, whether the model is sharded
+        # (FSDP: every process gives its shards to the main one) or not: resumable either way
+        params = distributed.full_state_dict(model, trainable_only=True)
+        optimizer_state = distributed.full_optimizer_state(model, optimizer)
+        if not is_main():
+            return  # under several processes the main one saves (replicas are identical)
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"fingerprint": self.fingerprint, "step": step, "tokens": tokens,
-                 "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        state = {"fingerprint": self.fingerprint, "step": step, "tokens": tokens, "format": FORMAT,
+                 "params": params, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                  "rng": torch.get_rng_state(), "ref_logps": ref_logps}
         tmp = self.folder / ".state.pt.tmp"
@@ -74,11 +86,7 @@ class Checkpointer:
         fault_point("checkpoint")
 
     def restore(self, state: dict, model, optimizer, scheduler, scaler) -> None:
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for name, value in state["params"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(model, optimizer, state["params"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])

@@ -13,6 +13,15 @@ Every process runs the same command and the same stages; the work inside a stage
   optimizer step in each process: the global batch is the config's whatever the number of
   processes, and the update equals the single-process one up to float summation order.
 
+With FSDP (`accelerate launch --config_file configs/accelerate/fsdp.yaml`, torch's FSDP2
+`fully_shard`), the training stage shards the weights, gradients and optimizer state across the
+processes (each decoder layer one group, then the root): every process runs every micro-batch's
+forward and backward in lockstep (one without pairs of its own runs a zero-weighted one), the
+engine reduce-scatters the gradients, and the trained weights are gathered once to save them.
+Generation, scoring, reference log-probs and evaluation run on whole models, as above: the stage
+after training loads the saved model. Checkpoints hold the gathered (full) weights and optimizer
+state, so a killed run resumes with any number of processes.
+
 Results are gathered to every process in the single-process order. Only the main process writes
 files (records.atomic_write_text, append_jsonl, models, checkpoints); stages end with a barrier,
 so a process reads only what the main process has finished writing. Several nodes need a folder
@@ -25,22 +34,30 @@ never touches torch.distributed.
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SHARDING_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+UNSUPPORTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def _env_flag(variable: str) -> bool:
+    return os.environ.get(variable, "").lower() in ("1", "true", "yes")
 
 
 def init() -> None:
     """Join the process group that `accelerate launch` / torchrun describe in the environment."""
     from ilrdpo.errors import UserInputError
 
-    for variable, engine in SHARDING_ENGINES.items():
-        if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise UserInputError(f"accelerate config: {engine} is not supported yet (every process holds the whole "
-                                 "model and its optimizer state); use configs/accelerate/multi-gpu.yaml")
+    for variable, engine in UNSUPPORTED_ENGINES.items():
+        if _env_flag(variable):
+            raise UserInputError(f"accelerate config: {engine} is not supported yet; shard with "
+                                 "configs/accelerate/fsdp.yaml or replicate with configs/accelerate/multi-gpu.yaml")
+    if _env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "2") != "2":
+        raise UserInputError("accelerate config: fsdp_version 1 is not supported; set fsdp_config.fsdp_version: 2 "
+                             "(configs/accelerate/fsdp.yaml)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _initialized():
         from accelerate import PartialState
 
@@ -158,3 +175,117 @@ def rank_files(path: str | Path) -> list[Path]:
     """Every process's progress file for `path`, whatever the number of processes that wrote them."""
     path = Path(path)
     return [path, *sorted(path.parent.glob(f"{path.name}.rank*"))] if path.parent.exists() else [path]
+
+
+# --- FSDP (torch's fully_shard) --------------------------------------------------------------------
+
+
+def fsdp_requested() -> bool:
+    """The launcher asked for FSDP (accelerate's ACCELERATE_USE_FSDP) and there are processes to shard over."""
+    return _env_flag("ACCELERATE_USE_FSDP") and world_size() > 1
+
+
+def fsdp_activation_checkpointing() -> bool:
+    return fsdp_requested() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model, compute_dtype: torch.dtype) -> None:
+    """fully_shard each decoder layer (the model's _no_split_modules, or accelerate's
+    FSDP_TRANSFORMER_CLS_TO_WRAP), then the root, in place. Half compute dtypes all-gather the
+    weights in that dtype and reduce gradients in float32 (the float32 master weights stay sharded);
+    FSDP_RESHARD_AFTER_FORWARD=false keeps each layer gathered from forward to backward (ZeRO-2-like)."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") or ",".join(getattr(base, "_no_split_modules", None) or [])
+    layer_classes = {n.strip() for n in names.split(",") if n.strip()}
+    half = compute_dtype in (torch.bfloat16, torch.float16)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype if half else None,
+                                  reduce_dtype=torch.float32 if half else None)
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no")
+    # FSDP_OFFLOAD_PARAMS: shards, gradients and optimizer steps on the CPU (slow; for models that fit no other way)
+    offload = {"offload_policy": CPUOffloadPolicy()} if _env_flag("FSDP_OFFLOAD_PARAMS") else {}
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        from ilrdpo.errors import UserInputError
+
+        raise UserInputError(f"accelerate config: fsdp_transformer_layer_cls_to_wrap {sorted(layer_classes)} names "
+                             f"no module of {type(base).__name__}")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard, **offload)
+    root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
+                                       cast_forward_inputs=False)  # masks and weights stay float32
+    fully_shard(model, mp_policy=root_policy, reshard_after_forward=reshard, **offload)
+    # log-probs call the decoder and the output head apart (logprobs._states_at): they run inside
+    # one registered forward method of the root, so its weights are gathered and its gradients reduced
+    model.run_sharded = types.MethodType(_call, model)
+    register_fsdp_forward_method(model, "run_sharded")
+
+
+def _call(_model, fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def full_state_dict(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) weights of a sharded model, on the CPU of the main process ({} in the
+    others; every process must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # tied weights once, under their first name (as save_pretrained writes them)
+    keep = {n for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
+    if not trainable_only:
+        keep |= {n for n, _ in model.named_buffers()}
+    return {n: v for n, v in state.items() if n in keep}
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+
+
+def load_full_state(model, optimizer, params: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """Load whole weights and optimizer state (as full_state_dict / full_optimizer_state gave
+    them) into a sharded model: each process keeps its own shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, params, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (a collective); the tensor itself otherwise."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def global_norm(params: list[torch.Tensor], sharded: bool) -> float:
+    """The L2 norm of all params together; over every process's shards when sharded."""
+    with torch.no_grad():
+        local = [local_tensor(p.detach()).float() for p in params]
+        squares = sum((t.pow(2).sum() for t in local if t.numel()), torch.zeros((), dtype=torch.float64))
+        if sharded:
+            squares = all_sum(squares.double().reshape(1))[0]
+        return float(squares) ** 0.5

@@ -284,7 +284,9 @@ class IterativeRun:
                 "hyperparameters": {**hyperparameters(config), "loss.alpha": alpha}, "metrics": result.final}
         save_model(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora)
         fault_point("model")
-        self.model_iteration = t  # trained in place: the model in memory is now pi_t
+        # trained in place: the model in memory is now pi_t (FSDP: sharded for training; the next
+        # stage loads the saved one whole)
+        self.model_iteration = -1 if distributed.is_sharded(model) else t
 
     # --- 5. evaluate -----------------------------------------------------------------------------
     def evaluate(self, t: int) -> dict:

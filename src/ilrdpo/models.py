@@ -234,21 +234,28 @@ def add_lora(model, lora: LoraSettings):
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    # the adapter's random start is the same in every run and every process (replicas must agree),
+    # without touching the caller's random stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_peft_model(model, config)
 
 
 def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False) -> Path:
     """save_pretrained (safetensors) + tokenizer + README.md model card, written to a staging
     folder and swapped in at the end, so a crash never leaves a half-written model in place.
-    Under several processes only the main one writes (their weights are identical)."""
-    from ilrdpo.distributed import is_main
+    Under several processes only the main one writes (their weights are identical; FSDP shards
+    are gathered to it first, which every process must join)."""
+    from ilrdpo import distributed
 
     out_dir = Path(out_dir)
-    if not is_main():
+    sharded = distributed.is_sharded(model)
+    state = distributed.full_state_dict(model) if sharded else None
+    if not distributed.is_main():
         return out_dir
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state} if sharded else {}))
     tokenizer.save_pretrained(staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
         # merge_and_unload edits the live model; merge a copy of the weights instead.

@@ -94,6 +94,12 @@ def _micro_batches(examples: list[TokenizedPair], batches: list[list[int]], trai
 
 
 def _batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chunk: int):
+    if distributed.is_sharded(model):  # inside the root's forward, so FSDP gathers and reduces its weights
+        return model.run_sharded(_whole_batch_logps, model, batch, loss, chunk)
+    return _whole_batch_logps(model, batch, loss, chunk)
+
+
+def _whole_batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chunk: int):
     if "segments" in batch:
         ld_alpha = loss.ld_alpha if loss.type == "ld_dpo" else None
         return shared_prefix_logps(model, batch, ld_alpha=ld_alpha, chunk_size=chunk)[0]  # (2B,)
@@ -191,15 +197,19 @@ class DivergenceGuard:
     WINDOW, MIN_HISTORY = 20, 5
     LOSS_FACTOR, GRAD_FACTOR, DRIFT = 20.0, 100.0, 1.0
 
-    def __init__(self, params: list[torch.nn.Parameter], loss_scaling: bool = False, grad_floor: float = 1.0) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], loss_scaling: bool = False, grad_floor: float = 1.0,
+                 sharded: bool = False) -> None:
         self.grad_floor = grad_floor
         self.params = params
+        self.sharded = sharded  # FSDP: each process holds a shard of every weight
         self.loss_scaling = loss_scaling  # float16: an overflowing step is skipped by the scaler
         self.start_norm = self._norm()
         self.losses: list[float] = []
         self.grads: list[float] = []
 
     def _norm(self) -> float:
+        if self.sharded:
+            return distributed.global_norm(self.params, sharded=True)
         with torch.no_grad():
             return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
                 [p.detach().float() for p in self.params]))))
@@ -256,11 +266,18 @@ class RoundSetup:
 
 def _setup(model, examples, train: TrainSettings, seed: int, device, compute_dtype) -> RoundSetup:
     """Optimizer, learning-rate schedule, loss scaler and the micro-batch order of all epochs."""
-    if train.gradient_checkpointing:  # after the reference pass: checkpointing is train-only
+    if train.gradient_checkpointing or distributed.fsdp_activation_checkpointing():
+        # after the reference pass: checkpointing is train-only
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if distributed.fsdp_requested():  # after the reference pass, which every process runs on whole weights
+        if compute_dtype == torch.float16:
+            raise UserInputError("model.dtype float16 is not supported under FSDP (its loss scaler is not "
+                                 "shard-aware): use bfloat16")
+        distributed.shard(model, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
+    sharded = distributed.is_sharded(model)
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
-                                  fused=_fused_ok(params))
+                                  fused=_fused_ok(params) and not sharded)
     n_batches = math.ceil(len(examples) / train.batch_size)
     total_micro = max(1, math.ceil(train.epochs * n_batches))
     total_steps = math.ceil(total_micro / train.grad_accum)
@@ -361,7 +378,9 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                checkpoints: Checkpointer, tracker: RunTracker, step_offset: int) -> TrainResult:
     """Optimizer steps start_step+1 .. total_steps; one metrics line each."""
     model.train()
-    guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled(), grad_floor=train.max_grad_norm)
+    sharded = distributed.is_sharded(model)
+    guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled(), grad_floor=train.max_grad_norm,
+                            sharded=sharded)
     shared_prefix = shares_prefix(train, device)
     start, record = time.perf_counter(), {}
     with progress_bar("training", setup.total_steps) as bar:
@@ -376,23 +395,31 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                 # several processes: each takes its share of every micro-batch (the same number of
                 # micro-batches per step in each), weighted by the step's global pair count
                 indices = group_indices[distributed.rank()::distributed.world_size()]
+                share = len(indices) / n_in_step
                 if not indices:
-                    continue
+                    if not sharded:
+                        continue
+                    indices = group_indices[:1]  # FSDP runs in lockstep: a pass that adds nothing
                 batch = _to(_collate(model, [setup.examples[i] for i in indices], pad_id, shared_prefix), device)
                 with autocast(device, compute_dtype):
                     policy = _batch_logps(model, batch, loss, train.logits_chunk)  # (2B,)
-                stats = _micro_step(policy, batch, ref_logps, indices, loss, len(indices) / n_in_step, setup.scaler)
-                for key in STATS:
-                    sums[key] += stats[key] * len(indices) / n_in_step
-                step_tokens += sum(setup.examples[i].n_tokens for i in indices)
+                # FSDP averages the gradients over processes; the shares already sum to 1 over them
+                weight = share * (distributed.world_size() if sharded else 1)
+                stats = _micro_step(policy, batch, ref_logps, indices, loss, weight, setup.scaler)
+                if share:
+                    for key in STATS:
+                        sums[key] += stats[key] * share
+                    step_tokens += sum(setup.examples[i].n_tokens for i in indices)
             if distributed.world_size() > 1:
                 totals = distributed.all_sum(torch.tensor([*sums.values(), step_tokens], dtype=torch.float64))
                 sums, step_tokens = dict(zip(STATS, totals[:-1].tolist())), int(totals[-1])
-                distributed.sum_gradients(setup.params)
+                if not sharded:  # FSDP has reduce-scattered them already
+                    distributed.sum_gradients(setup.params)
             tokens += step_tokens
             guard.check_loss(step, sums["loss"])
             setup.scaler.unscale_(setup.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.params, train.max_grad_norm))
+            grad_norm = float(distributed.full_value(
+                torch.nn.utils.clip_grad_norm_(setup.params, train.max_grad_norm)))
             learning_rate = setup.scheduler.get_last_lr()[0]  # the rate this step used
             setup.scaler.step(setup.optimizer)
             setup.scaler.update()
