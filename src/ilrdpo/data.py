@@ -189,40 +189,75 @@ def _pair_fields(examples: list[TokenizedPair]) -> dict[str, torch.Tensor]:
     return fields
 
 
-def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """One right-padded row per pair, prompt + chosen + rejected, for logprobs.shared_prefix_logps:
-    the prompt is computed once for both answers. Positions restart after the prompt, so the
-    rejected answer sits where it sits in its own row; segments (0 pad, 1 prompt, 2 chosen,
-    3 rejected) give the attention mask. Each answer token t is predicted at position t - 1,
-    except a first answer token, predicted at the prompt's last position. The flat indices
-    below (into the (P, T) row-major batch) list the answer tokens in the order
-    [chosen rows; rejected rows]; answer_row is the output row (chosen i -> i, rejected i -> P + i).
+def _unit_width(e: TokenizedPair) -> int:
+    return len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)
+
+
+def pack_rows(widths: list[int]) -> list[list[int]]:
+    """Items of the given widths in rows no wider than the widest item, first fit by decreasing
+    width (padding-free packing: fewer rows, each row as wide as without packing)."""
+    width = max(widths)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(widths)), key=lambda i: (-widths[i], i)):
+        row = next((r for r, room in enumerate(free) if room >= widths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= widths[i]
+    return rows
+
+
+def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:
+    """Right-padded rows of prompt + chosen + rejected, for logprobs.shared_prefix_logps: the
+    prompt is computed once for both answers. One row per pair; with `pack`, several pairs per row
+    (pack_rows: rows no wider than the widest pair) and `units` (1 + the pair's index, 0 padding)
+    so that attention stays inside each pair. Positions restart after the prompt, so the rejected
+    answer sits where it sits in its own row; segments (0 pad, 1 prompt, 2 chosen, 3 rejected) give
+    the attention mask. Each answer token t is predicted at position t - 1, except a first answer
+    token, predicted at the prompt's last position. The flat indices below (into the (R, T)
+    row-major batch) list the answer tokens in the order [chosen rows; rejected rows]; answer_row
+    is the output row (chosen i -> i, rejected i -> P + i).
     """
-    width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-    n = len(examples)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # (P, T)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)  # real tokens (for counting)
-    segments = torch.zeros((n, width), dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
+    widths = [_unit_width(e) for e in examples]
+    width, n = max(widths), len(examples)
+    rows = pack_rows(widths) if pack else [[i] for i in range(n)]
+    place = {}  # pair -> (row, first column)
+    for r, members in enumerate(rows):
+        column = 0
+        for i in members:
+            place[i] = (r, column)
+            column += widths[i]
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # real tokens (for counting)
+    segments = torch.zeros((len(rows), width), dtype=torch.long)
+    units = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     predictor, answer_position, answer_row, answer_index = [], [], [], []
     for side, key in enumerate(("chosen_ids", "rejected_ids")):
         for i, e in enumerate(examples):
+            r, offset = place[i]
             n_prompt, n_chosen = len(e.prompt_ids), len(e.chosen_ids)
-            start = n_prompt + (n_chosen if side else 0)  # first column of this answer
+            start = r * width + offset + n_prompt + (n_chosen if side else 0)  # flat index of the answer
             answer = getattr(e, key)
             for k in range(len(answer)):  # without a prompt the first token has no predictor
                 if k or n_prompt:
-                    answer_position.append(i * width + start + k)
-                    predictor.append(i * width + (start + k - 1 if k else n_prompt - 1))
+                    answer_position.append(start + k)
+                    predictor.append(start + k - 1 if k else r * width + offset + n_prompt - 1)
                     answer_row.append(side * n + i)
                     answer_index.append(k + 1)
     for i, e in enumerate(examples):
+        r, offset = place[i]
         row = e.prompt_ids + e.chosen_ids + e.rejected_ids
         n_prompt, n_chosen, n_rejected = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention_mask[i, :len(row)] = 1
-        segments[i, :len(row)] = torch.tensor([1] * n_prompt + [2] * n_chosen + [3] * n_rejected)
-        position_ids[i, :len(row)] = torch.tensor(
+        span = slice(offset, offset + len(row))
+        input_ids[r, span] = torch.tensor(row)
+        attention_mask[r, span] = 1
+        segments[r, span] = torch.tensor([1] * n_prompt + [2] * n_chosen + [3] * n_rejected)
+        units[r, span] = i + 1
+        position_ids[r, span] = torch.tensor(
             list(range(n_prompt + n_chosen)) + list(range(n_prompt, n_prompt + n_rejected)))
     batch = {
         "input_ids": input_ids, "attention_mask": attention_mask, "segments": segments,
@@ -232,25 +267,28 @@ def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int) -> dict[st
         "answer_row": torch.tensor(answer_row, dtype=torch.long),  # (N,)
         "answer_index": torch.tensor(answer_index, dtype=torch.long),  # (N,) 1-based, for LD-DPO
     }
+    if pack:
+        batch["units"] = units
     return {**batch, **_pair_fields(examples)}
 
 
-def padded_tokens(examples: list[TokenizedPair], shared_prefix: bool) -> int:
+def padded_tokens(examples: list[TokenizedPair], shared_prefix: bool, pack: bool = False) -> int:
     """Positions (padding included) of the batch the collate function builds for `examples`."""
     if shared_prefix:
-        return len(examples) * max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+        widths = [_unit_width(e) for e in examples]
+        return (len(pack_rows(widths)) if pack else len(examples)) * max(widths)
     return 2 * len(examples) * max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
                                    for e in examples)
 
 
 def split_by_token_budget(examples: list[TokenizedPair], indices: list[int], shared_prefix: bool,
-                          budget: int) -> list[list[int]]:
+                          budget: int, pack: bool = False) -> list[list[int]]:
     """The pairs `indices` in micro-batches whose padded size stays within `budget` positions:
     sorted by length (little padding), filled greedily; a pair larger than the budget alone."""
     order = sorted(indices, key=lambda i: padded_tokens([examples[i]], shared_prefix))
     batches: list[list[int]] = []
     for i in order:
-        if batches and padded_tokens([examples[j] for j in batches[-1] + [i]], shared_prefix) <= budget:
+        if batches and padded_tokens([examples[j] for j in batches[-1] + [i]], shared_prefix, pack) <= budget:
             batches[-1].append(i)
         else:
             batches.append([i])

@@ -2,9 +2,9 @@
 
 The answer tokens are few next to the prompt and padding, and the vocabulary is large, so the
 output head runs only at answer positions, in chunks, with the log-softmax in float32. When the
-answer positions' float32 logits would exceed HEAD_MEMORY_BUDGET, each chunk is recomputed in
-the backward pass instead of stored, so peak memory for the head is one chunk's logits; never
-the float32 (batch, seq, vocab) log-softmax.
+answer positions' float32 logits would exceed head_memory_budget (512 MiB on CPU, a tenth of a
+GPU's memory), each chunk is recomputed in the backward pass instead of stored, so peak memory
+for the head is one chunk's logits; never the float32 (batch, seq, vocab) log-softmax.
 """
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 # Below this many bytes of float32 head logits (answer positions x vocabulary), keep them for the
 # backward pass; above it, recompute each chunk in backward instead (activation checkpointing).
 HEAD_MEMORY_BUDGET = 512 * 2**20
+CUDA_HEAD_MEMORY_SHARE = 0.1  # on a GPU: this share of its memory (H200: ~14 GB; 0.5B shape, batch 16: ~4.4 GB)
+
+
+def head_memory_budget(device: torch.device) -> int:
+    """Bytes of head logits kept for backward on `device`: HEAD_MEMORY_BUDGET on CPU; a share of
+    the GPU's memory on CUDA, where a recomputed head adds one more head forward to every step
+    (not yet measured on a GPU: none was lent when this was written)."""
+    if device.type == "cuda":
+        return max(HEAD_MEMORY_BUDGET, int(CUDA_HEAD_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory))
+    return HEAD_MEMORY_BUDGET
 
 
 def _token_logps(logits: Tensor, targets: Tensor) -> Tensor:
@@ -63,7 +73,7 @@ def _summed_logps(states: Tensor, head, targets: Tensor, rows: Tensor, weights: 
                   chunk_size: int) -> Tensor:
     """sum_t w_t log pi(target_t) per output row, the head run on `states` (N, H) in chunks."""
     recompute = head is not None and torch.is_grad_enabled() and \
-        targets.shape[0] * head.weight.shape[0] * 4 > HEAD_MEMORY_BUDGET
+        targets.shape[0] * head.weight.shape[0] * 4 > head_memory_budget(targets.device)
     pieces = []
     for start in range(0, targets.shape[0], chunk_size):
         chunk, chunk_targets = states[start:start + chunk_size], targets[start:start + chunk_size]
@@ -127,13 +137,16 @@ def shared_prefix_supported(model, width: int) -> bool:
         (not window or width <= window)
 
 
-def shared_prefix_mask(segments: Tensor, attn_implementation: str) -> Tensor:
+def shared_prefix_mask(segments: Tensor, attn_implementation: str, units: Tensor | None = None) -> Tensor:
     """(B, 1, T, T) mask of the packed layout: causal, keys in the prompt or in the query's own
-    answer. Padding queries see themselves only, so no row is all masked (NaN in SDPA)."""
+    answer, and with `units` (several pairs per row) in the query's own pair. Padding queries see
+    themselves only, so no row is all masked (NaN in SDPA)."""
     width = segments.shape[1]
     query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
     causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
     allowed = causal & (query != 0) & (key != 0) & ((key == PROMPT) | (key == query))  # (B, T, T)
+    if units is not None:
+        allowed &= units[:, :, None] == units[:, None, :]
     allowed |= torch.eye(width, dtype=torch.bool, device=segments.device)
     if attn_implementation == "eager":  # eager adds the mask to the scores
         return torch.zeros(allowed.shape, device=segments.device).masked_fill(
@@ -146,15 +159,15 @@ def shared_prefix_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, ld_
     """Summed answer log-probs of a packed batch (data.collate_shared_prefix): (2P,) float32
     [chosen rows; rejected rows] and (2P,) int64 token counts, as sequence_logps gives for the
     same pairs in [chosen; rejected] rows. ld_alpha: LD-DPO weights as ld_weights sets them."""
-    input_ids, rows = batch["input_ids"], batch["answer_row"]  # (P, T), (N,)
-    n_rows = 2 * input_ids.shape[0]
+    input_ids, rows = batch["input_ids"], batch["answer_row"]  # (R, T), (N,)
+    n_rows = batch["lengths"].shape[0]  # 2P output rows, whatever the number of packed rows R
     weights = torch.ones(rows.shape, dtype=torch.float32, device=rows.device)  # (N,)
     if ld_alpha is not None:
         answer_lens = batch["n_tokens"]  # (2P,) answer tokens, as ld_weights counts them
         shared = torch.minimum(answer_lens[:n_rows // 2], answer_lens[n_rows // 2:]).repeat(2)  # (2P,)
         weights = torch.where(batch["answer_index"] <= shared[rows], 1.0, ld_alpha)
     attention = getattr(causal_lm(model).config, "_attn_implementation", "sdpa")
-    mask = shared_prefix_mask(batch["segments"], attention)
+    mask = shared_prefix_mask(batch["segments"], attention, batch.get("units"))
     states, head = _states_at(model, input_ids, mask, batch["position_ids"], batch["predictor"])
     targets = input_ids.flatten()[batch["answer_position"]]  # (N,)
     return _summed_logps(states, head, targets, rows, weights, n_rows, chunk_size), \

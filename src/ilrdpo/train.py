@@ -5,7 +5,8 @@ Order of work:
   2. reference log-probs, once, with the model as it is now (or its adapter disabled), before
      any update: pi_ref is this round's starting point, so no second model is held in memory;
   3. length-grouped micro-batches, chosen and rejected rows in one forward pass; with
-     train.prefix_sharing one row per pair (prompt computed once, logprobs.shared_prefix_logps);
+     train.prefix_sharing one row per pair (prompt computed once, logprobs.shared_prefix_logps),
+     and with train.packing several pairs per row (no padding between them);
      with train.max_tokens_per_batch each step's pairs re-split into micro-batches of at most
      that many positions, each micro-batch's loss weighted by its share of the step's pairs;
   4. AdamW, warmup then decay, gradient accumulation, clipping; one metrics line per step;
@@ -75,12 +76,19 @@ def shares_prefix(train: TrainSettings, device: torch.device) -> bool:
     return train.prefix_sharing == "on" or (train.prefix_sharing == "auto" and device.type == "cpu")
 
 
-def _collate(model, examples: list[TokenizedPair], pad_id: int, shared_prefix: bool) -> dict[str, torch.Tensor]:
-    """The packed layout where it is exact for this model and width, else [chosen; rejected] rows."""
+def packs(train: TrainSettings, shared_prefix: bool) -> bool:
+    """train.packing resolved: several pairs per row of the prefix-shared layout (auto: wherever it is on)."""
+    return shared_prefix and train.packing != "off"
+
+
+def _collate(model, examples: list[TokenizedPair], pad_id: int, shared_prefix: bool,
+             pack: bool = False) -> dict[str, torch.Tensor]:
+    """The prefix-shared layout (packed with `pack`) where it is exact for this model and width,
+    else [chosen; rejected] rows."""
     if shared_prefix:
         width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
         if shared_prefix_supported(model, width):
-            return collate_shared_prefix(examples, pad_id)
+            return collate_shared_prefix(examples, pad_id, pack=pack)
     return collate_pairs(examples, pad_id)
 
 
@@ -90,7 +98,7 @@ def _micro_batches(examples: list[TokenizedPair], batches: list[list[int]], trai
     if train.max_tokens_per_batch is None:
         return batches
     return split_by_token_budget(examples, [i for b in batches for i in b], shared_prefix,
-                                 train.max_tokens_per_batch)
+                                 train.max_tokens_per_batch, pack=packs(train, shared_prefix))
 
 
 def _batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chunk: int):
@@ -134,7 +142,8 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     with adapter_off, progress_bar("reference log-probs", len(examples)) as bar:
         for indices in [batches[k] for k in distributed.mine(len(batches))]:  # batch k to process k % W
-            batch = _to(_collate(model, [examples[i] for i in indices], pad_id, shared_prefix), device)
+            batch = _to(_collate(model, [examples[i] for i in indices], pad_id, shared_prefix,
+                                 packs(train, shared_prefix)), device)
             with autocast(device, compute_dtype):
                 logps = _batch_logps(model, batch, loss, train.logits_chunk).cpu()
             out[indices, 0], out[indices, 1] = logps[:len(indices)], logps[len(indices):]
@@ -400,7 +409,8 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                     if not sharded:
                         continue
                     indices = group_indices[:1]  # FSDP runs in lockstep: a pass that adds nothing
-                batch = _to(_collate(model, [setup.examples[i] for i in indices], pad_id, shared_prefix), device)
+                batch = _to(_collate(model, [setup.examples[i] for i in indices], pad_id, shared_prefix,
+                                     packs(train, shared_prefix)), device)
                 with autocast(device, compute_dtype):
                     policy = _batch_logps(model, batch, loss, train.logits_chunk)  # (2B,)
                 # FSDP averages the gradients over processes; the shares already sum to 1 over them
