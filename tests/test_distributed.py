@@ -161,8 +161,9 @@ def test_killed_in_sampling_resumes_with_another_number_of_processes(run_config,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [(8, 1), (1, 4)], ids=["4+4 pairs", "1 pair per micro-batch"])
-def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, batch):
+@pytest.mark.parametrize("batch,config", [((8, 1), "fsdp.yaml"), ((1, 4), "fsdp.yaml"), ((8, 1), "fsdp-zero2.yaml")],
+                         ids=["4+4 pairs", "1 pair per micro-batch", "ZeRO-2-like"])
+def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, batch, config):
     """Sharded weights, gradients and optimizer state give the single-process update; with one pair
     per micro-batch the second process runs a zero-weighted pass in lockstep."""
     batch_size, grad_accum = batch
@@ -170,7 +171,8 @@ def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_pa
             f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=128",
             "train.learning_rate=1e-3"]
     one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
-    two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2, env_extra=FSDP)
+    two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2,
+                 accelerate_config=config)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     moved = largest_gap(tmp_path / "one" / "model", tiny_model_dir)
     assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < 1e-2 * moved
