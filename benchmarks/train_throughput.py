@@ -93,8 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--systems", default="ilrdpo,trl", help="comma-separated, run in this order")
     p.add_argument("--prefix-sharing", choices=["auto", "on", "off"], default="auto",
                    help="ilrdpo's train.prefix_sharing (auto: on on CPU, off on CUDA)")
-    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
-                   help="ilrdpo's train.packing (auto: on wherever prefix sharing is)")
+    p.add_argument("--packing", choices=["on", "off"], default="off", help="ilrdpo's train.packing")
     p.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="ilrdpo's train.max_tokens_per_batch (default: micro-batches of --batch pairs)")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -339,7 +338,7 @@ def worker_ilrdpo(a, rows) -> dict:
     train = TrainSettings(learning_rate=a.lr, epochs=1.0, batch_size=a.batch, grad_accum=1,
                           max_length=a.max_length, warmup_ratio=0.0, lr_scheduler="constant",
                           weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False,
-                          prefix_sharing=a.prefix_sharing, packing=a.packing,
+                          prefix_sharing=a.prefix_sharing, packing=a.packing == "on",
                           max_tokens_per_batch=a.max_tokens_per_batch)
     data = DataSettings(use_chat_template=False)
     # The same call train_round makes, for the identity check only (not timed, before the model).

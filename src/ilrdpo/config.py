@@ -172,10 +172,10 @@ class TrainSettings(Section):
         "auto", description="Compute each prompt once for both answers (one row prompt+chosen+rejected with a "
         "mask that keeps the answers apart); same log-probs as two rows. auto = on on CPU, off on CUDA "
         "(not measured there yet); used where the attention takes a 4D mask (sdpa, eager).")
-    packing: Literal["auto", "on", "off"] = Field(
-        "auto", description="With prefix sharing: several pairs per row (rows no wider than the micro-batch's "
-        "widest pair, attention kept inside each pair, positions restarting per pair): no padding between "
-        "pairs; same log-probs. auto = on wherever prefix sharing is on.")
+    packing: bool = Field(
+        False, description="With prefix sharing: several pairs per row (rows no wider than the micro-batch's "
+        "widest pair, attention kept inside each pair, positions restarting per pair); same log-probs. Off by "
+        "default: length-grouped micro-batches rarely hold two pairs that fit one such row (benchmarks/README.md).")
     max_tokens_per_batch: int | None = Field(
         None, ge=1, description="Split each optimizer step's batch_size x grad_accum pairs into micro-batches "
         "of at most this many positions (padding included); same gradient. Default: micro-batches of batch_size.")

@@ -77,8 +77,8 @@ def shares_prefix(train: TrainSettings, device: torch.device) -> bool:
 
 
 def packs(train: TrainSettings, shared_prefix: bool) -> bool:
-    """train.packing resolved: several pairs per row of the prefix-shared layout (auto: wherever it is on)."""
-    return shared_prefix and train.packing != "off"
+    """train.packing where it applies: several pairs per row of the prefix-shared layout."""
+    return shared_prefix and train.packing
 
 
 def _collate(model, examples: list[TokenizedPair], pad_id: int, shared_prefix: bool,
