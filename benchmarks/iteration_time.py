@@ -7,18 +7,19 @@ runs and checked against the largest one.
 Every run is one real iteration of the demo's pipeline (`ilrdpo run`: sample, score with the
 MiniLM judge, pair, train, evaluate) on the bundled SmolLM2-135M-Instruct ("135m") or the same
 model cut to its first 10 of 30 layers ("60m": same vocabulary and width, a third of the layers).
-Per stage the work is counted from the run's own files, then time = overhead + work / rate:
+Per stage the work is counted from the run's own files and the time regressed on it (least
+squares, no intercept):
 
-    generate   answer tokens sampled (candidates.jsonl n_tokens)      + rows (prefill) as a second term
-    score      answers scored (rows)
-    pair       (negligible)
-    train      tokens trained (metrics.jsonl "tokens": prompt + both answers per pair and epoch)
-    eval       answer tokens of the eval answers (greedy)
+    generate   a x decode steps + b x answer tokens sampled   (steps: the longest answer of each
+               generation batch of generation.batch_size rows, summed)
+    score      a x answers + b x answer tokens
+    train      b x tokens trained (metrics.jsonl "tokens": prompt + both answers per pair and epoch)
+    eval       a x decode steps + b x answer tokens (greedy answers to 8 eval prompts)
 
-The runs of each size but the largest fit (overhead, rate) by least squares; the largest is
-predicted from them and printed next to its measured time. A GPU run is predicted by the same
-formula with the rates of benchmarks/generation_throughput.py and train_throughput.py on that
-GPU (README, "On a GPU").
+The first runs of each size fit (a, b); the largest is predicted from them and printed next to
+its measured time. A GPU run is predicted by the same formula with the per-step and per-token
+costs of benchmarks/generation_throughput.py and train_throughput.py on that GPU (README,
+"On a GPU").
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-GRID = [(8, 2, 48), (12, 4, 48), (16, 4, 96)]  # (prompts, samples per prompt, max_new_tokens); last: predicted
+GRID = [(8, 2, 48), (12, 4, 48), (8, 4, 96), (16, 4, 96)]  # (prompts, samples, max_new_tokens); last: predicted
+# what each stage's time is regressed on (no intercept): decode steps and tokens for the stages that
+# generate (a step costs the same whatever the rows in it, on top of a cost per token), answers and
+# their tokens for scoring, tokens for training
+TERMS = {"generate": ("steps", "tokens"), "score": ("answers", "tokens"), "train": ("tokens",),
+         "eval": ("steps", "tokens")}
 STAGES = ("generate", "score", "train", "eval")
 
 
@@ -81,33 +87,41 @@ def run_one(out: Path, model: str, prompts: int, samples: int, max_new: int, thr
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise SystemExit(f"run failed ({run_dir}): {proc.stderr.strip().splitlines()[-1:]}")
+    if not (run_dir / "timings.json").exists():  # a finished run is measured again, not rerun
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise SystemExit(f"run failed ({run_dir}): {proc.stderr.strip().splitlines()[-1:]}")
     timings = json.loads((run_dir / "timings.json").read_text())
     iteration = run_dir / "iter_1"
     candidates = [json.loads(line) for line in (iteration / "candidates.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (iteration / "metrics.jsonl").read_text().splitlines()]
     answers = [json.loads(line) for line in (iteration / "eval_answers.jsonl").read_text().splitlines()]
+    rows = [n for c in candidates for n in c["n_tokens"]]
+    batch = 64  # the demo's generation.batch_size
     return {
         "prompts": prompts, "samples": samples, "max_new_tokens": max_new, "wall_s": time.perf_counter() - start,
         "time": {s: timings.get(f"iter 1 {s}", 0.0) for s in STAGES},
-        "work": {"generate": sum(sum(c["n_tokens"]) for c in candidates),
-                 "score": sum(len(c["responses"]) for c in candidates),
-                 "train": metrics[-1]["tokens"],
-                 "evaluate": sum(a.get("n_tokens", 0) for a in answers)},
+        "work": {
+            "generate": {"steps": sum(max(rows[k:k + batch]) for k in range(0, len(rows), batch)),
+                         "tokens": sum(rows)},
+            "score": {"answers": len(rows), "tokens": sum(rows)},
+            "train": {"tokens": metrics[-1]["tokens"]},
+            "eval": {"steps": max(a["n_tokens"] for a in answers), "tokens": sum(a["n_tokens"] for a in answers)},
+        },
     }
 
 
-def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least squares time = overhead + work / rate over (work, time) points: (overhead, rate)."""
-    n = len(points)
-    mean_w = sum(w for w, _ in points) / n
-    mean_t = sum(t for _, t in points) / n
-    var = sum((w - mean_w) ** 2 for w, _ in points)
-    slope = sum((w - mean_w) * (t - mean_t) for w, t in points) / var if var else mean_t / max(mean_w, 1)
-    overhead = max(mean_t - slope * mean_w, 0.0)
-    return overhead, (1 / slope if slope > 0 else float("inf"))
+def fit(runs: list[dict], stage: str) -> list[float]:
+    """Seconds per unit of each of the stage's TERMS, least squares over `runs`."""
+    import torch
+
+    x = torch.tensor([[float(r["work"][stage][term]) for term in TERMS[stage]] for r in runs], dtype=torch.float64)
+    y = torch.tensor([[r["time"][stage]] for r in runs], dtype=torch.float64)
+    return torch.linalg.lstsq(x, y).solution.flatten().tolist()
+
+
+def predict(costs: list[float], run: dict, stage: str) -> float:
+    return sum(c * run["work"][stage][term] for c, term in zip(costs, TERMS[stage]))
 
 
 def main() -> None:
@@ -115,33 +129,35 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--sizes", default="135m,60m")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--report-only", action="store_true", help="print the model from OUT/results.json")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = {"135m": "bundled:smollm2-135m-instruct", "60m": None}
     results: dict[str, list[dict]] = {}
-    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+    for size in [] if args.report_only else [s.strip() for s in args.sizes.split(",") if s.strip()]:
         model = models[size] or cut_model(out, 10)
         results[size] = [run_one(out, model, *point, args.threads) for point in GRID]
         (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"iteration_time: grid (prompts x samples x max_new_tokens) {GRID}, eval 8 prompts, "
           f"threads={args.threads or 'default'} cpus={os.cpu_count()}")
     for size, runs in results.items():
-        print(f"\n{size}: stage, per run 'work -> seconds', fitted overhead + work / rate, largest run predicted")
+        print(f"\n{size}: per stage the work and seconds of each run; costs fitted on all runs but the last; "
+              "the last predicted")
+        total_predicted = total = 0.0
         for stage in STAGES:
-            cells = " | ".join(f"{r['work'][stage]:,} -> {r['time'][stage]:.1f} s" for r in runs)
-            overhead, rate = fit([(r["work"][stage], r["time"][stage]) for r in runs[:-1]])
-            last = runs[-1]
-            predicted = overhead + last["work"][stage] / rate
-            print(f"  {stage:9s} {cells} | {overhead:.1f} s + work / {rate:,.1f} per s | "
-                  f"predicted {predicted:.1f} s, measured {last['time'][stage]:.1f} s "
-                  f"({predicted / max(last['time'][stage], 1e-9):.2f}x)")
-        total_pred = sum(fit([(r["work"][s], r["time"][s]) for r in runs[:-1]])[0]
-                         + runs[-1]["work"][s] / fit([(r["work"][s], r["time"][s]) for r in runs[:-1]])[1]
-                         for s in STAGES)
-        total = sum(runs[-1]["time"][s] for s in STAGES)
-        print(f"  iteration (these stages) predicted {total_pred:.1f} s, measured {total:.1f} s "
-              f"({total_pred / max(total, 1e-9):.2f}x)")
+            cells = " | ".join(", ".join(f"{v:,} {k}" for k, v in r["work"][stage].items()) + f" -> {r['time'][stage]:.1f} s"
+                               for r in runs)
+            costs = fit(runs[:-1], stage)
+            model_text = " + ".join(f"{1000 * c:.2f} ms x {term}" for c, term in zip(costs, TERMS[stage]))
+            predicted, measured = predict(costs, runs[-1], stage), runs[-1]["time"][stage]
+            total_predicted, total = total_predicted + predicted, total + measured
+            print(f"  {stage:8s} {cells}\n           time = {model_text}: predicted {predicted:.1f} s, measured "
+                  f"{measured:.1f} s ({predicted / max(measured, 1e-9):.2f}x)")
+        print(f"  iteration (these stages) predicted {total_predicted:.1f} s, measured {total:.1f} s "
+              f"({total_predicted / max(total, 1e-9):.2f}x)")
 
 
 if __name__ == "__main__":
