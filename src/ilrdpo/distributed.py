@@ -281,11 +281,9 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def global_norm(params: list[torch.Tensor], sharded: bool) -> float:
-    """The L2 norm of all params together; over every process's shards when sharded."""
+def sharded_norm(params: list[torch.Tensor]) -> float:
+    """The L2 norm of sharded params together: every process's shards, summed over processes."""
     with torch.no_grad():
-        local = [local_tensor(p.detach()).float() for p in params]
-        squares = sum((t.pow(2).sum() for t in local if t.numel()), torch.zeros((), dtype=torch.float64))
-        if sharded:
-            squares = all_sum(squares.double().reshape(1))[0]
-        return float(squares) ** 0.5
+        squares = sum((t.double().pow(2).sum() for t in (local_tensor(p.detach()) for p in params) if t.numel()),
+                      torch.zeros((), dtype=torch.float64))
+        return float(all_sum(squares.reshape(1))[0]) ** 0.5

@@ -218,7 +218,7 @@ class DivergenceGuard:
 
     def _norm(self) -> float:
         if self.sharded:
-            return distributed.global_norm(self.params, sharded=True)
+            return distributed.sharded_norm(self.params)
         with torch.no_grad():
             return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
                 [p.detach().float() for p in self.params]))))
