@@ -279,10 +279,7 @@ def _setup(model, examples, train: TrainSettings, seed: int, device, compute_dty
         # after the reference pass: checkpointing is train-only
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if distributed.fsdp_requested():  # after the reference pass, which every process runs on whole weights
-        if compute_dtype == torch.float16:
-            raise UserInputError("model.dtype float16 is not supported under FSDP (its loss scaler is not "
-                                 "shard-aware): use bfloat16")
-        distributed.shard(model, compute_dtype)
+        distributed.shard(model, compute_dtype)  # (float16 is refused up front, preflight.check_config)
     params = [p for p in model.parameters() if p.requires_grad]
     sharded = distributed.is_sharded(model)
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
