@@ -366,6 +366,8 @@ AUTO = AlphaControlSettings(mode="auto", budget=1.0, step=0.5, min_alpha=0.0, ma
     (0.1, 8.5, 10.0, AUTO, 0.075),
     # from alpha = 0 a multiplicative step cannot move: the floor 0.01
     (0.0, 12.0, 10.0, AUTO, 0.01),
+    # a small alpha takes the plain step, not the floor: 0.004 * 1.5
+    (0.004, 12.0, 10.0, AUTO, 0.006),
     # budget > 10 is tokens: 60 vs 50 is 20% over, whatever the initial length
     (0.1, 60.0, 1000.0, AlphaControlSettings(mode="auto", budget=50.0), 0.15),
     # relative budget 0.5: 8 vs 0.5 x 8 = 4 is 100% over, a full step

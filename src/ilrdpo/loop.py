@@ -49,8 +49,9 @@ def next_alpha(alpha: float, mean_length: float, initial_length: float, control:
     budget = control.budget * initial_length if control.budget <= 10 else control.budget
     over = mean_length / max(budget, 1e-9) - 1
     if over > 0.02:
-        # From alpha = 0 a multiplicative step cannot move, so start at a small floor.
-        alpha = max(alpha * (1 + control.step * min(over / 0.1, 1.0)), control.min_alpha, 0.01)
+        # From alpha = 0 a multiplicative step cannot move, so start at a small floor (only there: a
+        # per-token alpha for IPO is a few thousandths, and a floor would jump it several times over).
+        alpha = alpha * (1 + control.step * min(over / 0.1, 1.0)) if alpha > 0 else max(control.min_alpha, 0.01)
     elif over < -0.10:
         alpha = alpha * (1 - control.step * min(-over / 0.1, 1.0) / 2)
     return min(max(alpha, control.min_alpha), control.max_alpha)
