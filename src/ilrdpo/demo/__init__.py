@@ -27,10 +27,12 @@ from ilrdpo.rundir import RunDir
 
 # The two arms: the same config but for the length margin. Each arm is a list of section.key=value
 # overrides applied on top of the demo's settings (a study can add more arms the same way).
-# iLR-DPO: 0.2 logits per token of length gap. Not yet a recipe that holds over seeds and three
-# iterations (issue 12): docs/demo/study.md has the search, e.g. a scaled variant is
-# ["loss.alpha=3", "loss.alpha_relative=true"] (3 logits at the round's median length gap).
-RECIPE = ["loss.alpha=0.2"]
+# Both arms train with IPO's squared loss (demo_settings), where the length term sets each pair's
+# target margin instead of only reweighting it: beta * delta is pulled to 1/2 - alpha * (|y_w| - |y_l|),
+# so a pair whose chosen answer is longer by more than 1/(2 alpha) tokens (40 at 0.0125) is learnt
+# the other way round. iLR-DPO: 0.0125 per token, then adjusted each iteration from the eval length
+# (alpha control). docs/demo/study.md has the search that led here, failures included.
+RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.mode=auto", "iterations.alpha_control.max_alpha=0.05"]
 VANILLA = ["loss.alpha=0", "iterations.alpha_control.mode=constant"]
 ARMS = {"idpo": VANILLA, "ilrdpo": RECIPE}
 
@@ -60,8 +62,8 @@ def demo_settings(quick: bool) -> dict:
     """
     max_new_tokens = 48 if quick else 128
     return {
-        "n_train": 8 if quick else 16,
-        "n_eval": 10 if quick else 60,
+        "n_train": 8 if quick else 48,
+        "n_eval": 10 if quick else 40,
         "n_heldout": 20 if quick else 105,  # of prompts_heldout.jsonl (105: all)
         "iterations": 2 if quick else 3,
         "config": {
@@ -71,8 +73,8 @@ def demo_settings(quick: bool) -> dict:
             "scoring": {"type": "embedding_similarity", "model": "bundled:all-minilm-l6-v2",
                         "length_bias": 0.3, "length_bias_cap": max_new_tokens},
             "pairing": {"strategy": "best_worst", "skip_truncated": True},
-            "loss": {"type": "sigmoid", "beta": 0.1},
-            "train": {"learning_rate": 2e-5, "epochs": 1, "batch_size": 2, "max_length": 320,
+            "loss": {"type": "ipo", "beta": 0.1},
+            "train": {"learning_rate": 1e-5, "epochs": 1, "batch_size": 2, "max_length": 320,
                       "warmup_ratio": 0.1, "lr_scheduler": "constant"},
             "eval": {"greedy": True},
         },
@@ -170,9 +172,9 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     return report
 
 
-# `ilrdpo demo --tune`: alpha on a log scale from a tenth of a logit per 30-token gap to far past
-# saturation; two objectives, since "better at no extra length" is a trade-off a user picks on.
-TUNE = {"space": {"loss.alpha": {"type": "log_uniform", "low": 0.003, "high": 1.0}},
+# `ilrdpo demo --tune`: alpha on a log scale from a length term of 0.06 logits at a 30-token gap
+# (IPO's target margin is 0.5) to 1.5, where most pairs are learnt shorter-first; two objectives, since "better at no extra length" is a trade-off a user picks on.
+TUNE = {"space": {"loss.alpha": {"type": "log_uniform", "low": 0.002, "high": 0.05}},
         "objectives": ["vs_initial_quality.lc_win_rate:maximize", "length.tokens_mean:minimize"]}
 TUNE_SIZES = {"iterations": 1, "n_eval": 30}
 
