@@ -148,3 +148,4 @@ def test_relative_alpha_and_base_targets(tiny_model_dir, tokenizer, tmp_path):
     assert state["alpha"]["1"] == pytest.approx(1.0 / max(gaps[len(gaps) // 2], 1))
     for m in read_jsonl(out / "iter_1" / "metrics.jsonl"):
         assert 0.0 <= m["length/saturated_share"] <= 1.0
+        assert m["length/reversed_share"] == 0.0  # DPO has no target margin to reverse

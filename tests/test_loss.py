@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ilrdpo.logprobs import ld_weights, sequence_logps
-from ilrdpo.loss import LOSSES, length_cost, length_margin_term, preference_loss
+from ilrdpo.loss import LOSSES, length_cost, length_margin_term, length_reversed, preference_loss, target_margin
 
 BETA = 0.1
 SP_NEG = math.log1p(math.exp(-0.3))  # softplus(-0.3) = -log sigmoid(0.3) = 0.5543552
@@ -85,6 +85,32 @@ def test_ipo():
     assert losses.item() == pytest.approx(4.0, abs=1e-5)
     with_length, _, _, _ = worked("ipo", alpha=0.01)
     assert with_length.item() == pytest.approx(25.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(("loss_type", "eps"), [("ipo", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.25)])
+def test_target_margin_is_where_the_loss_is_smallest(loss_type, eps):
+    """Found independently: the loss's minimiser over m on a float64 grid."""
+    m = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+    losses = LOSSES[loss_type].fn(m, BETA, eps)
+    assert m[losses.argmin()].item() == pytest.approx(target_margin(loss_type, eps), abs=2e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "simpo", "ld_dpo"])
+def test_losses_without_a_target_margin_keep_falling(loss_type):
+    m = torch.linspace(-10, 10, 2001, dtype=torch.float64)
+    losses = LOSSES[loss_type].fn(m, BETA, 0.0)
+    assert target_margin(loss_type) is None and (losses.diff() <= 0).all()
+
+
+def test_length_reversed_pairs_are_those_past_the_target():
+    """IPO at alpha 0.0125: length terms 0.5 (40 tokens longer) and more are reversed; DPO never."""
+    term = length_margin_term(t(50.0, 41.0, 40.0, 10.0, 20.0), t(0.0, 0.0, 0.0, 0.0, 60.0), 0.0125)
+    assert length_reversed(term, "ipo").tolist() == [True, True, False, False, False]
+    assert not length_reversed(term, "sigmoid").any()
+    # IPO's optimum really is reversed there: beta * delta = 1/2 - term < 0 minimises the loss
+    delta = torch.linspace(-20, 20, 40_001, dtype=torch.float64)
+    best = delta[LOSSES["ipo"].fn(BETA * delta + term[0].double(), BETA, 0.0).argmin()]
+    assert best.item() == pytest.approx((0.5 - term[0].item()) / BETA, abs=1e-2) and best < 0
 
 
 def test_hinge():

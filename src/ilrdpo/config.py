@@ -133,7 +133,9 @@ class LossSettings(Section):
         "sigmoid", description="Loss on the margin; see ilrdpo.loss."
     )
     beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")
-    alpha: float = Field(0.0, ge=0.0, description="Length margin weight; 0 = plain DPO.")
+    alpha: float = Field(0.0, ge=0.0, description="Length margin weight per unit of length; 0 = plain DPO. With "
+                         "a target margin (ipo: 1/2) a pair whose chosen answer is longer by more than 1/(2 alpha) "
+                         "is learnt shorter-first; with sigmoid, past a few logits it is only ignored.")
     length_unit: Literal["tokens", "chars"] = Field("tokens", description="Unit of |y| in the length margin.")
     alpha_relative: bool = Field(
         False, description="alpha is in logits for a pair whose length gap is the median |c(y_w) - c(y_l)| of "

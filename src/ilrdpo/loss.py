@@ -17,6 +17,7 @@ Every loss type maps the same margin m to a per-example loss; a dict picks it (L
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -82,6 +83,28 @@ LOSSES = {
 }
 LOSS_TYPES = tuple(LOSSES)
 REFERENCE_FREE = {name for name, entry in LOSSES.items() if entry.reference_free}
+
+
+def target_margin(loss_type: str, label_smoothing: float = 0.0) -> float | None:
+    """The margin m = beta * delta + length term at which a loss type is smallest, where it has
+    one: IPO's 1/2 and conservative DPO's log((1 - e) / e). None: the loss falls for ever as m
+    grows (DPO, robust DPO, the hinge past 1, SimPO, LD-DPO).
+
+    Where there is one, alpha sets each pair's target instead of only reweighting it: training pulls
+    beta * delta toward target - alpha * (c(y_w) - c(y_l)), so a pair whose length term exceeds the
+    target is learnt the other way round (the shorter answer preferred): see length_reversed."""
+    if loss_type == "ipo":
+        return 0.5
+    if loss_type == "sigmoid" and label_smoothing > 0:
+        return math.log((1 - label_smoothing) / label_smoothing)
+    return None
+
+
+def length_reversed(length_term: Tensor, loss_type: str, label_smoothing: float = 0.0) -> Tensor:
+    """(B,) bool: pairs whose length term exceeds the loss's target margin, so the loss prefers
+    the rejected answer; all False for loss types without a target margin."""
+    target = target_margin(loss_type, label_smoothing)
+    return length_term > target if target is not None else torch.zeros_like(length_term, dtype=torch.bool)
 
 
 def method_name(loss_type: str, alpha: float) -> str:

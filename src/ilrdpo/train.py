@@ -47,7 +47,7 @@ from ilrdpo.data import (
 from ilrdpo.errors import TrainingDiverged, UserInputError
 from ilrdpo.faults import fault_point
 from ilrdpo.logprobs import ld_weights, sequence_logps, shared_prefix_logps, shared_prefix_supported
-from ilrdpo.loss import REFERENCE_FREE, preference_loss
+from ilrdpo.loss import REFERENCE_FREE, length_reversed, preference_loss
 from ilrdpo.progress import console, progress_bar
 from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
 from ilrdpo.tracking import RunTracker
@@ -448,7 +448,8 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
 
 
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-         "logps/rejected", "length/chosen", "length/rejected", "length/margin_term", "length/saturated_share")
+         "logps/rejected", "length/chosen", "length/rejected", "length/margin_term", "length/saturated_share",
+         "length/reversed_share")
 
 
 def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps: torch.Tensor | None,
@@ -479,4 +480,7 @@ def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps:
         "length/margin_term": out.length_term.mean().item(),
         # pairs whose length term alone puts the loss in the sigmoid's flat tails (|term| > 3 logits)
         "length/saturated_share": (out.length_term.abs() > SATURATED_LOGITS).float().mean().item(),
+        # pairs the loss learns the other way round (IPO, cDPO: the length term exceeds the target margin)
+        "length/reversed_share": length_reversed(out.length_term, loss.type,
+                                                 loss.label_smoothing).float().mean().item(),
     }

@@ -34,11 +34,13 @@ def _eval_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
     ev = json.loads(path.read_text())
     metrics = read_jsonl_tolerant(run_dir / f"iter_{k}" / "metrics.jsonl") if k else []
     saturated = [m["length/saturated_share"] for m in metrics if "length/saturated_share" in m]
+    reversed_ = [m["length/reversed_share"] for m in metrics if "length/reversed_share" in m]
     state = json.loads((run_dir / "state.json").read_text())
     return {"eval_length": ev["length"]["tokens_mean"], "eval_quality": ev["quality_mean"],
             "eval_reward": ev["reward_mean"], "eval_lc": (ev.get("vs_initial") or {}).get("lc_win_rate"),
             "sample_length": ev.get("gen/length_mean"),
             "saturated_share": statistics.fmean(saturated) if saturated else None,
+            "reversed_share": statistics.fmean(reversed_) if reversed_ else None,
             "alpha": state.get("alpha", {}).get(str(k))}
 
 
@@ -117,7 +119,8 @@ def check_claim(rows: list[dict], prefix: str, vanilla: str = VANILLA, method: s
 
 
 COLUMNS = (("eval_length", "length", ".1f"), ("eval_quality", "quality", ".4f"), ("eval_lc", "LC win %", ".1f"),
-           ("saturated_share", "saturated", ".2f"), ("heldout_length", "held-out length", ".1f"),
+           ("saturated_share", "saturated", ".2f"), ("reversed_share", "reversed", ".2f"),
+           ("heldout_length", "held-out length", ".1f"),
            ("heldout_quality", "held-out quality", ".4f"), ("heldout_rougeL", "held-out ROUGE-L", ".3f"),
            ("heldout_chrf", "held-out chrF", ".1f"))
 
@@ -154,7 +157,8 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
              ("Mean over seeds, (min..max) in brackets. length: mean eval answer length in tokens; "
               "quality: the judge's similarity to the reference; LC win %: length-controlled win rate "
               "against the base model; saturated: share of training pairs whose length term "
-              "|alpha * gap| exceeds 3 logits; held-out: the second held-out set (prompts_heldout.jsonl), "
+              "|alpha * gap| exceeds 3 logits; reversed: share the loss learns shorter-first (IPO: length term above "
+              "its target margin 1/2); held-out: the second held-out set (prompts_heldout.jsonl), "
               "never used to choose settings."), "", *study_table(rows, arms), ""]
     if VANILLA in arms:
         lines += ["## The claim (issue 12)", ""]

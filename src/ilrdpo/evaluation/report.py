@@ -258,25 +258,29 @@ def _text_section(runs: list[RunData]) -> list[str]:
 def _training_section(runs: list[RunData]) -> list[str]:
     """Per training round: loss, reward margins, lengths, alpha and how often the length term
     saturated (|alpha * length gap| > 3 logits: those pairs' gradient is the length term's, not
-    the preference's; a large share means alpha is too big for these length gaps)."""
+    the preference's; a large share means alpha is too big for these length gaps) and, for losses
+    with a target margin (IPO, cDPO), how many pairs it reversed (learnt shorter-first)."""
     cells = []
     for run in runs:
         for k, steps in sorted(run.metrics.items()):
             means = [_fmt(sum(s.get(key, 0.0) for s in steps) / len(steps)) for key in
                      ("rewards/accuracies", "rewards/margins", "length/chosen", "length/rejected",
                       "length/margin_term")]
-            saturated = [s["length/saturated_share"] for s in steps if "length/saturated_share" in s]
+            shares = [[s[key] for s in steps if key in s]
+                      for key in ("length/saturated_share", "length/reversed_share")]
             cells.append([run.name, str(k), str(len(steps)), _fmt(run.alpha.get(k)), _fmt(steps[0].get("loss")),
                           _fmt(steps[-1].get("loss")), *means,
-                          _fmt(sum(saturated) / len(saturated), ".2f") if saturated else "-"])
+                          *(_fmt(sum(v) / len(v), ".2f") if v else "-" for v in shares)])
     if not cells:
         return []
     headers = ["run", "iteration", "steps", "alpha", "first loss", "last loss", "mean rewards/accuracies",
                "mean rewards/margins", "mean length/chosen", "mean length/rejected", "mean length term",
-               "saturated share"]
+               "saturated share", "reversed share"]
     return ["## Training (metrics.jsonl)", "",
             ("saturated share: share of pairs whose length term |alpha * length gap| exceeds 3 logits "
-             "(the length term, not the preference, decides their gradient)."), "",
+             "(the length term, not the preference, decides their gradient). reversed share: share of pairs "
+             "whose length term exceeds the loss's target margin (IPO: 1/2), which the loss learns the other "
+             "way round, shorter answer first; 0 for losses without one (DPO)."), "",
             *_markdown_table(headers, cells), ""]
 
 
