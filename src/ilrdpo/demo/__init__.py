@@ -175,7 +175,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
 
 
 # `ilrdpo demo --tune`: alpha on a log scale from a length term of 0.06 logits at a 30-token gap
-# (IPO's target margin is 0.5) to 1.5, where most pairs are learnt shorter-first; two objectives, since "better at no extra length" is a trade-off a user picks on.
+# (IPO's target margin is 0.5) to 1.5, where most pairs are learnt shorter-first; two objectives,
+# since "better at no extra length" is a trade-off a user picks on.
 TUNE = {"space": {"loss.alpha": {"type": "log_uniform", "low": 0.002, "high": 0.05}},
         "objectives": ["vs_initial_quality.lc_win_rate:maximize", "length.tokens_mean:minimize"]}
 TUNE_SIZES = {"iterations": 1, "n_eval": 30}
