@@ -80,7 +80,6 @@ def measure(rows: int, model, tokenizer, all_prompts, args) -> dict[str, float]:
     from ilrdpo.config import DataSettings, GenerationSettings
     from ilrdpo.generation import (
         BACKENDS,
-        COMPACT_MIN_ROWS,
         _decode,
         _generation_config,
         _left_pad,
@@ -92,7 +91,7 @@ def measure(rows: int, model, tokenizer, all_prompts, args) -> dict[str, float]:
     data = DataSettings()
     prompts = all_prompts[:max(1, rows // args.num_samples)]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=rows, top_p=0.95, temperature=0.8)
-    auto = "hf" if device.type == "cuda" or rows < COMPACT_MIN_ROWS else "compact"
+    auto = "hf" if device.type == "cuda" else "compact"
     speeds: dict[str, float] = {}
 
     def report(name, samples, seconds, first):

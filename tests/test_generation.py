@@ -329,3 +329,47 @@ def test_under_autocast_float32_weights_decode_as_a_copy_in_the_compute_dtype(ti
         decoder = generation_model(tiny_model)
         assert decoder is not tiny_model and all(p.dtype == torch.bfloat16 for p in decoder.parameters())
         assert generation_model(half) is half  # already in the compute dtype
+
+
+# --- the compacting backend's sampler: top-k / top-p over a slice, full sort as fallback ---------
+
+WARPER_SETTINGS = [{"top_p": 0.95}, {"top_p": 0.5}, {"top_k": 5}, {"top_k": 300, "top_p": 0.9},
+                   {"top_k": 5, "top_p": 0.6}, {}, {"top_p": 0.99, "temperature": 0.7}, {"top_p": 0.3, "temperature": 1.0}]
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 30.0])  # flat (nucleus wider than the slice) to peaked
+@pytest.mark.parametrize("warp", WARPER_SETTINGS)
+def test_nucleus_is_the_distribution_of_transformers_warpers(scale, warp):
+    """The compacting loop's sampling distribution equals softmax(transformers' temperature, top-k,
+    top-p warpers) over the whole vocabulary, including rows whose nucleus spills past the slice."""
+    from ilrdpo.generation.compact import SLICE, nucleus, warpers
+
+    settings = GenerationSettings(**{"temperature": 0.8, **warp})
+    generator = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(6, 4 * SLICE, generator=generator) * scale
+    expected = torch.softmax(warpers(settings)(None, logits.clone()), -1)
+    got = nucleus(logits, settings)
+    assert torch.equal(got > 0, expected > 0)  # the same tokens can be drawn
+    torch.testing.assert_close(got, expected, atol=2e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.1, 4.0])  # 0.1: the nucleus spills past the slice
+def test_sample_tokens_draws_from_nucleus(scale):
+    """Counts of 40k draws fit the distribution: Pearson's chi-square within 6 standard deviations
+    of its mean (degrees of freedom = kept tokens - 1); drawing from the wrong rows' distribution
+    or a truncated nucleus puts it far out."""
+    from ilrdpo.generation.compact import SLICE, nucleus, sample_tokens
+
+    settings = GenerationSettings(temperature=0.8, top_p=0.9)
+    logits = torch.randn(1, 2 * SLICE, generator=torch.Generator().manual_seed(1)) * scale
+    expected = nucleus(logits, settings)[0]
+    torch.manual_seed(0)
+    draws = sample_tokens(logits.expand(40_000, -1), settings)
+    counts = torch.bincount(draws, minlength=logits.shape[-1]).double()
+    assert (counts[expected == 0] == 0).all()
+    kept = expected > 0
+    want = expected[kept].double() * len(draws)
+    chi_square = float(((counts[kept] - want) ** 2 / want).sum())
+    freedom = int(kept.sum()) - 1
+    assert freedom > (SLICE if scale < 1 else 2)
+    assert abs(chi_square - freedom) < 6 * (2 * freedom) ** 0.5
