@@ -150,12 +150,29 @@ def test_quick_demo_end_to_end(tmp_path):
         state = json.loads((tmp_path / arm / "state.json").read_text())
         assert all("eval" in stages for stages in state["finished"].values())
         assert (tmp_path / arm / "iter_2" / "eval.json").exists()
+        if (os.cpu_count() or 1) >= 2:  # the arms ran in parallel, one process and log each
+            assert "iter 2 train" in (tmp_path / arm / "demo.log").read_text()
         held_out = json.loads((tmp_path / arm / "heldout" / "iter_2.json").read_text())
         assert held_out["text"]["rougeL"] is not None
     # iteration 1's samples are shared: the same base model, prompts and seed
     same = [(tmp_path / arm / "iter_1" / "pairs.jsonl").read_text() for arm in ("idpo", "ilrdpo")]
     assert same[0] == same[1]
     print(f"ilrdpo demo --quick: {elapsed:.0f} s")
+
+
+def test_an_arm_that_fails_in_its_process_ends_in_one_line_naming_it(tmp_path):
+    """The arms run one process each: a bad input in one (here its prompts file is gone) comes
+    back as one UserInputError line naming the arm and the file; the arm's log keeps the rest."""
+    from ilrdpo.demo import run_parallel
+    from ilrdpo.errors import UserInputError
+
+    config = demo_configs(tmp_path, quick=True)["ilrdpo"]
+    broken = config.model_copy(update={"data": config.data.model_copy(update={"prompts": str(tmp_path / "gone.jsonl")})})
+    with pytest.raises(UserInputError) as error:
+        run_parallel({"ilrdpo": (broken.model_dump_json(), None, None)}, tmp_path, threads=1)
+    message = str(error.value)
+    assert message.startswith("arm ilrdpo: ") and "gone.jsonl" in message and "\n" not in message
+    assert "gone.jsonl" in (tmp_path / "ilrdpo" / "demo.log").read_text()
 
 
 def _demo_cli(monkeypatch, args: list[str]) -> tuple[int, list]:

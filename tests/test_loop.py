@@ -372,6 +372,14 @@ AUTO = AlphaControlSettings(mode="auto", budget=1.0, step=0.5, min_alpha=0.0, ma
     (0.1, 60.0, 1000.0, AlphaControlSettings(mode="auto", budget=50.0), 0.15),
     # relative budget 0.5: 8 vs 0.5 x 8 = 4 is 100% over, a full step
     (0.04, 8.0, 8.0, AlphaControlSettings(mode="auto", budget=0.5), 0.06),
+    # gain: log-space proportional, the same both ways: 0.1 * exp(0.5 * 0.2), 0.1 * exp(-0.5 * 0.2)
+    (0.1, 12.0, 10.0, AUTO.model_copy(update={"gain": 0.5}), 0.1 * math.exp(0.1)),
+    (0.1, 8.0, 10.0, AUTO.model_copy(update={"gain": 0.5}), 0.1 * math.exp(-0.1)),
+    # gain: |log change| bounded by step (0.5): 100% under with gain 2 gives exp(-0.5)
+    (0.1, 0.0, 10.0, AUTO.model_copy(update={"gain": 2.0}), 0.1 * math.exp(-0.5)),
+    # gain: within 2% unchanged; from alpha = 0 the floor, as without gain
+    (0.1, 10.15, 10.0, AUTO.model_copy(update={"gain": 0.5}), 0.1),
+    (0.0, 12.0, 10.0, AUTO.model_copy(update={"gain": 0.5}), 0.01),
     # clamped to max_alpha and min_alpha
     (0.9, 20.0, 10.0, AUTO, 1.0),
     (0.1, 5.0, 10.0, AUTO.model_copy(update={"min_alpha": 0.09}), 0.09),

@@ -7,6 +7,7 @@ Every stage reads its inputs from files of the run directory and writes its outp
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ilrdpo import distributed
@@ -32,7 +33,7 @@ from ilrdpo.records import (
     read_prompts,
     write_jsonl,
 )
-from ilrdpo.rundir import RunDir, check_resume, input_hashes
+from ilrdpo.rundir import STAGES, RunDir, check_resume, input_hashes
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.tracking import RunTracker
 from ilrdpo.train import autocast, pair_reference_logps, train_round
@@ -42,13 +43,17 @@ from ilrdpo.train import autocast, pair_reference_logps, train_round
 
 def next_alpha(alpha: float, mean_length: float, initial_length: float, control: AlphaControlSettings) -> float:
     """Automatic alpha: raise it by a bounded step while the mean eval length is over budget,
-    lower it when comfortably under. budget <= 10 is relative to the initial model's mean
-    length, larger values are tokens."""
+    lower it when comfortably under (with control.gain: in proportion to the excess, in log
+    space, the same both ways). budget <= 10 is relative to the initial model's mean length,
+    larger values are tokens."""
     if control.mode == "constant":
         return alpha
     budget = control.budget * initial_length if control.budget <= 10 else control.budget
     over = mean_length / max(budget, 1e-9) - 1
-    if over > 0.02:
+    if control.gain is not None and alpha > 0:
+        if abs(over) > 0.02:
+            alpha = alpha * math.exp(max(-control.step, min(control.step, control.gain * over)))
+    elif over > 0.02:
         # From alpha = 0 a multiplicative step cannot move, so start at a small floor (only there: a
         # per-token alpha for IPO is a few thousandths, and a floor would jump it several times over).
         alpha = alpha * (1 + control.step * min(over / 0.1, 1.0)) if alpha > 0 else max(control.min_alpha, 0.01)
@@ -115,13 +120,18 @@ class IterativeRun:
             self.model_iteration = iteration
         return self.model, self.tokenizer
 
-    def run(self) -> list[dict]:
+    def run(self, until: tuple[int, str] | None = None) -> list[dict]:
+        """Every iteration, or only up to and including stage until = (t, name)."""
         train = self.config.train
         self.tracker = RunTracker(train.report_to, self.dir.root, hyperparameters(self.config),
                                   project=train.project, run_name=train.run_name)
         try:
             summaries = [self._evaluation(0)] if self.eval_prompts else []
             for t in range(1, self.config.iterations.count + 1):
+                if until is not None and until[0] == t:
+                    for name in STAGES[:STAGES.index(until[1]) + 1]:
+                        self.run_stage(t, name)
+                    break
                 summaries.append(self.iteration(t))
         finally:
             self.tracker.finish()
@@ -155,7 +165,7 @@ class IterativeRun:
         self._stage(t, name, lambda: work(t))
 
     def iteration(self, t: int) -> dict:
-        for name in ("generate", "score", "pair", "train"):
+        for name in STAGES[:-1]:  # generate, score, pair, train; then eval
             self.run_stage(t, name)
         summary = self._evaluation(t)
         console.print(summary_line(summary))
@@ -341,14 +351,18 @@ def no_pairs_reason(sets: list[CandidateSet]) -> str:
     return "all answers tied, identical, empty or truncated; raise generation.temperature or num_samples"
 
 
-def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = None) -> list[dict]:
+def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = None,
+                   until: tuple[int, str] | None = None) -> list[dict]:
     """`ilrdpo run`: all iterations, resuming whatever is already finished in output_dir.
-    scorer: a Scorer object used instead of the one the scoring section describes."""
+    scorer: a Scorer object used instead of the one the scoring section describes.
+    until: (t, stage) to stop after that stage (the demo's shared first steps)."""
     run = IterativeRun(config, force, scorer)
     with run.dir.locked("ilrdpo run"):
         run.open()
         run.dir.announce()
-        summaries = run.run()
+        summaries = run.run(until)
+        if until is not None:
+            return summaries
         if config.model.push_to_hub:
             publish_final_model(run.dir, config, summaries)
     print_run_summary(run.dir, config, summaries)

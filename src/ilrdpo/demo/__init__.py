@@ -16,11 +16,19 @@ held-out set of another kind (demo/heldout.py), and `run_study` repeats all of i
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import re
 import shutil
+import sys
+import time
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from ilrdpo.config import Config, TuneSettings, build_config
+from ilrdpo.errors import UserInputError
 from ilrdpo.loop import run_iterations
 from ilrdpo.progress import console, stage
 from ilrdpo.rundir import RunDir
@@ -30,11 +38,13 @@ from ilrdpo.rundir import RunDir
 # Both arms train with IPO's squared loss (demo_settings), where the length term sets each pair's
 # target margin instead of only reweighting it: beta * delta is pulled to 1/2 - alpha * (|y_w| - |y_l|),
 # so a pair whose chosen answer is longer by more than 1/(2 alpha) tokens (40 at 0.0125) is learnt
-# the other way round. iLR-DPO: 0.0125 per token, then adjusted by at most 20% per iteration from the
-# eval length (alpha control; length answers alpha steeply, and a 50% step overshot).
+# the other way round. iLR-DPO: 0.0125 per token, then alpha control from the eval length, in
+# proportion and the same both ways: the first round's length changed by about 1.5 per unit of
+# log alpha (0.01 -> +34%, 0.015 -> -26%, mean of 3 seeds), so gain 1/1.5 corrects a deviation in
+# one round on average; a fixed 20% step overshot, and the old rule lowered alpha only by half a step.
 # docs/demo/study.md has the search that led here, failures included.
-RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.mode=auto", "iterations.alpha_control.step=0.2",
-          "iterations.alpha_control.max_alpha=0.05"]
+RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.mode=auto", "iterations.alpha_control.gain=0.67",
+          "iterations.alpha_control.step=0.3", "iterations.alpha_control.max_alpha=0.05"]
 VANILLA = ["loss.alpha=0", "iterations.alpha_control.mode=constant"]
 ARMS = {"idpo": VANILLA, "ilrdpo": RECIPE}
 
@@ -131,39 +141,134 @@ def share_first_iteration(source: Path, target: Path, pairs: bool = True) -> Non
             state.mark(1, stage_name)
 
 
-def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], base_from: Path | None = None) -> None:
-    """The first arm from scratch (its initial-model eval from `base_from` when given and the eval
-    is greedy), the others from its iteration 0 and iteration-1 pairs."""
+def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], base_from: Path | None = None,
+             heldout_prompts: str | None = None, parallel: bool | None = None) -> None:
+    """Every arm's iterations, then (heldout_prompts given) its iterates on the second held-out set.
+
+    The first arm runs the steps every arm shares (the initial model's eval, or a copy from
+    `base_from` when the eval is greedy; iteration 1's samples, scores and pairs; the initial
+    model's held-out answers); the others copy them. The arms then run one process each with the
+    CPU threads split between them (parallel; the default from 2 threads on, since decoding does
+    not use a second thread well), or one after the other.
+    """
     first, *others = list(configs)
     if base_from is not None and configs[first].eval.greedy and (base_from / "iter_0" / "eval.json").exists():
         share_base_eval(base_from, out / first)
-    with stage(f"arm {first}", timings):
-        run_iterations(configs[first])
-    for arm in others:
-        same_targets = configs[arm].loss.target_length == configs[first].loss.target_length
-        share_first_iteration(out / first, out / arm, pairs=same_targets)
-        with stage(f"arm {arm}", timings):
-            run_iterations(configs[arm])
+    threads = torch.get_num_threads()
+    parallel = len(configs) > 1 and threads >= 2 if parallel is None else parallel
+    heldout_base = None
+    with stage("shared first steps", timings):
+        run_iterations(configs[first], until=(1, "pair"))
+        for arm in others:
+            same_targets = configs[arm].loss.target_length == configs[first].loss.target_length
+            share_first_iteration(out / first, out / arm, pairs=same_targets)
+        if heldout_prompts is not None:
+            from ilrdpo.demo.heldout import evaluate_heldout, heldout_path
+
+            shared = heldout_path(base_from, 0) if base_from is not None and configs[first].eval.greedy else None
+            evaluate_heldout([out / first], heldout_prompts, base=shared, iterations=[0])
+            heldout_base = heldout_path(out / first, 0)
+    if not parallel:
+        for arm, config in configs.items():
+            with stage(f"arm {arm}", timings):
+                run_arm(config.model_dump_json(), heldout_prompts, heldout_base)
+        return
+    with stage(f"arms in parallel ({', '.join(configs)})", timings):
+        run_parallel({arm: (config.model_dump_json(), heldout_prompts, heldout_base) for arm, config in configs.items()},
+                     out, max(1, threads // len(configs)))
+
+
+def run_arm(config_json: str, heldout_prompts: str | None, heldout_base: Path | None) -> None:
+    """One arm: its iterations, then its iterates on the held-out set (iteration 0 from heldout_base)."""
+    from ilrdpo.demo.heldout import evaluate_heldout
+
+    config = Config.model_validate_json(config_json)
+    run_iterations(config)
+    if heldout_prompts is not None:
+        evaluate_heldout([Path(config.output_dir)], heldout_prompts, base=heldout_base)
+
+
+def _arm_process(args: tuple, log_path: str, threads: int) -> None:
+    """run_arm in a child process: progress bars off, stdout and stderr (C level too) to its log,
+    exit status 2 with the one-line message on a UserInputError."""
+    os.environ["ILRDPO_QUIET"] = "1"
+    os.environ["COLUMNS"] = "200"  # the log is not a terminal: no wrapping at 80 columns
+    torch.set_num_threads(threads)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    try:
+        run_arm(*args)
+    except UserInputError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+PROGRESS_LINE = re.compile(r"\d+/\d+ \[[\d:<]+|it/s\]")  # transformers' tqdm bars (loading, saving weights)
+
+
+def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
+    """run_arm for each arm in its own process (`threads` CPU threads each); their logs
+    (OUT/ARM/demo.log) are echoed here line by line, prefixed with the arm."""
+    context = multiprocessing.get_context("spawn")
+    logs = {arm: out / arm / "demo.log" for arm in arms}
+    processes = {}
+    for arm, args in arms.items():
+        logs[arm].parent.mkdir(parents=True, exist_ok=True)
+        logs[arm].write_text("")
+        processes[arm] = context.Process(target=_arm_process, args=(args, str(logs[arm]), threads),
+                                         name=f"ilrdpo demo {arm}")
+        processes[arm].start()
+    console.print(f"arms {', '.join(arms)} in parallel, {threads} thread(s) each; logs: "
+                  f"{', '.join(str(p) for p in logs.values())}")
+    read = dict.fromkeys(arms, 0)
+
+    def echo() -> None:
+        for arm, path in logs.items():
+            with path.open("rb") as log:
+                log.seek(read[arm])
+                chunk = log.read()
+            complete = chunk[:chunk.rfind(b"\n") + 1]
+            read[arm] += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                if line.strip() and not PROGRESS_LINE.search(line):
+                    console.print(f"{arm}: {line.rstrip()}", highlight=False, markup=False)
+
+    try:
+        while any(p.is_alive() for p in processes.values()):
+            time.sleep(2)
+            echo()
+        echo()
+    finally:
+        for process in processes.values():
+            if process.is_alive():
+                process.terminate()
+            process.join()
+    for arm, process in processes.items():
+        if process.exitcode == 0:
+            continue
+        last = [line for line in logs[arm].read_text(errors="replace").splitlines() if line.strip()][-1:]
+        if process.exitcode == 2:
+            raise UserInputError(f"arm {arm}: {last[0].removeprefix('error: ') if last else 'failed'}")
+        raise RuntimeError(f"arm {arm} failed (exit status {process.exitcode}); its log: {logs[arm]}")
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str | None = None, seed: int = 0,
              overrides: list[str] | None = None, arms: dict[str, list[str]] | None = None,
-             sizes: dict[str, int] | None = None, heldout: bool = True, base_from: Path | None = None) -> Path:
-    """Both arms, the second held-out set, then the combined report; returns the report path."""
-    from ilrdpo.demo.heldout import evaluate_heldout, heldout_path, heldout_section
+             sizes: dict[str, int] | None = None, heldout: bool = True, base_from: Path | None = None,
+             parallel: bool | None = None) -> Path:
+    """Both arms (in parallel from 2 CPU threads on), each iterate on the second held-out set, then
+    the combined report; returns the report path."""
+    from ilrdpo.demo.heldout import heldout_section
     from ilrdpo.evaluation.report import load_runs, print_tables, write_report
 
     out = Path(out)
     configs = demo_configs(out, quick=quick, model=model, seed=seed, overrides=overrides, arms=arms, sizes=sizes)
     n_heldout = {**demo_settings(quick), **(sizes or {})}["n_heldout"]
+    heldout_prompts = _subset(bundled_prompts("heldout"), n_heldout, out / "data") if heldout else None
     timings: dict[str, float] = {}
-    run_arms(configs, out, timings, base_from)
+    run_arms(configs, out, timings, base_from, heldout_prompts, parallel)
     run_dirs = [out / arm for arm in configs]
-    first_arm = next(iter(configs))
-    if heldout:
-        with stage("held-out set", timings):
-            shared = heldout_path(base_from, 0) if base_from is not None and configs[first_arm].eval.greedy else None
-            evaluate_heldout(run_dirs, _subset(bundled_prompts("heldout"), n_heldout, out / "data"), base=shared)
     with stage("report", timings):
         report = write_report(run_dirs, out, names=list(configs))
         if heldout:

@@ -41,8 +41,8 @@ def _model(rundir: RunDir, config: Config, k: int):
 
 
 def evaluate_heldout(run_dirs: list[Path], prompts_path: str, *, base: Path | None = None,
-                     scorer=None) -> dict[str, dict[int, dict]]:
-    """Answer `prompts_path` with iterations 0..N of each run; {run: {k: summary}}.
+                     scorer=None, iterations: list[int] | None = None) -> dict[str, dict[int, dict]]:
+    """Answer `prompts_path` with iterations 0..N of each run (or only `iterations`); {run: {k: summary}}.
 
     Runs share iteration 0 when their configs agree on model, data and eval settings (the demo's
     arms do), so the initial model answers once; `base` (an iter_0.json of an earlier call on the
@@ -60,9 +60,9 @@ def evaluate_heldout(run_dirs: list[Path], prompts_path: str, *, base: Path | No
         scorer = scorer or build_scorer(judge_settings)
         gen = config.generation.model_copy(update={"max_new_tokens": config.eval.max_new_tokens
                                                    or config.generation.max_new_tokens})
-        iterations = [k for k in sorted(rundir.iterations()) if k == 0 or rundir.file(k, "model").exists()]
+        done = [k for k in sorted(rundir.iterations()) if k == 0 or rundir.file(k, "model").exists()]
         results[str(run_dir)] = {}
-        for k in iterations:
+        for k in [k for k in done if iterations is None or k in iterations]:
             out = heldout_path(run_dir, k)
             if not out.exists() and k == 0 and first_base is not None:
                 out.parent.mkdir(parents=True, exist_ok=True)
