@@ -41,6 +41,20 @@ def loop_config(tiny_model_dir, tmp_path, out: Path, **changes):
     return build_config(raw)
 
 
+def test_until_stops_after_that_stage_and_a_later_run_goes_on(tiny_model_dir, tmp_path):
+    """run_iterations(until=(1, "pair")) (the demo's shared first steps) leaves iteration 1 with
+    samples, scores and pairs and no training; a plain run afterwards trains from there."""
+    out = tmp_path / "run"
+    run_iterations(loop_config(tiny_model_dir, tmp_path, out), until=(1, "pair"))
+    state = json.loads((out / "state.json").read_text())
+    assert state["finished"]["1"] == ["generate", "score", "pair"]
+    assert not (out / "iter_1" / "model").exists()
+    pairs = (out / "iter_1" / "pairs.jsonl").read_text()
+    run_iterations(loop_config(tiny_model_dir, tmp_path, out))
+    assert json.loads((out / "state.json").read_text())["finished"]["1"] == ["generate", "score", "pair", "train", "eval"]
+    assert (out / "iter_1" / "model").is_dir() and (out / "iter_1" / "pairs.jsonl").read_text() == pairs
+
+
 def test_alpha_changed_before_the_train_stage_is_used(tiny_model_dir, tmp_path, monkeypatch):
     """Stopped in the score stage with alpha 0, resumed with alpha 0.5: no --force needed (train
     had not started), and training, state.json and the model card all use 0.5."""
