@@ -211,16 +211,16 @@ def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
     (OUT/ARM/demo.log) are echoed here line by line, prefixed with the arm."""
     context = multiprocessing.get_context("spawn")
     logs = {arm: out / arm / "demo.log" for arm in arms}
-    processes = {}
-    for arm, args in arms.items():
-        logs[arm].parent.mkdir(parents=True, exist_ok=True)
-        logs[arm].write_text("")
-        processes[arm] = context.Process(target=_arm_process, args=(args, str(logs[arm]), threads),
-                                         name=f"ilrdpo demo {arm}")
-        processes[arm].start()
+    for path in logs.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()  # a resumed demo appends to the log of the run before
+    read = {arm: path.stat().st_size for arm, path in logs.items()}  # echo this run's lines only
+    processes = {arm: context.Process(target=_arm_process, args=(args, str(logs[arm]), threads),
+                                      name=f"ilrdpo demo {arm}") for arm, args in arms.items()}
+    for process in processes.values():
+        process.start()
     console.print(f"arms {', '.join(arms)} in parallel, {threads} thread(s) each; logs: "
                   f"{', '.join(str(p) for p in logs.values())}")
-    read = dict.fromkeys(arms, 0)
 
     def echo() -> None:
         for arm, path in logs.items():
