@@ -2,14 +2,14 @@
 
 `model.generate` keeps every row of a batch until the longest answer ends, so a batch of 64
 samples costs 64 rows for max(len) steps. Here finished rows leave the batch (and the KV cache)
-once an eighth of it has finished (each drop copies the cache), and the prompt is prefilled once and its cache repeated N times. Same
-sampling distribution as `generate`: the same logits processors, in the same order
-(repetition penalty, no-repeat n-grams, then temperature, top-k, top-p), sampling from the
-global torch generator, greedy = argmax. Top-k and top-p are applied by `nucleus` over the
-256 most likely tokens instead of sorting the whole vocabulary every step (the sort and the
-full-vocabulary multinomial were 40% of a CPU decoding step at 64 rows); rows whose nucleus
-does not fit in that slice take the full sort. The distribution is the same, the random
-stream is not: seeded samples differ from `generate`'s.
+once an eighth of it has finished (each drop copies the cache), and the prompt is prefilled once
+and its cache repeated N times. Same sampling distribution as `generate`: the same logits
+processors, in the same order (repetition penalty, no-repeat n-grams, then temperature, top-k,
+top-p), sampling from the global torch generator, greedy = argmax. `sample_tokens` applies top-k
+and top-p over the 256 most likely tokens instead of sorting the whole vocabulary every step (the
+sort and the full-vocabulary multinomial were 40% of a CPU decoding step at 64 rows); rows whose
+nucleus does not fit in that slice take transformers' warpers on the full vocabulary. The
+distribution is the same, the random stream is not: seeded samples differ from `generate`'s.
 
 Used on CPU; on a CUDA device `generation.backend: auto` keeps transformers' compiled
 static-cache generate, which is what pays off there.
@@ -38,7 +38,7 @@ def _penalties(settings: GenerationSettings):
 
 def warpers(settings: GenerationSettings):
     """transformers' sampling warpers in generate's order: temperature, top-k, top-p (the full-sort
-    path of `nucleus`, and the reference its tests compare with)."""
+    fallback, `_full`, and the reference the tests compare `nucleus` with)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     chain = LogitsProcessorList()
