@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -28,7 +29,7 @@ from ilrdpo.config import AlphaControlSettings, build_config, load_config
 from ilrdpo.data import collate_pairs, count_tokens, tokenize_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.logprobs import sequence_logps
-from ilrdpo.loop import next_alpha, run_iterations
+from ilrdpo.loop import neutral_alpha, next_alpha, run_iterations
 from ilrdpo.records import read_pairs
 from ilrdpo.rundir import STAGES, check_resume
 
@@ -386,6 +387,25 @@ AUTO = AlphaControlSettings(mode="auto", budget=1.0, step=0.5, min_alpha=0.0, ma
 ])
 def test_next_alpha_by_hand(alpha, mean_length, initial_length, control, expected):
     assert next_alpha(alpha, mean_length, initial_length, control) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_neutral_alpha_leaves_the_targets_without_a_length_slope(seed):
+    """Against numpy's float64 least squares: with alpha = neutral_alpha(g, T) the targets T - alpha * g
+    have zero slope on g (fit through the origin); a larger alpha gives a negative slope."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.normal(25, 30, size=64).round()
+    alpha = neutral_alpha(gaps.tolist(), 0.5)
+    assert alpha > 0
+    slope = np.linalg.lstsq(gaps[:, None], 0.5 - alpha * gaps, rcond=None)[0][0]
+    assert abs(slope) < 1e-12
+    assert np.linalg.lstsq(gaps[:, None], 0.5 - 1.1 * alpha * gaps, rcond=None)[0][0] < 0
+
+
+def test_neutral_alpha_is_zero_when_chosen_answers_are_shorter():
+    assert neutral_alpha([-20.0, -5.0, 10.0], 0.5) == 0.0
+    assert neutral_alpha([0.0, 0.0], 0.5) == 0.0
+    assert neutral_alpha([10.0, 10.0], 0.5) == pytest.approx(0.05)  # T / g when every gap is g
 
 
 def test_alpha_control_raises_alpha_while_answers_are_over_budget(raw_config, tmp_path):

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ilrdpo.errors import UserInputError
-from ilrdpo.loss import LOSS_TYPES
+from ilrdpo.loss import LOSS_TYPES, target_margin
 
 # Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
 MAX_LEARNING_RATE = 0.1
@@ -141,12 +141,27 @@ class LossSettings(Section):
         False, description="alpha is in logits for a pair whose length gap is the median |c(y_w) - c(y_l)| of "
         "the round's pairs: the per-unit alpha used is alpha / that median (recorded in state.json). Keeps the "
         "length term comparable to beta * delta whatever the answers' lengths.")
+    alpha_neutral: bool = Field(
+        False, description="alpha is a multiple of each round's length-neutral alpha, worked out from its pairs "
+        "before training: the per-unit alpha at which the pairs' target margins T - alpha * g (g = c(y_w) - "
+        "c(y_l); T the loss's target margin, ipo: 1/2) carry no length component, T * sum(g) / sum(g^2). "
+        "alpha 1 = neutral, above 1 favours shorter answers. Needs a loss with a target margin (ipo, or sigmoid "
+        "with label_smoothing).")
     target_length: float | Literal["base"] | None = Field(
         None, description="If set, c(y) = | |y| - target |: answers are pulled toward this length. 'base' (ilrdpo "
         "run only): each prompt's target is the initial model's mean sampled answer length for it.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO epsilon.")
     simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma.")
     ld_alpha: float = Field(0.5, ge=0.0, le=1.0, description="LD-DPO weight of tokens past the shorter answer.")
+
+    @model_validator(mode="after")
+    def _alpha_scale(self) -> LossSettings:
+        if self.alpha_neutral and self.alpha_relative:
+            raise ValueError("alpha_neutral and alpha_relative are two scales for alpha; set one")
+        if self.alpha_neutral and target_margin(self.type, self.label_smoothing) is None:
+            raise ValueError(f"alpha_neutral needs a loss with a target margin (ipo, or sigmoid with "
+                             f"label_smoothing > 0); {self.type!r} has none")
+        return self
 
 
 class TrainSettings(Section):

@@ -18,7 +18,7 @@ from ilrdpo.evaluate import evaluate_iteration, summary_line
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
-from ilrdpo.loss import method_name
+from ilrdpo.loss import method_name, target_margin
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype, save_model
 from ilrdpo.pairing import pair_all
 from ilrdpo.preflight import check_config
@@ -255,6 +255,8 @@ class IterativeRun:
         self.state.alpha_setting[t] = alpha
         if loss.alpha_relative:
             alpha = alpha / max(median_cost_gap(pairs, tokenizer, loss), 1)
+        elif loss.alpha_neutral:
+            alpha = alpha * neutral_alpha(cost_gaps(pairs, tokenizer, loss), target_margin(loss.type, loss.label_smoothing))
         self.state.alpha[t] = alpha
         self.state.save()
         return alpha
@@ -315,17 +317,33 @@ def remove_progress(path: Path) -> None:
             file.unlink(missing_ok=True)
 
 
-def median_cost_gap(pairs: list[PreferencePair], tokenizer, loss) -> float:
-    """Median |c(y_w) - c(y_l)| of a round's pairs: the unit of a relative alpha. With a target
-    length, c is the distance to the target (the pair's own, or loss.target_length)."""
+def cost_gaps(pairs: list[PreferencePair], tokenizer, loss) -> list[float]:
+    """c(y_w) - c(y_l) of each of a round's pairs, in loss.length_unit. With a target length, c is
+    the distance to the target (the pair's own, or loss.target_length)."""
     def cost(text: str, target) -> float:
         length = answer_length(count_tokens(tokenizer, text), text, loss.length_unit)
         return abs(length - target) if target is not None else length
 
     fixed = None if loss.target_length in (None, "base") else loss.target_length
-    gaps = sorted(abs(cost(p.chosen, p.target_length if p.target_length is not None else fixed)
-                      - cost(p.rejected, p.target_length if p.target_length is not None else fixed)) for p in pairs)
+    return [cost(p.chosen, p.target_length if p.target_length is not None else fixed)
+            - cost(p.rejected, p.target_length if p.target_length is not None else fixed) for p in pairs]
+
+
+def median_cost_gap(pairs: list[PreferencePair], tokenizer, loss) -> float:
+    """Median |c(y_w) - c(y_l)| of a round's pairs: the unit of a relative alpha."""
+    gaps = sorted(abs(g) for g in cost_gaps(pairs, tokenizer, loss))
     return gaps[len(gaps) // 2]
+
+
+def neutral_alpha(gaps: list[float], target: float) -> float:
+    """The per-unit alpha at which the pairs' target margins target - alpha * g carry no length:
+    the least-squares fit of the targets on the gaps through the origin has slope 0, i.e.
+    sum((target - alpha * g) * g) = 0, alpha = target * sum(g) / sum(g^2). A policy fitted to those
+    targets then learns no preference for length as such (to first order: a log-ratio linear in
+    |y| fits them best with slope 0). Floored at 0: when chosen answers are shorter on average,
+    no length term."""
+    square = sum(g * g for g in gaps)
+    return max(0.0, target * sum(gaps) / square) if square > 0 else 0.0
 
 
 def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
