@@ -24,12 +24,13 @@ import pytest
 import torch
 import yaml
 
-from helpers import DESIGN_METRICS
+from helpers import DESIGN_METRICS, crash_after
 from ilrdpo.config import AlphaControlSettings, build_config, load_config
 from ilrdpo.data import collate_pairs, count_tokens, tokenize_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.logprobs import sequence_logps
-from ilrdpo.loop import neutral_alpha, next_alpha, run_iterations
+from ilrdpo.alpha import neutral_alpha, next_alpha, retry_alpha
+from ilrdpo.loop import run_iterations
 from ilrdpo.records import read_pairs
 from ilrdpo.rundir import STAGES, check_resume
 
@@ -433,6 +434,85 @@ def test_alpha_control_raises_alpha_while_answers_are_over_budget(raw_config, tm
         assert steps
         for m in steps:
             assert m["length/margin_term"] / (m["length/chosen"] - m["length/rejected"]) == pytest.approx(used)
+
+
+RETRY = AlphaControlSettings(mode="auto", retries=3, tolerance=0.15, response=2.0, step=0.2, max_alpha=0.05)
+
+
+@pytest.mark.parametrize("attempts,expected", [
+    ([(0.01, 0.10)], None),  # within the band
+    ([(0.0, 0.50)], None),  # alpha 0 cannot be scaled
+    ([(0.01, 0.30)], 0.01 * math.exp(0.15)),  # too long: more alpha, by over / response
+    ([(0.01, -0.30)], 0.01 * math.exp(-0.15)),
+    ([(0.01, 2.0)], 0.01 * math.exp(0.4)),  # at most e^(2 step)
+    ([(0.04, 2.0)], 0.05),  # max_alpha
+    # bracketed: log alpha interpolated to over = 0 between the closest attempt on each side
+    ([(0.01, 0.40), (0.012, -0.20)], math.exp(math.log(0.01) + 0.40 / 0.60 * math.log(1.2))),
+    ([(0.01, 0.40), (0.012, -0.20), (0.011, 0.20)], math.exp(math.log(0.011) + 0.20 / 0.40 * math.log(0.012 / 0.011))),
+])
+def test_retry_alpha_by_hand(attempts, expected):
+    result = retry_alpha(attempts, RETRY)
+    assert result == pytest.approx(expected) if expected is not None else result is None
+
+
+def retry_run(raw_config, out: Path, **control) -> Path:
+    """One iteration whose eval is ~100% over a budget of 0.5 x the initial length (the tiny model's
+    answers run to eval.max_new_tokens whatever alpha), so every attempt misses the band."""
+    raw = raw_config(out)
+    raw["iterations"] = {"count": 1, "alpha_control": {"mode": "auto", "budget": 0.5, "step": 0.5, **control}}
+    raw["loss"] = {"alpha": 0.04, "length_unit": "chars"}
+    raw["data"]["max_examples"] = 4
+    run_iterations(build_config(raw))
+    return out
+
+
+def test_a_round_off_the_budget_is_trained_again_with_alpha_corrected(raw_config, tmp_path):
+    """retries 1: the first attempt (alpha 0.04, length ~2x the budget) is recorded in state.json and
+    moved to iter_1/attempt_1/; the round is trained again with 0.04 x e^min(2 step, over / response)
+    from the same pairs and reference: the same metrics as a run that used that alpha from the start."""
+    out = retry_run(raw_config, tmp_path / "run", retries=1)
+    state = json.loads((out / "state.json").read_text())
+    [first] = state["attempts"]["1"]
+    initial = json.loads((out / "iter_0" / "eval.json").read_text())["length"]["tokens_mean"]
+    over = first["length"] / (0.5 * initial) - 1
+    assert first["alpha"] == first["alpha_setting"] == pytest.approx(0.04) and over > 0.15
+    corrected = 0.04 * math.exp(min(1.0, over / 2.0))
+    assert state["alpha"] == pytest.approx({"1": corrected})
+    assert state["finished"]["1"] == ["generate", "score", "pair", "train", "eval"]
+    for name in ("model", "metrics.jsonl", "eval.json", "eval_answers.jsonl"):
+        assert (out / "iter_1" / "attempt_1" / name).exists() and (out / "iter_1" / name).exists()
+    assert json.loads((out / "iter_1" / "eval.json").read_text())["alpha"] == pytest.approx(corrected)
+
+    fresh = tmp_path / "fresh"
+    raw = raw_config(fresh)
+    raw["iterations"]["count"] = 1
+    raw["loss"] = {"alpha": corrected, "length_unit": "chars"}
+    raw["data"]["max_examples"] = 4
+    run_iterations(build_config(raw))
+    kept, direct = read_jsonl(out / "iter_1" / "metrics.jsonl"), read_jsonl(fresh / "iter_1" / "metrics.jsonl")
+    assert [m["loss"] for m in kept] == pytest.approx([m["loss"] for m in direct], rel=1e-5)
+    assert read_jsonl(out / "iter_1" / "attempt_1" / "metrics.jsonl") != kept
+
+
+@pytest.mark.parametrize("fault", ["model:2", "eval.json:3", "state.json:12"])
+def test_a_killed_retry_resumes_to_the_same_round(raw_config, tmp_path, monkeypatch, fault):
+    """A crash during the second attempt (after its model, after its eval, mid-way in the state
+    writes) resumes to the files of an uninterrupted run with retries."""
+    whole = retry_run(raw_config, tmp_path / "whole", retries=1)
+    crash_after(monkeypatch, fault, lambda: retry_run(raw_config, tmp_path / "run", retries=1))
+    out = retry_run(raw_config, tmp_path / "run", retries=1)
+    for name in ("state.json", "iter_1/eval.json", "iter_1/attempt_1/eval.json"):
+        a, b = (json.loads((d / name).read_text()) for d in (whole, out))
+        if name == "state.json":
+            a, b = ({k: v for k, v in x.items() if k != "inputs"} for x in (a, b))
+        assert a == b, name
+    losses = [[m["loss"] for m in read_jsonl(d / "iter_1" / "metrics.jsonl")] for d in (whole, out)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_retries_need_alpha_control_auto():
+    with pytest.raises(UserInputError, match="retries needs mode auto"):
+        build_config({"iterations": {"alpha_control": {"retries": 1}}})
 
 
 def test_alpha_control_auto_needs_eval_prompts(raw_config, tmp_path):

@@ -221,6 +221,20 @@ class AlphaControlSettings(Section):
         "by up to step when over budget, down by up to step/2 when more than 10% under.")
     min_alpha: float = Field(0.0, ge=0.0, description="auto: lower bound.")
     max_alpha: float = Field(1.0, ge=0.0, description="auto: upper bound.")
+    retries: int = Field(
+        0, ge=0, description="auto: a round whose mean eval length is more than `tolerance` off the budget is "
+        "trained again from the same pairs and reference with alpha corrected, up to this many times; the last "
+        "attempt is kept, the others are recorded (state.json attempts, iter_T/attempt_K/). 0 = off.")
+    tolerance: float = Field(0.15, gt=0.0, description="auto with retries: the band around the budget, relative.")
+    response: float = Field(
+        2.0, gt=0.0, description="auto with retries: relative eval-length change per unit of log alpha, for the first "
+        "correction (the demo measured about 2); later ones interpolate between the attempts.")
+
+    @model_validator(mode="after")
+    def _retries_need_auto(self) -> AlphaControlSettings:
+        if self.retries and self.mode != "auto":
+            raise ValueError("retries needs mode auto (they correct alpha toward the length budget)")
+        return self
 
 
 class IterationSettings(Section):

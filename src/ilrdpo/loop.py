@@ -7,12 +7,14 @@ Every stage reads its inputs from files of the run directory and writes its outp
 from __future__ import annotations
 
 import json
-import math
+import os
 from pathlib import Path
 
+import torch
+
 from ilrdpo import distributed
-from ilrdpo.config import AlphaControlSettings, Config
-from ilrdpo.data import answer_length, count_tokens
+from ilrdpo.alpha import cost_gaps, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
+from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluate import evaluate_iteration, summary_line
 from ilrdpo.faults import fault_point
@@ -37,30 +39,6 @@ from ilrdpo.rundir import STAGES, RunDir, check_resume, input_hashes
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.tracking import RunTracker
 from ilrdpo.train import autocast, pair_reference_logps, train_round
-
-# --- alpha control -------------------------------------------------------------------------------
-
-
-def next_alpha(alpha: float, mean_length: float, initial_length: float, control: AlphaControlSettings) -> float:
-    """Automatic alpha: raise it by a bounded step while the mean eval length is over budget,
-    lower it when comfortably under (with control.gain: in proportion to the excess, in log
-    space, the same both ways). budget <= 10 is relative to the initial model's mean length,
-    larger values are tokens."""
-    if control.mode == "constant":
-        return alpha
-    budget = control.budget * initial_length if control.budget <= 10 else control.budget
-    over = mean_length / max(budget, 1e-9) - 1
-    if control.gain is not None and alpha > 0:
-        if abs(over) > 0.02:
-            alpha = alpha * math.exp(max(-control.step, min(control.step, control.gain * over)))
-    elif over > 0.02:
-        # From alpha = 0 a multiplicative step cannot move, so start at a small floor (only there: a
-        # per-token alpha for IPO is a few thousandths, and a floor would jump it several times over).
-        alpha = alpha * (1 + control.step * min(over / 0.1, 1.0)) if alpha > 0 else max(control.min_alpha, 0.01)
-    elif over < -0.10:
-        alpha = alpha * (1 - control.step * min(-over / 0.1, 1.0) / 2)
-    return min(max(alpha, control.min_alpha), control.max_alpha)
-
 
 # --- the loop ------------------------------------------------------------------------------------
 
@@ -168,8 +146,48 @@ class IterativeRun:
         for name in STAGES[:-1]:  # generate, score, pair, train; then eval
             self.run_stage(t, name)
         summary = self._evaluation(t)
+        while self.retry(t) is not None:
+            summary = self._evaluation(t)
         console.print(summary_line(summary))
         return summary
+
+    def retry(self, t: int) -> float | None:
+        """Alpha control's retries: when round t's eval length is out of the band and attempts are
+        left, record this attempt and un-mark train and eval, so they run again with a corrected
+        alpha (the train stage moves the attempt's files to iter_t/attempt_K/ first). Returns that
+        alpha setting, or None."""
+        control = self.config.iterations.alpha_control
+        attempts = self.state.attempts.get(t, [])
+        if control.mode != "auto" or len(attempts) >= control.retries or t not in self.state.alpha:
+            return None
+        length, initial = self._eval_length(t), self._eval_length(0)
+        budget = control.budget * initial if control.budget <= 10 else control.budget
+        tried = [(a["alpha_setting"], a["length"] / budget - 1) for a in attempts]
+        setting = self.state.alpha_setting[t]
+        alpha = retry_alpha([*tried, (setting, length / budget - 1)], control)
+        if alpha is None:
+            return None
+        console.print(f"iteration {t}: eval length {length:.1f} is {length / budget - 1:+.0%} off the budget "
+                      f"{budget:.1f}; training the round again with alpha {alpha:.4g} (was {setting:.4g})")
+        self.state.attempts[t] = [*attempts, {"alpha": self.state.alpha[t], "alpha_setting": setting,
+                                              "length": length}]
+        self.state.alpha_setting[t] = alpha
+        del self.state.alpha[t]
+        self.state.forget(t, ("train", "eval"))
+        self.state.save()
+        self.run_stage(t, "train")
+        return alpha
+
+    def _archive_attempt(self, t: int) -> None:
+        """Move the replaced attempt's files to iter_t/attempt_K/; eval.json last, so that while it
+        is still in iter_t some of the attempt's files may be too (a resumed move finishes the job)."""
+        attempt = self.dir.iteration(t) / f"attempt_{len(self.state.attempts[t])}"
+        if not distributed.is_main():
+            return
+        attempt.mkdir(exist_ok=True)
+        for name in ("model", "metrics.jsonl", "eval_answers.jsonl", "eval.json"):
+            if self.dir.file(t, name).exists():
+                os.replace(self.dir.file(t, name), attempt / name)
 
     # --- 1. generate -----------------------------------------------------------------------------
     def generate(self, t: int) -> None:
@@ -248,7 +266,9 @@ class IterativeRun:
         loss = self.config.loss
         alpha = loss.alpha
         control = self.config.iterations.alpha_control
-        if control.mode == "auto" and t > 1:
+        if self.state.attempts.get(t) and t in self.state.alpha_setting:
+            alpha = self.state.alpha_setting[t]  # a retry's corrected setting
+        elif control.mode == "auto" and t > 1:
             previous = self.state.alpha_setting.get(t - 1, alpha)
             lengths = [self._eval_length(k) for k in (t - 1, 0)]
             alpha = next_alpha(previous, lengths[0], lengths[1], control)
@@ -275,7 +295,13 @@ class IterativeRun:
         loss = config.loss.model_copy(update={"target_length": target})
         lora = config.model.lora is not None
         ref_logps = None
-        if config.iterations.reference == "initial" and t > 1 and not lora:
+        if self.state.attempts.get(t):
+            if self.dir.file(t, "eval.json").exists():
+                self._archive_attempt(t)
+            # same pairs, same reference: the reference log-probs of the first attempt hold
+            saved = self.dir.file(t, "ref_logps.json")
+            ref_logps = torch.tensor(json.loads(saved.read_text())) if saved.exists() else None
+        if ref_logps is None and config.iterations.reference == "initial" and t > 1 and not lora:
             # pi_ref = pi_0 under full fine-tuning: score the pairs with pi_0 first, then free it,
             # so two models are never in memory together (reference log-probs do not depend on alpha).
             model, tokenizer = self.policy(0)
@@ -315,35 +341,6 @@ def remove_progress(path: Path) -> None:
     if distributed.is_main():
         for file in distributed.rank_files(path):
             file.unlink(missing_ok=True)
-
-
-def cost_gaps(pairs: list[PreferencePair], tokenizer, loss) -> list[float]:
-    """c(y_w) - c(y_l) of each of a round's pairs, in loss.length_unit. With a target length, c is
-    the distance to the target (the pair's own, or loss.target_length)."""
-    def cost(text: str, target) -> float:
-        length = answer_length(count_tokens(tokenizer, text), text, loss.length_unit)
-        return abs(length - target) if target is not None else length
-
-    fixed = None if loss.target_length in (None, "base") else loss.target_length
-    return [cost(p.chosen, p.target_length if p.target_length is not None else fixed)
-            - cost(p.rejected, p.target_length if p.target_length is not None else fixed) for p in pairs]
-
-
-def median_cost_gap(pairs: list[PreferencePair], tokenizer, loss) -> float:
-    """Median |c(y_w) - c(y_l)| of a round's pairs: the unit of a relative alpha."""
-    gaps = sorted(abs(g) for g in cost_gaps(pairs, tokenizer, loss))
-    return gaps[len(gaps) // 2]
-
-
-def neutral_alpha(gaps: list[float], target: float) -> float:
-    """The per-unit alpha at which the pairs' target margins target - alpha * g carry no length:
-    the least-squares fit of the targets on the gaps through the origin has slope 0, i.e.
-    sum((target - alpha * g) * g) = 0, alpha = target * sum(g) / sum(g^2). A policy fitted to those
-    targets then learns no preference for length as such (to first order: a log-ratio linear in
-    |y| fits them best with slope 0). Floored at 0: when chosen answers are shorter on average,
-    no length term."""
-    square = sum(g * g for g in gaps)
-    return max(0.0, target * sum(gaps) / square) if square > 0 else 0.0
 
 
 def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:

@@ -141,6 +141,9 @@ class RunState:
         # home); alpha_setting[T]: the config-level value it came from (differs with alpha_relative).
         self.alpha: dict[int, float] = {int(k): v for k, v in raw.get("alpha", {}).items()}
         self.alpha_setting: dict[int, float] = {int(k): v for k, v in raw.get("alpha_setting", {}).items()}
+        # attempts[T]: earlier trainings of iteration T that alpha control's retries replaced, each
+        # {"alpha", "alpha_setting", "length"}; their files are in iter_T/attempt_K/.
+        self.attempts: dict[int, list[dict]] = {int(k): v for k, v in raw.get("attempts", {}).items()}
         # inputs: sha256 of every input file, keyed by the config key that names it.
         self.inputs: dict[str, str] = dict(raw.get("inputs", {}))
 
@@ -157,6 +160,11 @@ class RunState:
             self.finished.setdefault(iteration, []).append(stage_name)
         self.save()
 
+    def forget(self, iteration: int, stage_names: tuple[str, ...]) -> None:
+        """Un-mark stages of an iteration (a retried round trains and evaluates again); not saved."""
+        for marks in (self.finished, self.started):
+            marks[iteration] = [s for s in marks.get(iteration, []) if s not in stage_names]
+
     def touched(self) -> dict[int, list[str]]:
         """Stages finished or with partial output on disk: both were made with the old config."""
         return {t: sorted(set(self.finished.get(t, [])) | set(self.started.get(t, [])))
@@ -165,7 +173,7 @@ class RunState:
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(
             {"finished": self.finished, "started": self.started, "alpha": self.alpha,
-             "alpha_setting": self.alpha_setting, "inputs": self.inputs},
+             "alpha_setting": self.alpha_setting, "attempts": self.attempts, "inputs": self.inputs},
             indent=1))
 
 

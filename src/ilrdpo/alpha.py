@@ -1,0 +1,88 @@
+"""Alpha control: how the length margin's alpha of each round is decided.
+
+- next_alpha: from one round to the next, toward a length budget on the eval prompts
+  (iterations.alpha_control.mode auto);
+- retry_alpha: within a round, when its eval length misses the budget's band (alpha_control.retries);
+- median_cost_gap / neutral_alpha: the unit alpha is expressed in, from the round's pairs
+  (loss.alpha_relative / loss.alpha_neutral).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ilrdpo.config import AlphaControlSettings
+from ilrdpo.data import answer_length, count_tokens
+from ilrdpo.records import PreferencePair
+
+
+def next_alpha(alpha: float, mean_length: float, initial_length: float, control: AlphaControlSettings) -> float:
+    """Automatic alpha: raise it by a bounded step while the mean eval length is over budget,
+    lower it when comfortably under (with control.gain: in proportion to the excess, in log
+    space, the same both ways). budget <= 10 is relative to the initial model's mean length,
+    larger values are tokens."""
+    if control.mode == "constant":
+        return alpha
+    budget = control.budget * initial_length if control.budget <= 10 else control.budget
+    over = mean_length / max(budget, 1e-9) - 1
+    if control.gain is not None and alpha > 0:
+        if abs(over) > 0.02:
+            alpha = alpha * math.exp(max(-control.step, min(control.step, control.gain * over)))
+    elif over > 0.02:
+        # From alpha = 0 a multiplicative step cannot move, so start at a small floor (only there: a
+        # per-token alpha for IPO is a few thousandths, and a floor would jump it several times over).
+        alpha = alpha * (1 + control.step * min(over / 0.1, 1.0)) if alpha > 0 else max(control.min_alpha, 0.01)
+    elif over < -0.10:
+        alpha = alpha * (1 - control.step * min(-over / 0.1, 1.0) / 2)
+    return min(max(alpha, control.min_alpha), control.max_alpha)
+
+
+def retry_alpha(attempts: list[tuple[float, float]], control: AlphaControlSettings) -> float | None:
+    """The alpha for another attempt at a round, from its attempts so far [(alpha, over)], over =
+    mean eval length / budget - 1; None when the last attempt is within the tolerance or alpha
+    cannot move. Once attempts lie on both sides of the budget, log alpha is interpolated
+    between the closest on each side; before that, the last one is corrected by over / response
+    (too long: more alpha), at most by a factor e^(2 step) either way."""
+    alpha, over = attempts[-1]
+    if abs(over) <= control.tolerance or alpha <= 0:
+        return None
+    longer = [a for a in attempts if a[1] > 0 and a[0] > 0]
+    shorter = [a for a in attempts if a[1] < 0 and a[0] > 0]
+    if longer and shorter:
+        (a_long, o_long), (a_short, o_short) = min(longer, key=lambda a: a[1]), max(shorter, key=lambda a: a[1])
+        weight = o_long / (o_long - o_short)  # where the straight line through the two crosses over = 0
+        new = math.exp(math.log(a_long) + weight * (math.log(a_short) - math.log(a_long)))
+    else:
+        change = max(-2 * control.step, min(2 * control.step, over / control.response))
+        new = alpha * math.exp(change)
+    new = min(max(new, control.min_alpha), control.max_alpha)
+    return None if math.isclose(new, alpha, rel_tol=1e-9) else new
+
+
+def cost_gaps(pairs: list[PreferencePair], tokenizer, loss) -> list[float]:
+    """c(y_w) - c(y_l) of each of a round's pairs, in loss.length_unit. With a target length, c is
+    the distance to the target (the pair's own, or loss.target_length)."""
+    def cost(text: str, target) -> float:
+        length = answer_length(count_tokens(tokenizer, text), text, loss.length_unit)
+        return abs(length - target) if target is not None else length
+
+    fixed = None if loss.target_length in (None, "base") else loss.target_length
+    return [cost(p.chosen, p.target_length if p.target_length is not None else fixed)
+            - cost(p.rejected, p.target_length if p.target_length is not None else fixed) for p in pairs]
+
+
+def median_cost_gap(pairs: list[PreferencePair], tokenizer, loss) -> float:
+    """Median |c(y_w) - c(y_l)| of a round's pairs: the unit of a relative alpha."""
+    gaps = sorted(abs(g) for g in cost_gaps(pairs, tokenizer, loss))
+    return gaps[len(gaps) // 2]
+
+
+def neutral_alpha(gaps: list[float], target: float) -> float:
+    """The per-unit alpha at which the pairs' target margins target - alpha * g carry no length:
+    the least-squares fit of the targets on the gaps through the origin has slope 0, i.e.
+    sum((target - alpha * g) * g) = 0, alpha = target * sum(g) / sum(g^2). A policy fitted to those
+    targets then learns no preference for length as such (to first order: a log-ratio linear in
+    |y| fits them best with slope 0). Floored at 0: when chosen answers are shorter on average,
+    no length term."""
+    square = sum(g * g for g in gaps)
+    return max(0.0, target * sum(gaps) / square) if square > 0 else 0.0
