@@ -25,11 +25,11 @@ import torch
 import yaml
 
 from helpers import DESIGN_METRICS, crash_after
+from ilrdpo.alpha import neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import AlphaControlSettings, build_config, load_config
 from ilrdpo.data import collate_pairs, count_tokens, tokenize_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.logprobs import sequence_logps
-from ilrdpo.alpha import neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.loop import run_iterations
 from ilrdpo.records import read_pairs
 from ilrdpo.rundir import STAGES, check_resume

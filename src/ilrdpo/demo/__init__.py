@@ -43,7 +43,8 @@ from ilrdpo.rundir import RunDir
 # rule, iterations.alpha_control.gain, did no better on the one seed it was run on).
 # docs/demo/study.md has the search that led here, failures included.
 RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.mode=auto", "iterations.alpha_control.step=0.2",
-          "iterations.alpha_control.max_alpha=0.05"]
+          "iterations.alpha_control.gain=0.5", "iterations.alpha_control.max_alpha=0.05",
+          "iterations.alpha_control.retries=2", "iterations.alpha_control.tolerance=0.15"]
 VANILLA = ["loss.alpha=0", "iterations.alpha_control.mode=constant"]
 ARMS = {"idpo": VANILLA, "ilrdpo": RECIPE}
 

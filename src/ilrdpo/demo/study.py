@@ -41,7 +41,8 @@ def _eval_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
             "sample_length": ev.get("gen/length_mean"),
             "saturated_share": statistics.fmean(saturated) if saturated else None,
             "reversed_share": statistics.fmean(reversed_) if reversed_ else None,
-            "alpha": state.get("alpha", {}).get(str(k))}
+            "alpha": state.get("alpha", {}).get(str(k)),
+            "trainings": 1 + len(state.get("attempts", {}).get(str(k), [])) if k else None}
 
 
 def _heldout_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
@@ -119,6 +120,7 @@ def check_claim(rows: list[dict], prefix: str, vanilla: str = VANILLA, method: s
 
 
 COLUMNS = (("eval_length", "length", ".1f"), ("eval_quality", "quality", ".4f"), ("eval_lc", "LC win %", ".1f"),
+           ("alpha", "alpha", ".4f"), ("trainings", "trainings", ".1f"),
            ("saturated_share", "saturated", ".2f"), ("reversed_share", "reversed", ".2f"),
            ("heldout_length", "held-out length", ".1f"),
            ("heldout_quality", "held-out quality", ".4f"), ("heldout_rougeL", "held-out ROUGE-L", ".3f"),
@@ -156,7 +158,7 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
     lines = [f"# Demo over seeds {', '.join(map(str, seeds))}", "",
              ("Mean over seeds, (min..max) in brackets. length: mean eval answer length in tokens; "
               "quality: the judge's similarity to the reference; LC win %: length-controlled win rate "
-              "against the base model; saturated: share of training pairs whose length term "
+              "against the base model; alpha: the per-token alpha the kept training used; trainings: how many times alpha control trained the round (retries: 1 + attempts replaced); saturated: share of training pairs whose length term "
               "|alpha * gap| exceeds 3 logits; reversed: share the loss learns shorter-first (IPO: length term above "
               "its target margin 1/2); held-out: the second held-out set (prompts_heldout.jsonl), "
               "never used to choose settings."), "", *study_table(rows, arms), ""]
