@@ -214,6 +214,7 @@ def test_demo_tune_is_the_ilrdpo_arm_searched_over_alpha(tmp_path):
     assert len(config.tune.objectives) == 2 and config.output_dir == str(tmp_path / "t")
     assert (config.loss, config.scoring, config.generation, config.train) == (arm.loss, arm.scoring, arm.generation,
                                                                              arm.train)
+    assert arm.iterations.alpha_control.retries > 0 and config.iterations.alpha_control.retries == 0  # trials keep alpha
 
 
 @pytest.mark.slow

@@ -292,7 +292,8 @@ def tune_config(out: str | Path, *, quick: bool = False, model: str | None = Non
     """The demo's iLR-DPO arm as a study over alpha: one iteration per trial, 30 eval prompts."""
     sizes = {**TUNE_SIZES, "n_eval": 10} if quick else TUNE_SIZES
     config = demo_configs(Path(out), quick=quick, model=model, seed=seed, overrides=overrides,
-                          arms={"tune": list(RECIPE)}, sizes=sizes)["tune"]
+                          arms={"tune": [*RECIPE, "iterations.alpha_control.retries=0"]},  # trials keep their alpha
+                          sizes=sizes)["tune"]
     return config.model_copy(update={"tune": TuneSettings(**TUNE), "output_dir": str(Path(out))})
 
 
