@@ -16,15 +16,18 @@ from ilrdpo.data import answer_length, count_tokens
 from ilrdpo.records import PreferencePair
 
 
+def length_budget(control: AlphaControlSettings, initial_length: float) -> float:
+    """The allowed mean eval length: control.budget <= 10 is relative to the initial model's, larger is tokens."""
+    return control.budget * initial_length if control.budget <= 10 else control.budget
+
+
 def next_alpha(alpha: float, mean_length: float, initial_length: float, control: AlphaControlSettings) -> float:
     """Automatic alpha: raise it by a bounded step while the mean eval length is over budget,
     lower it when comfortably under (with control.gain: in proportion to the excess, in log
-    space, the same both ways). budget <= 10 is relative to the initial model's mean length,
-    larger values are tokens."""
+    space, the same both ways)."""
     if control.mode == "constant":
         return alpha
-    budget = control.budget * initial_length if control.budget <= 10 else control.budget
-    over = mean_length / max(budget, 1e-9) - 1
+    over = mean_length / max(length_budget(control, initial_length), 1e-9) - 1
     if control.gain is not None and alpha > 0:
         if abs(over) > 0.02:
             alpha = alpha * math.exp(max(-control.step, min(control.step, control.gain * over)))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ilrdpo import distributed
-from ilrdpo.alpha import cost_gaps, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
+from ilrdpo.alpha import cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluate import evaluate_iteration, summary_line
@@ -147,21 +147,21 @@ class IterativeRun:
             self.run_stage(t, name)
         summary = self._evaluation(t)
         while self.retry(t) is not None:
+            self.run_stage(t, "train")
             summary = self._evaluation(t)
         console.print(summary_line(summary))
         return summary
 
     def retry(self, t: int) -> float | None:
         """Alpha control's retries: when round t's eval length is out of the band and attempts are
-        left, record this attempt and un-mark train and eval, so they run again with a corrected
-        alpha (the train stage moves the attempt's files to iter_t/attempt_K/ first). Returns that
-        alpha setting, or None."""
+        left, record this attempt and un-mark train and eval, so that they run again with the
+        corrected alpha setting returned (the train stage first moves the attempt's files to
+        iter_t/attempt_K/); None when the round stands."""
         control = self.config.iterations.alpha_control
         attempts = self.state.attempts.get(t, [])
         if control.mode != "auto" or len(attempts) >= control.retries or t not in self.state.alpha:
             return None
-        length, initial = self._eval_length(t), self._eval_length(0)
-        budget = control.budget * initial if control.budget <= 10 else control.budget
+        length, budget = self._eval_length(t), length_budget(control, self._eval_length(0))
         tried = [(a["alpha_setting"], a["length"] / budget - 1) for a in attempts]
         setting = self.state.alpha_setting[t]
         alpha = retry_alpha([*tried, (setting, length / budget - 1)], control)
@@ -175,7 +175,6 @@ class IterativeRun:
         del self.state.alpha[t]
         self.state.forget(t, ("train", "eval"))
         self.state.save()
-        self.run_stage(t, "train")
         return alpha
 
     def _archive_attempt(self, t: int) -> None:

@@ -158,7 +158,9 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
     lines = [f"# Demo over seeds {', '.join(map(str, seeds))}", "",
              ("Mean over seeds, (min..max) in brackets. length: mean eval answer length in tokens; "
               "quality: the judge's similarity to the reference; LC win %: length-controlled win rate "
-              "against the base model; alpha: the per-token alpha the kept training used; trainings: how many times alpha control trained the round (retries: 1 + attempts replaced); saturated: share of training pairs whose length term "
+              "against the base model; alpha: the per-token alpha the kept training used; trainings: how many "
+              "times alpha control trained the round (1 + attempts its retries replaced); saturated: share of "
+              "training pairs whose length term "
               "|alpha * gap| exceeds 3 logits; reversed: share the loss learns shorter-first (IPO: length term above "
               "its target margin 1/2); held-out: the second held-out set (prompts_heldout.jsonl), "
               "never used to choose settings."), "", *study_table(rows, arms), ""]
