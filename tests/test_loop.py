@@ -455,15 +455,22 @@ def test_retry_alpha_by_hand(attempts, expected):
     assert result == pytest.approx(expected) if expected is not None else result is None
 
 
-def retry_run(raw_config, out: Path, **control) -> Path:
+def retry_run(raw_config, out: Path, loss_type: str = "sigmoid", **control) -> Path:
     """One iteration whose eval is ~100% over a budget of 0.5 x the initial length (the tiny model's
     answers run to eval.max_new_tokens whatever alpha), so every attempt misses the band."""
     raw = raw_config(out)
     raw["iterations"] = {"count": 1, "alpha_control": {"mode": "auto", "budget": 0.5, "step": 0.5, **control}}
-    raw["loss"] = {"alpha": 0.04, "length_unit": "chars"}
+    raw["loss"] = {"type": loss_type, "alpha": 0.04, "length_unit": "chars"}
     raw["data"]["max_examples"] = 4
     run_iterations(build_config(raw))
     return out
+
+
+def test_a_retry_with_a_reference_free_loss(raw_config, tmp_path):
+    """SimPO keeps no reference log-probs (ref_logps.json holds null): its retry trains without them."""
+    out = retry_run(raw_config, tmp_path / "run", loss_type="simpo", retries=1)
+    assert json.loads((out / "iter_1" / "ref_logps.json").read_text()) is None
+    assert len(json.loads((out / "state.json").read_text())["attempts"]["1"]) == 1
 
 
 def test_a_round_off_the_budget_is_trained_again_with_alpha_corrected(raw_config, tmp_path):

@@ -299,7 +299,8 @@ class IterativeRun:
                 self._archive_attempt(t)
             # same pairs, same reference: the reference log-probs of the first attempt hold
             saved = self.dir.file(t, "ref_logps.json")
-            ref_logps = torch.tensor(json.loads(saved.read_text())) if saved.exists() else None
+            values = json.loads(saved.read_text()) if saved.exists() else None  # null: a reference-free loss
+            ref_logps = torch.tensor(values) if values is not None else None
         if ref_logps is None and config.iterations.reference == "initial" and t > 1 and not lora:
             # pi_ref = pi_0 under full fine-tuning: score the pairs with pi_0 first, then free it,
             # so two models are never in memory together (reference log-probs do not depend on alpha).
