@@ -38,10 +38,10 @@ from ilrdpo.rundir import RunDir
 # Both arms train with IPO's squared loss (demo_settings), where the length term sets each pair's
 # target margin instead of only reweighting it: beta * delta is pulled to 1/2 - alpha * (|y_w| - |y_l|),
 # so a pair whose chosen answer is longer by more than 1/(2 alpha) tokens (40 at 0.0125) is learnt
-# the other way round. iLR-DPO: 0.0125 per token, then adjusted by at most 20% per iteration from the
-# eval length (alpha control; length answers alpha steeply, and a 50% step overshot; the proportional
-# rule, iterations.alpha_control.gain, did no better on the one seed it was run on).
-# docs/demo/study.md has the search that led here, failures included.
+# the other way round. iLR-DPO: 0.0125 per token, then moved in proportion to the last eval length's
+# distance from the base's (gain 0.5, at most 20%); length answers alpha so steeply (5% of alpha moved
+# one round by 31 points) that a round ending more than 15% off is trained again with alpha corrected,
+# at most twice (retries). docs/demo/study.md has the search that led here, failures included.
 RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.mode=auto", "iterations.alpha_control.step=0.2",
           "iterations.alpha_control.gain=0.5", "iterations.alpha_control.max_alpha=0.05",
           "iterations.alpha_control.retries=2", "iterations.alpha_control.tolerance=0.15"]
