@@ -5,6 +5,7 @@ single-process result."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -240,10 +241,117 @@ def test_killed_fsdp_run_resumes_in_one_process_from_its_checkpoint(run_config, 
     same_run(out, one_process_run)
 
 
-@pytest.mark.parametrize("variable,value,says", [("ACCELERATE_USE_DEEPSPEED", "true", "DeepSpeed"),
-                                                 ("FSDP_VERSION", "1", "fsdp_version 1")])
+# --- DeepSpeed ZeRO (over gloo on CPU: DeepSpeed's CPU accelerator) --------------------------------
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (pip install 'ilrdpo[deepspeed]')")
+DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("batch,config", [((8, 1), "deepspeed-zero2.yaml"), ((1, 4), "deepspeed-zero2.yaml"),
+                                          ((8, 1), "deepspeed-zero3.yaml"), ((1, 4), "deepspeed-zero3.yaml")],
+                         ids=["ZeRO-2 4+4 pairs", "ZeRO-2 1 pair per micro-batch", "ZeRO-3 4+4 pairs",
+                              "ZeRO-3 1 pair per micro-batch"])
+def test_deepspeed_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, batch, config):
+    """ZeRO partitions optimizer state and gradients (3: weights too) and averages gradients over
+    processes; ilrdpo's weighting, lockstep passes and unmanaged accumulation give the one-process
+    update, its losses and its gradient norms."""
+    batch_size, grad_accum = batch
+    args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
+            f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=128",
+            "train.learning_rate=1e-3", "train.max_grad_norm=0.5"]
+    one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
+    two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2,
+                 accelerate_config=config, env_extra=DEEPSPEED_ENV)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    moved = largest_gap(tmp_path / "one" / "model", tiny_model_dir)
+    assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < 1e-2 * moved
+    assert set(weights(tmp_path / "two" / "model")) == set(weights(tmp_path / "one" / "model"))
+    rows = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")]
+    assert len(rows[0]) == len(rows[1])
+    for key in ("loss", "grad_norm", "learning_rate"):
+        assert [r[key] for r in rows[1]] == pytest.approx([r[key] for r in rows[0]], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_run_samples_pairs_and_trains_like_one(run_config, one_process_run):
+    """`accelerate launch --config_file configs/accelerate/deepspeed-zero3.yaml ... run`: weights
+    partitioned for training, the saved model gathered whole for the next iteration's sampling."""
+    out = run_config.parent / "zero3"
+    proc = launch(["run", str(run_config), f"output_dir={out}"], run_config.parent, processes=2,
+                  accelerate_config="deepspeed-zero3.yaml", env_extra=DEEPSPEED_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same_run(out, one_process_run)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("crash,resume", [("deepspeed-zero2.yaml", None), (None, "deepspeed-zero3.yaml")],
+                         ids=["killed under ZeRO-2, resumed in one process", "killed in one process, resumed under ZeRO-3"])
+def test_a_killed_deepspeed_round_resumes_across_engines(run_config, one_process_run, crash, resume):
+    """Checkpoints hold whole weights and AdamW moments: a round killed under ZeRO resumes in one
+    process, and a single-process checkpoint resumes under ZeRO, to the uninterrupted result."""
+    out = run_config.parent / f"resume-{crash}-{resume}"
+    args = ["run", str(run_config), f"output_dir={out}", "train.save_steps=1"]
+
+    def go(config, fault=None):
+        return launch(args, run_config.parent, processes=2 if config else 1, fault=fault, accelerate_config=config,
+                      env_extra=DEEPSPEED_ENV)
+
+    crashed = go(crash, fault="metrics.partial.jsonl:3")
+    assert crashed.returncode != 0
+    assert (out / "iter_1" / "checkpoint" / "state.pt").is_file()
+    resumed = go(resume)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming training from the checkpoint at step 2" in resumed.stderr + resumed.stdout
+    same_run(out, one_process_run)
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, "zero_stage 0"),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, "train.grad_accum"),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_GRADIENT_CLIPPING": "0.3"}, "train.max_grad_norm"),
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, "zero_stage 3"),
+], ids=["stage 0", "accumulation", "clipping", "param offload at stage 2"])
+def test_deepspeed_settings_ilrdpo_cannot_honour_are_refused(monkeypatch, env, says):
+    from ilrdpo import zero
+    from ilrdpo.errors import UserInputError
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserInputError, match=says):
+        zero.engine_config(1.0, torch.float32)
+
+
+def test_a_deepspeed_config_file_gives_zero_settings_but_not_the_optimizer(monkeypatch, tmp_path):
+    from ilrdpo import zero
+    from ilrdpo.errors import UserInputError
+
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000},
+                                "train_batch_size": "auto"}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(file))
+    config = zero.engine_config(1.0, torch.bfloat16)
+    assert config["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": 1000}
+    assert config["bf16"] == {"enabled": True} and "train_batch_size" not in config
+    assert config["managed_gradient_accumulation"] is False and config["gradient_clipping"] == 1.0
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(UserInputError, match=f"{file}: key 'optimizer'"):
+        zero.engine_config(1.0, torch.float32)
+    file.write_text("{not json")
+    with pytest.raises(UserInputError, match=f"{file}: not a readable DeepSpeed JSON config"):
+        zero.engine_config(1.0, torch.float32)
+
+
+@pytest.mark.parametrize("variable,value,says", [("FSDP_VERSION", "1", "fsdp_version 1")])
 def test_an_unsupported_engine_is_refused_in_one_line(monkeypatch, capsys, variable, value, says):
-    """A DeepSpeed or FSDP1 config of accelerate would silently run as full replicas: refused."""
+    """An FSDP1 config of accelerate would silently run as full replicas: refused."""
     from ilrdpo import cli
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

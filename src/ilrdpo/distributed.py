@@ -40,22 +40,18 @@ from typing import Any
 
 import torch
 
-UNSUPPORTED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
-
-def _env_flag(variable: str) -> bool:
+def env_flag(variable: str) -> bool:
     return os.environ.get(variable, "").lower() in ("1", "true", "yes")
 
 
 def init() -> None:
     """Join the process group that `accelerate launch` / torchrun describe in the environment."""
+    from ilrdpo import zero
     from ilrdpo.errors import UserInputError
 
-    for variable, engine in UNSUPPORTED_ENGINES.items():
-        if _env_flag(variable):
-            raise UserInputError(f"accelerate config: {engine} is not supported yet; shard with "
-                                 "configs/accelerate/fsdp.yaml or replicate with configs/accelerate/multi-gpu.yaml")
-    if _env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "2") != "2":
+    zero.check_launch()
+    if env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "2") != "2":
         raise UserInputError("accelerate config: fsdp_version 1 is not supported; set fsdp_config.fsdp_version: 2 "
                              "(configs/accelerate/fsdp.yaml)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _initialized():
@@ -182,17 +178,24 @@ def rank_files(path: str | Path) -> list[Path]:
 
 def fsdp_requested() -> bool:
     """The launcher asked for FSDP (accelerate's ACCELERATE_USE_FSDP) and there are processes to shard over."""
-    return _env_flag("ACCELERATE_USE_FSDP") and world_size() > 1
+    return env_flag("ACCELERATE_USE_FSDP") and world_size() > 1
 
 
 def fsdp_activation_checkpointing() -> bool:
-    return fsdp_requested() and _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+    return fsdp_requested() and env_flag("FSDP_ACTIVATION_CHECKPOINTING")
 
 
-def is_sharded(model) -> bool:
+def is_fsdp(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def is_sharded(model) -> bool:
+    """Training state split over the processes: FSDP, or a DeepSpeed ZeRO engine (zero.py)."""
+    from ilrdpo import zero
+
+    return is_fsdp(model) or zero.engine_of(model) is not None
 
 
 def shard(model, compute_dtype: torch.dtype) -> None:
@@ -215,7 +218,7 @@ def shard(model, compute_dtype: torch.dtype) -> None:
                                   reduce_dtype=torch.float32 if half else None)
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no")
     # FSDP_OFFLOAD_PARAMS: shards, gradients and optimizer steps on the CPU (slow; for models that fit no other way)
-    offload = {"offload_policy": CPUOffloadPolicy()} if _env_flag("FSDP_OFFLOAD_PARAMS") else {}
+    offload = {"offload_policy": CPUOffloadPolicy()} if env_flag("FSDP_OFFLOAD_PARAMS") else {}
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         from ilrdpo.errors import UserInputError
@@ -242,6 +245,11 @@ def full_state_dict(model, trainable_only: bool = False) -> dict[str, torch.Tens
     others; every process must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from ilrdpo import zero
+
+    if zero.engine_of(model) is not None:
+        return zero.full_state_dict(model, trainable_only)
+
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # tied weights once, under their first name (as save_pretrained writes them)
     keep = {n for n, p in model.named_parameters() if p.requires_grad or not trainable_only}
@@ -252,6 +260,11 @@ def full_state_dict(model, trainable_only: bool = False) -> dict[str, torch.Tens
 
 def full_optimizer_state(model, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from ilrdpo import zero
+
+    if zero.engine_of(model) is not None:
+        return zero.full_optimizer_state(model, optimizer)
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))
@@ -266,6 +279,10 @@ def load_full_state(model, optimizer, params: dict[str, torch.Tensor], optimizer
         set_optimizer_state_dict,
     )
 
+    from ilrdpo import zero
+
+    if zero.engine_of(model) is not None:
+        return zero.load_full_state(model, optimizer, params, optimizer_state)
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, params, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
@@ -282,8 +299,17 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def sharded_norm(params: list[torch.Tensor]) -> float:
-    """The L2 norm of sharded params together: every process's shards, summed over processes."""
+    """The L2 norm of sharded params together: every process's shards (FSDP's DTensors, ZeRO-3's
+    partitions), summed over processes; a weight every process holds whole counts once."""
+    def part(p: torch.Tensor) -> torch.Tensor | None:
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.detach()
+        if hasattr(p, "to_local"):
+            return p.detach().to_local()
+        return p.detach() if is_main() else None
+
+    device = params[0].device if params else torch.device("cpu")
     with torch.no_grad():
-        squares = sum((t.double().pow(2).sum() for t in (local_tensor(p.detach()) for p in params) if t.numel()),
-                      torch.zeros((), dtype=torch.float64))
+        squares = sum((t.double().pow(2).sum() for t in map(part, params) if t is not None and t.numel()),
+                      torch.zeros((), dtype=torch.float64, device=device))
         return float(all_sum(squares.reshape(1))[0]) ** 0.5

@@ -73,7 +73,8 @@ def _summed_logps(states: Tensor, head, targets: Tensor, rows: Tensor, weights: 
                   chunk_size: int) -> Tensor:
     """sum_t w_t log pi(target_t) per output row, the head run on `states` (N, H) in chunks."""
     recompute = head is not None and torch.is_grad_enabled() and \
-        targets.shape[0] * head.weight.shape[0] * 4 > head_memory_budget(targets.device)
+        targets.shape[0] * getattr(head.weight, "ds_shape", head.weight.shape)[0] * 4 > \
+        head_memory_budget(targets.device)  # (ds_shape: a ZeRO-3 partitioned weight's whole shape)
     pieces = []
     for start in range(0, targets.shape[0], chunk_size):
         chunk, chunk_targets = states[start:start + chunk_size], targets[start:start + chunk_size]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ilrdpo import distributed
+from ilrdpo import distributed, zero
 from ilrdpo.alpha import cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
@@ -323,9 +323,10 @@ class IterativeRun:
                 "hyperparameters": {**hyperparameters(config), "loss.alpha": alpha}, "metrics": result.final}
         save_model(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora)
         fault_point("model")
-        # trained in place: the model in memory is now pi_t (FSDP: sharded for training; the next
-        # stage loads the saved one whole)
+        # trained in place: the model in memory is now pi_t (FSDP, ZeRO: sharded for training; the
+        # next stage loads the saved one whole)
         self.model_iteration = -1 if distributed.is_sharded(model) else t
+        zero.release(model)
 
     # --- 5. evaluate -----------------------------------------------------------------------------
     def evaluate(self, t: int) -> dict:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from ilrdpo import distributed
+from ilrdpo import distributed, zero
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.records import read_json_file, read_pairs, read_prompts
@@ -42,9 +42,9 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         if config.iterations.alpha_control.mode == "auto" and not config.data.eval_prompts:
             raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
-    if config.model.dtype == "float16" and distributed.fsdp_requested():
-        raise UserInputError("config key 'model.dtype': float16 is not supported under FSDP (its loss scaler is not "
-                             "shard-aware); use bfloat16")
+    if config.model.dtype == "float16" and (distributed.fsdp_requested() or zero.requested()):
+        raise UserInputError("config key 'model.dtype': float16 is not supported under FSDP or DeepSpeed (the loss "
+                             "scaler is not shard-aware); use bfloat16")
     check_output_dir(Path(config.output_dir), command)
     if config.model.push_to_hub and not HUB_REPO.fullmatch(config.model.push_to_hub):
         raise UserInputError(f"config key 'model.push_to_hub': '{config.model.push_to_hub}' is not a hub repository "

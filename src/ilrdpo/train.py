@@ -24,6 +24,7 @@ of them). LoRA keeps its frozen base in the compute dtype and its adapter in flo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import statistics
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ilrdpo import distributed
+from ilrdpo import distributed, zero
 from ilrdpo.checkpoint import Checkpointer, round_fingerprint
 from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import (
@@ -102,8 +103,11 @@ def _micro_batches(examples: list[TokenizedPair], batches: list[list[int]], trai
 
 
 def _batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chunk: int):
-    if distributed.is_sharded(model):  # inside the root's forward, so FSDP gathers and reduces its weights
+    if distributed.is_fsdp(model):  # inside the root's forward, so FSDP gathers and reduces its weights
         return model.run_sharded(_whole_batch_logps, model, batch, loss, chunk)
+    engine = zero.engine_of(model)
+    if engine is not None:  # through the engine's forward, which opens its backward bookkeeping
+        return zero.forward(engine, _whole_batch_logps, model, batch, loss, chunk)
     return _whole_batch_logps(model, batch, loss, chunk)
 
 
@@ -271,6 +275,7 @@ class RoundSetup:
     schedule: list[list[int]]
     total_steps: int
     n_batches: int
+    engine: object = None  # a DeepSpeed ZeRO engine (zero.py) that owns the backward and the step
 
 
 def _setup(model, examples, train: TrainSettings, seed: int, device, compute_dtype) -> RoundSetup:
@@ -281,7 +286,7 @@ def _setup(model, examples, train: TrainSettings, seed: int, device, compute_dty
     if distributed.fsdp_requested():  # after the reference pass, which every process runs on whole weights
         distributed.shard(model, compute_dtype)  # (float16 is refused up front, preflight.check_config)
     params = [p for p in model.parameters() if p.requires_grad]
-    sharded = distributed.is_sharded(model)
+    sharded = distributed.is_sharded(model) or zero.requested()
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
                                   fused=_fused_ok(params) and not sharded)
     n_batches = math.ceil(len(examples) / train.batch_size)
@@ -296,7 +301,9 @@ def _setup(model, examples, train: TrainSettings, seed: int, device, compute_dty
     # float16 has too few exponent bits for small gradients: scale the loss (bfloat16 does not need it).
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     schedule = _schedule(total_micro, train.batch_size, [e.n_tokens for e in examples], seed)
-    return RoundSetup(examples, params, optimizer, scheduler, scaler, schedule, total_steps, n_batches)
+    # DeepSpeed takes the model and its AdamW after the reference pass, like FSDP; the schedule stays ours
+    engine = zero.initialize(model, optimizer, train.max_grad_norm, compute_dtype) if zero.requested() else None
+    return RoundSetup(examples, params, optimizer, scheduler, scaler, schedule, total_steps, n_batches, engine)
 
 
 def _resume_metrics(partial: Path, final: Path, step: int) -> None:
@@ -388,6 +395,7 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
     guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled(), grad_floor=train.max_grad_norm,
                             sharded=sharded)
     shared_prefix = shares_prefix(train, device)
+    backward = functools.partial(_backward, setup=setup, lockstep=sharded)
     start, record = time.perf_counter(), {}
     with progress_bar("training", setup.total_steps) as bar:
         bar.advance(start_step)
@@ -412,7 +420,7 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                     policy = _batch_logps(model, batch, loss, train.logits_chunk)  # (2B,)
                 # FSDP averages the gradients over processes; the shares already sum to 1 over them
                 weight = share * (distributed.world_size() if sharded else 1)
-                stats = _micro_step(policy, batch, ref_logps, indices, loss, weight, setup.scaler)
+                stats = _micro_step(policy, batch, ref_logps, indices, loss, weight, backward)
                 if share:
                     for key in STATS:
                         sums[key] += stats[key] * share
@@ -420,18 +428,16 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
             if distributed.world_size() > 1:
                 totals = distributed.all_sum(torch.tensor([*sums.values(), step_tokens], dtype=torch.float64))
                 sums, step_tokens = dict(zip(STATS, totals[:-1].tolist())), int(totals[-1])
-                if not sharded:  # FSDP has reduce-scattered them already
+                if not sharded:  # FSDP and ZeRO have reduced them already
                     distributed.sum_gradients(setup.params)
             tokens += step_tokens
             guard.check_loss(step, sums["loss"])
-            setup.scaler.unscale_(setup.optimizer)
-            grad_norm = float(distributed.full_value(
-                torch.nn.utils.clip_grad_norm_(setup.params, train.max_grad_norm)))
             learning_rate = setup.scheduler.get_last_lr()[0]  # the rate this step used
-            setup.scaler.step(setup.optimizer)
-            setup.scaler.update()
+            if setup.engine is not None:  # it clips, steps and zeroes the gradients
+                grad_norm = zero.step(setup.engine)
+            else:
+                grad_norm = _optimizer_step(setup, train.max_grad_norm)
             setup.scheduler.step()
-            setup.optimizer.zero_grad(set_to_none=True)
             guard.check(step, sums["loss"], grad_norm)
             record = {"step": step, "epoch": round((step - 1) * train.grad_accum / max(setup.n_batches, 1), 4),
                       **sums, "grad_norm": grad_norm, "learning_rate": learning_rate,
@@ -447,13 +453,37 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                        tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, final=record)
 
 
+def _backward(losses: torch.Tensor, weight: float, setup: RoundSetup, lockstep: bool) -> None:
+    """The backward of a micro-batch's weighted mean loss. A non-finite loss stops the round before
+    the step (DivergenceGuard.check_loss): it never reaches the gradients, but under FSDP and ZeRO
+    the process still runs a zero backward, since the others' collectives wait for its own."""
+    finite = bool(torch.isfinite(losses).all())
+    if not finite and not lockstep:
+        return
+    loss = losses.mean() * weight if finite else losses.nan_to_num(0.0, 0.0, 0.0).mean() * 0.0
+    if setup.engine is not None:
+        zero.backward(setup.engine, loss)
+    else:
+        setup.scaler.scale(loss).backward()
+
+
+def _optimizer_step(setup: RoundSetup, max_grad_norm: float) -> float:
+    """Unscale (float16), clip, step; the gradient norm before clipping."""
+    setup.scaler.unscale_(setup.optimizer)
+    grad_norm = float(distributed.full_value(torch.nn.utils.clip_grad_norm_(setup.params, max_grad_norm)))
+    setup.scaler.step(setup.optimizer)
+    setup.scaler.update()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected", "length/chosen", "length/rejected", "length/margin_term", "length/saturated_share",
          "length/reversed_share")
 
 
 def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps: torch.Tensor | None,
-                indices: list[int], loss: LossSettings, weight: float, scaler) -> dict[str, float]:
+                indices: list[int], loss: LossSettings, weight: float, backward) -> dict[str, float]:
     """Loss and backward of one micro-batch; returns its metrics (means over its pairs)."""
     n = len(indices)
     lengths, n_tokens = batch["lengths"], batch["n_tokens"]
@@ -465,8 +495,7 @@ def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps:
         target_length=target, label_smoothing=loss.label_smoothing, simpo_gamma=loss.simpo_gamma,
         chosen_n_tokens=n_tokens[:n], rejected_n_tokens=n_tokens[n:],
     )
-    if torch.isfinite(out.losses).all():  # a non-finite loss stops the round before the step
-        scaler.scale(out.losses.mean() * weight).backward()
+    backward(out.losses, weight)
     return {
         "loss": out.losses.mean().item(),
         "rewards/chosen": out.chosen_rewards.mean().item(),
