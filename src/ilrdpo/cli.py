@@ -249,7 +249,8 @@ def _split_config(config: str | None, overrides: list[str] | None) -> tuple[str 
                 path = value
             else:
                 out.append(f"{key.replace('-', '_')}={value}")
-        elif "=" in token and not token.endswith((".yaml", ".yml")):
+        elif OVERRIDE.match(token) or ("=" in token and not token.endswith((".yaml", ".yml"))):
+            # key=value, whatever the value (output_dir=runs/x.yaml too); a bare path is the config
             out.append(token)
         elif path is None:
             path = token

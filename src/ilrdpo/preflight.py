@@ -45,6 +45,8 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
     if config.model.dtype == "float16" and (distributed.fsdp_requested() or zero.requested()):
         raise UserInputError("config key 'model.dtype': float16 is not supported under FSDP or DeepSpeed (the loss "
                              "scaler is not shard-aware); use bfloat16")
+    if zero.requested():
+        zero.engine_config(config.train.max_grad_norm)  # the launcher's settings against the config
     check_output_dir(Path(config.output_dir), command)
     if config.model.push_to_hub and not HUB_REPO.fullmatch(config.model.push_to_hub):
         raise UserInputError(f"config key 'model.push_to_hub': '{config.model.push_to_hub}' is not a hub repository "

@@ -59,7 +59,7 @@ def check_launch() -> None:
     except ImportError:
         raise UserInputError("accelerate config: DeepSpeed is not installed; pip install 'ilrdpo[deepspeed]'") \
             from None
-    engine_config(1.0, torch.float32)  # the settings' own errors
+    engine_config()  # the settings' own errors (clipping: preflight, which knows the config)
 
 
 def _launcher_settings() -> dict:
@@ -80,8 +80,9 @@ def _launcher_settings() -> dict:
     return base
 
 
-def engine_config(max_grad_norm: float, compute_dtype: torch.dtype) -> dict:
-    """The DeepSpeed config of a training round."""
+def engine_config(max_grad_norm: float | None = None, compute_dtype: torch.dtype | None = None) -> dict:
+    """The DeepSpeed config of a training round (max_grad_norm None: checks the launcher's
+    settings that do not depend on the ilrdpo config)."""
     base = _launcher_settings()
     zero = dict(base.get("zero_optimization") or {})
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") or zero.get("stage")
@@ -103,7 +104,7 @@ def engine_config(max_grad_norm: float, compute_dtype: torch.dtype) -> dict:
         raise UserInputError("accelerate config: deepspeed_config.gradient_accumulation_steps is set by ilrdpo "
                              "(train.grad_accum); leave it at 1 or auto")
     clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "none").lower()
-    if clipping not in ("none", "auto") and float(clipping) != max_grad_norm:
+    if max_grad_norm is not None and clipping not in ("none", "auto") and float(clipping) != max_grad_norm:
         raise UserInputError(f"accelerate config: deepspeed_config.gradient_clipping {clipping} differs from "
                              f"train.max_grad_norm {max_grad_norm:g}; set the latter")
     config = {key: value for key, value in base.items() if key not in ("train_batch_size", "bf16", "zero_optimization")}
@@ -230,10 +231,13 @@ def load_full_state(model, optimizer, params: dict[str, torch.Tensor], optimizer
     if not state:
         return
     step_value = next(iter(state.values()))["step"]
-    for group in base.param_groups:  # AdamW's state appears at its first step: create it now
-        for flat in group["params"]:
-            base.state[flat] = {"step": torch.as_tensor(step_value, dtype=torch.float32).clone(),
-                                **{key: torch.zeros_like(flat) for key in OPTIMIZER_KEYS}}
+    # AdamW's state appears at its first step: create it now, for each float32 partition (stage 3
+    # hands them to AdamW's param_groups only while it steps)
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or \
+        [flat for group in base.param_groups for flat in group["params"]]
+    for flat in flats:
+        base.state[flat] = {"step": torch.as_tensor(step_value, dtype=torch.float32).clone(),
+                            **{key: torch.zeros_like(flat) for key in OPTIMIZER_KEYS}}
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # stages 1-2 map each parameter to its slice of the partition's state
         link()
