@@ -256,20 +256,21 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("batch,config", [((8, 1), "deepspeed-zero2.yaml"), ((1, 4), "deepspeed-zero2.yaml"),
-                                          ((8, 1), "deepspeed-zero3.yaml"), ((1, 4), "deepspeed-zero3.yaml")],
-                         ids=["ZeRO-2 4+4 pairs", "ZeRO-2 1 pair per micro-batch", "ZeRO-3 4+4 pairs",
-                              "ZeRO-3 1 pair per micro-batch"])
-def test_deepspeed_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, batch, config):
+@pytest.mark.parametrize("batch,config,processes", [
+    ((8, 1), "deepspeed-zero2.yaml", 2), ((1, 4), "deepspeed-zero2.yaml", 2),
+    ((8, 1), "deepspeed-zero3.yaml", 2), ((1, 4), "deepspeed-zero3.yaml", 2), ((2, 2), "deepspeed-zero3.yaml", 1)],
+    ids=["ZeRO-2 4+4 pairs", "ZeRO-2 1 pair per micro-batch", "ZeRO-3 4+4 pairs", "ZeRO-3 1 pair per micro-batch",
+         "ZeRO-3 in one process"])
+def test_deepspeed_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, batch, config, processes):
     """ZeRO partitions optimizer state and gradients (3: weights too) and averages gradients over
-    processes; ilrdpo's weighting, lockstep passes and unmanaged accumulation give the one-process
-    update, its losses and its gradient norms."""
+    processes; ilrdpo's weighting, lockstep passes and unmanaged accumulation give the plain
+    one-process update, its losses and its gradient norms (also with the engine in one process)."""
     batch_size, grad_accum = batch
     args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
             f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=128",
             "train.learning_rate=1e-3", "train.max_grad_norm=0.5"]
     one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
-    two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2,
+    two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=processes,
                  accelerate_config=config, env_extra=DEEPSPEED_ENV)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     moved = largest_gap(tmp_path / "one" / "model", tiny_model_dir)

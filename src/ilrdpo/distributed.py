@@ -54,7 +54,8 @@ def init() -> None:
     if env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "2") != "2":
         raise UserInputError("accelerate config: fsdp_version 1 is not supported; set fsdp_config.fsdp_version: 2 "
                              "(configs/accelerate/fsdp.yaml)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _initialized():
+    # DeepSpeed runs in one process too (ZeRO-Offload on one GPU): it needs the process group
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 or zero.requested()) and not _initialized():
         from accelerate import PartialState
 
         from ilrdpo.progress import console

@@ -42,8 +42,9 @@ _ENGINE = "_ilrdpo_zero_engine"  # the model's engine, kept in its __dict__ (not
 
 
 def requested() -> bool:
-    """The launcher asked for DeepSpeed (accelerate's ACCELERATE_USE_DEEPSPEED) and there are processes."""
-    return distributed.env_flag("ACCELERATE_USE_DEEPSPEED") and distributed.world_size() > 1
+    """The launcher asked for DeepSpeed (accelerate's ACCELERATE_USE_DEEPSPEED), with any number of
+    processes (one: ZeRO-Offload's CPU memory on a single GPU)."""
+    return distributed.env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 def engine_of(model):
