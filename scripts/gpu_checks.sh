@@ -4,9 +4,12 @@
 #   2. training throughput against TRL at the Qwen2.5-0.5B shape, batch 16 (+ prefix sharing on)
 #   3. sampling throughput against one batched generate at batch 16/64/256
 #   4. one iteration of configs/qwen2.5-0.5b-skywork.yaml on random weights: time and memory per stage
+#   5. DeepSpeed ZeRO-3 in one process on the GPU trains what plain training does (tests/test_distributed.py)
 #
 # Bring along (folders git ignores): .whl/ with the wheels the machine lacks (trl, datasets, dill,
-# multiprocess, pydantic, pydantic-core, annotated-types, typing-inspection, gguf) and .gpu/tokenizer
+# multiprocess, pydantic, pydantic-core, annotated-types, typing-inspection, gguf; for step 5 deepspeed
+# (`pip wheel --no-deps --no-build-isolation deepspeed==0.19.8`), hjson, py-cpuinfo, msgpack, einops,
+# ninja) and .gpu/tokenizer
 # (the SmolLM2 tokenizer, saved with save_pretrained). Logs go to $OUT (default: gpu-logs/).
 # Each step has its own time limit, so one slow step cannot take the others' time.
 set -u
@@ -38,3 +41,5 @@ step train_prefix 60 python3 benchmarks/train_throughput.py --size 0.5b --device
 step generation 150 python3 benchmarks/generation_throughput.py --size 0.5b --tokenizer .gpu/tokenizer \
     --batch-sizes 16,64,256 --max-new-tokens 128 --no-generate-batch
 step iteration 120 python3 benchmarks/gpu_iteration.py --tokenizer .gpu/tokenizer --out /tmp/gpu-iter
+step zero 180 python3 -m pytest -q -p no:cacheprovider \
+    "tests/test_distributed.py::test_deepspeed_trains_what_one_plain_process_trains[ZeRO-3 in one process]"

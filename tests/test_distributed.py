@@ -261,7 +261,7 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
     ((8, 1), "deepspeed-zero3.yaml", 2), ((1, 4), "deepspeed-zero3.yaml", 2), ((2, 2), "deepspeed-zero3.yaml", 1)],
     ids=["ZeRO-2 4+4 pairs", "ZeRO-2 1 pair per micro-batch", "ZeRO-3 4+4 pairs", "ZeRO-3 1 pair per micro-batch",
          "ZeRO-3 in one process"])
-def test_deepspeed_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, batch, config, processes):
+def test_deepspeed_trains_what_one_plain_process_trains(tiny_model_dir, tmp_path, batch, config, processes):
     """ZeRO partitions optimizer state and gradients (3: weights too) and averages gradients over
     processes; ilrdpo's weighting, lockstep passes and unmanaged accumulation give the plain
     one-process update, its losses and its gradient norms (also with the engine in one process)."""
