@@ -190,7 +190,7 @@ def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_pa
     ("fsdp", ["model.lora.r=4", "model.lora.dropout=0"], 1e-2),
     # sharded: weights gathered in bfloat16 (FSDP's mixed precision) where one process autocasts
     ("fsdp", ["model.dtype=bfloat16"], 0.1),
-    ("deepspeed-zero2.yaml", ["model.lora.r=4", "model.lora.dropout=0"], 1e-2),
+    ("deepspeed-zero2.yaml", ["model.lora.r=4", "model.lora.dropout=0", "model.merge_lora=true"], 1e-2),
     # DeepSpeed's bf16 mode: bfloat16 weights, activations and gradients, float32 master weights
     ("deepspeed-zero3.yaml", ["model.dtype=bfloat16"], 0.1),
 ], ids=["LoRA DDP", "LoRA FSDP", "bfloat16 FSDP", "LoRA ZeRO-2", "bfloat16 ZeRO-3"])
@@ -222,6 +222,10 @@ def test_lora_and_bfloat16_train_under_several_processes_as_in_one(tiny_model_di
     # Adam's first steps move each weight by about the learning rate whatever its gradient, so
     # round-off flips single near-zero gradients: the whole update is compared, not one weight
     assert moved > 0 and norm({k: a[k].float() - b[k].float() for k in a}) < tolerance * moved
+    if "model.merge_lora=true" in extra:  # merged from the adapter the sharded run saved, as one process merges
+        merged = [weights(tmp_path / name / "model" / "merged") for name in ("one", "two")]
+        assert set(merged[0]) == set(merged[1]) == set(weights(tiny_model_dir))
+        assert max((merged[0][k] - merged[1][k]).abs().max().item() for k in merged[0]) < 1e-3
 
 
 @pytest.mark.slow
@@ -351,6 +355,13 @@ def test_a_deepspeed_config_file_gives_zero_settings_but_not_the_optimizer(monke
     assert config["managed_gradient_accumulation"] is False and config["gradient_clipping"] == 1.0
     file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}))
     with pytest.raises(UserInputError, match=f"{file}: key 'optimizer'"):
+        zero.engine_config(1.0, torch.float32)
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}))
+    with pytest.raises(UserInputError, match="fp16 is not supported"):
+        zero.engine_config(1.0, torch.float32)
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": False}, "bf16": {"enabled": True}}))
+    assert zero.engine_config(1.0, torch.bfloat16)["bf16"] == {"enabled": True}
+    with pytest.raises(UserInputError, match="model.dtype: bfloat16"):
         zero.engine_config(1.0, torch.float32)
     file.write_text("{not json")
     with pytest.raises(UserInputError, match=f"{file}: not a readable DeepSpeed JSON config"):

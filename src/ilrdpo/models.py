@@ -258,10 +258,7 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
     model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state} if sharded else {}))
     tokenizer.save_pretrained(staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
-        # merge_and_unload edits the live model; merge a copy of the weights instead.
-        import copy
-
-        merged = copy.deepcopy(model).merge_and_unload()
+        merged = _merged_copy(model, staging, sharded)
         merged.save_pretrained(staging / "merged", safe_serialization=True)
         tokenizer.save_pretrained(staging / "merged")
     (staging / "README.md").write_text(model_card(card))
@@ -273,6 +270,19 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
     staging.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+def _merged_copy(model, adapter_dir: Path, sharded: bool):
+    """The LoRA model with its adapter merged, leaving `model` as it is: merge_and_unload edits the
+    live model, so a copy is merged; a sharded one (FSDP, ZeRO) holds no whole weights to copy, so
+    the adapter just saved is loaded on its base model on the CPU and merged there."""
+    if not sharded:
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    from peft import AutoPeftModelForCausalLM
+
+    return AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32).merge_and_unload()
 
 
 def load_saved_policy(path: str | Path, settings: ModelSettings, device: torch.device | None = None,

@@ -46,7 +46,10 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         raise UserInputError("config key 'model.dtype': float16 is not supported under FSDP or DeepSpeed (the loss "
                              "scaler is not shard-aware); use bfloat16")
     if zero.requested():
-        zero.engine_config(config.train.max_grad_norm)  # the launcher's settings against the config
+        from ilrdpo.models import resolve_dtype
+
+        # the launcher's settings against the config's, before anything runs
+        zero.engine_config(config.train.max_grad_norm, resolve_dtype(config.model.dtype))
     check_output_dir(Path(config.output_dir), command)
     if config.model.push_to_hub and not HUB_REPO.fullmatch(config.model.push_to_hub):
         raise UserInputError(f"config key 'model.push_to_hub': '{config.model.push_to_hub}' is not a hub repository "

@@ -53,7 +53,7 @@ def engine_of(model):
 
 def check_launch() -> None:
     """Refuse, in one line, what the engine cannot run before any stage starts."""
-    if not distributed.env_flag("ACCELERATE_USE_DEEPSPEED"):
+    if not requested():
         return
     try:
         import deepspeed  # noqa: F401
@@ -74,11 +74,18 @@ def _launcher_settings() -> dict:
             raise UserInputError(f"{file}: not a readable DeepSpeed JSON config ({error})") from None
         if not isinstance(base, dict):
             raise UserInputError(f"{file}: a DeepSpeed config is a JSON object")
-        for key in ("optimizer", "scheduler", "fp16"):
+        for key in ("optimizer", "scheduler"):
             if key in base:
-                raise UserInputError(f"{file}: key '{key}' is set by ilrdpo (AdamW, its schedule and model.dtype "
-                                     "come from the ilrdpo config); remove it")
+                raise UserInputError(f"{file}: key '{key}' is set by ilrdpo (AdamW and its schedule come from "
+                                     "train.*); remove it")
+        if _enabled(base.get("fp16")):
+            raise UserInputError(f"{file}: fp16 is not supported under DeepSpeed (its loss scaler is not "
+                                 "ilrdpo's); use model.dtype: bfloat16")
     return base
+
+
+def _enabled(section) -> bool:
+    return isinstance(section, dict) and section.get("enabled") is True
 
 
 def engine_config(max_grad_norm: float | None = None, compute_dtype: torch.dtype | None = None) -> dict:
@@ -108,7 +115,11 @@ def engine_config(max_grad_norm: float | None = None, compute_dtype: torch.dtype
     if max_grad_norm is not None and clipping not in ("none", "auto") and float(clipping) != max_grad_norm:
         raise UserInputError(f"accelerate config: deepspeed_config.gradient_clipping {clipping} differs from "
                              f"train.max_grad_norm {max_grad_norm:g}; set the latter")
-    config = {key: value for key, value in base.items() if key not in ("train_batch_size", "bf16", "zero_optimization")}
+    if compute_dtype is not None and _enabled(base.get("bf16")) and compute_dtype != torch.bfloat16:
+        raise UserInputError("deepspeed_config_file: bf16.enabled is true but the model computes in "
+                             f"{str(compute_dtype).removeprefix('torch.')}; set model.dtype: bfloat16 (it decides)")
+    config = {key: value for key, value in base.items()
+              if key not in ("train_batch_size", "bf16", "fp16", "zero_optimization")}
     config.update({
         "train_micro_batch_size_per_gpu": 1,  # nominal: ilrdpo forms the batches
         "gradient_accumulation_steps": 1,
