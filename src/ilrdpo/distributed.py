@@ -289,11 +289,6 @@ def load_full_state(model, optimizer, params: dict[str, torch.Tensor], optimizer
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a sharded (DTensor) tensor; the tensor itself otherwise."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (a collective); the tensor itself otherwise."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

@@ -418,7 +418,7 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                                      packs(train, shared_prefix)), device)
                 with autocast(device, compute_dtype):
                     policy = _batch_logps(model, batch, loss, train.logits_chunk)  # (2B,)
-                # FSDP averages the gradients over processes; the shares already sum to 1 over them
+                # FSDP and ZeRO average the gradients over processes; the shares already sum to 1 over them
                 weight = share * (distributed.world_size() if sharded else 1)
                 stats = _micro_step(policy, batch, ref_logps, indices, loss, weight, backward)
                 if share:
