@@ -728,3 +728,62 @@ def test_eval_perplexity_under_the_initial_model(raw_config, tmp_path, tiny_mode
         result = json.loads((tmp_path / "run" / f"iter_{t}" / "eval.json").read_text())
         assert result["perplexity_tokens"] == count and result["perplexity_windowed"] == 0
         assert result["perplexity_initial"] == pytest.approx(math.exp(-total / count), rel=1e-4)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def test_sampled_eval_next_to_greedy(raw_config, tmp_path):
+    """eval.samples: K sampled answers per eval prompt beside the greedy ones, summarised over all
+    answers; the win rate against pi_0's sampled answers compares per-prompt means (checked by
+    hand); the report gets sampled columns; a resumed run keeps the draws."""
+    from ilrdpo.evaluation.report import write_report
+
+    raw = raw_config(tmp_path / "run")
+    raw["eval"].update(greedy=True, samples=3)
+    run_iterations(build_config(raw))
+    run = tmp_path / "run"
+    rows = {t: read_jsonl(run / f"iter_{t}" / "eval_samples.jsonl") for t in (0, 1, 2)}
+    for t, drawn in rows.items():
+        assert [(r["id"], r["sample"]) for r in drawn] == [(f"e{i}", j) for i in range(2) for j in range(3)]
+        sampled = json.loads((run / f"iter_{t}" / "eval.json").read_text())["sampled"]
+        assert sampled["samples_per_prompt"] == 3 and sampled["n_prompts"] == 6
+        assert sampled["quality_mean"] == pytest.approx(_mean(r["quality"] for r in drawn))
+        assert sampled["length"]["tokens_mean"] == pytest.approx(_mean(r["n_tokens"] for r in drawn))
+        greedy = {r["id"]: r["response"] for r in read_jsonl(run / f"iter_{t}" / "eval_answers.jsonl")}
+        assert any(r["response"] != greedy[r["id"]] for r in drawn)  # sampled, not the greedy answer again
+
+        if t:
+            per_prompt = [[_mean(r["quality"] for r in rows[k] if r["id"] == i) for k in (t, 0)] for i in ("e0", "e1")]
+            expected = 100 * _mean(1.0 if a > b else 0.0 if a < b else 0.5 for a, b in per_prompt)
+            assert sampled["vs_initial_quality"]["win_rate"] == pytest.approx(expected)
+    before = {t: (run / f"iter_{t}" / "eval_samples.jsonl").read_bytes() for t in (0, 1, 2)}
+    run_iterations(build_config(raw))
+    assert {t: (run / f"iter_{t}" / "eval_samples.jsonl").read_bytes() for t in (0, 1, 2)} == before
+    report = write_report([run], tmp_path / "report").read_text()
+    assert "sampled quality" in report and "sampled win rate vs initial" in report
+
+
+def test_a_base_eval_shared_from_another_seed_draws_its_own_samples(raw_config, tmp_path):
+    """The demo shares the initial model's greedy eval across seeds; its sampled answers depend on
+    the seed, so they are not copied: the first evaluation that needs them draws pi_0's and
+    completes iteration 0's eval.json."""
+    from ilrdpo.demo import share_base_eval
+
+    source = raw_config(tmp_path / "seed0")
+    source["eval"].update(greedy=True, samples=2)
+    source["iterations"]["count"] = 1
+    run_iterations(build_config(source), until=(1, "generate"))
+    target = {**raw_config(tmp_path / "seed1"), "seed": 1, "eval": source["eval"], "iterations": {"count": 1}}
+    share_base_eval(tmp_path / "seed0", tmp_path / "seed1", same_seed=False)
+    assert not (tmp_path / "seed1" / "iter_0" / "eval_samples.jsonl").exists()
+    assert "sampled" not in json.loads((tmp_path / "seed1" / "iter_0" / "eval.json").read_text())
+    run_iterations(build_config(target))
+    own = read_jsonl(tmp_path / "seed1" / "iter_0" / "eval_samples.jsonl")
+    assert [r["response"] for r in own] != [r["response"] for r in read_jsonl(tmp_path / "seed0" / "iter_0" /
+                                                                              "eval_samples.jsonl")]
+    initial = json.loads((tmp_path / "seed1" / "iter_0" / "eval.json").read_text())
+    assert initial["sampled"]["quality_mean"] == pytest.approx(_mean(r["quality"] for r in own))
+    assert "vs_initial" in json.loads((tmp_path / "seed1" / "iter_1" / "eval.json").read_text())["sampled"]

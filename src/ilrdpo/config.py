@@ -249,6 +249,11 @@ class EvalSettings(Section):
     judge: ScoringSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
     baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
     greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
+    samples: int = Field(
+        0, ge=0, le=64, description="Also this many sampled answers per eval prompt (the generation settings, the "
+        "run's seed; the same draws for every model), judged and compared with the initial model's sampled "
+        "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
+        "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
     perplexity: bool = Field(
         False, description="Also the perplexity of each model's eval answers under the initial model "
         "(eval.json perplexity_initial; strided sliding windows where prompt + answer exceed the context): "

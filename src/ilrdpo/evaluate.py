@@ -20,7 +20,7 @@ from ilrdpo.data import encode_prompt
 from ilrdpo.evaluation.compare import compare_all, evaluate_answers, summarize
 from ilrdpo.generation import generate_answers
 from ilrdpo.records import Prompt, atomic_write_text, read_jsonl_tolerant, write_jsonl
-from ilrdpo.rundir import ANCHOR_FILES, RunDir
+from ilrdpo.rundir import ANCHOR_FILES, SAMPLES_FILE, RunDir
 from ilrdpo.scoring import Scorer, score_in_batches, shaped_rewards
 from ilrdpo.train import autocast
 
@@ -29,8 +29,26 @@ def answer_prompts(model, tokenizer, prompts: list[Prompt], generation: Generati
                    *, greedy: bool, seed: int, description: str = "eval answers") -> list[dict[str, Any]]:
     samples = generate_answers(model, tokenizer, prompts, generation, data, num_samples=1, seed=seed,
                                greedy=greedy, description=description)
-    return [{"id": p.id, "response": samples[p.id][0].text, "n_tokens": samples[p.id][0].n_tokens,
-             "n_chars": len(samples[p.id][0].text), "truncated": samples[p.id][0].truncated} for p in prompts]
+    return [_answer_record(p.id, samples[p.id][0]) for p in prompts]
+
+
+def sample_prompts(model, tokenizer, prompts: list[Prompt], generation: GenerationSettings, data: DataSettings,
+                   *, samples: int, seed: int, description: str = "sampled eval answers") -> list[dict[str, Any]]:
+    """`samples` sampled answers per prompt: answer records with their draw's index in "sample",
+    in prompt order (sample_inputs(prompts, samples) lines up with them)."""
+    drawn = generate_answers(model, tokenizer, prompts, generation, data, num_samples=samples, seed=seed,
+                             greedy=False, description=description)
+    return [{**_answer_record(p.id, s), "sample": j} for p in prompts for j, s in enumerate(drawn[p.id])]
+
+
+def sample_inputs(prompts: list[Prompt], samples: int) -> list[Prompt]:
+    """Each prompt `samples` times, in the order of sample_prompts' records."""
+    return [p for p in prompts for _ in range(samples)]
+
+
+def _answer_record(prompt_id: str, sample) -> dict[str, Any]:
+    return {"id": prompt_id, "response": sample.text, "n_tokens": sample.n_tokens, "n_chars": len(sample.text),
+            "truncated": sample.truncated}
 
 
 def judge_answers(judge: Scorer, prompts: list[Prompt], rows: list[dict[str, Any]],
@@ -213,12 +231,72 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
             for style, name in ANCHOR_FILES.items():
                 cached_answers(rundir.file(0, name), lambda style=style: answer(0, style))
         result.update(_compare_with_baselines(t, rows, rundir, config, prompts, judge_settings))
+        if config.eval.samples:
+            result["sampled"] = _sampled_evaluation(t, rundir, config, prompts, judge, judge_settings, gen, policy,
+                                                    compute_dtype)
         if config.eval.perplexity:
             model, tokenizer = policy(0)
             with autocast(next(model.parameters()).device, compute_dtype):
                 result.update(answer_perplexity(model, tokenizer, prompts, rows, config.data))
     atomic_write_text(rundir.file(t, "eval.json"), json.dumps(result, indent=1))
     return result
+
+
+SAMPLED_SEED = 7919  # offset from the run's seed: eval draws differ from the training samples'
+
+
+def _sampled_evaluation(t: int, rundir: RunDir, config: Config, prompts: list[Prompt], judge: Scorer,
+                        judge_settings: ScoringSettings, gen: GenerationSettings, policy: Policy,
+                        compute_dtype: torch.dtype) -> dict:
+    """eval.json "sampled": pi_t's eval.samples sampled answers per eval prompt (iter_t/eval_samples.jsonl),
+    summarised over every answer, and against pi_0's sampled answers, with the earlier iterates' in
+    the joint LC fit. Where iteration 0 has none (its eval shared from a run with another seed, or
+    finished before eval.samples was set), pi_0's are drawn now and its eval.json completed.
+
+    Win rates compare per prompt the mean over the samples (quality, reward, length), so the
+    bootstrap interval resamples prompts, not the correlated answers to one prompt.
+    """
+    count = config.eval.samples
+    inputs = sample_inputs(prompts, count)
+    by_id = {p.id: p for p in prompts}
+
+    def draw(k: int) -> list[dict[str, Any]]:
+        model, tokenizer = policy(k)
+        with autocast(next(model.parameters()).device, compute_dtype):
+            rows = sample_prompts(model, tokenizer, prompts, gen, config.data, samples=count,
+                                  seed=config.seed + SAMPLED_SEED, description=f"iter {k} sampled eval")
+        return judge_answers(judge, inputs, rows, judge_settings)
+
+    def summary(rows: list[dict[str, Any]]) -> dict:
+        return {**summarize(rows, [by_id[r["id"]] for r in rows], config.loss.length_unit),
+                "samples_per_prompt": len(rows) // max(len({r["id"] for r in rows}), 1)}
+
+    rows = cached_answers(rundir.file(t, SAMPLES_FILE), lambda: draw(t))
+    result = summary(rows)
+    if t == 0:
+        return result
+    initial_file = rundir.file(0, SAMPLES_FILE)
+    if not initial_file.exists():
+        initial = cached_answers(initial_file, lambda: draw(0))
+        initial_eval = json.loads(rundir.file(0, "eval.json").read_text())
+        atomic_write_text(rundir.file(0, "eval.json"), json.dumps({**initial_eval, "sampled": summary(initial)},
+                                                                  indent=1))
+    drawn = {k: found for k in range(t) if (found := read_jsonl_tolerant(rundir.file(k, SAMPLES_FILE)))}
+    fits = compare_all({"this": per_prompt_means(rows), **{f"iter_{k}": per_prompt_means(v)
+                                                          for k, v in drawn.items() if k}},
+                       per_prompt_means(drawn[0]), tie_tolerance=judge_settings.tie_tolerance)["this"]
+    result["vs_initial"], result["vs_initial_quality"] = fits["reward"], fits["quality"]
+    return result
+
+
+def per_prompt_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per prompt id: the mean quality, reward and lengths of its sampled answers."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["id"], []).append(row)
+    return [{"id": i, **{key: sum(r[key] for r in group) / len(group)
+                         for key in ("quality", "reward", "n_tokens", "n_chars")}}
+            for i, group in groups.items()]
 
 
 @torch.no_grad()
@@ -289,4 +367,7 @@ def summary_line(s: dict) -> str:
         if f"vs_{name}" in s:
             w = s[f"vs_{name}"]
             parts.append(f"win({name})={w['win_rate']:.1f}% lc={w['lc_win_rate']:.1f}%")
+    if sampled := s.get("sampled"):
+        parts.append(f"sampled: quality={sampled['quality_mean']:.4f} length={sampled['length']['tokens_mean']:.1f}"
+                     + (f" win(initial)={sampled['vs_initial']['win_rate']:.1f}%" if "vs_initial" in sampled else ""))
     return "  ".join(parts)

@@ -184,7 +184,7 @@ class IterativeRun:
         if not distributed.is_main():
             return
         attempt.mkdir(exist_ok=True)
-        for name in ("model", "metrics.jsonl", "eval_answers.jsonl", "eval.json"):
+        for name in ("model", "metrics.jsonl", "eval_answers.jsonl", "eval_samples.jsonl", "eval.json"):
             if self.dir.file(t, name).exists():
                 os.replace(self.dir.file(t, name), attempt / name)
 

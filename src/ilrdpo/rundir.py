@@ -35,13 +35,15 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "score": ("candidates.jsonl",),
     "pair": ("pairs.jsonl",),
     "train": ("metrics.jsonl", "ref_logps.json", "model"),
-    "eval": ("eval_answers.jsonl", "eval.json"),
+    "eval": ("eval_answers.jsonl", "eval_samples.jsonl", "eval.json"),
 }
 STAGES = list(STAGE_FILES)
 
 # Progress files of stages in progress: finished batches, picked up by a resumed run.
 # The initial model's length anchors (iter_0/): its answers when told to be concise or verbose.
 ANCHOR_FILES = {"concise": "eval_answers_concise.jsonl", "verbose": "eval_answers_verbose.jsonl"}
+# Sampled eval answers (eval.samples > 0), next to the greedy eval_answers.jsonl.
+SAMPLES_FILE = "eval_samples.jsonl"
 
 PARTIAL_FILES = {"generate": "generation.partial.jsonl", "score": "scores.partial.jsonl",
                  "train": "metrics.partial.jsonl"}

@@ -22,6 +22,9 @@ EVAL_METRICS = {
     "win_rate_vs_previous": ("vs_previous", "win_rate"), "lc_win_rate_vs_previous": ("vs_previous", "lc_win_rate"),
     "alpha": ("alpha",), "pairs": ("pairs/count",), "samples_length": ("gen/length_mean",),
     "perplexity_initial": ("perplexity_initial",),
+    "sampled_length": ("sampled", "length", "tokens_mean"), "sampled_quality": ("sampled", "quality_mean"),
+    "sampled_win_rate_vs_initial": ("sampled", "vs_initial", "win_rate"),
+    "sampled_lc_win_rate_vs_initial": ("sampled", "vs_initial", "lc_win_rate"),
 }
 
 

@@ -31,7 +31,8 @@ from ilrdpo.config import Config, TuneSettings, build_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.loop import run_iterations
 from ilrdpo.progress import console, stage
-from ilrdpo.rundir import RunDir
+from ilrdpo.records import atomic_write_text
+from ilrdpo.rundir import SAMPLES_FILE, RunDir
 
 # The two arms: the same config but for the length margin. Each arm is a list of section.key=value
 # overrides applied on top of the demo's settings (a study can add more arms the same way).
@@ -113,13 +114,19 @@ def demo_configs(out: Path, *, quick: bool = False, model: str | None = None, se
             for arm, arm_overrides in (arms or ARMS).items()}
 
 
-def share_base_eval(source: Path, target: Path) -> None:
+def share_base_eval(source: Path, target: Path, same_seed: bool = True) -> None:
     """Give `target` the initial model's eval answers (and length anchors) of `source`: identical
-    when both evaluate greedily with the same model, prompts and eval settings, whatever the seed."""
+    when both evaluate greedily with the same model, prompts and eval settings, whatever the seed.
+    Sampled eval answers (eval.samples) depend on the seed: copied only with same_seed; without
+    them the target's first evaluation draws its own."""
     source_dir, target_dir = RunDir(source), RunDir(target)
     if target_dir.state_path.exists():
         return
-    shutil.copytree(source_dir.iteration(0), target_dir.iteration(0), dirs_exist_ok=True)
+    shutil.copytree(source_dir.iteration(0), target_dir.iteration(0), dirs_exist_ok=True,
+                    ignore=None if same_seed else shutil.ignore_patterns(SAMPLES_FILE))
+    evaluation = json.loads(target_dir.file(0, "eval.json").read_text())
+    if not same_seed and evaluation.pop("sampled", None) is not None:
+        atomic_write_text(target_dir.file(0, "eval.json"), json.dumps(evaluation, indent=1))
     target_dir.state().mark(0, "eval")
 
 
@@ -153,7 +160,7 @@ def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], b
     """
     first, *others = list(configs)
     if base_from is not None and configs[first].eval.greedy and (base_from / "iter_0" / "eval.json").exists():
-        share_base_eval(base_from, out / first)
+        share_base_eval(base_from, out / first, same_seed=False)
     threads = torch.get_num_threads()
     parallel = len(configs) > 1 and threads >= 2 if parallel is None else parallel
     heldout_base = None

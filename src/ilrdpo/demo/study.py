@@ -22,7 +22,8 @@ from typing import Any
 from ilrdpo.demo.heldout import heldout_path
 from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
 
-SETS = {"eval": "bundled eval prompts", "heldout": "second held-out set"}
+SETS = {"eval": "bundled eval prompts", "heldout": "second held-out set",
+        "sampled": "bundled eval prompts, sampled answers"}  # the last with eval.samples > 0 only
 VANILLA, METHOD = "idpo", "ilrdpo"
 MIN_SEEDS = 3
 
@@ -36,7 +37,10 @@ def _eval_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
     saturated = [m["length/saturated_share"] for m in metrics if "length/saturated_share" in m]
     reversed_ = [m["length/reversed_share"] for m in metrics if "length/reversed_share" in m]
     state = json.loads((run_dir / "state.json").read_text())
+    sampled = ev.get("sampled") or {}
     return {"eval_length": ev["length"]["tokens_mean"], "eval_quality": ev["quality_mean"],
+            "sampled_length": (sampled.get("length") or {}).get("tokens_mean"),
+            "sampled_quality": sampled.get("quality_mean"),
             "eval_reward": ev["reward_mean"], "eval_lc": (ev.get("vs_initial") or {}).get("lc_win_rate"),
             "sample_length": ev.get("gen/length_mean"),
             "saturated_share": statistics.fmean(saturated) if saturated else None,
@@ -120,6 +124,7 @@ def check_claim(rows: list[dict], prefix: str, vanilla: str = VANILLA, method: s
 
 
 COLUMNS = (("eval_length", "length", ".1f"), ("eval_quality", "quality", ".4f"), ("eval_lc", "LC win %", ".1f"),
+           ("sampled_length", "sampled length", ".1f"), ("sampled_quality", "sampled quality", ".4f"),
            ("alpha", "alpha", ".4f"), ("trainings", "trainings", ".1f"),
            ("saturated_share", "saturated", ".2f"), ("reversed_share", "reversed", ".2f"),
            ("heldout_length", "held-out length", ".1f"),
@@ -134,17 +139,23 @@ def _cell(values: list[float], spec: str) -> str:
     return mean if len(values) == 1 else f"{mean} ({format(min(values), spec)}..{format(max(values), spec)})"
 
 
+def _present_sets(rows: list[dict]) -> dict[str, str]:
+    return {prefix: name for prefix, name in SETS.items() if any(r.get(f"{prefix}_length") is not None for r in rows)}
+
+
 def study_table(rows: list[dict], arms: list[str]) -> list[str]:
-    """Markdown: per arm and iteration, mean (min..max over seeds) of each column."""
-    lines = ["| arm | iter | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|---|---|" + "---|" * len(COLUMNS)]
+    """Markdown: per arm and iteration, mean (min..max over seeds) of each column that has numbers
+    (the sampled columns only with eval.samples)."""
+    columns = [c for c in COLUMNS if not c[0].startswith("sampled_") or any(r.get(c[0]) is not None for r in rows)]
+    lines = ["| arm | iter | seeds | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for arm in arms:
         iterations = sorted({r["iteration"] for r in rows if r["arm"] == arm})
         for k in iterations:
             if k == 0 and arm != arms[0]:
                 continue  # the base model: one row
             selected = [r for r in rows if r["arm"] == arm and r["iteration"] == k]
-            cells = [_cell([r[key] for r in selected if r.get(key) is not None], spec) for key, _, spec in COLUMNS]
+            cells = [_cell([r[key] for r in selected if r.get(key) is not None], spec) for key, _, spec in columns]
             lines.append(f"| {'base' if k == 0 else arm} | {k} | {len(selected)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -157,7 +168,8 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
     atomic_write_text(out / "study.json", json.dumps(rows, indent=1))
     lines = [f"# Demo over seeds {', '.join(map(str, seeds))}", "",
              ("Mean over seeds, (min..max) in brackets. length: mean eval answer length in tokens; "
-              "quality: the judge's similarity to the reference; LC win %: length-controlled win rate "
+              "quality: the judge's similarity to the reference; sampled: the same over sampled eval answers "
+              "(eval.samples, when set); LC win %: length-controlled win rate "
               "against the base model; alpha: the per-token alpha the kept training used; trainings: how many "
               "times alpha control trained the round (1 + attempts its retries replaced); saturated: share of "
               "training pairs whose length term "
@@ -167,11 +179,11 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
     if VANILLA in arms:
         lines += ["## The claim (issue 12)", ""]
         for method in (arm for arm in arms if arm != VANILLA):
-            for prefix, name in SETS.items():
+            for prefix, name in _present_sets(rows).items():
                 failures = check_claim(rows, prefix, method=method)
                 lines.append(f"- {method}, {name}: " + ("met" if not failures else "not met: " + "; ".join(failures)))
         lines.append("")
-    for prefix, name in SETS.items():
+    for prefix, name in _present_sets(rows).items():
         panels = {title: {arm: by_iteration(rows, arm, f"{prefix}_{key}") for arm in arms}
                   for key, title in (("length", "mean length (tokens)"), ("quality", "quality"))}
         if prefix == "heldout":

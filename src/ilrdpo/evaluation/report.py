@@ -118,8 +118,17 @@ def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any
             "lc_identifiable": vs.get("lc_identifiable"), "lc_note": vs.get("lc_note"),
             "quality_win_rate": vs_quality.get("win_rate"),
             "pairs": ev.get("pairs/count", run.pairs_count.get(k)),
+            **_sampled_numbers(ev.get("sampled") or {}),
         })
     return rows
+
+
+def _sampled_numbers(sampled: dict[str, Any]) -> dict[str, Any]:
+    """The eval.json "sampled" figures (eval.samples > 0) a results row shows; None where absent."""
+    vs = sampled.get("vs_initial") or {}
+    return {"sampled_length": (sampled.get("length") or {}).get("tokens_mean"),
+            "sampled_quality": sampled.get("quality_mean"), "sampled_win_rate": vs.get("win_rate"),
+            "sampled_lc_win_rate": vs.get("lc_win_rate")}
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
@@ -158,6 +167,13 @@ TABLE_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("quality win rate vs initial", "q. win %", lambda r: _fmt(r["quality_win_rate"], ".1f")),
     ("pairs", "pairs", lambda r: _fmt(r["pairs"], "d")),
 ]
+# Shown when some model has sampled eval answers (eval.samples): the same figures over them.
+SAMPLED_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
+    ("sampled length", "s. length", lambda r: _fmt(r["sampled_length"], ".1f")),
+    ("sampled quality", "s. quality", lambda r: _fmt(r["sampled_quality"], ".4g")),
+    ("sampled win rate vs initial", "s. win %", lambda r: _fmt(r["sampled_win_rate"], ".1f")),
+    ("sampled LC win rate vs initial", "s. LC win %", lambda r: _fmt(r["sampled_lc_win_rate"], ".1f")),
+]
 # Marks are not "*": a markdown line starting with "* " would turn into a bullet list.
 FOOTNOTES = {
     "‡": "‡ LC win rate not identifiable (see the notes on the LC win rate): an extrapolation set "
@@ -174,8 +190,9 @@ def table_cells(runs: list[RunData], short: bool = False,
     with_run = len(runs) > 1
     joint = joint_win_rates(runs) if joint is None else joint
     rows = [row for run in runs for row in summary_rows(run, joint)]
-    headers = (["run"] if with_run else []) + [c[1] if short else c[0] for c in TABLE_COLUMNS]
-    cells = [([row["run"]] if with_run else []) + [cell(row) for _, _, cell in TABLE_COLUMNS] for row in rows]
+    columns = TABLE_COLUMNS + (SAMPLED_COLUMNS if any(r["sampled_length"] is not None for r in rows) else [])
+    headers = (["run"] if with_run else []) + [c[1] if short else c[0] for c in columns]
+    cells = [([row["run"]] if with_run else []) + [cell(row) for _, _, cell in columns] for row in rows]
     used = {"‡": any(r["lc_identifiable"] is False for r in rows),
             "†": any(r["source"] == "samples" for r in rows)}
     return headers, cells, [text for mark, text in FOOTNOTES.items() if used[mark]]
