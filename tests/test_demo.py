@@ -121,6 +121,20 @@ def test_study_table_gives_mean_and_range():
     assert table.count("| base |") == 1
 
 
+def test_study_shows_sampled_answers_only_when_there_are_some():
+    """Rows with sampled eval numbers (eval.samples) get sampled columns and their own claim check;
+    rows without them (the default) do not."""
+    rows = _rows({0: [44, 44], 1: [36, 36]}, {0: [60, 60], 1: [60, 60]}, 0.72, 0.71)
+    assert "sampled" not in "\n".join(study_table(rows, ["idpo", "ilrdpo"]))
+    assert check_claim(rows, "sampled") == ["sampled: no numbers"]
+    for row in rows:  # sampled answers 10% longer, quality 0.01 lower than the greedy ones
+        row["sampled_length"], row["sampled_quality"] = row["eval_length"] * 1.1, row["eval_quality"] - 0.01
+    table = "\n".join(study_table(rows, ["idpo", "ilrdpo"]))
+    assert "| sampled length | sampled quality |" in table
+    assert "| ilrdpo | 1 | 2 | 40.0 (36.0..44.0) | 0.7200 (0.7200..0.7200) | - | 44.0 (39.6..48.4) | 0.7100" in table
+    assert check_claim(rows, "sampled") == [f"sampled iter {k}: 2 seed(s), the claim needs 3" for k in (1, 2)]
+
+
 def test_plot_bands_draws_a_png(tmp_path):
     bands = {"idpo": {0: [40, 42], 1: [60, 80]}, "ilrdpo": {0: [40, 42], 1: [38, 45]}}
     assert plot_bands({"length": bands, "empty": {"idpo": {}}}, tmp_path / "b.png", title="t")

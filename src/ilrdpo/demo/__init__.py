@@ -124,9 +124,10 @@ def share_base_eval(source: Path, target: Path, same_seed: bool = True) -> None:
         return
     shutil.copytree(source_dir.iteration(0), target_dir.iteration(0), dirs_exist_ok=True,
                     ignore=None if same_seed else shutil.ignore_patterns(SAMPLES_FILE))
-    evaluation = json.loads(target_dir.file(0, "eval.json").read_text())
-    if not same_seed and evaluation.pop("sampled", None) is not None:
-        atomic_write_text(target_dir.file(0, "eval.json"), json.dumps(evaluation, indent=1))
+    if not same_seed:
+        evaluation = json.loads(target_dir.file(0, "eval.json").read_text())
+        if evaluation.pop("sampled", None) is not None:
+            atomic_write_text(target_dir.file(0, "eval.json"), json.dumps(evaluation, indent=1))
     target_dir.state().mark(0, "eval")
 
 
