@@ -66,11 +66,13 @@ def test_invalid_value_names_key_and_reason(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["loss.alpha_neutral=true"], r"config key 'loss': .*alpha_neutral needs a loss with a target margin .*'sigmoid'"),
     (["loss.type=ipo", "loss.alpha_neutral=true", "loss.alpha_relative=true"], r"config key 'loss': .*set one"),
+    (["loss.no_reversal=true"], r"config key 'loss': .*no_reversal needs a loss with a target margin .*'sigmoid'"),
 ])
 def test_alpha_scales_are_checked(overrides, message):
     with pytest.raises(UserInputError, match=message):
         load_config(None, overrides)
     assert load_config(None, ["loss.type=ipo", "loss.alpha_neutral=true"]).loss.alpha_neutral
+    assert load_config(None, ["loss.type=ipo", "loss.no_reversal=true"]).loss.no_reversal
     assert load_config(None, ["loss.alpha_neutral=true", "loss.label_smoothing=0.1"]).loss.alpha_neutral
 
 

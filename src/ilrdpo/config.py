@@ -147,6 +147,11 @@ class LossSettings(Section):
         "c(y_l); T the loss's target margin, ipo: 1/2) carry no length component, T * sum(g) / sum(g^2). "
         "alpha 1 = neutral, above 1 favours shorter answers. Needs a loss with a target margin (ipo, or sigmoid "
         "with label_smoothing).")
+    no_reversal: bool = Field(
+        False, description="Cap the length term at the loss's target margin (ipo: 1/2): a pair whose chosen "
+        "answer is longer has its preference cancelled at most, never learnt the other way round, so training "
+        "is never pushed toward the answer the judge scored lower (length/reversed_share stays 0). Needs a loss "
+        "with a target margin (ipo, or sigmoid with label_smoothing).")
     target_length: float | Literal["base"] | None = Field(
         None, description="If set, c(y) = | |y| - target |: answers are pulled toward this length. 'base' (ilrdpo "
         "run only): each prompt's target is the initial model's mean sampled answer length for it.")
@@ -160,6 +165,9 @@ class LossSettings(Section):
             raise ValueError("alpha_neutral and alpha_relative are two scales for alpha; set one")
         if self.alpha_neutral and target_margin(self.type, self.label_smoothing) is None:
             raise ValueError(f"alpha_neutral needs a loss with a target margin (ipo, or sigmoid with "
+                             f"label_smoothing > 0); {self.type!r} has none")
+        if self.no_reversal and target_margin(self.type, self.label_smoothing) is None:
+            raise ValueError(f"no_reversal needs a loss with a target margin (ipo, or sigmoid with "
                              f"label_smoothing > 0); {self.type!r} has none")
         return self
 

@@ -117,7 +117,7 @@ class LossOutput(NamedTuple):
     losses: Tensor  # (B,)
     chosen_rewards: Tensor  # (B,)
     rejected_rewards: Tensor  # (B,)
-    length_term: Tensor  # (B,) alpha * (c(y_w) - c(y_l))
+    length_term: Tensor  # (B,) alpha * (c(y_w) - c(y_l)), capped with no_reversal
 
 
 def preference_loss(
@@ -136,6 +136,7 @@ def preference_loss(
     simpo_gamma: float = 0.5,
     chosen_n_tokens: Tensor | None = None,
     rejected_n_tokens: Tensor | None = None,
+    no_reversal: bool = False,
 ) -> LossOutput:
     """Per-example length-regularised preference loss.
 
@@ -147,7 +148,9 @@ def preference_loss(
 
     margin = beta * delta + alpha * (c(y_w) - c(y_l)); for "simpo",
     margin = beta * (logp_w / n_w - logp_l / n_l) - gamma + alpha * (c(y_w) - c(y_l)).
-    alpha = 0 reduces to the plain loss of each type (DPO for "sigmoid").
+    alpha = 0 reduces to the plain loss of each type (DPO for "sigmoid"). no_reversal caps the
+    length term at the loss's target margin T (target_margin), so T - term >= 0: a longer chosen
+    answer's preference is cancelled at most, never reversed.
 
     Returns (losses, chosen_rewards, rejected_rewards, length_term), each (B,); rewards are the
     implicit rewards beta * (log pi - log pi_ref) (beta * average log-prob for SimPO), detached;
@@ -166,6 +169,11 @@ def preference_loss(
         rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
         margin = chosen_rewards - rejected_rewards
     length_term = length_margin_term(chosen_lengths, rejected_lengths, alpha, target_length)  # (B,)
+    if no_reversal:
+        cap = target_margin(loss_type, label_smoothing)
+        if cap is None:
+            raise ValueError(f"no_reversal needs a loss with a target margin; {loss_type!r} has none")
+        length_term = length_term.clamp(max=cap)
     losses = LOSSES[loss_type].fn(margin + length_term, beta, label_smoothing)
     return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), length_term.detach())
 

@@ -493,7 +493,7 @@ def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps:
         policy[:n], policy[n:], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
         lengths[:n], lengths[n:], loss_type=loss.type, beta=loss.beta, alpha=loss.alpha,
         target_length=target, label_smoothing=loss.label_smoothing, simpo_gamma=loss.simpo_gamma,
-        chosen_n_tokens=n_tokens[:n], rejected_n_tokens=n_tokens[n:],
+        chosen_n_tokens=n_tokens[:n], rejected_n_tokens=n_tokens[n:], no_reversal=loss.no_reversal,
     )
     backward(out.losses, weight)
     return {
