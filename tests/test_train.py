@@ -342,6 +342,39 @@ def test_divergence_rule_by_hand(losses, grads, stops_at, why):
     assert stops_at is None
 
 
+def test_divergence_rule_measures_the_loss_against_the_pairs_start():
+    """IPO with a length term (the demo's no_reversal screen, alpha 0.025): capped pairs fit to a
+    loss near 0, then a step of shorter-chosen pairs whose targets the length term raises has loss
+    47.9 and a loss at the reference of 60 (one pair 30 tokens shorter: ((0.5 + 0.025 x 30) / 0.1)^2
+    = 156; averaged with an easier one): no divergence. The same loss against a loss at the
+    reference of 1 stops; a diverged step far above its own start (2,000 > 20 x 60) still stops."""
+    g = guard()
+    for step in range(1, 7):
+        g.check(step, 0.3, 1.0, loss_at_reference=4.0)
+    g.check(7, 47.9, 5.0, loss_at_reference=60.0)
+    with pytest.raises(TrainingDiverged, match="step 8: loss 47.9 > 20 x 1 .recent median"):
+        g.check(8, 47.9, 5.0, loss_at_reference=1.0)
+    with pytest.raises(TrainingDiverged, match="step 8: loss 2000 > 20 x 60 .its loss at the reference"):
+        guard_ = guard()
+        for step in range(1, 8):
+            guard_.check(step, 0.3, 1.0, loss_at_reference=4.0)
+        guard_.check(8, 2000.0, 5.0, loss_at_reference=60.0)
+
+
+def test_loss_at_reference_is_the_loss_at_a_zero_log_ratio_margin():
+    """Against preference_loss itself with policy log-probs equal to the reference's."""
+    from ilrdpo.config import LossSettings
+    from ilrdpo.loss import preference_loss
+    from ilrdpo.train import loss_at_reference
+
+    logps, lengths_w, lengths_l = torch.tensor([-5.0, -9.0]), torch.tensor([80.0, 10.0]), torch.tensor([10.0, 60.0])
+    for settings in (LossSettings(type="ipo", alpha=0.0125), LossSettings(type="sigmoid", alpha=0.05),
+                     LossSettings(type="ipo", alpha=0.0125, no_reversal=True)):
+        out = preference_loss(logps, logps, logps, logps, lengths_w, lengths_l, loss_type=settings.type,
+                              beta=settings.beta, alpha=settings.alpha, no_reversal=settings.no_reversal)
+        assert torch.allclose(loss_at_reference(out.length_term, settings), out.losses)
+
+
 def test_divergence_rule_weight_drift():
     """Weights whose norm doubles (moved by 1 x their starting norm) stop the round; 50% does not."""
     g = guard()

@@ -48,7 +48,7 @@ from ilrdpo.data import (
 from ilrdpo.errors import TrainingDiverged, UserInputError
 from ilrdpo.faults import fault_point
 from ilrdpo.logprobs import ld_weights, sequence_logps, shared_prefix_logps, shared_prefix_supported
-from ilrdpo.loss import REFERENCE_FREE, length_reversed, preference_loss
+from ilrdpo.loss import LOSSES, REFERENCE_FREE, length_reversed, preference_loss
 from ilrdpo.progress import console, progress_bar
 from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
 from ilrdpo.tracking import RunTracker
@@ -196,7 +196,9 @@ class DivergenceGuard:
     """Stops a round before a diverged model can be saved. After optimizer step s:
 
     - the loss, the gradient norm or any trainable weight is not finite;
-    - the loss exceeds LOSS_FACTOR x max(median of the last WINDOW steps' losses, 1), or the
+    - the loss exceeds LOSS_FACTOR x max(median of the last WINDOW steps' losses, the step's loss at
+      the reference (its pairs' loss with a zero log-ratio margin: under IPO a pair whose length
+      term raises its target starts high, and a batch of them after easy ones is no divergence), 1), or the
       gradient norm (before clipping) exceeds GRAD_FACTOR x max(their median, the clipping norm:
       saturated pairs give near-zero gradients, and one unsaturated pair must not look like an
       explosion against them); both from step
@@ -237,7 +239,7 @@ class DivergenceGuard:
         if not math.isfinite(loss):
             self.stop(step, f"non-finite loss ({loss})")
 
-    def check(self, step: int, loss: float, grad_norm: float) -> None:
+    def check(self, step: int, loss: float, grad_norm: float, loss_at_reference: float = 0.0) -> None:
         """After the optimizer step."""
         def stop(what: str) -> None:
             self.stop(step, what)
@@ -247,9 +249,11 @@ class DivergenceGuard:
                 return  # the scaler skipped this step and lowers its scale
             stop(f"non-finite gradient norm ({grad_norm})")
         if len(self.losses) >= self.MIN_HISTORY:
-            loss_ref = max(statistics.median(self.losses[-self.WINDOW:]), 1.0)
+            median = max(statistics.median(self.losses[-self.WINDOW:]), 1.0)
+            loss_ref = max(median, loss_at_reference)
             if loss > self.LOSS_FACTOR * loss_ref:
-                stop(f"loss {loss:.4g} > {self.LOSS_FACTOR:g} x {loss_ref:.4g} (recent median)")
+                what = "recent median" if loss_ref == median else "its loss at the reference"
+                stop(f"loss {loss:.4g} > {self.LOSS_FACTOR:g} x {loss_ref:.4g} ({what})")
             grad_ref = max(statistics.median(self.grads[-self.WINDOW:]), self.grad_floor)
             if grad_norm > self.GRAD_FACTOR * grad_ref:
                 stop(f"gradient norm {grad_norm:.4g} > {self.GRAD_FACTOR:g} x {grad_ref:.4g} (recent median)")
@@ -438,7 +442,7 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
             else:
                 grad_norm = _optimizer_step(setup, train.max_grad_norm)
             setup.scheduler.step()
-            guard.check(step, sums["loss"], grad_norm)
+            guard.check(step, sums["loss"], grad_norm, sums["loss/at_reference"])
             record = {"step": step, "epoch": round((step - 1) * train.grad_accum / max(setup.n_batches, 1), 4),
                       **sums, "grad_norm": grad_norm, "learning_rate": learning_rate,
                       "tokens": tokens, "elapsed_s": round(time.perf_counter() - start, 3)}
@@ -477,9 +481,16 @@ def _optimizer_step(setup: RoundSetup, max_grad_norm: float) -> float:
     return grad_norm
 
 
+def loss_at_reference(length_term: torch.Tensor, loss: LossSettings) -> torch.Tensor:
+    """(B,) each pair's loss with a zero log-ratio margin (policy = reference; SimPO: equal average
+    log-probs), where only the length term (and SimPO's gamma) is left."""
+    margin = length_term.float() - (loss.simpo_gamma if loss.type == "simpo" else 0.0)
+    return LOSSES[loss.type].fn(margin, loss.beta, loss.label_smoothing)
+
+
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected", "length/chosen", "length/rejected", "length/margin_term", "length/saturated_share",
-         "length/reversed_share")
+         "length/reversed_share", "loss/at_reference")
 
 
 def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps: torch.Tensor | None,
@@ -512,4 +523,8 @@ def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps:
         # pairs the loss learns the other way round (IPO, cDPO: the length term exceeds the target margin)
         "length/reversed_share": length_reversed(out.length_term, loss.type,
                                                  loss.label_smoothing).float().mean().item(),
+        # the loss these pairs have where the policy equals the reference (their log-ratio margin 0):
+        # the scale of a healthy loss for the divergence guard; with a target margin (IPO) it grows
+        # with each pair's length term
+        "loss/at_reference": loss_at_reference(out.length_term, loss).mean().item(),
     }
