@@ -135,6 +135,29 @@ def test_study_shows_sampled_answers_only_when_there_are_some():
     assert check_claim(rows, "sampled") == [f"sampled iter {k}: 2 seed(s), the claim needs 3" for k in (1, 2)]
 
 
+def test_paired_differences_prompt_by_prompt(tmp_path):
+    """Two seeds x 4 prompts. Iteration 1: the method is 0.05 better on every prompt of both seeds
+    (mean +0.05, every resample +0.05, so the interval is that point). Iteration 2: +0.1 and -0.1
+    on alternate prompts (mean 0): not distinguishable. Held-out answers absent: no rows."""
+    from ilrdpo.demo.study import paired_differences, paired_table
+
+    for seed in (0, 1):
+        for arm, shift in (("idpo", 0.0), ("ilrdpo", 1.0)):
+            for k, deltas in ((1, [0.05] * 4), (2, [0.1, -0.1, 0.1, -0.1])):
+                path = tmp_path / f"seed_{seed}" / arm / f"iter_{k}" / "eval_answers.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(json.dumps({"id": f"p{i}", "quality": 0.5 + 0.01 * i + shift * d}) + "\n"
+                                        for i, d in enumerate(deltas)))
+    rows = paired_differences(tmp_path, [0, 1], "eval")
+    assert [(r["iteration"], r["seeds"], r["prompts"]) for r in rows] == [(1, 2, 4), (2, 2, 4)]
+    assert rows[0]["mean"] == pytest.approx(0.05) and rows[0]["ci"] == pytest.approx([0.05, 0.05])
+    assert rows[1]["mean"] == pytest.approx(0.0, abs=1e-12) and rows[1]["ci"][0] < 0 < rows[1]["ci"][1]
+    table = "\n".join(paired_table(rows))
+    assert "| 1 | 2 x 4 | +0.0500 | [+0.0500, +0.0500] | ilrdpo higher |" in table
+    assert "not distinguishable" in table
+    assert paired_differences(tmp_path, [0, 1], "heldout") == []
+
+
 def test_plot_bands_draws_a_png(tmp_path):
     bands = {"idpo": {0: [40, 42], 1: [60, 80]}, "ilrdpo": {0: [40, 42], 1: [38, 45]}}
     assert plot_bands({"length": bands, "empty": {"idpo": {}}}, tmp_path / "b.png", title="t")

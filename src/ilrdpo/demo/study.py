@@ -160,6 +160,57 @@ def study_table(rows: list[dict], arms: list[str]) -> list[str]:
     return lines
 
 
+ANSWER_FILES = {"eval": "iter_{k}/eval_answers.jsonl", "heldout": "heldout/iter_{k}_answers.jsonl",
+                "sampled": "iter_{k}/eval_samples.jsonl"}
+
+
+def prompt_qualities(run_dir: Path, k: int, prefix: str) -> dict[str, float]:
+    """{prompt id: quality} of model k's answers on one set; the mean over a prompt's samples for
+    "sampled"; {} when the file is absent."""
+    groups: dict[str, list[float]] = {}
+    for row in read_jsonl_tolerant(run_dir / ANSWER_FILES[prefix].format(k=k)):
+        groups.setdefault(row["id"], []).append(row["quality"])
+    return {i: statistics.fmean(values) for i, values in groups.items()}
+
+
+def paired_differences(out: Path, seeds: list[int], prefix: str, method: str = METHOD, vanilla: str = VANILLA,
+                       n_boot: int = 4000) -> list[dict[str, Any]]:
+    """Per iteration: the method's quality minus vanilla's, prompt by prompt on the seeds both have,
+    its mean and a 95% percentile-bootstrap interval that resamples prompts (each with all its
+    seeds), so the spread between prompts, not only between seeds, sets the interval."""
+    import numpy as np
+
+    rows = []
+    k = 1
+    while True:
+        per_seed = []
+        for seed in seeds:
+            a = prompt_qualities(out / f"seed_{seed}" / method, k, prefix)
+            b = prompt_qualities(out / f"seed_{seed}" / vanilla, k, prefix)
+            if a and b:
+                per_seed.append({i: a[i] - b[i] for i in a.keys() & b.keys()})
+        if not per_seed:
+            return rows
+        ids = sorted(set.intersection(*(set(d) for d in per_seed)))
+        diffs = np.array([[d[i] for d in per_seed] for i in ids])  # (prompts, seeds)
+        rng = np.random.default_rng(0)
+        means = diffs[rng.integers(0, len(ids), size=(n_boot, len(ids)))].mean(axis=(1, 2))
+        lo, hi = np.percentile(means, [2.5, 97.5])
+        rows.append({"set": prefix, "iteration": k, "seeds": len(per_seed), "prompts": len(ids),
+                     "mean": float(diffs.mean()), "ci": [float(lo), float(hi)]})
+        k += 1
+
+
+def paired_table(rows: list[dict[str, Any]], method: str = METHOD, vanilla: str = VANILLA) -> list[str]:
+    lines = [f"| set | iter | seeds x prompts | {method} - {vanilla} quality | 95% CI | reading |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["ci"]
+        reading = f"{method} higher" if lo > 0 else f"{vanilla} higher" if hi < 0 else "not distinguishable"
+        lines.append(f"| {SETS[r['set']]} | {r['iteration']} | {r['seeds']} x {r['prompts']} | {r['mean']:+.4f} | "
+                     f"[{lo:+.4f}, {hi:+.4f}] | {reading} |")
+    return lines
+
+
 def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
     """study.md, study.json and the band plots of the seeds' runs under `out`."""
     from ilrdpo.evaluation.plots import plot_bands
@@ -183,6 +234,13 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
                 failures = check_claim(rows, prefix, method=method)
                 lines.append(f"- {method}, {name}: " + ("met" if not failures else "not met: " + "; ".join(failures)))
         lines.append("")
+        for method in (arm for arm in arms if arm != VANILLA):
+            paired = [r for prefix in _present_sets(rows) for r in paired_differences(out, seeds, prefix, method)]
+            if paired:
+                lines += [f"### {method} against {VANILLA}, prompt by prompt", "",
+                          "The quality difference on each prompt (same prompt, same seed), averaged; the interval "
+                          "resamples prompts. The claim above compares means; this says whether a gap is more than "
+                          "the eval set's sampling noise.", "", *paired_table(paired, method), ""]
     for prefix, name in _present_sets(rows).items():
         panels = {title: {arm: by_iteration(rows, arm, f"{prefix}_{key}") for arm in arms}
                   for key, title in (("length", "mean length (tokens)"), ("quality", "quality"))}
