@@ -217,16 +217,16 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
 
     rows = collect(out, seeds, arms)
     atomic_write_text(out / "study.json", json.dumps(rows, indent=1))
-    lines = [f"# Demo over seeds {', '.join(map(str, seeds))}", "",
-             ("Mean over seeds, (min..max) in brackets. length: mean eval answer length in tokens; "
-              "quality: the judge's similarity to the reference; sampled: the same over sampled eval answers "
-              "(eval.samples, when set); LC win %: length-controlled win rate "
-              "against the base model; alpha: the per-token alpha the kept training used; trainings: how many "
-              "times alpha control trained the round (1 + attempts its retries replaced); saturated: share of "
-              "training pairs whose length term "
-              "|alpha * gap| exceeds 3 logits; reversed: share the loss learns shorter-first (IPO: length term above "
-              "its target margin 1/2); held-out: the second held-out set (prompts_heldout.jsonl), "
-              "never used to choose settings."), "", *study_table(rows, arms), ""]
+    sampled = ("sampled: the same over the sampled eval answers (eval.samples); "
+               if "sampled" in _present_sets(rows) else "")
+    legend = ("Mean over seeds, (min..max) in brackets. length: mean eval answer length in tokens; quality: the "
+              f"judge's similarity to the reference; {sampled}LC win %: length-controlled win rate against the base "
+              "model; alpha: the per-token alpha the kept training used; trainings: how many times alpha control "
+              "trained the round (1 + attempts its retries replaced); saturated: share of training pairs whose "
+              "length term |alpha * gap| exceeds 3 logits; reversed: share the loss learns shorter-first (IPO: "
+              "length term above its target margin 1/2); held-out: the second held-out set (prompts_heldout.jsonl), "
+              "never used to choose settings.")
+    lines = [f"# Demo over seeds {', '.join(map(str, seeds))}", "", legend, "", *study_table(rows, arms), ""]
     if VANILLA in arms:
         lines += ["## The claim (issue 12)", ""]
         for method in (arm for arm in arms if arm != VANILLA):
