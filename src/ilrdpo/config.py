@@ -259,7 +259,7 @@ class EvalSettings(Section):
     greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
     samples: int = Field(
         0, ge=0, le=64, description="Also this many sampled answers per eval prompt (the generation settings, the "
-        "run's seed; the same draws for every model), judged and compared with the initial model's sampled "
+        "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
         "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
         "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
     perplexity: bool = Field(
