@@ -289,14 +289,13 @@ def _sampled_evaluation(t: int, rundir: RunDir, config: Config, prompts: list[Pr
     return result
 
 
-def per_prompt_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per prompt id: the mean quality, reward and lengths of its sampled answers."""
+def per_prompt_means(rows: list[dict[str, Any]],
+                     keys: tuple[str, ...] = ("quality", "reward", "n_tokens", "n_chars")) -> list[dict[str, Any]]:
+    """One record per prompt id: the mean of each of `keys` over its answers (its sampled answers)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["id"], []).append(row)
-    return [{"id": i, **{key: sum(r[key] for r in group) / len(group)
-                         for key in ("quality", "reward", "n_tokens", "n_chars")}}
-            for i, group in groups.items()]
+    return [{"id": i, **{key: sum(r[key] for r in group) / len(group) for key in keys}} for i, group in groups.items()]
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ilrdpo.demo.heldout import heldout_path
+from ilrdpo.evaluate import per_prompt_means
 from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
 
 SETS = {"eval": "bundled eval prompts", "heldout": "second held-out set",
@@ -167,10 +168,8 @@ ANSWER_FILES = {"eval": "iter_{k}/eval_answers.jsonl", "heldout": "heldout/iter_
 def prompt_qualities(run_dir: Path, k: int, prefix: str) -> dict[str, float]:
     """{prompt id: quality} of model k's answers on one set; the mean over a prompt's samples for
     "sampled"; {} when the file is absent."""
-    groups: dict[str, list[float]] = {}
-    for row in read_jsonl_tolerant(run_dir / ANSWER_FILES[prefix].format(k=k)):
-        groups.setdefault(row["id"], []).append(row["quality"])
-    return {i: statistics.fmean(values) for i, values in groups.items()}
+    rows = read_jsonl_tolerant(run_dir / ANSWER_FILES[prefix].format(k=k))
+    return {row["id"]: row["quality"] for row in per_prompt_means(rows, keys=("quality",))}
 
 
 def paired_differences(out: Path, seeds: list[int], prefix: str, method: str = METHOD, vanilla: str = VANILLA,
