@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from ilrdpo.demo import VANILLA, _subset, bundled_prompts, run_study
-from ilrdpo.demo.heldout import evaluate_heldout, heldout_path
+from ilrdpo.demo.heldout import evaluate_heldout
 from ilrdpo.demo.study import write_study
 
 
@@ -56,7 +56,7 @@ def heldout_after(out: Path, seeds: list[int], arms: list[str], n_heldout: int) 
         runs = [out / f"seed_{seed}" / arm for arm in arms if (out / f"seed_{seed}" / arm / "state.json").exists()]
         prompts = _subset(bundled_prompts("heldout"), n_heldout, out / f"seed_{seed}" / "data")
         evaluate_heldout(runs, prompts, base=base)
-        base = heldout_path(runs[0], 0)
+        base = runs[0]
     write_study(out, seeds, arms)
 
 

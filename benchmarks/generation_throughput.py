@@ -78,7 +78,7 @@ def timed(fn):
 def measure(rows: int, model, tokenizer, all_prompts, args) -> dict[str, float]:
     """New tokens/s of every system on the same `rows` rows (B / N prompts x N samples)."""
     from ilrdpo.config import DataSettings, GenerationSettings
-    from ilrdpo.generation import (
+    from ilrdpo.generation.sampling import (
         BACKENDS,
         _decode,
         _generation_config,

@@ -1,4 +1,4 @@
-"""`ilrdpo generate` and best-of-N reranking (ilrdpo.generation.best_of; smoke tier)."""
+"""`ilrdpo generate` and best-of-N reranking (ilrdpo.best_of; smoke tier)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 
 from helpers import read_jsonl
+from ilrdpo.best_of import Rerank, choose, generate_file
 from ilrdpo.config import GenerationSettings, ScoringSettings
 from ilrdpo.errors import UserInputError
-from ilrdpo.generation.best_of import Rerank, choose, generate_file
 
 PREFERS_12_CHARS = """
 def score(prompts, completions, **kwargs):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
 from ilrdpo.config import (
+    REMOVED_KEYS,
     Config,
+    all_keys,
     build_config,
     config_to_yaml,
     field_docs,
@@ -63,17 +66,58 @@ def test_invalid_value_names_key_and_reason(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["loss.alpha_neutral=true"], r"config key 'loss': .*alpha_neutral needs a loss with a target margin .*'sigmoid'"),
-    (["loss.type=ipo", "loss.alpha_neutral=true", "loss.alpha_relative=true"], r"config key 'loss': .*set one"),
-    (["loss.no_reversal=true"], r"config key 'loss': .*no_reversal needs a loss with a target margin .*'sigmoid'"),
-])
-def test_alpha_scales_are_checked(overrides, message):
-    with pytest.raises(UserInputError, match=message):
-        load_config(None, overrides)
-    assert load_config(None, ["loss.type=ipo", "loss.alpha_neutral=true"]).loss.alpha_neutral
-    assert load_config(None, ["loss.type=ipo", "loss.no_reversal=true"]).loss.no_reversal
-    assert load_config(None, ["loss.alpha_neutral=true", "loss.label_smoothing=0.1"]).loss.alpha_neutral
+def test_alpha_neutral_needs_a_target_margin():
+    with pytest.raises(UserInputError, match=r"experimental.alpha_neutral needs a loss with a target margin .*'sigmoid'"):
+        load_config(None, ["experimental.alpha_neutral=true"])
+    assert load_config(None, ["loss.type=ipo", "experimental.alpha_neutral=true"]).experimental.alpha_neutral
+    assert load_config(None, ["experimental.alpha_neutral=true", "loss.label_smoothing=0.1"]).experimental.alpha_neutral
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key", sorted(REMOVED_KEYS))
+def test_a_removed_key_is_one_line_saying_what_to_use(tmp_path, key):
+    """Every removed key, in a file, an override or (scoring keys) eval.judge: one line naming the
+    key and what replaces it, exit status 2."""
+    section, name = key.split(".")
+    path = write(tmp_path / "c.yaml", f"{section}:\n  {name}: 1\n")
+    with pytest.raises(UserInputError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: config key '{key}' was removed; use {REMOVED_KEYS[key][0]}"
+    assert info.value.exit_code == 2 and "\n" not in str(info.value)
+    with pytest.raises(UserInputError, match=f"^command line: config key '{key}' was removed"):
+        load_config(None, [f"{key}=1"])
+    if section == "scoring":
+        with pytest.raises(UserInputError, match=f"config key 'eval.judge.{name}' was removed"):
+            load_config(None, [f"eval.judge.{name}=1"])
+
+
+@pytest.mark.unit
+def test_a_run_directorys_old_config_loads_where_removed_keys_changed_nothing(tmp_path):
+    """config.yaml of a run made before the keys went (every key written out): moved keys move,
+    removed keys at their inert value drop; one that changed the run is refused in one line."""
+    old = Config().model_dump(mode="json")
+    old["loss"].update(no_reversal=False, alpha_relative=False, alpha_neutral=False)
+    old["scoring"].update(length_bias=0.0, length_bias_cap=128, selection_length_penalty=0.0)
+    old["eval"]["perplexity"] = True
+    old["train"]["packing"] = True
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    config = load_config(path, recorded=True)
+    assert config.experimental.perplexity and config == Config(experimental={"perplexity": True})
+    old["scoring"]["length_bias"] = 0.3
+    write(path, yaml.safe_dump(old))
+    with pytest.raises(UserInputError, match=r"config key 'scoring.length_bias' \(0.3\) was removed; this run "):
+        load_config(path, recorded=True)
+    with pytest.raises(UserInputError, match="was removed"):
+        load_config(path)  # a user's config is never migrated
+
+
+@pytest.mark.unit
+def test_keys_outside_the_experimental_section_are_counted():
+    """The configuration's size (issue 28): 106 dotted keys before, the count of all_keys() now."""
+    keys = all_keys()
+    experimental = [k for k in keys if k.startswith("experimental.")]
+    assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
+    assert len(keys) - len(experimental) == 95
 
 
 def test_overrides_parse_types():

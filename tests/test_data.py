@@ -89,7 +89,7 @@ def test_response_mask_covers_exactly_answer_and_eos(tokenizer, prompt, answer):
         assert ids[row][response[row].bool()].tolist() == encode_answer(tokenizer, text)
         prompt_part = attention[row].bool() & ~response[row].bool()
         assert ids[row][prompt_part].tolist() == encode_prompt(tokenizer, prompt)
-    assert batch["n_tokens"].tolist() == [len(encode_answer(tokenizer, answer)),
+    assert batch["scored_tokens"].tolist() == [len(encode_answer(tokenizer, answer)),
                                           len(encode_answer(tokenizer, "No idea, sorry."))]
 
 
@@ -189,7 +189,7 @@ def test_collate_pairs_shapes_and_masks():
     assert batch["response_mask"].tolist() == [
         [0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
     # lengths: each example's |y| as tokenize_pairs measured it; n_tokens: the scored tokens
-    assert batch["lengths"].tolist() == [9, 3, 4, 30] and batch["n_tokens"].tolist() == [3, 2, 2, 5]
+    assert batch["lengths"].tolist() == [9, 3, 4, 30] and batch["scored_tokens"].tolist() == [3, 2, 2, 5]
     assert "target_length" not in batch
 
 
@@ -226,7 +226,7 @@ def test_collate_shared_prefix_rows_positions_and_predictors():
     assert batch["predictor"].tolist() == [2, 3, 4, 8, 9, 2, 6, 8, 11, 12, 13]
     assert batch["answer_row"].tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
     assert batch["answer_index"].tolist() == [1, 2, 3, 1, 2, 1, 2, 1, 2, 3, 4]
-    assert batch["lengths"].tolist() == [9, 3, 4, 30] and batch["n_tokens"].tolist() == [3, 2, 2, 4]
+    assert batch["lengths"].tolist() == [9, 3, 4, 30] and batch["scored_tokens"].tolist() == [3, 2, 2, 4]
     assert padded_tokens(examples, shared_prefix=True) == 2 * 8
     assert padded_tokens(examples, shared_prefix=False) == 4 * 6  # rows of 6, 3, 5, 5 tokens
 

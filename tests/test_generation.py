@@ -15,7 +15,7 @@ import torch
 from ilrdpo.config import DataSettings, GenerationSettings
 from ilrdpo.data import as_messages, count_tokens
 from ilrdpo.errors import UserInputError
-from ilrdpo.generation import Sample, _decode, encode_prompts, generate_answers
+from ilrdpo.generation.sampling import Sample, _decode, encode_prompts, generate_answers
 from ilrdpo.records import Prompt
 
 PROMPTS = [

@@ -288,11 +288,9 @@ TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-5}, torch.float64: {"rtol"
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("ld_alpha", [None, 0.3])
-@pytest.mark.parametrize("pack", [False, True], ids=["row per pair", "pairs packed"])
-def test_shared_prefix_gives_the_plain_logps_and_gradients(make, dtype, attention, ld_alpha, pack):
-    """One packed row per pair (prompt once) = [chosen rows; rejected rows] with the prompt twice:
-    the same summed log-probs, token counts and parameter gradients, LD-DPO weights included; and
-    so with several pairs per row (padding-free packing: attention and positions per pair)."""
+def test_shared_prefix_gives_the_plain_logps_and_gradients(make, dtype, attention, ld_alpha):
+    """One row per pair (prompt once) = [chosen rows; rejected rows] with the prompt twice:
+    the same summed log-probs, token counts and parameter gradients, LD-DPO weights included."""
     from ilrdpo.data import collate_pairs, collate_shared_prefix
     from ilrdpo.logprobs import shared_prefix_logps, shared_prefix_supported
 
@@ -301,9 +299,7 @@ def test_shared_prefix_gives_the_plain_logps_and_gradients(make, dtype, attentio
     model = make().to(dtype)
     model.config._attn_implementation = attention
     examples = tokenized_pairs()
-    plain, packed = collate_pairs(examples, PAD), collate_shared_prefix(examples, PAD, pack=pack)
-    if pack:  # the shapes leave room for pairs to share rows
-        assert packed["input_ids"].shape[0] < len(examples)
+    plain, packed = collate_pairs(examples, PAD), collate_shared_prefix(examples, PAD)
     mask = plain["response_mask"]
     if ld_alpha is not None:
         mask = ld_weights(mask, len(examples), ld_alpha)
@@ -337,22 +333,6 @@ def test_shared_prefix_mask_by_hand():
     assert shared_prefix_mask(segments, "sdpa").tolist() == [[expected.tolist()]]
     additive = shared_prefix_mask(segments, "eager")[0, 0]
     assert (additive[expected] == 0).all() and (additive[~expected] == torch.finfo(torch.float32).min).all()
-
-
-def test_packed_rows_keep_pairs_apart():
-    """Three pairs of widths 4, 3 and 1 in rows of 4: [pair 0], [pair 1, pair 2]; each token
-    sees its own pair only and positions restart per pair."""
-    from ilrdpo.data import TokenizedPair, collate_shared_prefix
-    from ilrdpo.logprobs import shared_prefix_mask
-
-    examples = [TokenizedPair([5, 6], [7], [8], 1, 1), TokenizedPair([9], [10], [11], 1, 1),
-                TokenizedPair([], [12], [], 1, 0)]
-    batch = collate_shared_prefix(examples, 0, pack=True)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 11, 12]]
-    assert batch["units"].tolist() == [[1, 1, 1, 1], [2, 2, 2, 3]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 2], [0, 1, 1, 0]]
-    allowed = shared_prefix_mask(batch["segments"], "sdpa", batch["units"])[1, 0].int().tolist()
-    assert allowed == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]]
 
 
 def test_shared_prefix_is_refused_where_a_sliding_window_is_shorter_than_the_row():

@@ -113,27 +113,6 @@ def test_length_reversed_pairs_are_those_past_the_target():
     assert best.item() == pytest.approx((0.5 - term[0].item()) / BETA, abs=1e-2) and best < 0
 
 
-def test_no_reversal_caps_the_length_term_at_the_target_margin():
-    """IPO, alpha 0.0125, log-ratio difference 2 - (-1) = 3 (beta * delta = 0.3) for every pair:
-    chosen longer by 80 / 40 / 0 tokens, shorter by 40. Capped terms 0.5 / 0.5 / 0 / -0.5 (the
-    shorter chosen answer's term is not touched), worked out in float64 by hand:
-    loss = ((0.3 + term) / beta - 1 / (2 beta))^2 = (3 + 10 term - 5)^2 -> 9, 9, 4, 49.
-    Uncapped, the first pair's term is 1.0 and its loss (3 + 10 - 5)^2 = 64, learnt shorter-first."""
-    args = (t(-10.0, -10.0, -10.0, -10.0), t(-15.0, -15.0, -15.0, -15.0), t(-12.0, -12.0, -12.0, -12.0),
-            t(-14.0, -14.0, -14.0, -14.0), t(90.0, 50.0, 10.0, 10.0), t(10.0, 10.0, 10.0, 50.0))
-    capped = preference_loss(*args, loss_type="ipo", beta=BETA, alpha=0.0125, no_reversal=True)
-    assert capped.length_term.tolist() == pytest.approx([0.5, 0.5, 0.0, -0.5])
-    assert capped.losses.tolist() == pytest.approx([9.0, 9.0, 4.0, 49.0], abs=1e-4)
-    assert not length_reversed(capped.length_term, "ipo").any()
-    plain = preference_loss(*args, loss_type="ipo", beta=BETA, alpha=0.0125)
-    assert plain.losses[0].item() == pytest.approx(64.0, abs=1e-4) and length_reversed(plain.length_term, "ipo")[0]
-    smoothed = preference_loss(*args, loss_type="sigmoid", beta=BETA, alpha=1.0, label_smoothing=0.1,
-                               no_reversal=True)
-    assert smoothed.length_term.max().item() == pytest.approx(math.log(0.9 / 0.1))
-    with pytest.raises(ValueError, match="target margin"):
-        preference_loss(*args, loss_type="sigmoid", beta=BETA, alpha=0.0125, no_reversal=True)
-
-
 def test_hinge():
     """SLiC hinge: relu(1 - m) = relu(1 - 0.3) = 0.7; a margin past 1 costs nothing:
     alpha = 0.03, lengths 40 vs 10: m = 0.3 + 0.03 * 30 = 1.2, loss = relu(-0.2) = 0."""
@@ -162,7 +141,7 @@ def test_simpo_averages_over_tokens_when_lengths_are_chars():
     m = 5.5 + 0.1 * (12 - 30) = 5.5 - 1.8 = 3.7;  loss = softplus(-3.7) = 0.0244196."""
     losses, chosen, _, _ = preference_loss(
         t(-6.0), t(-20.0), None, None, t(12.0), t(30.0), loss_type="simpo", beta=2.0, simpo_gamma=0.5,
-        alpha=0.1, chosen_n_tokens=t(3.0), rejected_n_tokens=t(4.0))
+        alpha=0.1, chosen_scored_tokens=t(3.0), rejected_scored_tokens=t(4.0))
     assert losses.item() == pytest.approx(math.log1p(math.exp(-3.7)), abs=1e-6)
     assert chosen.item() == pytest.approx(-4.0)
 

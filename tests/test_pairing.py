@@ -1,9 +1,7 @@
 """Unit tier: pair strategies (ilrdpo.pairing) on hand-made candidate sets.
 
 A candidate set holds the N scored answers of one prompt; a pair is (chosen, rejected) with
-margin = chosen_reward - rejected_reward. The selection key is the reward minus an optional
-selection-time length penalty p * min(n, cap) / cap; the recorded margin is that of the key
-(the reward margin when no penalty is set).
+margin = chosen_reward - rejected_reward.
 """
 
 from __future__ import annotations
@@ -120,32 +118,13 @@ def test_skip_truncated_with_one_whole_answer_left_gives_no_pair():
     assert make_pairs(c, PairingSettings(skip_truncated=True)) == []
 
 
-def test_selection_length_penalty_changes_the_chosen_answer():
-    """Rewards 1.0, 0.9, 0.0 with 128, 16, 16 tokens; penalty 0.5, cap 128 gives keys
-    1.0 - 0.5 = 0.5, 0.9 - 0.0625 = 0.8375, 0.0 - 0.0625 = -0.0625: answer 1 becomes the best.
-    The recorded margin is on the keys: 0.8375 - (-0.0625) = 0.9."""
-    c = cands([1.0, 0.9, 0.0], n_tokens=[128, 16, 16])
-    (plain,) = make_pairs(c, PairingSettings())
-    assert (plain.chosen, plain.margin) == ("answer 0", 1.0)
-    (penalised,) = make_pairs(c, PairingSettings(), selection_penalty=0.5, length_cap=128)
-    assert (penalised.chosen, penalised.rejected) == ("answer 1", "answer 2")
-    assert penalised.chosen_reward == 0.9 and penalised.margin == pytest.approx(0.9)
-
-
-def test_selection_penalty_can_prefer_the_shorter_of_two_answers():
-    """Two answers: rewards 1.0 (128 tokens) and 0.9 (16 tokens), penalty 0.5, cap 128: keys 0.5
-    and 0.8375, so the shorter answer is chosen with margin 0.3375 although its reward is lower."""
-    c = cands([1.0, 0.9], n_tokens=[128, 16])
-    (pair,) = make_pairs(c, PairingSettings(), selection_penalty=0.5, length_cap=128)
-    assert (pair.chosen, pair.rejected) == ("answer 1", "answer 0")
-    assert pair.margin == pytest.approx(0.3375)
-    assert (pair.chosen_reward, pair.rejected_reward) == (0.9, 1.0)
-
-
-def test_selection_penalty_saturates_at_the_cap():
-    """n = 300 and n = 600 both count as the cap: keys tie at 1 - 0.5 = 0.5, so no pair."""
-    c = cands([1.0, 1.0], n_tokens=[300, 600], responses=["long", "longer"])
-    assert make_pairs(c, PairingSettings(), selection_penalty=0.5, length_cap=128) == []
+@pytest.mark.unit
+def test_pairs_carry_their_answers_token_counts():
+    """A pair's chosen_n_tokens / rejected_n_tokens are the candidates' n_tokens (count_tokens at
+    sampling time), so the length terms never tokenise again."""
+    c = cands([1.0, 0.5, 0.0], n_tokens=[7, 11, 3])
+    (pair,) = make_pairs(c, PairingSettings())
+    assert (pair.chosen_n_tokens, pair.rejected_n_tokens) == (7, 3)
 
 
 def test_pair_all_concatenates_in_prompt_order():

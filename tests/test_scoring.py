@@ -18,7 +18,7 @@ from ilrdpo.config import ScoringSettings
 from ilrdpo.data import as_messages
 from ilrdpo.errors import UserInputError
 from ilrdpo.records import Prompt
-from ilrdpo.scoring import build_scorer, length_bias, score_in_batches, shaped_rewards
+from ilrdpo.scoring import build_scorer, score_in_batches, shaped_rewards
 
 TESTS = Path(__file__).resolve().parent
 SCORER_FILE = TESTS / "helpers" / "scorer.py"
@@ -101,15 +101,17 @@ def test_score_in_batches_rejects_a_wrong_count():
         score_in_batches(RecordingScorer(drop_last=True), prompts, ["a", "b", "c"], batch_size=2)
 
 
-def test_length_bias_by_hand():
-    """b * min(n, cap) / cap with b = 0.2, cap = 128: 0, 0.1, 0.2, and 0.2 past the cap."""
-    assert length_bias([0, 64, 128, 256], 0.2, 128) == pytest.approx([0.0, 0.1, 0.2, 0.2])
+@pytest.mark.unit
+def test_shaped_rewards_add_a_scorers_length_bonus_to_quality():
+    """A production scorer has no length_bonus: the reward is its value. The demo's judge adds
+    b * min(n, cap) / cap, with b = 0.5, cap = 10: 0.25, 0.5 and 0.5 past the cap."""
+    from ilrdpo.demo.judge import LengthBiasedJudge
 
-
-def test_shaped_rewards_add_the_length_bias_to_quality():
-    settings = ScoringSettings(length_bias=0.5, length_bias_cap=10)
-    assert shaped_rewards([1.0, -1.0, 0.25], [5, 10, 40], settings) == pytest.approx([1.25, -0.5, 0.75])
-    assert shaped_rewards([1.0, -1.0], [5, 10], ScoringSettings()) == [1.0, -1.0]
+    plain = RecordingScorer()
+    assert shaped_rewards([1.0, -1.0], [5, 10], plain) == [1.0, -1.0]
+    judge = LengthBiasedJudge(plain, bias=0.5, cap=10)
+    assert shaped_rewards([1.0, -1.0, 0.25], [5, 10, 40], judge) == pytest.approx([1.25, -0.5, 0.75])
+    assert judge.length_bonus([0, 64, 128, 256]) == pytest.approx([0.0, 0.5, 0.5, 0.5])
 
 
 # --- embedding similarity (the bundled all-MiniLM-L6-v2) -----------------------------------------

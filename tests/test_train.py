@@ -343,7 +343,7 @@ def test_divergence_rule_by_hand(losses, grads, stops_at, why):
 
 
 def test_divergence_rule_measures_the_loss_against_the_pairs_start():
-    """IPO with a length term (the demo's no_reversal screen, alpha 0.025): capped pairs fit to a
+    """IPO with a length term (alpha 0.025): pairs fit to a
     loss near 0, then a step of shorter-chosen pairs whose targets the length term raises has loss
     47.9 and a loss at the reference of 60 (one pair 30 tokens shorter: ((0.5 + 0.025 x 30) / 0.1)^2
     = 156; averaged with an easier one): no divergence. The same loss against a loss at the
@@ -368,10 +368,9 @@ def test_loss_at_reference_is_the_loss_at_a_zero_log_ratio_margin():
     from ilrdpo.train import loss_at_reference
 
     logps, lengths_w, lengths_l = torch.tensor([-5.0, -9.0]), torch.tensor([80.0, 10.0]), torch.tensor([10.0, 60.0])
-    for settings in (LossSettings(type="ipo", alpha=0.0125), LossSettings(type="sigmoid", alpha=0.05),
-                     LossSettings(type="ipo", alpha=0.0125, no_reversal=True)):
+    for settings in (LossSettings(type="ipo", alpha=0.0125), LossSettings(type="sigmoid", alpha=0.05)):
         out = preference_loss(logps, logps, logps, logps, lengths_w, lengths_l, loss_type=settings.type,
-                              beta=settings.beta, alpha=settings.alpha, no_reversal=settings.no_reversal)
+                              beta=settings.beta, alpha=settings.alpha)
         assert torch.allclose(loss_at_reference(out.length_term, settings), out.losses)
 
 

@@ -1,19 +1,26 @@
-"""Alpha control: how the length margin's alpha of each round is decided.
+"""How the length margin's alpha of each round is decided: pure functions, every command calls them.
 
 - next_alpha: from one round to the next, toward a length budget on the eval prompts
   (iterations.alpha_control.mode auto);
 - retry_alpha: within a round, when its eval length misses the budget's band (alpha_control.retries);
-- median_cost_gap / neutral_alpha: the unit alpha is expressed in, from the round's pairs
-  (loss.alpha_relative / loss.alpha_neutral).
+- per_unit_alpha: the alpha a round trains with, from its setting and its pairs (`ilrdpo run` and
+  `ilrdpo train` alike; experimental.alpha_neutral expresses the setting in the pairs' neutral alpha).
 """
 
 from __future__ import annotations
 
 import math
 
-from ilrdpo.config import AlphaControlSettings
-from ilrdpo.data import answer_length, count_tokens
+import torch
+
+from ilrdpo.config import AlphaControlSettings, Config
+from ilrdpo.loss import length_margin_term
+from ilrdpo.loss_types import target_margin
 from ilrdpo.records import PreferencePair
+
+# From alpha = 0 a multiplicative law cannot move: it starts here (only there: a per-token alpha
+# for IPO is a few thousandths, and a floor would jump it several times over).
+START_ALPHA = 0.01
 
 
 def length_budget(control: AlphaControlSettings, initial_length: float) -> float:
@@ -22,21 +29,16 @@ def length_budget(control: AlphaControlSettings, initial_length: float) -> float
 
 
 def next_alpha(alpha: float, mean_length: float, initial_length: float, control: AlphaControlSettings) -> float:
-    """Automatic alpha: raise it by a bounded step while the mean eval length is over budget,
-    lower it when comfortably under (with control.gain: in proportion to the excess, in log
-    space, the same both ways)."""
+    """Automatic alpha: multiplied by exp(gain * over), over = mean eval length / budget - 1, the
+    change of log alpha bounded by control.step; unchanged within 2% of the budget."""
     if control.mode == "constant":
         return alpha
     over = mean_length / max(length_budget(control, initial_length), 1e-9) - 1
-    if control.gain is not None and alpha > 0:
-        if abs(over) > 0.02:
+    if abs(over) > 0.02:
+        if alpha > 0:
             alpha = alpha * math.exp(max(-control.step, min(control.step, control.gain * over)))
-    elif over > 0.02:
-        # From alpha = 0 a multiplicative step cannot move, so start at a small floor (only there: a
-        # per-token alpha for IPO is a few thousandths, and a floor would jump it several times over).
-        alpha = alpha * (1 + control.step * min(over / 0.1, 1.0)) if alpha > 0 else max(control.min_alpha, 0.01)
-    elif over < -0.10:
-        alpha = alpha * (1 - control.step * min(-over / 0.1, 1.0) / 2)
+        elif over > 0:
+            alpha = max(control.min_alpha, START_ALPHA)
     return min(max(alpha, control.min_alpha), control.max_alpha)
 
 
@@ -62,22 +64,21 @@ def retry_alpha(attempts: list[tuple[float, float]], control: AlphaControlSettin
     return None if math.isclose(new, alpha, rel_tol=1e-9) else new
 
 
-def cost_gaps(pairs: list[PreferencePair], tokenizer, loss) -> list[float]:
-    """c(y_w) - c(y_l) of each of a round's pairs, in loss.length_unit. With a target length, c is
-    the distance to the target (the pair's own, or loss.target_length)."""
-    def cost(text: str, target) -> float:
-        length = answer_length(count_tokens(tokenizer, text), text, loss.length_unit)
-        return abs(length - target) if target is not None else length
+def cost_gaps(pairs: list[PreferencePair], length_unit: str, target_length: float | None = None) -> list[float]:
+    """c(y_w) - c(y_l) of each pair (loss.length_cost), in length_unit, from the token counts the
+    pairs carry (nothing is tokenised again). With a target length, c is the distance to the target
+    (the pair's own, or target_length)."""
+    def lengths(side: str) -> torch.Tensor:
+        if length_unit == "chars":
+            return torch.tensor([float(len(getattr(p, side))) for p in pairs])
+        counts = [getattr(p, f"{side}_n_tokens") for p in pairs]
+        if None in counts:
+            raise ValueError("pairs without token counts (data.with_token_counts fills them)")
+        return torch.tensor(counts, dtype=torch.float64)
 
-    fixed = None if loss.target_length in (None, "base") else loss.target_length
-    return [cost(p.chosen, p.target_length if p.target_length is not None else fixed)
-            - cost(p.rejected, p.target_length if p.target_length is not None else fixed) for p in pairs]
-
-
-def median_cost_gap(pairs: list[PreferencePair], tokenizer, loss) -> float:
-    """Median |c(y_w) - c(y_l)| of a round's pairs: the unit of a relative alpha."""
-    gaps = sorted(abs(g) for g in cost_gaps(pairs, tokenizer, loss))
-    return gaps[len(gaps) // 2]
+    targets = [p.target_length if p.target_length is not None else target_length for p in pairs]
+    target = None if None in targets else torch.tensor(targets, dtype=torch.float64)
+    return length_margin_term(lengths("chosen"), lengths("rejected"), 1.0, target).tolist()
 
 
 def neutral_alpha(gaps: list[float], target: float) -> float:
@@ -89,3 +90,14 @@ def neutral_alpha(gaps: list[float], target: float) -> float:
     no length term."""
     square = sum(g * g for g in gaps)
     return max(0.0, target * sum(gaps) / square) if square > 0 else 0.0
+
+
+def per_unit_alpha(setting: float, config: Config, pairs: list[PreferencePair]) -> float:
+    """The alpha a round trains with, per unit of loss.length_unit: the setting itself (loss.alpha,
+    or what alpha control made of it), or with experimental.alpha_neutral the setting times the
+    pairs' neutral alpha. `ilrdpo run` and `ilrdpo train` both decide here."""
+    if not config.experimental.alpha_neutral:
+        return setting
+    target = None if config.loss.target_length in (None, "base") else config.loss.target_length
+    gaps = cost_gaps(pairs, config.loss.length_unit, target)
+    return setting * neutral_alpha(gaps, target_margin(config.loss.type, config.loss.label_smoothing))

@@ -27,6 +27,7 @@ from typing import Any
 from ilrdpo import distributed
 from ilrdpo.config import Config, build_config, load_config
 from ilrdpo.records import PreferencePair, Prompt, pair_from_row, prompt_from_row, write_jsonl
+from ilrdpo.rundir import RunDir
 from ilrdpo.train import TrainResult
 
 ConfigLike = Config | Mapping[str, Any] | str | Path | None
@@ -69,7 +70,7 @@ def _materialise(rows: list[dict[str, Any]], parse, out: Path, name: str) -> str
     """Check every row as the file reader would, then write them to OUT/inputs/NAME."""
     for index, row in enumerate(rows):
         parse(row, f"{name}: row {index}")
-    path = out / "inputs" / name
+    path = RunDir(out).inputs_dir / name
     write_jsonl(path, rows)
     return str(path)
 

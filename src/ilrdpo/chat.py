@@ -17,10 +17,10 @@ from typing import TextIO
 
 import torch
 
+from ilrdpo.best_of import Rerank, choose
 from ilrdpo.config import DataSettings, GenerationSettings, ModelSettings, ScoringSettings
 from ilrdpo.errors import UserInputError
-from ilrdpo.generation import _generation_config, generate_answers
-from ilrdpo.generation.best_of import Rerank, choose
+from ilrdpo.generation.sampling import _generation_config, generate_answers
 from ilrdpo.records import Prompt
 
 Messages = list[dict[str, str]]

@@ -117,9 +117,9 @@ def generate(
     on_long_prompt: str = typer.Option("truncate", "--on-long-prompt", help="truncate (keep the end) or error"),
 ) -> None:
     """N answers per prompt from a trained model; --best-of keeps the best under a scorer and a target length."""
+    from ilrdpo.best_of import Rerank, generate_file
     from ilrdpo.config import DataSettings
     from ilrdpo.evaluate import load_judge_settings
-    from ilrdpo.generation.best_of import Rerank, generate_file
 
     if length_unit not in ("tokens", "chars"):
         raise UserInputError(f"option '--length-unit': '{length_unit}' is not tokens or chars")
@@ -145,9 +145,9 @@ def chat(
     verbose: bool = typer.Option(False, "--verbose", help="Show every candidate with its score"),
 ) -> None:
     """Chat with a model in the terminal (/reset, /save FILE, /quit); input may be piped in."""
+    from ilrdpo.best_of import Rerank
     from ilrdpo.chat import run_chat
     from ilrdpo.evaluate import load_judge_settings
-    from ilrdpo.generation.best_of import Rerank
 
     run_chat(model, best_of=best_of, scorer=load_judge_settings(scorer) if scorer else None,
              rerank=Rerank(target_length, "tokens", length_weight), system_prompt=system_prompt, verbose=verbose,
@@ -184,13 +184,10 @@ def demo(
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Vanilla iterative DPO vs iLR-DPO offline: quality up, length not."""
-    from ilrdpo.demo import run_demo, run_study, tune_config
+    from ilrdpo.demo import run_demo, run_study, run_tune
 
     if tune:
-        from ilrdpo.tuning import tune as run_tune
-
-        run_tune(tune_config(out, quick=quick, model=model, seed=seed, overrides=list(overrides or [])),
-                 trials=trials, resume=resume)
+        run_tune(out, trials=trials, resume=resume, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
         return
     if seeds is None:
         run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))

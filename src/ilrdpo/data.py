@@ -9,7 +9,7 @@ across the boundary and shift the answer mask.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -90,14 +90,28 @@ def answer_length(n_tokens: int, text: str, unit: str) -> int:
     return len(text) if unit == "chars" else n_tokens
 
 
+def with_token_counts(tokenizer, pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """The pairs with chosen_n_tokens / rejected_n_tokens (count_tokens) where they lack them: pairs
+    the loop made carry them from the candidates; a pairs file may not."""
+    return [pair if pair.chosen_n_tokens is not None and pair.rejected_n_tokens is not None else
+            replace(pair, chosen_n_tokens=count_tokens(tokenizer, pair.chosen),
+                    rejected_n_tokens=count_tokens(tokenizer, pair.rejected)) for pair in pairs]
+
+
 def encode_answer(tokenizer, answer: str, truncated: bool = False) -> list[int]:
     """Answer ids followed by exactly one EOS, unless the answer was cut by max_new_tokens:
     appending one would teach the model to stop where it was cut."""
+    return encode_answer_counted(tokenizer, answer, truncated)[0]
+
+
+def encode_answer_counted(tokenizer, answer: str, truncated: bool = False) -> tuple[list[int], int]:
+    """(encode_answer(...), count_tokens(answer)), the answer tokenised once for both."""
     ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    n_tokens = len(ids)
     eos = tokenizer.eos_token_id
     if not truncated and eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
-    return ids
+    return ids, n_tokens
 
 
 @dataclass
@@ -111,7 +125,7 @@ class TokenizedPair:
     truncated: bool = False  # cut to max_length for training
 
     @property
-    def n_tokens(self) -> int:
+    def row_tokens(self) -> int:
         """Real tokens of both rows (prompt counted twice): the throughput unit."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
@@ -139,10 +153,10 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int,
     out = []
     for pair in pairs:
         prompt = encode_prompt(tokenizer, pair.prompt, use_chat_template, system_prompt)
-        chosen = encode_answer(tokenizer, pair.chosen, pair.chosen_truncated)
-        rejected = encode_answer(tokenizer, pair.rejected, pair.rejected_truncated)
-        lengths = [answer_length(count_tokens(tokenizer, text), text, length_unit)
-                   for text in (pair.chosen, pair.rejected)]
+        chosen, n_chosen = encode_answer_counted(tokenizer, pair.chosen, pair.chosen_truncated)
+        rejected, n_rejected = encode_answer_counted(tokenizer, pair.rejected, pair.rejected_truncated)
+        lengths = [answer_length(n, text, length_unit) for n, text in ((n_chosen, pair.chosen),
+                                                                       (n_rejected, pair.rejected))]
         prompt, chosen, rejected, cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length)
         out.append(TokenizedPair(prompt, chosen, rejected, *lengths, pair.target_length, cut))
     return out
@@ -182,7 +196,7 @@ def _pair_fields(examples: list[TokenizedPair]) -> dict[str, torch.Tensor]:
     targets = [e.target_length for e in examples]  # all set or none (checked in tokenize_pairs)
     fields = {
         "lengths": torch.tensor(lengths, dtype=torch.float32),  # (2B,) |y| for the length margin
-        "n_tokens": torch.tensor(answer_lens, dtype=torch.float32),  # (2B,) scored tokens (SimPO's average)
+        "scored_tokens": torch.tensor(answer_lens, dtype=torch.float32),  # (2B,) answer tokens scored, EOS included
     }
     if targets[0] is not None:
         fields["target_length"] = torch.tensor(targets, dtype=torch.float32)  # (B,)
@@ -193,28 +207,9 @@ def _unit_width(e: TokenizedPair) -> int:
     return len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids)
 
 
-def pack_rows(widths: list[int]) -> list[list[int]]:
-    """Items of the given widths in rows no wider than the widest item, first fit by decreasing
-    width (padding-free packing: fewer rows, each row as wide as without packing)."""
-    width = max(widths)
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(widths)), key=lambda i: (-widths[i], i)):
-        row = next((r for r, room in enumerate(free) if room >= widths[i]), None)
-        if row is None:
-            rows.append([])
-            free.append(width)
-            row = len(rows) - 1
-        rows[row].append(i)
-        free[row] -= widths[i]
-    return rows
-
-
-def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:
+def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded rows of prompt + chosen + rejected, for logprobs.shared_prefix_logps: the
-    prompt is computed once for both answers. One row per pair; with `pack`, several pairs per row
-    (pack_rows: rows no wider than the widest pair) and `units` (1 + the pair's index, 0 padding)
-    so that attention stays inside each pair. Positions restart after the prompt, so the rejected
+    prompt is computed once for both answers, one row per pair. Positions restart after the prompt, so the rejected
     answer sits where it sits in its own row; segments (0 pad, 1 prompt, 2 chosen, 3 rejected) give
     the attention mask. Each answer token t is predicted at position t - 1, except a first answer
     token, predicted at the prompt's last position. The flat indices below (into the (R, T)
@@ -223,17 +218,11 @@ def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int, pack: bool
     """
     widths = [_unit_width(e) for e in examples]
     width, n = max(widths), len(examples)
-    rows = pack_rows(widths) if pack else [[i] for i in range(n)]
-    place = {}  # pair -> (row, first column)
-    for r, members in enumerate(rows):
-        column = 0
-        for i in members:
-            place[i] = (r, column)
-            column += widths[i]
+    rows = [[i] for i in range(n)]
+    place = {i: (i, 0) for i in range(n)}  # pair -> (row, first column)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # real tokens (for counting)
     segments = torch.zeros((len(rows), width), dtype=torch.long)
-    units = torch.zeros((len(rows), width), dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     predictor, answer_position, answer_row, answer_index = [], [], [], []
     for side, key in enumerate(("chosen_ids", "rejected_ids")):
@@ -256,7 +245,6 @@ def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int, pack: bool
         input_ids[r, span] = torch.tensor(row)
         attention_mask[r, span] = 1
         segments[r, span] = torch.tensor([1] * n_prompt + [2] * n_chosen + [3] * n_rejected)
-        units[r, span] = i + 1
         position_ids[r, span] = torch.tensor(
             list(range(n_prompt + n_chosen)) + list(range(n_prompt, n_prompt + n_rejected)))
     batch = {
@@ -267,28 +255,25 @@ def collate_shared_prefix(examples: list[TokenizedPair], pad_id: int, pack: bool
         "answer_row": torch.tensor(answer_row, dtype=torch.long),  # (N,)
         "answer_index": torch.tensor(answer_index, dtype=torch.long),  # (N,) 1-based, for LD-DPO
     }
-    if pack:
-        batch["units"] = units
     return {**batch, **_pair_fields(examples)}
 
 
-def padded_tokens(examples: list[TokenizedPair], shared_prefix: bool, pack: bool = False) -> int:
+def padded_tokens(examples: list[TokenizedPair], shared_prefix: bool) -> int:
     """Positions (padding included) of the batch the collate function builds for `examples`."""
     if shared_prefix:
-        widths = [_unit_width(e) for e in examples]
-        return (len(pack_rows(widths)) if pack else len(examples)) * max(widths)
+        return len(examples) * max(_unit_width(e) for e in examples)
     return 2 * len(examples) * max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids))
                                    for e in examples)
 
 
 def split_by_token_budget(examples: list[TokenizedPair], indices: list[int], shared_prefix: bool,
-                          budget: int, pack: bool = False) -> list[list[int]]:
+                          budget: int) -> list[list[int]]:
     """The pairs `indices` in micro-batches whose padded size stays within `budget` positions:
     sorted by length (little padding), filled greedily; a pair larger than the budget alone."""
     order = sorted(indices, key=lambda i: padded_tokens([examples[i]], shared_prefix))
     batches: list[list[int]] = []
     for i in order:
-        if batches and padded_tokens([examples[j] for j in batches[-1] + [i]], shared_prefix, pack) <= budget:
+        if batches and padded_tokens([examples[j] for j in batches[-1] + [i]], shared_prefix) <= budget:
             batches[-1].append(i)
         else:
             batches.append([i])

@@ -130,7 +130,7 @@ SHARED_PREFIX_ATTENTION = {"sdpa", "eager"}  # implementations that take an arbi
 
 
 def shared_prefix_supported(model, width: int) -> bool:
-    """Whether the packed layout is exact for this model at this row width: its attention takes
+    """Whether the prefix-shared layout is exact for this model at this row width: its attention takes
     a 4D mask, and no sliding window is shorter than the row (a 4D mask replaces the window)."""
     config = causal_lm(model).config
     window = getattr(config, "sliding_window", None)
@@ -138,16 +138,13 @@ def shared_prefix_supported(model, width: int) -> bool:
         (not window or width <= window)
 
 
-def shared_prefix_mask(segments: Tensor, attn_implementation: str, units: Tensor | None = None) -> Tensor:
-    """(B, 1, T, T) mask of the packed layout: causal, keys in the prompt or in the query's own
-    answer, and with `units` (several pairs per row) in the query's own pair. Padding queries see
-    themselves only, so no row is all masked (NaN in SDPA)."""
+def shared_prefix_mask(segments: Tensor, attn_implementation: str) -> Tensor:
+    """(B, 1, T, T) mask of the prefix-shared layout: causal, keys in the prompt or in the query's
+    own answer. Padding queries see themselves only, so no row is all masked (NaN in SDPA)."""
     width = segments.shape[1]
     query, key = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
     causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
     allowed = causal & (query != 0) & (key != 0) & ((key == PROMPT) | (key == query))  # (B, T, T)
-    if units is not None:
-        allowed &= units[:, :, None] == units[:, None, :]
     allowed |= torch.eye(width, dtype=torch.bool, device=segments.device)
     if attn_implementation == "eager":  # eager adds the mask to the scores
         return torch.zeros(allowed.shape, device=segments.device).masked_fill(
@@ -157,18 +154,18 @@ def shared_prefix_mask(segments: Tensor, attn_implementation: str, units: Tensor
 
 def shared_prefix_logps(model: torch.nn.Module, batch: dict[str, Tensor], *, ld_alpha: float | None = None,
                         chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """Summed answer log-probs of a packed batch (data.collate_shared_prefix): (2P,) float32
+    """Summed answer log-probs of a prefix-shared batch (data.collate_shared_prefix): (2P,) float32
     [chosen rows; rejected rows] and (2P,) int64 token counts, as sequence_logps gives for the
     same pairs in [chosen; rejected] rows. ld_alpha: LD-DPO weights as ld_weights sets them."""
     input_ids, rows = batch["input_ids"], batch["answer_row"]  # (R, T), (N,)
-    n_rows = batch["lengths"].shape[0]  # 2P output rows, whatever the number of packed rows R
+    n_rows = batch["lengths"].shape[0]  # 2P output rows of the P pairs
     weights = torch.ones(rows.shape, dtype=torch.float32, device=rows.device)  # (N,)
     if ld_alpha is not None:
-        answer_lens = batch["n_tokens"]  # (2P,) answer tokens, as ld_weights counts them
+        answer_lens = batch["scored_tokens"]  # (2P,) answer tokens, as ld_weights counts them
         shared = torch.minimum(answer_lens[:n_rows // 2], answer_lens[n_rows // 2:]).repeat(2)  # (2P,)
         weights = torch.where(batch["answer_index"] <= shared[rows], 1.0, ld_alpha)
     attention = getattr(causal_lm(model).config, "_attn_implementation", "sdpa")
-    mask = shared_prefix_mask(batch["segments"], attention, batch.get("units"))
+    mask = shared_prefix_mask(batch["segments"], attention)
     states, head = _states_at(model, input_ids, mask, batch["position_ids"], batch["predictor"])
     targets = input_ids.flatten()[batch["answer_position"]]  # (N,)
     return _summed_logps(states, head, targets, rows, weights, n_rows, chunk_size), \

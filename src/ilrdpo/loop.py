@@ -13,14 +13,16 @@ from pathlib import Path
 import torch
 
 from ilrdpo import distributed, zero
-from ilrdpo.alpha import cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
+from ilrdpo.alpha import length_budget, next_alpha, per_unit_alpha, retry_alpha
 from ilrdpo.config import Config
+from ilrdpo.data import with_token_counts
+from ilrdpo.decisions import stage_seed
 from ilrdpo.errors import UserInputError
-from ilrdpo.evaluate import evaluate_iteration, summary_line
+from ilrdpo.eval_stage import evaluate_iteration, summary_line
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
-from ilrdpo.loss import method_name, target_margin
+from ilrdpo.loss_types import method_name
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype, save_model
 from ilrdpo.pairing import pair_all
 from ilrdpo.preflight import check_config
@@ -113,7 +115,7 @@ class IterativeRun:
                 summaries.append(self.iteration(t))
         finally:
             self.tracker.finish()
-        atomic_write_text(self.dir.root / "timings.json", json.dumps(self.timings, indent=1))
+        atomic_write_text(self.dir.timings_path, json.dumps(self.timings, indent=1))
         return summaries
 
     def _stage(self, t: int, name: str, work) -> None:
@@ -180,7 +182,7 @@ class IterativeRun:
     def _archive_attempt(self, t: int) -> None:
         """Move the replaced attempt's files to iter_t/attempt_K/; eval.json last, so that while it
         is still in iter_t some of the attempt's files may be too (a resumed move finishes the job)."""
-        attempt = self.dir.iteration(t) / f"attempt_{len(self.state.attempts[t])}"
+        attempt = self.dir.attempt(t, len(self.state.attempts[t]))
         if not distributed.is_main():
             return
         attempt.mkdir(exist_ok=True)
@@ -196,7 +198,7 @@ class IterativeRun:
         with autocast(next(model.parameters()).device, self.compute_dtype):
             samples = generate_answers(
                 model, tokenizer, self.prompts, gen, self.config.data, num_samples=gen.num_samples,
-                seed=self.config.seed + 1000 * t, progress_file=partial,
+                seed=stage_seed(self.config.seed, t, "generate"), progress_file=partial,
                 source=str(self.config.data.prompts), description=f"iter {t} sampling")
         sets = [CandidateSet(prompt=p.prompt, id=p.id, responses=[s.text for s in samples[p.id]],
                              n_tokens=[s.n_tokens for s in samples[p.id]],
@@ -229,7 +231,7 @@ class IterativeRun:
                 for c in chunk:
                     q = quality[offset:offset + len(c.responses)]
                     offset += len(c.responses)
-                    scored[c.id] = {"id": c.id, "quality": q, "rewards": shaped_rewards(q, c.n_tokens, settings)}
+                    scored[c.id] = {"id": c.id, "quality": q, "rewards": shaped_rewards(q, c.n_tokens, self.scorer)}
                     distributed.append_progress(progress_file, scored[c.id])
                 bar.advance(len(chunk))
         scored = distributed.gather_dict(scored)
@@ -247,19 +249,18 @@ class IterativeRun:
             targets = base_targets(read_candidates(self.dir.file(1, "candidates.jsonl")))
             for c in sets:
                 c.target_length = targets.get(c.id, c.target_length)
-        pairs = pair_all(sets, self.config.pairing, seed=self.config.seed + t,
-                         selection_penalty=scoring.selection_length_penalty,
-                         length_cap=scoring.length_bias_cap, tie_tolerance=scoring.tie_tolerance)
+        pairs = pair_all(sets, self.config.pairing, seed=stage_seed(self.config.seed, t, "pair"),
+                         tie_tolerance=scoring.tie_tolerance)
         if not pairs:
             raise UserInputError(f"{path}: no preference pairs: {no_pairs_reason(read_candidates(path))}")
         write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
 
     # --- 4. train --------------------------------------------------------------------------------
-    def decide_alpha(self, t: int, pairs: list[PreferencePair], tokenizer) -> float:
+    def decide_alpha(self, t: int, pairs: list[PreferencePair]) -> float:
         """The per-unit alpha of iteration t: decided when its train stage first starts (the
-        config's loss.alpha, or alpha control from the evaluations so far; divided by the pairs'
-        median length gap with loss.alpha_relative) and recorded in state.json; a resumed stage
-        keeps it, unless --force, which lets the config decide again."""
+        config's loss.alpha, or alpha control from the evaluations so far, then alpha.per_unit_alpha
+        as `ilrdpo train` does) and recorded in state.json; a resumed stage keeps it, unless --force,
+        which lets the config decide again."""
         if t in self.state.alpha and not self.force:
             return self.state.alpha[t]
         loss = self.config.loss
@@ -272,10 +273,7 @@ class IterativeRun:
             lengths = [self._eval_length(k) for k in (t - 1, 0)]
             alpha = next_alpha(previous, lengths[0], lengths[1], control)
         self.state.alpha_setting[t] = alpha
-        if loss.alpha_relative:
-            alpha = alpha / max(median_cost_gap(pairs, tokenizer, loss), 1)
-        elif loss.alpha_neutral:
-            alpha = alpha * neutral_alpha(cost_gaps(pairs, tokenizer, loss), target_margin(loss.type, loss.label_smoothing))
+        alpha = per_unit_alpha(alpha, self.config, pairs)
         self.state.alpha[t] = alpha
         self.state.save()
         return alpha
@@ -308,10 +306,11 @@ class IterativeRun:
             ref_logps = pair_reference_logps(model, tokenizer, pairs, loss, config.train, config.data,
                                              compute_dtype=self.compute_dtype)
         model, tokenizer = self.policy(t - 1)
-        alpha = self.decide_alpha(t, pairs, tokenizer)
+        pairs = with_token_counts(tokenizer, pairs)  # pairs.jsonl written before pairs carried them
+        alpha = self.decide_alpha(t, pairs)
         loss = loss.model_copy(update={"alpha": alpha})
         result = train_round(model, tokenizer, pairs, loss=loss, train=config.train, data=config.data,
-                             output_dir=self.dir.iteration(t), seed=config.seed + t, ref_logps=ref_logps,
+                             output_dir=self.dir.iteration(t), seed=stage_seed(config.seed, t, "train"), ref_logps=ref_logps,
                              ref_adapter_disabled=lora and config.iterations.reference == "initial",
                              hparams={**hyperparameters(config), "loss.alpha": alpha},
                              compute_dtype=self.compute_dtype, checkpoint_dir=self.dir.checkpoint(t),

@@ -17,13 +17,17 @@ Every loss type maps the same margin m to a per-example loss; a dict picks it (L
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from ilrdpo.loss_types import LOSS_INFO, LOSS_TYPES, REFERENCE_FREE, method_name, target_margin
+
+__all__ = ["LOSSES", "LOSS_TYPES", "REFERENCE_FREE", "LossOutput", "length_cost", "length_margin_term",
+           "length_reversed", "method_name", "preference_loss", "target_margin"]
 
 Tensor = torch.Tensor
 
@@ -62,42 +66,19 @@ def _hinge(m: Tensor, beta: float, eps: float) -> Tensor:
 @dataclass(frozen=True)
 class LossType:
     fn: Callable[[Tensor, float, float], Tensor]  # margin, beta, eps -> per-example loss
-    name: str  # how papers and model cards call it
+    name: str  # how papers and model cards call it (loss_types.LOSS_INFO)
     reference_free: bool = False
 
 
-# The one table of loss types: the config's allowed values, the model card's method name and
-# whether a reference model is needed all come from here.
-LOSSES = {
-    "sigmoid": LossType(_sigmoid, "DPO"),
-    "robust": LossType(_robust, "robust DPO"),
-    "ipo": LossType(_ipo, "IPO"),
-    "hinge": LossType(_hinge, "SLiC hinge"),
-    # SimPO (Meng et al. 2024, arXiv 2405.14734): reference-free, length-normalised log-probs,
-    # margin m = beta * (avg logp_w - avg logp_l) - gamma, then the sigmoid loss.
-    "simpo": LossType(_sigmoid, "SimPO", reference_free=True),
-    # LD-DPO (Liu et al. 2024, arXiv 2409.06411): the sigmoid loss on length-desensitised
-    # log-probs, where answer tokens past the shorter answer's length count ld_alpha times.
-    # The weighting is a response-mask weight (ilrdpo.logprobs.ld_weights), so the loss is DPO's.
-    "ld_dpo": LossType(_sigmoid, "LD-DPO"),
-}
-LOSS_TYPES = tuple(LOSSES)
-REFERENCE_FREE = {name for name, entry in LOSSES.items() if entry.reference_free}
-
-
-def target_margin(loss_type: str, label_smoothing: float = 0.0) -> float | None:
-    """The margin m = beta * delta + length term at which a loss type is smallest, where it has
-    one: IPO's 1/2 and conservative DPO's log((1 - e) / e). None: the loss falls for ever as m
-    grows (DPO, robust DPO, the hinge past 1, SimPO, LD-DPO).
-
-    Where there is one, alpha sets each pair's target instead of only reweighting it: training pulls
-    beta * delta toward target - alpha * (c(y_w) - c(y_l)), so a pair whose length term exceeds the
-    target is learnt the other way round (the shorter answer preferred): see length_reversed."""
-    if loss_type == "ipo":
-        return 0.5
-    if loss_type == "sigmoid" and label_smoothing > 0:
-        return math.log((1 - label_smoothing) / label_smoothing)
-    return None
+# The loss function of each type (names, method names and reference-freeness: loss_types.LOSS_INFO).
+# SimPO (Meng et al. 2024, arXiv 2405.14734): reference-free, length-normalised log-probs,
+# margin m = beta * (avg logp_w - avg logp_l) - gamma, then the sigmoid loss.
+# LD-DPO (Liu et al. 2024, arXiv 2409.06411): the sigmoid loss on length-desensitised
+# log-probs, where answer tokens past the shorter answer's length count ld_alpha times.
+# The weighting is a response-mask weight (ilrdpo.logprobs.ld_weights), so the loss is DPO's.
+_FUNCTIONS = {"sigmoid": _sigmoid, "robust": _robust, "ipo": _ipo, "hinge": _hinge, "simpo": _sigmoid,
+              "ld_dpo": _sigmoid}
+LOSSES = {name: LossType(_FUNCTIONS[name], *info) for name, info in LOSS_INFO.items()}
 
 
 def length_reversed(length_term: Tensor, loss_type: str, label_smoothing: float = 0.0) -> Tensor:
@@ -107,17 +88,11 @@ def length_reversed(length_term: Tensor, loss_type: str, label_smoothing: float 
     return length_term > target if target is not None else torch.zeros_like(length_term, dtype=torch.bool)
 
 
-def method_name(loss_type: str, alpha: float) -> str:
-    """'LR-DPO (alpha=0.05)', or the plain name when alpha = 0: what model cards and reports show."""
-    name = LOSSES[loss_type].name
-    return f"LR-{name} (alpha={alpha:g})" if alpha > 0 else name
-
-
 class LossOutput(NamedTuple):
     losses: Tensor  # (B,)
     chosen_rewards: Tensor  # (B,)
     rejected_rewards: Tensor  # (B,)
-    length_term: Tensor  # (B,) alpha * (c(y_w) - c(y_l)), capped with no_reversal
+    length_term: Tensor  # (B,) alpha * (c(y_w) - c(y_l))
 
 
 def preference_loss(
@@ -134,9 +109,8 @@ def preference_loss(
     target_length: float | Tensor | None = None,
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
-    chosen_n_tokens: Tensor | None = None,
-    rejected_n_tokens: Tensor | None = None,
-    no_reversal: bool = False,
+    chosen_scored_tokens: Tensor | None = None,
+    rejected_scored_tokens: Tensor | None = None,
 ) -> LossOutput:
     """Per-example length-regularised preference loss.
 
@@ -144,13 +118,11 @@ def preference_loss(
         policy_*_logps: summed answer log-probs under the policy (float32).
         ref_*_logps: the same under the reference; ignored (may be None) for "simpo".
         *_lengths: |y| in the length margin's unit (tokens or characters).
-        *_n_tokens: answer token counts for SimPO's averaging; default *_lengths.
+        *_scored_tokens: answer tokens scored (EOS included) for SimPO's averaging; default *_lengths.
 
     margin = beta * delta + alpha * (c(y_w) - c(y_l)); for "simpo",
     margin = beta * (logp_w / n_w - logp_l / n_l) - gamma + alpha * (c(y_w) - c(y_l)).
-    alpha = 0 reduces to the plain loss of each type (DPO for "sigmoid"). no_reversal caps the
-    length term at the loss's target margin T (target_margin), so T - term >= 0: a longer chosen
-    answer's preference is cancelled at most, never reversed.
+    alpha = 0 reduces to the plain loss of each type (DPO for "sigmoid").
 
     Returns (losses, chosen_rewards, rejected_rewards, length_term), each (B,); rewards are the
     implicit rewards beta * (log pi - log pi_ref) (beta * average log-prob for SimPO), detached;
@@ -159,8 +131,8 @@ def preference_loss(
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose from {sorted(LOSSES)}")
     if loss_type == "simpo":
-        n_w = (chosen_n_tokens if chosen_n_tokens is not None else chosen_lengths).float()
-        n_l = (rejected_n_tokens if rejected_n_tokens is not None else rejected_lengths).float()
+        n_w = (chosen_scored_tokens if chosen_scored_tokens is not None else chosen_lengths).float()
+        n_l = (rejected_scored_tokens if rejected_scored_tokens is not None else rejected_lengths).float()
         chosen_rewards = beta * policy_chosen_logps / n_w
         rejected_rewards = beta * policy_rejected_logps / n_l
         margin = chosen_rewards - rejected_rewards - simpo_gamma
@@ -169,11 +141,6 @@ def preference_loss(
         rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
         margin = chosen_rewards - rejected_rewards
     length_term = length_margin_term(chosen_lengths, rejected_lengths, alpha, target_length)  # (B,)
-    if no_reversal:
-        cap = target_margin(loss_type, label_smoothing)
-        if cap is None:
-            raise ValueError(f"no_reversal needs a loss with a target margin; {loss_type!r} has none")
-        length_term = length_term.clamp(max=cap)
     losses = LOSSES[loss_type].fn(margin + length_term, beta, label_smoothing)
     return LossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach(), length_term.detach())
 

@@ -41,14 +41,11 @@ STRATEGIES: dict[str, Callable[[list[float], list[int], random.Random], IndexPai
 }
 
 
-def selection_keys(candidates: CandidateSet, penalty: float, cap: int) -> list[float]:
-    """Rewards, optionally minus a selection-time length penalty p * min(n, cap) / cap."""
-    return [r - penalty * min(n, cap) / cap for r, n in zip(candidates.rewards, candidates.n_tokens)]
-
-
 def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int = 0,
-               selection_penalty: float = 0.0, length_cap: int = 128, tie_tolerance: float = 0.0) -> list[PreferencePair]:
-    keys = selection_keys(candidates, selection_penalty, length_cap)
+               tie_tolerance: float = 0.0) -> list[PreferencePair]:
+    """The pairs of one prompt's scored answers; reward differences within tie_tolerance are ties
+    and make no pair."""
+    keys = candidates.rewards
     # An empty answer (EOS first) is never trained on: it is not text a judge has read.
     eligible = [i for i in range(len(candidates.responses)) if candidates.responses[i].strip()
                 and not (settings.skip_truncated and candidates.truncated[i])]
@@ -57,8 +54,6 @@ def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int
     rng = random.Random(f"{seed}:{candidates.id}")
     pairs = []
     for chosen, rejected in STRATEGIES[settings.strategy](keys, eligible, rng):
-        # The margin is that of the selection key: the reward margin, less the length penalty
-        # when one is set (which may prefer a shorter answer with a slightly lower reward).
         margin = keys[chosen] - keys[rejected]
         if candidates.responses[chosen] == candidates.responses[rejected]:
             continue
@@ -70,6 +65,7 @@ def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int
             rejected_reward=candidates.rewards[rejected], margin=margin,
             target_length=candidates.target_length, chosen_truncated=candidates.truncated[chosen],
             rejected_truncated=candidates.truncated[rejected],
+            chosen_n_tokens=candidates.n_tokens[chosen], rejected_n_tokens=candidates.n_tokens[rejected],
         ))
     return pairs
 

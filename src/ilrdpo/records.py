@@ -41,6 +41,10 @@ class PreferencePair:
     # Cut by max_new_tokens: such an answer is trained without an EOS it never generated.
     chosen_truncated: bool = False
     rejected_truncated: bool = False
+    # |y| in tokens (data.count_tokens) of each answer, carried from the candidates so that length
+    # terms never tokenise again; None in a pairs file that does not give them.
+    chosen_n_tokens: int | None = None
+    rejected_n_tokens: int | None = None
 
 
 @dataclass
@@ -293,12 +297,13 @@ def pair_from_row(obj: dict[str, Any], where: str) -> PreferencePair:
         raise UserInputError(f"{where}: missing field 'prompt'")
     scores = {name: _optional(obj, name, (int, float), where)
               for name in ("chosen_reward", "rejected_reward", "margin")}
+    counts = {name: _optional(obj, name, int, where) for name in ("chosen_n_tokens", "rejected_n_tokens")}
     chosen, rejected = answer_text(chosen_raw, where, "chosen"), answer_text(rejected_raw, where, "rejected")
     if chosen == rejected:
         # Identical answers give a zero margin and a zero gradient: the pair teaches nothing.
         raise UserInputError(f"{where}: 'chosen' and 'rejected' are the same answer; remove the pair")
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected,
-                          target_length=_target_length(obj, where), **scores,
+                          target_length=_target_length(obj, where), **scores, **counts,
                           chosen_truncated=obj.get("chosen_truncated") is True,
                           rejected_truncated=obj.get("rejected_truncated") is True)
 

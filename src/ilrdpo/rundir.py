@@ -7,9 +7,13 @@
                            used, and the content hash of every input file
       lock                 held (flock) by the one process working here; released by the kernel
                            when that process dies, so a killed run never leaves it stuck
-      iter_T/              the files of iteration T (STAGE_FILES)
+      timings.json         seconds per stage and iteration
+      inputs/              data handed over through the Python API (api.py), so the run stays resumable
+      iter_T/              the files of iteration T (STAGE_FILES, PARTIAL_FILES, ANCHOR_FILES, attempt_K/)
+      heldout/             the demo's second held-out set: iter_K.json and iter_K_answers.jsonl
 
-No other module builds a path inside a run directory: they ask a RunDir.
+No other module builds or discovers a path inside a run directory: they ask a RunDir (a test
+checks that no other module spells "iter_").
 """
 
 from __future__ import annotations
@@ -64,11 +68,11 @@ def file_sha256(path: str | Path) -> str:
 # file's content counts as the key that names it plus ".sha256".
 STAGE_SECTIONS = {
     "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
-                 "data.system_prompt", "generation", "seed"),
+                 "data.system_prompt", "data.on_long_prompt", "generation", "seed"),
     "score": ("scoring",),
     "pair": ("pairing",),
-    "train": ("loss", "train", "iterations.reference", "iterations.alpha_control"),
-    "eval": ("eval", "data.eval_prompts"),
+    "train": ("loss", "train", "iterations.reference", "iterations.alpha_control", "experimental.alpha_neutral"),
+    "eval": ("eval", "data.eval_prompts", "experimental.perplexity"),
 }
 assert list(STAGE_SECTIONS) == STAGES
 # Keys that change how a stage runs, never what it computes.
@@ -201,8 +205,38 @@ class RunDir:
     def history_dir(self) -> Path:
         return self.root / "config_history"
 
+    @staticmethod
+    def iteration_name(t: int) -> str:
+        """iter_T: the folder of iteration T, relative to the root (for messages)."""
+        return f"iter_{t}"
+
     def iteration(self, t: int) -> Path:
-        return self.root / f"iter_{t}"
+        return self.root / self.iteration_name(t)
+
+    def attempt(self, t: int, k: int) -> Path:
+        """iter_T/attempt_K/: the files of a round that alpha control's retries trained again."""
+        return self.iteration(t) / f"attempt_{k}"
+
+    @property
+    def trial_path(self) -> Path:
+        """trial.json of a run that `ilrdpo tune` made (its study, trial number, parameters, objectives)."""
+        return self.root / "trial.json"
+
+    @property
+    def timings_path(self) -> Path:
+        return self.root / "timings.json"
+
+    @property
+    def inputs_dir(self) -> Path:
+        return self.root / "inputs"
+
+    def heldout(self, k: int, answers: bool = False) -> Path:
+        """The demo's second held-out set: heldout/iter_K.json (summary) or iter_K_answers.jsonl."""
+        return self.root / "heldout" / (f"iter_{k}_answers.jsonl" if answers else f"iter_{k}.json")
+
+    def heldout_iterations(self) -> dict[int, Path]:
+        """{K: heldout/iter_K.json} of the summaries on disk, in order."""
+        return self._numbered(self.root / "heldout", "iter_*.json", lambda p: p.stem)
 
     def file(self, t: int, name: str) -> Path:
         return self.iteration(t) / name
@@ -215,11 +249,16 @@ class RunDir:
         return (self.root if t is None else self.iteration(t)) / "checkpoint"
 
     def iterations(self) -> dict[int, Path]:
+        """{T: iter_T/} of the iteration folders on disk, in order."""
+        return self._numbered(self.root, "iter_*", lambda p: p.name if p.is_dir() else "")
+
+    @staticmethod
+    def _numbered(folder: Path, pattern: str, stem) -> dict[int, Path]:
         found = {}
-        for d in self.root.glob("iter_*"):
-            suffix = d.name.removeprefix("iter_")
-            if d.is_dir() and suffix.isdigit():
-                found[int(suffix)] = d
+        for path in folder.glob(pattern):
+            suffix = stem(path).removeprefix("iter_")
+            if suffix.isdigit():
+                found[int(suffix)] = path
         return dict(sorted(found.items()))
 
     def state(self) -> RunState:
@@ -284,7 +323,7 @@ class RunDir:
 
     # --- config --------------------------------------------------------------------------------
     def recorded_config(self) -> Config | None:
-        return load_config(self.config_path) if self.config_path.exists() else None
+        return load_config(self.config_path, recorded=True) if self.config_path.exists() else None
 
     def record_config(self, config: Config) -> None:
         """config.yaml := config; a different earlier config moves to config_history/NNN.yaml."""
@@ -297,18 +336,26 @@ class RunDir:
             atomic_write_text(self.history_dir / f"{n:03d}.yaml", old)
         atomic_write_text(self.config_path, text)
 
-    def adopt(self, source: RunDir, stages: dict[int, list[str]]) -> None:
+    def adopt(self, source: RunDir, stages: dict[int, list[str]], *, same_seed: bool = True) -> None:
         """Copy finished stages' files from another run directory and mark them finished here:
-        for work that does not depend on the settings that differ (a study's trials, the demo's arms)."""
+        for work that does not depend on the settings that differ (a tune study's trials, the
+        demo's arms and seeds); the one way to share work between runs. Without same_seed the
+        sampled eval answers (eval.samples), which depend on the seed, are left out (and eval.json's
+        "sampled" with them): the first evaluation that needs them draws its own."""
         state = self.state()
         for t, names in stages.items():
             self.iteration(t).mkdir(parents=True, exist_ok=True)
             files = {f for name in names for f in STAGE_FILES[name]}
             if t == 0 and "eval" in names:
                 files |= set(ANCHOR_FILES.values())
+            if not same_seed:
+                files.discard(SAMPLES_FILE)
             for name in sorted(files):
                 if source.file(t, name).is_file():
                     shutil.copy2(source.file(t, name), self.file(t, name))
+            evaluation = read_json_file(self.file(t, "eval.json")) if self.file(t, "eval.json").is_file() else {}
+            if not same_seed and isinstance(evaluation, dict) and evaluation.pop("sampled", None) is not None:
+                atomic_write_text(self.file(t, "eval.json"), json.dumps(evaluation, indent=1))
             for name in names:
                 state.mark(t, name)
 

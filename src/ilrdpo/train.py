@@ -5,8 +5,7 @@ Order of work:
   2. reference log-probs, once, with the model as it is now (or its adapter disabled), before
      any update: pi_ref is this round's starting point, so no second model is held in memory;
   3. length-grouped micro-batches, chosen and rejected rows in one forward pass; with
-     train.prefix_sharing one row per pair (prompt computed once, logprobs.shared_prefix_logps),
-     and with train.packing several pairs per row (no padding between them);
+     train.prefix_sharing one row per pair (prompt computed once, logprobs.shared_prefix_logps);
      with train.max_tokens_per_batch each step's pairs re-split into micro-batches of at most
      that many positions, each micro-batch's loss weighted by its share of the step's pairs;
   4. AdamW, warmup then decay, gradient accumulation, clipping; one metrics line per step;
@@ -77,19 +76,12 @@ def shares_prefix(train: TrainSettings, device: torch.device) -> bool:
     return train.prefix_sharing == "on" or (train.prefix_sharing == "auto" and device.type == "cpu")
 
 
-def packs(train: TrainSettings, shared_prefix: bool) -> bool:
-    """train.packing where it applies: several pairs per row of the prefix-shared layout."""
-    return shared_prefix and train.packing
-
-
-def _collate(model, examples: list[TokenizedPair], pad_id: int, shared_prefix: bool,
-             pack: bool = False) -> dict[str, torch.Tensor]:
-    """The prefix-shared layout (packed with `pack`) where it is exact for this model and width,
-    else [chosen; rejected] rows."""
+def _collate(model, examples: list[TokenizedPair], pad_id: int, shared_prefix: bool) -> dict[str, torch.Tensor]:
+    """The prefix-shared layout where it is exact for this model and width, else [chosen; rejected] rows."""
     if shared_prefix:
         width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
         if shared_prefix_supported(model, width):
-            return collate_shared_prefix(examples, pad_id, pack=pack)
+            return collate_shared_prefix(examples, pad_id)
     return collate_pairs(examples, pad_id)
 
 
@@ -99,7 +91,7 @@ def _micro_batches(examples: list[TokenizedPair], batches: list[list[int]], trai
     if train.max_tokens_per_batch is None:
         return batches
     return split_by_token_budget(examples, [i for b in batches for i in b], shared_prefix,
-                                 train.max_tokens_per_batch, pack=packs(train, shared_prefix))
+                                 train.max_tokens_per_batch)
 
 
 def _batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chunk: int):
@@ -139,15 +131,14 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
     device, compute_dtype = _device_and_dtype(model, compute_dtype)
     out = torch.zeros(len(examples), 2)
     shared_prefix = shares_prefix(train, device)
-    batches = length_grouped_batches([e.n_tokens for e in examples], train.batch_size * 2, seed=0)
+    batches = length_grouped_batches([e.row_tokens for e in examples], train.batch_size * 2, seed=0)
     batches = [b for group in batches for b in _micro_batches(examples, [group], train, shared_prefix)]
     was_training = model.training
     model.eval()
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     with adapter_off, progress_bar("reference log-probs", len(examples)) as bar:
         for indices in [batches[k] for k in distributed.mine(len(batches))]:  # batch k to process k % W
-            batch = _to(_collate(model, [examples[i] for i in indices], pad_id, shared_prefix,
-                                 packs(train, shared_prefix)), device)
+            batch = _to(_collate(model, [examples[i] for i in indices], pad_id, shared_prefix), device)
             with autocast(device, compute_dtype):
                 logps = _batch_logps(model, batch, loss, train.logits_chunk).cpu()
             out[indices, 0], out[indices, 1] = logps[:len(indices)], logps[len(indices):]
@@ -304,7 +295,7 @@ def _setup(model, examples, train: TrainSettings, seed: int, device, compute_dty
     )
     # float16 has too few exponent bits for small gradients: scale the loss (bfloat16 does not need it).
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
-    schedule = _schedule(total_micro, train.batch_size, [e.n_tokens for e in examples], seed)
+    schedule = _schedule(total_micro, train.batch_size, [e.row_tokens for e in examples], seed)
     # DeepSpeed takes the model and its AdamW after the reference pass, like FSDP; the schedule stays ours
     engine = zero.initialize(model, optimizer, train.max_grad_norm, compute_dtype) if zero.requested() else None
     return RoundSetup(examples, params, optimizer, scheduler, scaler, schedule, total_steps, n_batches, engine)
@@ -418,8 +409,7 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                     if not sharded:
                         continue
                     indices = group_indices[:1]  # FSDP runs in lockstep: a pass that adds nothing
-                batch = _to(_collate(model, [setup.examples[i] for i in indices], pad_id, shared_prefix,
-                                     packs(train, shared_prefix)), device)
+                batch = _to(_collate(model, [setup.examples[i] for i in indices], pad_id, shared_prefix), device)
                 with autocast(device, compute_dtype):
                     policy = _batch_logps(model, batch, loss, train.logits_chunk)  # (2B,)
                 # FSDP and ZeRO average the gradients over processes; the shares already sum to 1 over them
@@ -428,7 +418,7 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
                 if share:
                     for key in STATS:
                         sums[key] += stats[key] * share
-                    step_tokens += sum(setup.examples[i].n_tokens for i in indices)
+                    step_tokens += sum(setup.examples[i].row_tokens for i in indices)
             if distributed.world_size() > 1:
                 totals = distributed.all_sum(torch.tensor([*sums.values(), step_tokens], dtype=torch.float64))
                 sums, step_tokens = dict(zip(STATS, totals[:-1].tolist())), int(totals[-1])
@@ -497,14 +487,14 @@ def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps:
                 indices: list[int], loss: LossSettings, weight: float, backward) -> dict[str, float]:
     """Loss and backward of one micro-batch; returns its metrics (means over its pairs)."""
     n = len(indices)
-    lengths, n_tokens = batch["lengths"], batch["n_tokens"]
+    lengths, scored = batch["lengths"], batch["scored_tokens"]
     ref = ref_logps[indices].to(policy.device) if ref_logps is not None else None  # (B, 2)
     target = batch.get("target_length", loss.target_length)
     out = preference_loss(
         policy[:n], policy[n:], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
         lengths[:n], lengths[n:], loss_type=loss.type, beta=loss.beta, alpha=loss.alpha,
         target_length=target, label_smoothing=loss.label_smoothing, simpo_gamma=loss.simpo_gamma,
-        chosen_n_tokens=n_tokens[:n], rejected_n_tokens=n_tokens[n:], no_reversal=loss.no_reversal,
+        chosen_scored_tokens=scored[:n], rejected_scored_tokens=scored[n:],
     )
     backward(out.losses, weight)
     return {

@@ -26,29 +26,23 @@ from ilrdpo.errors import IlrdpoError, UserInputError
 from ilrdpo.progress import console
 from ilrdpo.records import atomic_write_text
 from ilrdpo.rundir import RunDir, stage_dependencies
+from ilrdpo.scoring import Scorer
 
 # Used when tune.space is empty. Why these ranges:
 # - train.learning_rate: preference fine-tuning of a full model works from ~1e-7 (7B, TRL's
 #   default 5e-7) to ~1e-5 (sub-1B models, few steps); LoRA wants up to ~1e-4. Log scale.
 # - loss.beta: DPO papers use 0.01-0.5; smaller lets the policy drift further from pi_ref.
 # - loss.alpha: per token, the length term alpha * gap should be comparable to beta * delta
-#   (a few logits at most): with gaps of 10-50 tokens that is alpha in [0, 0.1]. With
-#   loss.alpha_relative the unit is logits at the median gap, so [0, 3].
+#   (a few logits at most): with gaps of 10-50 tokens that is alpha in [0, 0.1].
 DEFAULT_SPACE = {
     "train.learning_rate": SearchDimension(type="log_uniform", low=1e-7, high=1e-4),
     "loss.beta": SearchDimension(type="log_uniform", low=0.01, high=0.5),
     "loss.alpha": SearchDimension(type="uniform", low=0.0, high=0.1),
 }
-RELATIVE_ALPHA = SearchDimension(type="uniform", low=0.0, high=3.0)
 
 
 def search_space(config: Config) -> dict[str, SearchDimension]:
-    if config.tune.space:
-        return dict(config.tune.space)
-    space = dict(DEFAULT_SPACE)
-    if config.loss.alpha_relative:
-        space["loss.alpha"] = RELATIVE_ALPHA
-    return space
+    return dict(config.tune.space or DEFAULT_SPACE)
 
 
 def parse_objectives(config: Config) -> list[tuple[str, str]]:
@@ -103,11 +97,11 @@ def shareable(space: dict[str, SearchDimension]) -> bool:
     return not any(key == d or key.startswith(d + ".") for key in space for d in deps)
 
 
-def prepare_shared(config: Config, folder: Path) -> RunDir:
+def prepare_shared(config: Config, folder: Path, scorer: Scorer | None = None) -> RunDir:
     """Run the shared stages once (resumable like any run)."""
     from ilrdpo.loop import IterativeRun
 
-    run = IterativeRun(config.model_copy(update={"output_dir": str(folder)}))
+    run = IterativeRun(config.model_copy(update={"output_dir": str(folder)}), scorer=scorer)
     with run.dir.locked("ilrdpo tune (shared first round)"):
         run.open()
         run.dir.announce()
@@ -131,8 +125,9 @@ def make_sampler(config: Config, n_objectives: int, n_trials: int):
 
 
 def tune(config: Config, *, trials: int, storage: str | None = None, study_name: str | None = None,
-         resume: bool = False) -> Any:
-    """Run `trials` more trials of the study; returns the optuna Study."""
+         resume: bool = False, scorer: Scorer | None = None) -> Any:
+    """Run `trials` more trials of the study; returns the optuna Study. scorer: used instead of the
+    one the scoring section describes (the demo's judge)."""
     import optuna
 
     objectives = parse_objectives(config)
@@ -150,17 +145,18 @@ def tune(config: Config, *, trials: int, storage: str | None = None, study_name:
         storage=rdb, study_name=study_name, load_if_exists=resume,
         directions=[d for _, d in objectives], sampler=make_sampler(config, len(objectives), trials),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if single and config.tune.prune else None)
-    shared = prepare_shared(config, out / "shared") if shareable(space) else None
+    shared = prepare_shared(config, out / "shared", scorer) if shareable(space) else None
     if shared is None:
         console.print("[yellow]the search space reaches sampling or scoring: every trial samples on its own[/yellow]")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(lambda trial: _objective(trial, config, space, objectives, shared, out), n_trials=trials,
+    study.optimize(lambda trial: _objective(trial, config, space, objectives, shared, out, scorer), n_trials=trials,
                    catch=(Exception,))
     write_outputs(study, config, space, objectives, out)
     return study
 
 
-def _objective(trial, config: Config, space, objectives, shared: RunDir | None, out: Path):
+def _objective(trial, config: Config, space, objectives, shared: RunDir | None, out: Path,
+               scorer: Scorer | None = None):
     import optuna
 
     from ilrdpo.loop import run_iterations
@@ -174,7 +170,7 @@ def _objective(trial, config: Config, space, objectives, shared: RunDir | None, 
     try:
         for t in range(1, config.iterations.count + 1):
             summary = run_iterations(config.model_copy(update={"iterations": config.iterations.model_copy(
-                update={"count": t})}))[-1]
+                update={"count": t})}), scorer=scorer)[-1]
             if len(objectives) == 1:
                 trial.report(metric(summary, objectives[0][0]), t)
                 if trial.should_prune():
@@ -187,7 +183,7 @@ def _objective(trial, config: Config, space, objectives, shared: RunDir | None, 
         raise
     values = [metric(summary, key) for key, _ in objectives]
     # what `ilrdpo report` shows of a run that came from a study
-    atomic_write_text(folder / "trial.json", json.dumps({
+    atomic_write_text(RunDir(folder).trial_path, json.dumps({
         "study": str(out), "trial": trial.number, "params": params,
         "objectives": {f"{key} ({direction})": value for (key, direction), value in zip(objectives, values)}},
         indent=1, default=str))

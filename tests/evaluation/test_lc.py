@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from ilrdpo.evaluate import anchor_inputs
+from ilrdpo.eval_stage import anchor_inputs
 from ilrdpo.evaluation import joint_lc, lc_win_rate_multi
 from ilrdpo.evaluation.compare import compare_all, evaluate_answers
 from ilrdpo.evaluation.lc import newton_batch

@@ -7,8 +7,8 @@ loop's eval answers (same system prompt, decoding and seed), the run's own judge
 answers, and ROUGE-L and chrF against the references give a quality measure the judge's
 similarity score does not share.
 
-Written per run: heldout/iter_{k}.json (summarize(): quality, reward, length, text metrics)
-and heldout/iter_{k}_answers.jsonl. Iteration 0 (the initial model) is answered once and
+Written per run (RunDir.heldout): a summary per iteration (summarize(): quality, reward,
+length, text metrics) and the answers. Iteration 0 (the initial model) is answered once and
 copied to the runs that share it.
 """
 
@@ -20,14 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from ilrdpo.config import Config
-from ilrdpo.evaluate import answer_prompts, judge_answers
+from ilrdpo.demo.judge import demo_judge
+from ilrdpo.eval_stage import answer_prompts, judge_answers
 from ilrdpo.evaluation.compare import summarize
 from ilrdpo.records import atomic_write_text, read_prompts, write_jsonl
 from ilrdpo.rundir import RunDir
-
-
-def heldout_path(run_dir: Path, k: int) -> Path:
-    return Path(run_dir) / "heldout" / f"iter_{k}.json"
 
 
 def _model(rundir: RunDir, config: Config, k: int):
@@ -45,29 +42,27 @@ def evaluate_heldout(run_dirs: list[Path], prompts_path: str, *, base: Path | No
     """Answer `prompts_path` with iterations 0..N of each run (or only `iterations`); {run: {k: summary}}.
 
     Runs share iteration 0 when their configs agree on model, data and eval settings (the demo's
-    arms do), so the initial model answers once; `base` (an iter_0.json of an earlier call on the
-    same prompts, greedy) skips even that. Existing results are kept (resumable).
+    arms do), so the initial model answers once; `base` (a run directory where an earlier call on the
+    same prompts, greedy, answered iteration 0) skips even that. Existing results are kept (resumable).
     """
-    from ilrdpo.scoring import build_scorer
-
     prompts = read_prompts(prompts_path)
     results: dict[str, dict[int, dict]] = {}
-    first_base = base if base is not None and base.exists() else None
+    first_base = RunDir(base) if base is not None and RunDir(base).heldout(0).exists() else None
     for run_dir in map(Path, run_dirs):
         rundir = RunDir(run_dir)
         config = rundir.recorded_config()
         judge_settings = config.eval.judge or config.scoring
-        scorer = scorer or build_scorer(judge_settings)
+        scorer = scorer or demo_judge(config)
         gen = config.generation.model_copy(update={"max_new_tokens": config.eval.max_new_tokens
                                                    or config.generation.max_new_tokens})
         done = [k for k in sorted(rundir.iterations()) if k == 0 or rundir.file(k, "model").exists()]
         results[str(run_dir)] = {}
         for k in [k for k in done if iterations is None or k in iterations]:
-            out = heldout_path(run_dir, k)
+            out, answers = rundir.heldout(k), rundir.heldout(k, answers=True)
             if not out.exists() and k == 0 and first_base is not None:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(first_base.with_name("iter_0_answers.jsonl"), out.with_name("iter_0_answers.jsonl"))
-                shutil.copy2(first_base, out)
+                shutil.copy2(first_base.heldout(0, answers=True), answers)
+                shutil.copy2(first_base.heldout(0), out)
             if not out.exists():
                 model, tokenizer = _model(rundir, config, k)
                 rows = answer_prompts(model, tokenizer, prompts, gen, config.data, greedy=config.eval.greedy,
@@ -75,11 +70,11 @@ def evaluate_heldout(run_dirs: list[Path], prompts_path: str, *, base: Path | No
                 del model
                 rows = judge_answers(scorer, prompts, rows, judge_settings)
                 out.parent.mkdir(parents=True, exist_ok=True)
-                write_jsonl(out.with_name(f"iter_{k}_answers.jsonl"), rows)
+                write_jsonl(answers, rows)
                 summary: dict[str, Any] = {"iteration": k, "prompts": prompts_path, **summarize(rows, prompts)}
                 atomic_write_text(out, json.dumps(summary, indent=1))
             if k == 0 and first_base is None:
-                first_base = out
+                first_base = rundir
             results[str(run_dir)][k] = json.loads(out.read_text())
     return results
 
@@ -91,7 +86,7 @@ def heldout_section(run_dirs: list[Path], names: list[str]) -> list[str]:
               "ROUGE-L (F1) and chrF compare with the reference independently of the judge."), "",
              "| run | iteration | mean length (tokens) | quality | ROUGE-L | chrF |", "|---|---|---|---|---|---|"]
     for run_dir, name in zip(map(Path, run_dirs), names):
-        for path in sorted((run_dir / "heldout").glob("iter_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        for path in RunDir(run_dir).heldout_iterations().values():
             s = json.loads(path.read_text())
             text = s.get("text") or {}
             lines.append(f"| {name} | {s['iteration']} | {s['length']['tokens_mean']:.1f} | {s['quality_mean']:.4f} | "

@@ -19,9 +19,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ilrdpo.demo.heldout import heldout_path
-from ilrdpo.evaluate import per_prompt_means
+from ilrdpo.evaluation.compare import per_prompt_means
 from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
+from ilrdpo.rundir import SAMPLES_FILE, RunDir
 
 SETS = {"eval": "bundled eval prompts", "heldout": "second held-out set",
         "sampled": "bundled eval prompts, sampled answers"}  # the last with eval.samples > 0 only
@@ -30,14 +30,15 @@ MIN_SEEDS = 3
 
 
 def _eval_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
-    path = run_dir / f"iter_{k}" / "eval.json"
+    rundir = RunDir(run_dir)
+    path = rundir.file(k, "eval.json")
     if not path.exists():
         return {}
     ev = json.loads(path.read_text())
-    metrics = read_jsonl_tolerant(run_dir / f"iter_{k}" / "metrics.jsonl") if k else []
+    metrics = read_jsonl_tolerant(rundir.file(k, "metrics.jsonl")) if k else []
     saturated = [m["length/saturated_share"] for m in metrics if "length/saturated_share" in m]
     reversed_ = [m["length/reversed_share"] for m in metrics if "length/reversed_share" in m]
-    state = json.loads((run_dir / "state.json").read_text())
+    state = json.loads(rundir.state_path.read_text())
     sampled = ev.get("sampled") or {}
     return {"eval_length": ev["length"]["tokens_mean"], "eval_quality": ev["quality_mean"],
             "sampled_length": (sampled.get("length") or {}).get("tokens_mean"),
@@ -51,7 +52,7 @@ def _eval_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
 
 
 def _heldout_numbers(run_dir: Path, k: int) -> dict[str, float | None]:
-    path = heldout_path(run_dir, k)
+    path = RunDir(run_dir).heldout(k)
     if not path.exists():
         return {}
     summary = json.loads(path.read_text())
@@ -66,7 +67,7 @@ def collect(out: Path, seeds: list[int], arms: list[str]) -> list[dict[str, Any]
         for arm in arms:
             run_dir = out / f"seed_{seed}" / arm
             k = 0
-            while (run_dir / f"iter_{k}" / "eval.json").exists():
+            while RunDir(run_dir).file(k, "eval.json").exists():
                 rows.append({"arm": arm, "seed": seed, "iteration": k,
                              **_eval_numbers(run_dir, k), **_heldout_numbers(run_dir, k)})
                 k += 1
@@ -161,14 +162,15 @@ def study_table(rows: list[dict], arms: list[str]) -> list[str]:
     return lines
 
 
-ANSWER_FILES = {"eval": "iter_{k}/eval_answers.jsonl", "heldout": "heldout/iter_{k}_answers.jsonl",
-                "sampled": "iter_{k}/eval_samples.jsonl"}
+ANSWER_FILES = {"eval": lambda run, k: run.file(k, "eval_answers.jsonl"),
+                "heldout": lambda run, k: run.heldout(k, answers=True),
+                "sampled": lambda run, k: run.file(k, SAMPLES_FILE)}
 
 
 def prompt_qualities(run_dir: Path, k: int, prefix: str) -> dict[str, float]:
     """{prompt id: quality} of model k's answers on one set; the mean over a prompt's samples for
     "sampled"; {} when the file is absent."""
-    rows = read_jsonl_tolerant(run_dir / ANSWER_FILES[prefix].format(k=k))
+    rows = read_jsonl_tolerant(ANSWER_FILES[prefix](RunDir(run_dir), k))
     return {row["id"]: row["quality"] for row in per_prompt_means(rows, keys=("quality",))}
 
 

