@@ -181,3 +181,42 @@ def test_trl_flag_on_the_command_line_overrides_the_file(monkeypatch, tmp_path, 
     code = call_main(monkeypatch, ["train", "--config", str(config_file), "--beta", "0.2",
                                    "data.pairs=missing.jsonl", f"output_dir={tmp_path / 'o'}"])
     assert code == 2 and capsys.readouterr().err == "error: missing.jsonl: file not found\n"
+
+
+@pytest.mark.smoke
+def test_a_removed_key_exits_2_with_one_line_saying_what_to_use(monkeypatch, capsys):
+    """`ilrdpo train loss.alpha_relative=true` once trained silently with the raw per-token alpha
+    (the loop alone resolved the key); the key is gone, and using it is one line, exit 2."""
+    assert call_main(monkeypatch, ["train", "loss.alpha_relative=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: command line: config key 'loss.alpha_relative' was removed; use ") and \
+        err.count("\n") == 1
+
+
+@pytest.mark.smoke
+def test_train_decides_alpha_as_each_round_of_run_does(monkeypatch, tiny_model_dir, tokenizer, tmp_path):
+    """experimental.alpha_neutral with `ilrdpo train`: the alpha trained with is the setting times the
+    pairs' neutral alpha (alpha.per_unit_alpha, as in the loop), in the card and in every metrics line."""
+    from ilrdpo.alpha import neutral_alpha
+    from ilrdpo.data import count_tokens
+    from ilrdpo.records import read_pairs
+
+    out, pairs_file = tmp_path / "run", tmp_path / "pairs.jsonl"
+    # chosen answers longer (the neutral alpha is 0 when they are shorter on average)
+    rows = [json.loads(line) for line in PAIRS_FILE.read_text().splitlines()[:6]]
+    pairs_file.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]})
+                                  + "\n" for r in rows))
+    assert call_main(monkeypatch, [
+        "train", f"model.name_or_path={tiny_model_dir}", f"data.pairs={pairs_file}",
+        "model.dtype=float32", "loss.type=ipo", "loss.alpha=1.5", "experimental.alpha_neutral=true",
+        "train.batch_size=2", "train.warmup_ratio=0", "train.max_length=128", f"output_dir={out}"]) == 0
+    pairs = read_pairs(pairs_file)
+    gaps = [count_tokens(tokenizer, p.chosen) - count_tokens(tokenizer, p.rejected) for p in pairs]
+    expected = 1.5 * neutral_alpha(gaps, 0.5)
+    assert expected > 0
+    info = json.loads((out / "model" / "ilrdpo.json").read_text())
+    assert info["hyperparameters"]["loss.alpha"] == pytest.approx(expected, rel=1e-6)
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if abs(m["length/chosen"] - m["length/rejected"]) > 0.5:
+            assert m["length/margin_term"] / (m["length/chosen"] - m["length/rejected"]) == pytest.approx(expected)

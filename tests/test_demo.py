@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from ilrdpo.demo import ARMS, bundled_prompts, demo_configs, share_first_iteration
+from ilrdpo.demo import ARMS, bundled_prompts, demo_configs, shared_stages
+from ilrdpo.rundir import RunDir
 from ilrdpo.demo.study import check_claim, study_table
 from ilrdpo.evaluation.plots import plot_bands
 from ilrdpo.records import read_prompts
@@ -45,8 +46,7 @@ def test_demo_arms_differ_only_in_the_length_margin(tmp_path):
     assert idpo["iterations"].pop("alpha_control")["mode"] == "constant"  # vanilla: alpha stays 0
     ilrdpo["iterations"].pop("alpha_control")
     idpo_loss, ilrdpo_loss = idpo.pop("loss"), ilrdpo.pop("loss")
-    assert {key for key in idpo_loss if idpo_loss[key] != ilrdpo_loss[key]} <= {"alpha", "alpha_relative",
-                                                                                 "target_length"}
+    assert {key for key in idpo_loss if idpo_loss[key] != ilrdpo_loss[key]} <= {"alpha", "target_length"}
     assert idpo.pop("output_dir") != ilrdpo.pop("output_dir")
     assert idpo == ilrdpo
     # the eval prompts are never trained on
@@ -55,10 +55,10 @@ def test_demo_arms_differ_only_in_the_length_margin(tmp_path):
 
 
 def test_study_arms_are_overrides(tmp_path):
-    arms = {**ARMS, "rel2": ["loss.alpha_relative=true", "loss.alpha=2"]}
+    arms = {**ARMS, "rel2": ["loss.target_length=base", "loss.alpha=2"]}
     configs = demo_configs(tmp_path, quick=True, arms=arms, sizes={"iterations": 1, "n_eval": 5})
     assert list(configs) == list(arms)
-    assert configs["rel2"].loss.alpha_relative and configs["rel2"].loss.alpha == 2
+    assert configs["rel2"].loss.target_length == "base" and configs["rel2"].loss.alpha == 2
     assert configs["idpo"].iterations.count == 1
     assert len(read_prompts(configs["rel2"].data.eval_prompts)) == 5
 
@@ -70,7 +70,7 @@ def test_first_iteration_shares_pairs_only_when_asked(tmp_path, pairs):
     for name, text in (("iter_0/eval.json", "{}"), ("iter_1/candidates.jsonl", "c\n"), ("iter_1/pairs.jsonl", "p\n")):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text(text)
-    share_first_iteration(source, target, pairs=pairs)
+    RunDir(target).adopt(RunDir(source), shared_stages(pairs=pairs))
     assert (target / "iter_1" / "candidates.jsonl").read_text() == "c\n"
     assert (target / "iter_1" / "pairs.jsonl").exists() == pairs
     finished = json.loads((target / "state.json").read_text())["finished"]

@@ -32,7 +32,7 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.logprobs import sequence_logps
 from ilrdpo.loop import run_iterations
 from ilrdpo.records import read_pairs
-from ilrdpo.rundir import STAGES, check_resume
+from ilrdpo.rundir import STAGES, RunDir, check_resume
 
 TESTS = Path(__file__).resolve().parent
 SCORER = TESTS / "helpers" / "scorer.py"
@@ -226,7 +226,7 @@ def test_rerun_keeps_the_initial_models_evaluation(base_run):
 
 @pytest.mark.parametrize("override,key", [
     ("generation.temperature=0.5", "generation.temperature"),
-    ("scoring.length_bias=0.1", "scoring.length_bias"),
+    ("scoring.tie_tolerance=0.1", "scoring.tie_tolerance"),
     ("pairing.min_margin=1.0", "pairing.min_margin"),
     ("loss.beta=0.2", "loss.beta"),
     ("eval.max_new_tokens=3", "eval.max_new_tokens"),
@@ -277,7 +277,7 @@ def finished_through(stages_by_iteration: dict[int, int]) -> dict[int, list[str]
 @pytest.mark.parametrize("override,finished,refused", [
     # iteration 1 generated only: sampling settings are fixed, later stages' are not
     ("generation.top_p=0.9", {1: 1}, True),
-    ("scoring.length_bias=0.1", {1: 1}, False),
+    ("scoring.tie_tolerance=0.1", {1: 1}, False),
     ("pairing.strategy=all", {1: 2}, False),
     ("pairing.strategy=all", {1: 3}, True),
     ("loss.alpha=0.1", {1: 3}, False),
@@ -349,39 +349,30 @@ def test_reference_initial_is_the_initial_model(raw_config, tiny_model_dir, toke
 
 # --- alpha control ------------------------------------------------------------------------------
 
-AUTO = AlphaControlSettings(mode="auto", budget=1.0, step=0.5, min_alpha=0.0, max_alpha=1.0)
+AUTO = AlphaControlSettings(mode="auto", budget=1.0, gain=0.5, step=0.5, min_alpha=0.0, max_alpha=1.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("alpha,mean_length,initial_length,control,expected", [
     # constant: never moves
     (0.1, 50.0, 10.0, AlphaControlSettings(), 0.1),
-    # 20% over a budget of 1.0 x 10 tokens: full step, 0.1 * (1 + 0.5) = 0.15
-    (0.1, 12.0, 10.0, AUTO, 0.15),
-    # 5% over: half a step, 0.1 * (1 + 0.5 * 0.5) = 0.125
-    (0.1, 10.5, 10.0, AUTO, 0.125),
-    # within (-10%, +2%]: unchanged
-    (0.1, 10.1, 10.0, AUTO, 0.1),
-    (0.1, 9.1, 10.0, AUTO, 0.1),
-    # 20% under: lowered by half a full step, 0.1 * (1 - 0.5 / 2) = 0.075
-    (0.1, 8.0, 10.0, AUTO, 0.075),
-    # 15% under: over / 0.1 is capped at 1, the same 0.075
-    (0.1, 8.5, 10.0, AUTO, 0.075),
-    # from alpha = 0 a multiplicative step cannot move: the floor 0.01
-    (0.0, 12.0, 10.0, AUTO, 0.01),
-    # a small alpha takes the plain step, not the floor: 0.004 * 1.5
-    (0.004, 12.0, 10.0, AUTO, 0.006),
-    # budget > 10 is tokens: 60 vs 50 is 20% over, whatever the initial length
-    (0.1, 60.0, 1000.0, AlphaControlSettings(mode="auto", budget=50.0), 0.15),
-    # relative budget 0.5: 8 vs 0.5 x 8 = 4 is 100% over, a full step
-    (0.04, 8.0, 8.0, AlphaControlSettings(mode="auto", budget=0.5), 0.06),
-    # gain: log-space proportional, the same both ways: 0.1 * exp(0.5 * 0.2), 0.1 * exp(-0.5 * 0.2)
-    (0.1, 12.0, 10.0, AUTO.model_copy(update={"gain": 0.5}), 0.1 * math.exp(0.1)),
-    (0.1, 8.0, 10.0, AUTO.model_copy(update={"gain": 0.5}), 0.1 * math.exp(-0.1)),
-    # gain: |log change| bounded by step (0.5): 100% under with gain 2 gives exp(-0.5)
+    # log-space proportional, the same both ways: 20% over / under, 0.1 * exp(+-0.5 * 0.2)
+    (0.1, 12.0, 10.0, AUTO, 0.1 * math.exp(0.1)),
+    (0.1, 8.0, 10.0, AUTO, 0.1 * math.exp(-0.1)),
+    # |log change| bounded by step (0.5): 100% under with gain 2 gives exp(-0.5)
     (0.1, 0.0, 10.0, AUTO.model_copy(update={"gain": 2.0}), 0.1 * math.exp(-0.5)),
-    # gain: within 2% unchanged; from alpha = 0 the floor, as without gain
-    (0.1, 10.15, 10.0, AUTO.model_copy(update={"gain": 0.5}), 0.1),
-    (0.0, 12.0, 10.0, AUTO.model_copy(update={"gain": 0.5}), 0.01),
+    # within 2%: unchanged
+    (0.1, 10.15, 10.0, AUTO, 0.1),
+    (0.1, 9.85, 10.0, AUTO, 0.1),
+    # from alpha = 0 a multiplicative law cannot move: over budget it starts at 0.01, under it stays
+    (0.0, 12.0, 10.0, AUTO, 0.01),
+    (0.0, 8.0, 10.0, AUTO, 0.0),
+    # a small alpha takes the plain step, not the start value: 0.004 * exp(0.1)
+    (0.004, 12.0, 10.0, AUTO, 0.004 * math.exp(0.1)),
+    # budget > 10 is tokens: 60 vs 50 is 20% over, whatever the initial length
+    (0.1, 60.0, 1000.0, AlphaControlSettings(mode="auto", budget=50.0, gain=0.5), 0.1 * math.exp(0.1)),
+    # relative budget 0.5: 8 vs 0.5 x 8 = 4 is 100% over, a full step exp(0.5)
+    (0.04, 8.0, 8.0, AlphaControlSettings(mode="auto", budget=0.5, gain=0.5), 0.04 * math.exp(0.5)),
     # clamped to max_alpha and min_alpha
     (0.9, 20.0, 10.0, AUTO, 1.0),
     (0.1, 5.0, 10.0, AUTO.model_copy(update={"min_alpha": 0.09}), 0.09),
@@ -411,12 +402,12 @@ def test_neutral_alpha_is_zero_when_chosen_answers_are_shorter():
 
 def test_alpha_control_raises_alpha_while_answers_are_over_budget(raw_config, tmp_path):
     """budget 0.5 x the initial model's mean eval length: the tiny model's answers run to
-    eval.max_new_tokens at every iterate, so each iteration is ~100% over budget and alpha grows
-    by a full step: 0.04 -> 0.06 -> 0.09. Lengths are in characters, so the logged
+    eval.max_new_tokens at every iterate, so each iteration is far over budget and alpha grows by
+    exp(min(step, gain x over)): 0.04 -> 0.04 x e^0.5 with gain 1 and over >= 0.5. Lengths are in characters, so the logged
     length/margin_term = alpha * (mean chars chosen - mean chars rejected) shows the alpha each
     round actually trained with."""
     raw = raw_config(tmp_path / "run")
-    raw["iterations"]["alpha_control"] = {"mode": "auto", "budget": 0.5, "step": 0.5}
+    raw["iterations"]["alpha_control"] = {"mode": "auto", "budget": 0.5, "step": 0.5, "gain": 1.0}
     raw["loss"] = {"alpha": 0.04, "length_unit": "chars"}
     raw["train"]["epochs"] = 1
     raw["data"]["max_examples"] = 4
@@ -424,10 +415,11 @@ def test_alpha_control_raises_alpha_while_answers_are_over_budget(raw_config, tm
     run_iterations(build_config(raw))
 
     lengths = [json.loads((out / f"iter_{k}" / "eval.json").read_text())["length"]["tokens_mean"] for k in (0, 1, 2)]
-    assert min(lengths[1:]) / lengths[0] >= 0.55, lengths  # >= 10% over 0.5 x initial: a full step
+    assert min(lengths[1:]) / lengths[0] >= 0.75, lengths  # >= 50% over 0.5 x initial: a full step
     alpha = json.loads((out / "state.json").read_text())["alpha"]
-    assert alpha == pytest.approx({"1": 0.04, "2": 0.06})  # decided when each train stage starts
-    for k, used in ((1, 0.04), (2, 0.06)):
+    second = 0.04 * math.exp(0.5)
+    assert alpha == pytest.approx({"1": 0.04, "2": second})  # decided when each train stage starts
+    for k, used in ((1, 0.04), (2, second)):
         assert json.loads((out / f"iter_{k}" / "eval.json").read_text())["alpha"] == pytest.approx(used)
         steps = [m for m in read_jsonl(out / f"iter_{k}" / "metrics.jsonl")
                  if abs(m["length/chosen"] - m["length/rejected"]) > 0.5]
@@ -770,14 +762,13 @@ def test_a_base_eval_shared_from_another_seed_draws_its_own_samples(raw_config, 
     """The demo shares the initial model's greedy eval across seeds; its sampled answers depend on
     the seed, so they are not copied: the first evaluation that needs them draws pi_0's and
     completes iteration 0's eval.json."""
-    from ilrdpo.demo import share_base_eval
 
     source = raw_config(tmp_path / "seed0")
     source["eval"].update(greedy=True, samples=2)
     source["iterations"]["count"] = 1
     run_iterations(build_config(source), until=(1, "generate"))
     target = {**raw_config(tmp_path / "seed1"), "seed": 1, "eval": source["eval"], "iterations": {"count": 1}}
-    share_base_eval(tmp_path / "seed0", tmp_path / "seed1", same_seed=False)
+    RunDir(tmp_path / "seed1").adopt(RunDir(tmp_path / "seed0"), {0: ["eval"]}, same_seed=False)
     assert not (tmp_path / "seed1" / "iter_0" / "eval_samples.jsonl").exists()
     assert "sampled" not in json.loads((tmp_path / "seed1" / "iter_0" / "eval.json").read_text())
     run_iterations(build_config(target))

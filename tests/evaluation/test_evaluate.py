@@ -53,7 +53,7 @@ def files(tmp_path):
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     (tmp_path / "judge.py").write_text(JUDGE)
     judge = tmp_path / "judge.yaml"
-    judge.write_text(f"type: python\nfunction: {tmp_path / 'judge.py'}:score\nlength_bias: 0.5\nlength_bias_cap: 8\n")
+    judge.write_text(f"type: python\nfunction: {tmp_path / 'judge.py'}:score\n")
     return prompts, judge
 
 
@@ -72,7 +72,7 @@ def test_evaluate_writes_win_rates_and_is_antisymmetric(monkeypatch, tmp_path, f
         results.append(json.loads(out.read_text()))
         answers = [json.loads(line) for line in (out.parent / "model_answers.jsonl").read_text().splitlines()]
         assert [a["id"] for a in answers] == [p["id"] for p in PROMPTS]
-        assert all(a["reward"] == pytest.approx(a["quality"] + 0.5 * min(a["n_tokens"], 8) / 8) for a in answers)
+        assert all(a["reward"] == a["quality"] for a in answers)  # a production judge has no length bonus
     ab, ba = results
     assert ab["model_summary"]["n_prompts"] == len(PROMPTS)
     assert 0 < ab["vs_baseline_quality"]["win_rate"] < 100  # a real contest, not all wins or all losses
