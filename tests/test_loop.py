@@ -277,9 +277,13 @@ def finished_through(stages_by_iteration: dict[int, int]) -> dict[int, list[str]
 @pytest.mark.parametrize("override,finished,refused", [
     # iteration 1 generated only: sampling settings are fixed, later stages' are not
     ("generation.top_p=0.9", {1: 1}, True),
+    ("data.on_long_prompt=error", {1: 1}, True),  # generation reads it: samples made under the old value
     ("scoring.tie_tolerance=0.1", {1: 1}, False),
     ("pairing.strategy=all", {1: 2}, False),
     ("pairing.strategy=all", {1: 3}, True),
+    ("loss.target_length=base", {1: 3}, True),  # pairs carry per-prompt targets with 'base'
+    ("loss.length_unit=chars", {0: 0}, False),
+    ("loss.length_unit=chars", {0: 5}, True),  # iteration 0's eval.json summarises lengths in this unit
     ("loss.alpha=0.1", {1: 3}, False),
     ("loss.alpha=0.1", {1: 4}, True),
     ("iterations.alpha_control.mode=auto", {1: 4}, True),
@@ -693,14 +697,14 @@ def test_wandb_project_and_run_name(monkeypatch, tmp_path):
 
 
 def test_eval_perplexity_under_the_initial_model(raw_config, tmp_path, tiny_model_dir, tokenizer):
-    """eval.perplexity: eval.json's perplexity_initial is exp(-mean log pi_0(answer token | prompt,
+    """experimental.perplexity: eval.json's perplexity_initial is exp(-mean log pi_0(answer token | prompt,
     answer so far)), checked against a plain forward pass per answer (all fit the context)."""
     from transformers import AutoModelForCausalLM
 
     from ilrdpo.data import encode_prompt
 
     raw = raw_config(tmp_path / "run")
-    raw["eval"]["perplexity"] = True
+    raw["experimental"] = {"perplexity": True}
     raw["iterations"]["count"] = 1
     run_iterations(build_config(raw))
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

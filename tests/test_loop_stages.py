@@ -1,5 +1,6 @@
 """The loop's stages (smoke tier, tiny Llama): alpha decided when training starts, input-file
-hashes, overlap of eval and training prompts, empty answers, relative alpha and base targets.
+hashes, overlap of eval and training prompts, empty answers, base targets, and the keys each
+stage reads against rundir.STAGE_SECTIONS.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 from helpers import SCORER, crash_after, read_jsonl, short_pairs
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
-from ilrdpo.loop import run_iterations
+from ilrdpo.loop import IterativeRun, run_iterations
+from ilrdpo.rundir import NEUTRAL_KEYS, STAGES, stage_dependencies
+from ilrdpo.tracking import RunTracker
 
 pytestmark = pytest.mark.smoke
 
@@ -174,3 +177,60 @@ def test_base_targets(tiny_model_dir, tokenizer, tmp_path):
     for m in read_jsonl(out / "iter_1" / "metrics.jsonl"):
         assert 0.0 <= m["length/saturated_share"] <= 1.0
         assert m["length/reversed_share"] == 0.0  # DPO has no target margin to reverse
+
+
+# --- the keys each stage reads ----------------------------------------------------------------------
+
+
+class ReadRecorder:
+    """Stands in for a Config (or one of its sections) and notes every key the code reads: a
+    setting read as an attribute, a whole section where the code dumps it. model_copy gives a
+    recorder of the copy, so reads through copies count too."""
+
+    def __init__(self, target, path: str, log: set[str]) -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_log", log)
+
+    def __getattr__(self, name: str):
+        from pydantic import BaseModel
+
+        value = getattr(self._target, name)
+        if isinstance(value, BaseModel):
+            return ReadRecorder(value, f"{self._path}{name}.", self._log)
+        if name == "model_copy":
+            return lambda *args, **kwargs: ReadRecorder(value(*args, **kwargs), self._path, self._log)
+        if name.startswith("model_") and callable(value):  # model_dump and the like: the whole section
+            self._log.add(self._path.rstrip(".") or "<all>")
+            return value
+        self._log.add(f"{self._path}{name}")
+        return value
+
+
+def test_every_key_a_stage_reads_is_in_its_stage_sections(tiny_model_dir, tmp_path):
+    """Each stage of iterations 0 and 1 runs with a config that records what it reads; every key
+    read must be one of the stage's dependencies (rundir.stage_dependencies, from STAGE_SECTIONS),
+    or changing it under finished work would not be refused on resume. (loss.target_length, read
+    by pairing with 'base', and loss.length_unit, read by the evaluation's length summary, were
+    missing once; data.on_long_prompt is read only for a prompt too long for the context: the
+    resume test in test_loop.py covers it.)"""
+    eval_prompts = tmp_path / "eval.jsonl"
+    eval_prompts.write_text("".join(json.dumps({"prompt": p, "id": f"e{i}"}) + "\n" for i, p in enumerate(
+        ["Name a fruit.", "What is two plus two?"])))
+    config = loop_config(tiny_model_dir, tmp_path, tmp_path / "run", data__eval_prompts=str(eval_prompts),
+                         loss__target_length="base", loss__alpha=0.01)
+    run = IterativeRun(config)
+    with run.dir.locked("test"):
+        run.open()
+        run.tracker = RunTracker([], run.dir.root, {})
+        reads: dict[tuple[int, str], set[str]] = {}
+        for t, name in [(0, "eval"), *((1, name) for name in STAGES)]:
+            reads[t, name] = set()
+            run.config = ReadRecorder(config, "", reads[t, name])
+            run.run_stage(t, name)
+        run.config = config
+    unlisted = {(t, name): sorted(key for key in keys if key not in NEUTRAL_KEYS and not any(
+                key == d or key.startswith(d + ".") for d in stage_dependencies(t, name)))
+                for (t, name), keys in reads.items()}
+    assert "generation.temperature" in reads[1, "generate"] and "loss.alpha" in reads[1, "train"]
+    assert not any(unlisted.values()), {k: v for k, v in unlisted.items() if v}

@@ -9,6 +9,7 @@ Imports nothing of the project: the bottom layer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 # Offset of the sampled eval answers (eval.samples) from the run's seed: their draws differ from
@@ -24,9 +25,8 @@ def stage_seed(seed: int, t: int, stage: str) -> int:
     return seed + offsets[stage]
 
 
-def judge_tie_tolerance(config: dict[str, Any]) -> float:
-    """Judged rewards within this of each other are a tie (half a win): eval.judge's tie_tolerance,
-    or the scoring section's when no judge is set. `config` as dumped (config.yaml, or
-    Config.model_dump())."""
-    judge = (config.get("eval") or {}).get("judge") or config.get("scoring") or {}
-    return float(judge.get("tie_tolerance") or 0.0)
+def judge_tie_tolerance(judge: Mapping[str, Any] | None, scoring: Mapping[str, Any] | None) -> float:
+    """Judged rewards within this of each other are a tie (half a win): the eval.judge section's
+    tie_tolerance, or the scoring section's when no judge is set (sections as dumped: config.yaml,
+    or model_dump())."""
+    return float(((judge or scoring) or {}).get("tie_tolerance") or 0.0)

@@ -188,7 +188,7 @@ def _sampled_evaluation(t: int, rundir: RunDir, config: Config, prompts: list[Pr
     drawn = {k: found for k in range(t) if (found := read_jsonl_tolerant(rundir.file(k, SAMPLES_FILE)))}
     fits = compare_all({"this": per_prompt_means(rows), **{f"model_{k}": per_prompt_means(v)
                                                           for k, v in drawn.items() if k}},
-                       per_prompt_means(drawn[0]), tie_tolerance=judge_tie_tolerance(config.model_dump()))["this"]
+                       per_prompt_means(drawn[0]), tie_tolerance=tie_tolerance(config))["this"]
     result["vs_initial"], result["vs_initial_quality"] = fits["reward"], fits["quality"]
     return result
 
@@ -223,7 +223,7 @@ def answer_perplexity(model, tokenizer, prompts: list[Prompt], rows: list[dict[s
 def _compare_with_baselines(t: int, rows, rundir: RunDir, config: Config, prompts: list[Prompt],
                             judge_settings: ScoringSettings) -> dict:
     """One joint LC fit per baseline (pi_0, pi_{t-1}): every iterate so far, plus pi_0's anchors."""
-    tie, unit = judge_tie_tolerance(config.model_dump()), config.loss.length_unit
+    tie, unit = tie_tolerance(config), config.loss.length_unit
     if t == 0:
         return evaluate_answers(rows, prompts, {}, tie, length_unit=unit)
     answers = {k: read_jsonl_tolerant(rundir.file(k, "eval_answers.jsonl")) for k in range(t)}
@@ -232,6 +232,12 @@ def _compare_with_baselines(t: int, rows, rundir: RunDir, config: Config, prompt
     return evaluate_answers(rows, prompts, {"initial": answers[0], "previous": answers[t - 1]}, tie,
                             other_models={f"model_{k}": answers[k] for k in range(1, t)},
                             anchors={"initial": anchors} if anchors else None, length_unit=unit)
+
+
+def tie_tolerance(config: Config) -> float:
+    """decisions.judge_tie_tolerance of this run's config: the rule `ilrdpo report` refits with."""
+    judge = config.eval.judge
+    return judge_tie_tolerance(judge.model_dump() if judge is not None else None, config.scoring.model_dump())
 
 
 def generation_stats(rundir: RunDir, t: int) -> dict:

@@ -63,16 +63,17 @@ def file_sha256(path: str | Path) -> str:
 
 # --- resume checks -------------------------------------------------------------------------------
 
-# The config keys each stage reads. A finished stage depends on its own keys and every earlier
+# The config keys each stage reads (tests/test_loop_stages.py records what each stage reads and
+# fails on a key missing here). A finished stage depends on its own keys and every earlier
 # stage's; from iteration 2 on, also on everything that shaped the previous model. An input
 # file's content counts as the key that names it plus ".sha256".
 STAGE_SECTIONS = {
     "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
                  "data.system_prompt", "data.on_long_prompt", "generation", "seed"),
     "score": ("scoring",),
-    "pair": ("pairing",),
+    "pair": ("pairing", "loss.target_length"),  # 'base' puts each prompt's target into its pairs
     "train": ("loss", "train", "iterations.reference", "iterations.alpha_control", "experimental.alpha_neutral"),
-    "eval": ("eval", "data.eval_prompts", "experimental.perplexity"),
+    "eval": ("eval", "data.eval_prompts", "loss.length_unit", "experimental.perplexity"),
 }
 assert list(STAGE_SECTIONS) == STAGES
 # Keys that change how a stage runs, never what it computes.

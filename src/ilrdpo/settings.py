@@ -190,7 +190,7 @@ class AlphaControlSettings(Section):
     retries: int = Field(
         0, ge=0, description="auto: a round whose mean eval length is more than `tolerance` off the budget is "
         "trained again from the same pairs and reference with alpha corrected, up to this many times; the last "
-        "attempt is kept, the others are recorded (state.json attempts, iter_T/attempt_K/). 0 = off.")
+        "attempt is kept, the others are recorded (state.json attempts, attempt_K/ in the iteration's folder). 0 = off.")
     tolerance: float = Field(0.15, gt=0.0, description="auto with retries: the band around the budget, relative.")
     response: float = Field(
         2.0, gt=0.0, description="auto with retries: relative eval-length change per unit of log alpha, for the first "

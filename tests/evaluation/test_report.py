@@ -298,3 +298,25 @@ def test_terminal_table_fits_80_columns(run_dir, monkeypatch):
     lines = captured.get().splitlines()
     assert lines and max(len(line) for line in lines) <= 80
     assert any("report.md" in line for line in lines)  # where the intervals went
+
+
+@pytest.mark.unit
+def test_the_report_refits_with_the_judges_tie_tolerance():
+    """With eval.judge set, the evaluate stage ties rewards within the judge's tie_tolerance; the
+    report's joint refit must use the same rule (it once read scoring.tie_tolerance alone, so
+    report.md and eval.json disagreed). Model 1 beats model 0 by 0.01 on every prompt: within the
+    judge's tolerance 0.05 every prompt is a tie, 50%."""
+    from ilrdpo.decisions import judge_tie_tolerance
+    from ilrdpo.evaluation.rundata import RunData
+
+    def answers(reward):
+        return [{"id": f"p{i}", "response": f"answer {i}", "n_tokens": 10 + i, "n_chars": 50 + i,
+                 "reward": reward + i, "quality": reward + i} for i in range(6)]
+
+    config = {"scoring": {"tie_tolerance": 0.0}, "eval": {"judge": {"type": "python", "tie_tolerance": 0.05}},
+              "data": {"eval_prompts": "eval.jsonl"}}
+    run = RunData(name="r", path=Path("r"), config=config, answers={0: answers(0.0), 1: answers(0.01)},
+                  evals={0: {}, 1: {}}, dirs={0: Path("r/0"), 1: Path("r/1")})
+    assert judge_tie_tolerance(config["eval"]["judge"], config["scoring"]) == 0.05
+    fitted = joint_win_rates([run])[("r", 1)]
+    assert fitted["reward"]["win_rate"] == 50.0 and fitted["reward"]["ties"] == 6

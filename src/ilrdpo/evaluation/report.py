@@ -27,6 +27,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
+from ilrdpo.decisions import judge_tie_tolerance
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluation import plots
 from ilrdpo.evaluation.compare import compare_all
@@ -83,8 +84,8 @@ def joint_win_rates(runs: list[RunData]) -> Joint:
         if not models:
             continue
         anchors = next((run.anchors for run in members if run.anchors), {})
-        tie = next(((run.config.get("scoring") or {}).get("tie_tolerance") for run in members
-                    if (run.config.get("scoring") or {}).get("tie_tolerance") is not None), 0.0)
+        # the evaluate stage's rule (decisions.judge_tie_tolerance): eval.judge's, else scoring's
+        tie = judge_tie_tolerance((members[0].config.get("eval") or {}).get("judge"), members[0].config.get("scoring"))
         try:
             fits = compare_all({f"{i}": rows for i, rows in enumerate(models.values())}, baseline,
                                anchors=anchors, tie_tolerance=tie)
@@ -178,7 +179,7 @@ SAMPLED_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
 FOOTNOTES = {
     "‡": "‡ LC win rate not identifiable (see the notes on the LC win rate): an extrapolation set "
          "mostly by the prior.",
-    "†": "† No eval prompts: mean over model k's training samples (iter_{k+1}/candidates.jsonl); "
+    "†": "† No eval prompts: mean over model k's training samples (candidates.jsonl of iteration k+1); "
          "the last model drew none.",
 }
 
