@@ -12,10 +12,10 @@ import time
 import pytest
 
 from ilrdpo.demo import ARMS, bundled_prompts, demo_configs, shared_stages
-from ilrdpo.rundir import RunDir
 from ilrdpo.demo.study import check_claim, study_table
 from ilrdpo.evaluation.plots import plot_bands
 from ilrdpo.records import read_prompts
+from ilrdpo.rundir import RunDir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

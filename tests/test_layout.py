@@ -80,3 +80,34 @@ def test_a_module_the_page_does_not_name_is_found():
     assert unnamed_modules(text, ["ilrdpo.loss", "ilrdpo.generation", "ilrdpo.generation.sampling",
                                   "ilrdpo.generation.compact", "ilrdpo.lossy", "ilrdpo"]) == [
         "ilrdpo.generation.compact", "ilrdpo.lossy", "ilrdpo"]
+
+
+def top_level_imports(module: str) -> set[str]:
+    """The modules a project module imports at its top (not inside functions)."""
+    path = SRC.parent / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = SRC.parent / module.replace(".", "/") / "__init__.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.unit
+def test_the_config_loads_without_torch():
+    """Reading a config (and `ilrdpo config-help`, `--help`) must not import torch: the modules
+    ilrdpo.config reaches through top-level imports import no torch, transformers or loss.py."""
+    seen, todo, heavy = set(), ["ilrdpo.config"], set()
+    while todo:
+        module = todo.pop()
+        seen.add(module)
+        for name in top_level_imports(module):
+            if name.split(".")[0] in ("torch", "transformers", "peft", "accelerate"):
+                heavy.add(f"{module} -> {name}")
+            elif name.startswith("ilrdpo.") and name not in seen:
+                todo.append(name)
+    assert not heavy and "ilrdpo.loss" not in seen, sorted(heavy)

@@ -206,7 +206,8 @@ def report(run_dirs: list[str] = typer.Argument(..., help="Run directories of `i
     """report.md and plots for one or several runs side by side; tables in the terminal."""
     from pathlib import Path
 
-    from ilrdpo.evaluation.report import load_runs, print_tables, write_report
+    from ilrdpo.evaluation.report import print_tables, write_report
+    from ilrdpo.evaluation.rundata import load_runs
     from ilrdpo.progress import console
 
     name_list = names.split(",") if names else None

@@ -105,8 +105,8 @@ def sequence_logps(
             tokens (LD-DPO); the sum is then sum_t w_t log pi(y_t | y_<t, x).
         chunk_size: answer positions per head chunk.
 
-    Returns (sum_logps, n_tokens): float32 (B,) and int64 (B,), n_tokens counting nonzero
-    mask entries.
+    Returns (sum_logps, scored_tokens): float32 (B,) and int64 (B,), scored_tokens counting
+    nonzero mask entries (an answer's tokens as trained, EOS included: not data.count_tokens).
     """
     weights = response_mask[:, 1:].float()  # (B, T-1): token t+1 is predicted at position t
     selected = weights != 0
@@ -184,11 +184,11 @@ def ld_weights(response_mask: Tensor, n_pairs: int, ld_alpha: float) -> Tensor:
 
 @torch.no_grad()
 def sliding_window_logprob(model, input_ids: Tensor, window: int, stride: int, first: int = 1) -> tuple[float, int]:
-    """Log-likelihood of a text longer than the context: (sum of token log-probs, n_tokens).
+    """Log-likelihood of a text longer than the context: (sum of token log-probs, tokens scored).
 
     Targets are taken `stride` at a time; each group is scored in one forward pass over the up to
     `window` tokens that end with it, so every token after the first is scored exactly once
-    (n_tokens = length - 1) with at least window - stride tokens of context (all of it near the
+    (length - 1 of them) with at least window - stride tokens of context (all of it near the
     start). When the text fits one window this is the plain log-likelihood. input_ids: (T,) or
     (1, T); 0 < stride < window. first: the first target position (1: the whole text; the length
     of a prompt: its answer alone, every answer token with the prompt as context where it fits).

@@ -72,3 +72,26 @@ def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int
 
 def pair_all(candidate_sets: list[CandidateSet], settings: PairingSettings, **kwargs) -> list[PreferencePair]:
     return [pair for c in candidate_sets for pair in make_pairs(c, settings, **kwargs)]
+
+
+def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
+    """loss.target_length 'base': per prompt, the mean token length of the initial model's
+    complete, non-empty sampled answers (iteration 1 samples from the initial model); when all
+    were cut by max_new_tokens, of the cut ones (a lower bound)."""
+    targets = {}
+    for c in initial_samples:
+        answers = [(n, cut) for n, r, cut in zip(c.n_tokens, c.responses, c.truncated) if r.strip()]
+        lengths = [n for n, cut in answers if not cut] or [n for n, _ in answers]
+        if lengths:
+            targets[c.id] = round(sum(lengths) / len(lengths))
+    return targets
+
+
+def no_pairs_reason(sets: list[CandidateSet]) -> str:
+    """Why pairing found nothing, in the words a user can act on."""
+    answers = [(r, t) for c in sets for r, t in zip(c.responses, c.truncated)]
+    if answers and all(t for _, t in answers):
+        return "every answer was cut at generation.max_new_tokens; raise it or set pairing.skip_truncated=false"
+    if answers and all(not r.strip() for r, _ in answers):
+        return "every answer is empty"
+    return "all answers tied, identical, empty or truncated; raise generation.temperature or num_samples"

@@ -16,7 +16,8 @@ import pytest
 
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
-from ilrdpo.evaluation.report import joint_win_rates, load_run, print_tables, summary_rows, write_report
+from ilrdpo.evaluation.report import joint_win_rates, print_tables, summary_rows, write_report
+from ilrdpo.evaluation.rundata import load_run
 from ilrdpo.loop import run_iterations
 from ilrdpo.progress import console
 

@@ -244,7 +244,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     """Both arms (in parallel from 2 CPU threads on), each iterate on the second held-out set, then
     the combined report; returns the report path."""
     from ilrdpo.demo.heldout import heldout_section
-    from ilrdpo.evaluation.report import load_runs, print_tables, write_report
+    from ilrdpo.evaluation.report import print_tables, write_report
+    from ilrdpo.evaluation.rundata import load_runs
 
     out = Path(out)
     configs = demo_configs(out, quick=quick, model=model, seed=seed, overrides=overrides, arms=arms, sizes=sizes)

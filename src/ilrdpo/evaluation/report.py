@@ -28,10 +28,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ilrdpo.decisions import judge_tie_tolerance
-from ilrdpo.errors import UserInputError
 from ilrdpo.evaluation import plots
 from ilrdpo.evaluation.compare import compare_all
-from ilrdpo.evaluation.rundata import RunData, load_run
+from ilrdpo.evaluation.rundata import RunData, load_runs
 from ilrdpo.progress import console
 from ilrdpo.records import atomic_write_text
 
@@ -65,8 +64,8 @@ def joint_win_rates(runs: list[RunData]) -> Joint:
 
     Runs whose model 0 gave the same eval answers share a baseline; all their iterations k >= 1
     are fitted in one joint LC fit (compare_all), with that baseline's length anchors if any run
-    of the group has them. A group whose answers cannot be compared (no common prompt, missing
-    fields) is left out, and summary_rows falls back to eval.json."""
+    of the group has them, ties by the evaluate stage's rule (decisions.judge_tie_tolerance). A
+    group whose answers cannot be compared is left out: summary_rows falls back to eval.json."""
     groups: list[tuple[list[dict], list[RunData]]] = []
     for run in runs:
         if run.source != "eval" or 0 not in run.answers:
@@ -84,7 +83,6 @@ def joint_win_rates(runs: list[RunData]) -> Joint:
         if not models:
             continue
         anchors = next((run.anchors for run in members if run.anchors), {})
-        # the evaluate stage's rule (decisions.judge_tie_tolerance): eval.judge's, else scoring's
         tie = judge_tie_tolerance((members[0].config.get("eval") or {}).get("judge"), members[0].config.get("scoring"))
         try:
             fits = compare_all({f"{i}": rows for i, rows in enumerate(models.values())}, baseline,
@@ -328,18 +326,6 @@ def draw_plots(runs: list[RunData], plots_dir: Path, joint: Joint | None = None)
 
 
 # --- entry points --------------------------------------------------------------------------------
-
-
-def load_runs(run_dirs: list[Path], names: list[str] | None = None) -> list[RunData]:
-    if names is not None and len(names) != len(run_dirs):
-        raise UserInputError(f"{len(names)} names given for {len(run_dirs)} run directories")
-    runs = [load_run(path, name) for path, name in zip(run_dirs, names or [None] * len(run_dirs))]
-    seen: dict[str, int] = {}
-    for run in runs:  # two folders called "run" in different places must stay apart in legends
-        seen[run.name] = seen.get(run.name, 0) + 1
-        if seen[run.name] > 1:
-            run.name = f"{run.name} ({seen[run.name]})"
-    return runs
 
 
 def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[str], out_dir: Path,

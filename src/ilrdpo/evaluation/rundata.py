@@ -116,6 +116,18 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     return run
 
 
+def load_runs(run_dirs: list[Path], names: list[str] | None = None) -> list[RunData]:
+    if names is not None and len(names) != len(run_dirs):
+        raise UserInputError(f"{len(names)} names given for {len(run_dirs)} run directories")
+    runs = [load_run(path, name) for path, name in zip(run_dirs, names or [None] * len(run_dirs))]
+    seen: dict[str, int] = {}
+    for run in runs:  # two folders called "run" in different places must stay apart in legends
+        seen[run.name] = seen.get(run.name, 0) + 1
+        if seen[run.name] > 1:
+            run.name = f"{run.name} ({seen[run.name]})"
+    return runs
+
+
 def _missing_items(run: RunData, has_state: bool) -> list[str]:
     name = RunDir.iteration_name
     items = []
