@@ -231,10 +231,9 @@ def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
         last = max((k for k in run.dirs if k > 0), default=0)
         cells.append([run.name, _relative(run.path, out_dir), str(_setting(run, "loss", "type") or "–"),
                       _fmt(_setting(run, "loss", "alpha"), "g") + (f" ({control})" if control else ""),
-                      _fmt(_setting(run, "scoring", "length_bias"), "g"),
                       str(_setting(run, "iterations", "reference") or "–"),
                       f"{last} / {_setting(run, 'iterations', 'count') or '?'}"])
-    headers = ["run", "folder", "loss", "alpha (control)", "length bias", "reference", "iterations on disk"]
+    headers = ["run", "folder", "loss", "alpha (control)", "reference", "iterations on disk"]
     return ["## Runs", "", *_markdown_table(headers, cells), ""]
 
 
@@ -337,7 +336,7 @@ def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[s
              "## Results per iteration", "",
              ("Iteration k is the model after k rounds (0 = initial). Win rates are percentages of eval "
               "prompts on which the judge's reward prefers model k over the initial model (ties count "
-              "half); the quality win rate uses the judge's score without the length bias. The LC win rate "
+              "half); the quality win rate uses the judge's own score (without a judge's length bonus, as the demo's has). The LC win rate "
               "(docs/lc.md) is one joint fit over every model shown that shares an initial model, with a "
               "95% bootstrap interval over prompts."), "",
              *_markdown_table(headers, cells), ""]
