@@ -81,7 +81,7 @@ def run_one(out: Path, model: str, prompts: int, samples: int, max_new: int, thr
     args = [sys.executable, "-m", "ilrdpo", "run", str(config_file), f"output_dir={run_dir}",
             f"model.name_or_path={model}", f"data.prompts={data / f'train{prompts}.jsonl'}",
             f"data.eval_prompts={data / 'eval8.jsonl'}", f"generation.num_samples={samples}",
-            f"generation.max_new_tokens={max_new}", f"scoring.length_bias_cap={max_new}",
+            f"generation.max_new_tokens={max_new}",
             "pairing.skip_truncated=false", "iterations.count=1", "eval.length_anchors=false"]
     env = {**os.environ, "ILRDPO_QUIET": "1"}
     if threads:

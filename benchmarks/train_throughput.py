@@ -93,7 +93,6 @@ def parse_args(argv=None):
     p.add_argument("--systems", default="ilrdpo,trl", help="comma-separated, run in this order")
     p.add_argument("--prefix-sharing", choices=["auto", "on", "off"], default="auto",
                    help="ilrdpo's train.prefix_sharing (auto: on on CPU, off on CUDA)")
-    p.add_argument("--packing", choices=["on", "off"], default="off", help="ilrdpo's train.packing")
     p.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="ilrdpo's train.max_tokens_per_batch (default: micro-batches of --batch pairs)")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -338,7 +337,7 @@ def worker_ilrdpo(a, rows) -> dict:
     train = TrainSettings(learning_rate=a.lr, epochs=1.0, batch_size=a.batch, grad_accum=1,
                           max_length=a.max_length, warmup_ratio=0.0, lr_scheduler="constant",
                           weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False,
-                          prefix_sharing=a.prefix_sharing, packing=a.packing == "on",
+                          prefix_sharing=a.prefix_sharing,
                           max_tokens_per_batch=a.max_tokens_per_batch)
     data = DataSettings(use_chat_template=False)
     # The same call train_round makes, for the identity check only (not timed, before the model).
@@ -445,7 +444,7 @@ def main(argv=None):
                for r in rows)
     print(f"train_throughput: size={a.size} device={a.device} batch={a.batch} steps={a.steps} "
           f"warmup={a.warmup} max_length={a.max_length} beta={a.beta} lr={a.lr} seed={a.seed} "
-          f"ilrdpo: prefix_sharing={a.prefix_sharing} packing={a.packing} max_tokens_per_batch={a.max_tokens_per_batch} "
+          f"ilrdpo: prefix_sharing={a.prefix_sharing} max_tokens_per_batch={a.max_tokens_per_batch} "
           f"pairs={len(rows)} ({real} real tokens, {real / len(rows) / 2:.0f} per row on average)")
     print("versions: " + " ".join(f"{k}={v}" for k, v in versions().items())
           + f" cpus={os.cpu_count()} threads={a.threads or 'default'}")
@@ -465,7 +464,7 @@ def main(argv=None):
                 "--seed", str(a.seed), "--workdir", workdir]
         if a.threads:
             base += ["--threads", str(a.threads)]
-        base += ["--prefix-sharing", a.prefix_sharing, "--packing", a.packing]
+        base += ["--prefix-sharing", a.prefix_sharing]
         if a.max_tokens_per_batch:
             base += ["--max-tokens-per-batch", str(a.max_tokens_per_batch)]
         for name in systems:
