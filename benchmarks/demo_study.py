@@ -6,8 +6,8 @@ and iteration-1 pairs (the same base model, prompts and seed), then all arms ans
 held-out set (unless --no-heldout). Settings are chosen on the bundled eval prompts only.
 
     python benchmarks/demo_study.py --out /tmp/study/screen --seeds 0,1 --iterations 2 --n-eval 30 \\
-        --variant rel1="loss.alpha_relative=true loss.alpha=1" \\
-        --variant tgt1="loss.alpha_relative=true loss.alpha=1 loss.target_length=base"
+        --variant neutral="experimental.alpha_neutral=true loss.alpha=1.5" \\
+        --variant tgt="loss.alpha=0.0125 loss.target_length=base"
 """
 
 from __future__ import annotations

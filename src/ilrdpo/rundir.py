@@ -145,7 +145,7 @@ class RunState:
         self.finished: dict[int, list[str]] = {int(k): v for k, v in raw.get("finished", {}).items()}
         self.started: dict[int, list[str]] = {int(k): v for k, v in raw.get("started", {}).items()}
         # alpha[T]: the per-unit alpha iteration T's train stage decided on when it started (its one
-        # home); alpha_setting[T]: the config-level value it came from (differs with alpha_relative).
+        # home); alpha_setting[T]: the config-level value it came from (differs with experimental.alpha_neutral).
         self.alpha: dict[int, float] = {int(k): v for k, v in raw.get("alpha", {}).items()}
         self.alpha_setting: dict[int, float] = {int(k): v for k, v in raw.get("alpha_setting", {}).items()}
         # attempts[T]: earlier trainings of iteration T that alpha control's retries replaced, each
