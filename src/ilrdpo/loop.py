@@ -32,6 +32,7 @@ from ilrdpo.records import (
     finished_output,
     read_candidates,
     read_finished_jsonl,
+    read_json_file,
     read_pairs,
     read_prompts,
     write_jsonl,
@@ -129,7 +130,7 @@ class IterativeRun:
 
     def _evaluation(self, t: int) -> dict:
         self._stage(t, "eval", lambda: self.evaluate(t))
-        summary = json.loads(self.dir.file(t, "eval.json").read_text())
+        summary = self._eval_summary(t)
         self.tracker.log_eval(summary, self.steps_before(t + 1))
         return summary
 
@@ -282,8 +283,12 @@ class IterativeRun:
         self.state.save()
         return alpha
 
+    def _eval_summary(self, t: int) -> dict:
+        with finished_output(self.dir.redo_hint(t)):
+            return read_json_file(self.dir.file(t, "eval.json"))
+
     def _eval_length(self, t: int) -> float:
-        return json.loads(self.dir.file(t, "eval.json").read_text())["length"]["tokens_mean"]
+        return self._eval_summary(t)["length"]["tokens_mean"]
 
     def train(self, t: int) -> None:
         config = self.config

@@ -128,6 +128,10 @@ def read_json_file(path: str | Path) -> Any:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write via a temp file in the same folder, fsync, rename: readers never see half a file, and
     a full disk (DiskFullError) leaves the old file as it was. Under several processes only the
     main one writes (ilrdpo.distributed)."""
@@ -136,7 +140,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     if not is_main():
         return
     path = Path(path)
-    data = text.encode("utf-8")
     with disk_writes(path.parent, len(data)):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
