@@ -66,8 +66,8 @@ def lost(before: dict[str, bytes], out: Path) -> list[str]:
 
 
 def same_result(out: Path, reference: Path) -> bool:
-    return all((out / "iter_1" / n).read_bytes() == (reference / "iter_1" / n).read_bytes() for n in COMPARED) and \
-        (out / "iter_0" / "eval_answers.jsonl").read_bytes() == (reference / "iter_0" / "eval_answers.jsonl").read_bytes()
+    names = [f"iter_1/{name}" for name in COMPARED] + ["iter_0/eval_answers.jsonl"]
+    return all((out / name).read_bytes() == (reference / name).read_bytes() for name in names)
 
 
 def verdict(kind: str, error: BaseException | None, before: dict[str, bytes], out: Path, *,
@@ -531,7 +531,8 @@ def test_pair_lengths_are_the_tokens_generated_and_outside_text_is_tokenised(tok
     from ilrdpo.data import count_tokens, tokenize_pairs
     from ilrdpo.records import PreferencePair
 
-    made = PreferencePair(prompt="Q", chosen="雪は白い。", rejected="日本語の答え", chosen_n_tokens=3, rejected_n_tokens=5)
+    made = PreferencePair(prompt="Q", chosen="雪は白い。", rejected="日本語の答え", chosen_n_tokens=3,
+                          rejected_n_tokens=5)
     outside = PreferencePair(prompt="Q", chosen="雪は白い。", rejected="日本語の答え")
     ours, theirs = tokenize_pairs(tokenizer, [made, outside], max_length=128)
     assert (ours.chosen_length, ours.rejected_length) == (3, 5)
