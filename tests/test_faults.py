@@ -228,7 +228,7 @@ def test_disk_full_at_the_lock_is_one_line(tmp_path, monkeypatch):
         RunDir(tmp_path / "run").lock("ilrdpo run")
 
 
-@pytest.mark.unit
+@pytest.mark.smoke  # writes a state.pt, which the unit tier may not open
 def test_torch_short_write_is_disk_full_only_when_space_is_short(tmp_path, monkeypatch):
     """torch.save's "unexpected pos" names no errno: with no space left it is a full disk, and the
     last checkpoint stays; with space to spare it is some other fault and stays itself."""
