@@ -538,3 +538,17 @@ def test_pair_lengths_are_the_tokens_generated_and_outside_text_is_tokenised(tok
     assert (ours.chosen_length, ours.rejected_length) == (3, 5)
     assert (theirs.chosen_length, theirs.rejected_length) == (count_tokens(tokenizer, "雪は白い。"),
                                                              count_tokens(tokenizer, "日本語の答え"))
+
+
+# --- 4. text that no tokenizer takes -------------------------------------------------------------
+# (prompts, eval prompts, messages, references and pairs files: tests/bad_inputs/cases.yaml)
+
+
+@pytest.mark.unit
+def test_a_lone_surrogate_on_the_command_line_is_one_line_naming_the_key():
+    """An undecodable command-line byte arrives as a lone surrogate (surrogateescape)."""
+    from ilrdpo.config import load_config
+
+    with pytest.raises(UserInputError, match="^command line: config key 'data.system_prompt' holds U\\+DC80 at "
+                                             "character 3, a lone surrogate"):
+        load_config(None, ["data.system_prompt=ab\udc80"])

@@ -262,7 +262,7 @@ def _as_dict(row: Any) -> dict[str, Any]:
 # --- validation --------------------------------------------------------------------------------
 
 
-def _bad_code_point(text: str) -> int | None:
+def lone_surrogate(text: str) -> int | None:
     """Index of the first character UTF-8 cannot encode (a lone surrogate, U+D800..U+DFFF: what a
     JSON escape like \\ud800 without its pair decodes to): no tokenizer takes it, no file holds it."""
     try:
@@ -276,7 +276,7 @@ def check_text(value: Any, where: str, name: str = "") -> None:
     """Every string in a record (keys and values, at any depth) is text a tokenizer and a UTF-8
     file can take; else one line naming the field and the character."""
     if isinstance(value, str):
-        at = _bad_code_point(value)
+        at = lone_surrogate(value)
         if at is not None:
             field_name = f"field '{name}'" if name else "a field name"
             raise UserInputError(f"{where}: {field_name} holds U+{ord(value[at]):04X} at character {at + 1}, a lone "
