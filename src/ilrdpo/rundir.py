@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ilrdpo.config import Config, config_to_yaml, load_config
-from ilrdpo.errors import UserInputError, disk_writes
+from ilrdpo.errors import DiskFullError, UserInputError, disk_writes
 from ilrdpo.records import atomic_write_text, read_json_file
 
 # The stages of an iteration in order, and the files each one writes in iter_T/.
@@ -264,11 +264,11 @@ class RunDir:
         if distributed.is_main():
             try:
                 self._lock(command)
-            except UserInputError as error:
-                refusal = str(error)
+            except (UserInputError, DiskFullError) as error:  # every process refuses, none waits
+                refusal = (type(error).__name__, str(error))
         refusal = distributed.broadcast(refusal)
         if refusal is not None:
-            raise UserInputError(refusal)
+            raise {"DiskFullError": DiskFullError}.get(refusal[0], UserInputError)(refusal[1])
 
     def _lock(self, command: str) -> None:
         with disk_writes(self.root):
