@@ -124,11 +124,7 @@ def read_json_file(path: str | Path) -> Any:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temp file in the same folder, fsync, rename: readers never see half a file.
-    Under several processes only the main one writes (ilrdpo.distributed)."""
-    from ilrdpo.distributed import is_main
-
-    if not is_main():
-        return
+    Under several processes the caller decides who writes (`if ranks.is_main():`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -151,13 +147,9 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(lines))
 
 
-def append_jsonl(path: str | Path, row: Any, *, every_process: bool = False) -> None:
+def append_jsonl(path: str | Path, row: Any) -> None:
     """Append one line and fsync, so a killed process keeps every finished line. Under several
-    processes only the main one writes, unless every_process (each its own distributed.rank_file)."""
-    from ilrdpo.distributed import is_main
-
-    if not (every_process or is_main()):
-        return
+    processes the caller decides who writes (the main process, or each its own ranks.rank_file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
