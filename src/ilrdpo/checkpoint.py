@@ -14,7 +14,7 @@ import torch
 
 from ilrdpo import ranks
 from ilrdpo.config import LossSettings, TrainSettings
-from ilrdpo.engines import Plain
+from ilrdpo.engines import Engine
 from ilrdpo.faults import fault_point
 from ilrdpo.progress import console
 from ilrdpo.records import PreferencePair
@@ -44,7 +44,7 @@ class Checkpointer:
     folder: Path | None
     fingerprint: str
     save_steps: int
-    engine: Plain = field(default_factory=Plain)
+    engine: Engine = field(default_factory=Engine)
 
     @property
     def path(self) -> Path | None:

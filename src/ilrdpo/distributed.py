@@ -55,3 +55,11 @@ def read_progress(path: str | Path) -> list[dict[str, Any]]:
 def append_progress(path: str | Path, row: Any) -> None:
     """One finished row to this process's own progress file."""
     append_jsonl(rank_file(path), row)
+
+
+def remove_progress(path: str | Path) -> None:
+    """A stage's progress files (one per process that wrote one), once its output is written."""
+    barrier()  # every process has gathered what it needs from them
+    if is_main():
+        for file in rank_files(path):
+            file.unlink(missing_ok=True)

@@ -72,8 +72,9 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-class Plain:
-    """One process with whole weights; the others change only what differs from it."""
+class Engine:
+    """The plain engine (one process, whole weights), and the base of the others, which change
+    only what differs from it."""
 
     name = "plain"
     # training state split over the processes: every process runs every micro-batch in lockstep,
@@ -185,7 +186,7 @@ class Plain:
 #     support (torch.distributed.is_available() False) lack them, and plain training needs none.
 
 
-class DataParallel(Plain):
+class DataParallel(Engine):
     """Replicas in several processes: gradients summed over processes before each step."""
 
     name = "ddp"
@@ -206,7 +207,7 @@ class DataParallel(Plain):
                 offset += p.grad.numel()
 
 
-class FSDP(Plain):
+class FSDP(Engine):
     """torch's FSDP2 (fully_shard) over the processes."""
 
     name = "fsdp"
@@ -269,7 +270,7 @@ def _call(_model, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-class ZeRO(Plain):
+class ZeRO(Engine):
     """A DeepSpeed ZeRO engine (ilrdpo.zero) owns the model and its AdamW for the round."""
 
     name = "zero"
@@ -317,7 +318,7 @@ class ZeRO(Plain):
         return False
 
 
-ENGINES: dict[str, type[Plain]] = {"plain": Plain, "ddp": DataParallel, "fsdp": FSDP, "zero": ZeRO}
+ENGINES: dict[str, type[Engine]] = {"plain": Engine, "ddp": DataParallel, "fsdp": FSDP, "zero": ZeRO}
 
 
 def launched_name() -> str:
@@ -331,13 +332,13 @@ def launched_name() -> str:
     return "fsdp" if ranks.env_flag("ACCELERATE_USE_FSDP") else "ddp"
 
 
-def launched() -> Plain:
+def launched() -> Engine:
     """This process's engine (one object per engine and process: ZeRO's holds its round's engine)."""
     return _engine(launched_name())
 
 
 @functools.cache
-def _engine(name: str) -> Plain:
+def _engine(name: str) -> Engine:
     return ENGINES[name]()
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -206,7 +205,7 @@ class IterativeRun:
                              target_length=p.target_length) for p in self.prompts]
         if ranks.is_main():
             write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
-        remove_progress(partial)
+        distributed.remove_progress(partial)
 
     # --- 2. score --------------------------------------------------------------------------------
     def score(self, t: int) -> None:
@@ -240,7 +239,7 @@ class IterativeRun:
             c.quality, c.rewards = scored[c.id]["quality"], scored[c.id]["rewards"]
         if ranks.is_main():
             write_jsonl(path, sets)
-        remove_progress(progress_file)
+        distributed.remove_progress(progress_file)
 
     # --- 3. pair ---------------------------------------------------------------------------------
     def pair(self, t: int) -> None:
@@ -339,14 +338,6 @@ class IterativeRun:
             t, rundir=self.dir, config=self.config, prompts=self.eval_prompts, judge=self.judge,
             judge_settings=self.judge_settings, policy=self.policy, compute_dtype=self.compute_dtype,
             alpha=self.state.alpha.get(t) if t else None)
-
-
-def remove_progress(path: Path) -> None:
-    """A stage's progress files (one per process that wrote one), once its output is written."""
-    ranks.barrier()  # every process has gathered what it needs from them
-    if ranks.is_main():
-        for file in ranks.rank_files(path):
-            file.unlink(missing_ok=True)
 
 
 def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:

@@ -4,12 +4,13 @@ Order of work:
   1. tokenise the pairs (prompt via chat template, answers appended as ids) and truncate;
   2. reference log-probs, once, with the model as it is now (or its adapter disabled), before
      any update: pi_ref is this round's starting point, so no second model is held in memory;
-  3. length-grouped micro-batches, chosen and rejected rows in one forward pass; with
+  3. length-grouped micro-batches (ilrdpo.batching), chosen and rejected rows in one forward pass; with
      train.prefix_sharing one row per pair (prompt computed once, logprobs.shared_prefix_logps),
      and with train.packing several pairs per row (no padding between them);
      with train.max_tokens_per_batch each step's pairs re-split into micro-batches of at most
      that many positions, each micro-batch's loss weighted by its share of the step's pairs;
-  4. AdamW, warmup then decay, gradient accumulation, clipping; one metrics line per step;
+  4. AdamW, warmup then decay, gradient accumulation, clipping, run by this process's parallel
+     engine (ilrdpo.engines: plain, DDP, FSDP, ZeRO); one metrics line per step;
      a divergence guard after every step; a checkpoint every train.save_steps steps, from which
      a killed round resumes to the same weights.
 
@@ -28,6 +29,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
     with adapter_off, progress_bar("reference log-probs", len(examples)) as bar:
         for indices in [batches[k] for k in ranks.mine(len(batches))]:  # batch k to process k % W
             batch = to_device(collate(model, [examples[i] for i in indices], pad_id, shared_prefix,
-                                 packs(train, shared_prefix)), device)
+                                      packs(train, shared_prefix)), device)
             with autocast(device, compute_dtype):
                 logps = batch_logps(model, batch, loss, train.logits_chunk).cpu()  # whole weights: no engine yet
             out[indices, 0], out[indices, 1] = logps[:len(indices)], logps[len(indices):]
@@ -123,9 +125,6 @@ def _schedule(total_micro: int, batch_size: int, lengths: list[int], seed: int) 
     return order[:total_micro]
 
 
-SATURATED_LOGITS = 3.0  # sigmoid(3) = 0.95: past this the length term decides the pair's gradient
-
-
 # --- the round -----------------------------------------------------------------------------------
 
 
@@ -139,11 +138,11 @@ class RoundSetup:
     schedule: list[list[int]]
     total_steps: int
     n_batches: int
-    engine: engines.Plain  # owns the forward, backward, reduction, clipping and step (ilrdpo.engines)
+    engine: engines.Engine  # owns the forward, backward, reduction, clipping and step (ilrdpo.engines)
 
 
 def _setup(model, examples, train: TrainSettings, seed: int, device, compute_dtype,
-           engine: engines.Plain) -> RoundSetup:
+           engine: engines.Engine) -> RoundSetup:
     """Optimizer, learning-rate schedule, loss scaler and the micro-batch order of all epochs."""
     # after the reference pass, which every process runs on whole weights (float16 is refused up
     # front under sharding, preflight.check_config)
@@ -188,7 +187,7 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
                 hparams: dict | None = None, compute_dtype: torch.dtype | None = None,
                 checkpoint_dir: str | Path | None = None, run_name: str | None = None,
                 tracker: RunTracker | None = None, step_offset: int = 0,
-                engine: engines.Plain | None = None) -> TrainResult:
+                engine: engines.Engine | None = None) -> TrainResult:
     """Train `model` in place for train.epochs over `pairs`; metrics to output_dir/metrics.jsonl
     (written as metrics.partial.jsonl while the round runs, renamed when it ends well).
 
@@ -229,15 +228,8 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
     # 4. the loop
     steps = RoundSteps(model, setup, tokenizer.pad_token_id, loss, train, ref_logps, device, compute_dtype,
                        partial_path, checkpoints, step_offset)
-    own = tracker is None
-    if own:
-        tracker = RunTracker(train.report_to, output_dir, hparams or {}, project=train.project,
-                             run_name=run_name or train.run_name)
-    try:
-        result = steps.run(start_step, tokens, tracker)
-    finally:
-        if own:
-            tracker.finish()
+    with _tracking(tracker, train, output_dir, hparams, run_name) as round_tracker:
+        result = steps.run(start_step, tokens, round_tracker)
     if ranks.is_main():
         os.replace(partial_path, metrics_path)
         fault_point(metrics_path.name)
@@ -245,6 +237,21 @@ def train_round(model, tokenizer, pairs: list[PreferencePair], *, loss: LossSett
     result.n_truncated, result.resumed_from = n_truncated, start_step
     result.ref_logps = None if ref_logps is None else ref_logps.tolist()
     return result
+
+
+@contextlib.contextmanager
+def _tracking(tracker: RunTracker | None, train: TrainSettings, output_dir: Path, hparams: dict | None,
+              run_name: str | None) -> Iterator[RunTracker]:
+    """The run's tracker, or one opened for this round alone (train.report_to)."""
+    if tracker is not None:
+        yield tracker
+        return
+    own = RunTracker(train.report_to, output_dir, hparams or {}, project=train.project,
+                     run_name=run_name or train.run_name)
+    try:
+        yield own
+    finally:
+        own.finish()
 
 
 def _start(resumed: dict | None, checkpoints: Checkpointer, model, setup: RoundSetup, partial_path: Path,
@@ -327,7 +334,7 @@ class RoundSteps:
                 continue
             indices, share, weight = part
             batch = to_device(collate(self.model, [setup.examples[i] for i in indices], self.pad_id, shared_prefix,
-                                 packs(train, shared_prefix)), self.device)
+                                      packs(train, shared_prefix)), self.device)
             with autocast(self.device, self.compute_dtype):
                 policy = engine.forward(self.model, batch_logps, self.model, batch, self.loss,
                                         train.logits_chunk)  # (2B,)
@@ -348,6 +355,7 @@ def loss_at_reference(length_term: torch.Tensor, loss: LossSettings) -> torch.Te
     return LOSSES[loss.type].fn(margin, loss.beta, loss.label_smoothing)
 
 
+SATURATED_LOGITS = 3.0  # sigmoid(3) = 0.95: past this the length term decides the pair's gradient
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected", "length/chosen", "length/rejected", "length/margin_term", "length/saturated_share",
          "length/reversed_share", "loss/at_reference")
