@@ -80,7 +80,7 @@ class Engine:
     # training state split over the processes: every process runs every micro-batch in lockstep,
     # gradients are averaged over processes, and the whole weights are gathered to save them
     sharded = False
-    fused_optimizer = True  # the fused AdamW kernel works on whole, local tensors only
+    fused_optimizer = True  # torch's fused AdamW kernel, over whole local tensors (not shards or partitions)
     activation_checkpointing = False  # asked for by the launcher (FSDP's config), besides train.gradient_checkpointing
 
     def check_config(self, dtype: str, max_grad_norm: float) -> None:
@@ -110,8 +110,9 @@ class Engine:
 
     def backward(self, losses: torch.Tensor, weight: float, scaler: torch.amp.GradScaler) -> None:
         """The backward of a micro-batch's weighted mean loss. A non-finite loss stops the round
-        before the step (DivergenceGuard.check_loss): it never reaches the gradients, but a
-        sharded process still runs a zero backward, since the others' collectives wait for it."""
+        before the step (DivergenceGuard.check_loss), so it never reaches the weights; replicas skip
+        its backward, a sharded process still runs a zero-weighted one, since the others'
+        collectives wait for its own."""
         finite = bool(torch.isfinite(losses).all())
         if not finite and not self.sharded:
             return
