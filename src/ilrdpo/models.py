@@ -276,7 +276,6 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
     state_dict: the whole weights of a sharded model (FSDP, ZeRO: gathered by its engine, whose
     save() calls this in the main process only)."""
     out_dir = Path(out_dir)
-    sharded = state_dict is not None
     staging = out_dir.with_name(out_dir.name + ".staging")
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
     with disk_writes(out_dir.parent, needed):  # a full disk leaves the model there as it was
