@@ -1,4 +1,8 @@
-"""Command line: thin commands over the library functions."""
+"""Command line: thin commands over the library functions.
+
+Importing this module loads no torch and no transformers (`--help` answers at once): each command
+imports what it needs when it runs; ilrdpo.config is torch-free for the defaults shown here.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,13 @@ import sys
 
 import typer
 
+from ilrdpo import interrupts
 from ilrdpo.config import GenerationSettings
 from ilrdpo.errors import IlrdpoError, UserInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: click's plain help, which reads the same in a pipe at 80 columns and shows
+# no `<bool>` placeholder after a flag (typer's boxed help does)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Iterative Length-Regularized DPO: better answers without longer answers.")
 
 def _print_version(value: bool) -> None:
@@ -21,18 +28,32 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def flag(name: str, help: str) -> bool:
+    """An on/off option, off unless given."""
+    return typer.Option(False, name, help=help)
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Iterative Length-Regularized DPO: better answers without longer answers."""
+
+
+def _join_processes() -> None:
+    """Under accelerate launch / torchrun: join the processes (one process: nothing). Called by the
+    commands that work, not for `--help`, which must not wait for torch."""
     from ilrdpo import distributed
 
-    distributed.init()  # under accelerate launch / torchrun: join the processes (one: nothing)
+    distributed.init()
 
 
 # `ilrdpo evaluate`'s defaults are the config's generation defaults: one source of truth.
 GENERATION = GenerationSettings()
-OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.alpha=0.05")
+OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.alpha=0.05", show_default=False)
+CONFIG_OPTION = typer.Option(None, "--config", metavar="FILE", help="YAML config (the same as giving it first)")
+OVERRIDE_HELP = ("Any config key can be set as section.key=value or --section.key value, and TRL's DPOConfig names "
+                 "are accepted (--learning_rate 5e-7, --beta 0.1, --push_to_hub org/name, ...); every key: "
+                 "`ilrdpo config-help`.")
 
 
 # `--key value`, `--key=value` and `--config FILE` are accepted next to `key=value` (TRL's style).
@@ -40,27 +61,39 @@ OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 CONFIG_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
 
 
-@app.command(**CONFIG_ARGS)
-def train(config: str | None = typer.Argument(None, help="YAML config (omit for defaults)"),
+@app.command(**CONFIG_ARGS, epilog=OVERRIDE_HELP)
+def train(config: str | None = typer.Argument(None, help="YAML config (omit for defaults)", show_default=False),
           overrides: list[str] | None = OVERRIDES,
-          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a trained model in output_dir")) -> None:
-    """One round of LR-DPO on a preference-pairs file (data.pairs)."""
+          config_file: str | None = CONFIG_OPTION,
+          overwrite: bool = flag("--overwrite", "Replace a trained model in output_dir")) -> None:
+    """One round of LR-DPO on preference pairs.
+
+    Required: data.pairs (a JSONL file, a dataset folder or file, or a hub dataset name). The model
+    (default the bundled SmolLM2-135M-Instruct) goes to output_dir/model; a stopped round resumes.
+    """
     from ilrdpo.config import load_config
     from ilrdpo.offline import run_offline
 
-    config, overrides = _split_config(config, overrides)
+    _join_processes()
+    config, overrides = _split_config(config, overrides, config_file)
     run_offline(load_config(config, overrides), overwrite=overwrite)
 
 
-@app.command(**CONFIG_ARGS)
-def run(config: str | None = typer.Argument(None, help="YAML config"),
+@app.command(**CONFIG_ARGS, epilog=OVERRIDE_HELP)
+def run(config: str | None = typer.Argument(None, help="YAML config", show_default=False),
         overrides: list[str] | None = OVERRIDES,
-        force: bool = typer.Option(False, "--force", help="Continue even if the config changed under finished work")) -> None:
-    """The iterative loop: sample, score, pair, train, evaluate; resumes an existing run directory."""
+        config_file: str | None = CONFIG_OPTION,
+        force: bool = flag("--force", "Continue even if the config changed under finished work")) -> None:
+    """The iterative loop: sample, score, pair, train, evaluate; resumes an existing run directory.
+
+    Required: data.prompts (JSONL; the default scorer, embedding similarity, also needs a reference answer
+    per prompt). data.eval_prompts adds win rates per iteration. Output: output_dir (default runs/default).
+    """
     from ilrdpo.config import load_config
     from ilrdpo.loop import run_iterations
 
-    config, overrides = _split_config(config, overrides)
+    _join_processes()
+    config, overrides = _split_config(config, overrides, config_file)
     run_iterations(load_config(config, overrides), force=force)
 
 
@@ -72,12 +105,12 @@ def evaluate(
     baseline: str | None = typer.Option(None, "--baseline", help="Baseline model to compare against"),
     out: str | None = typer.Option(None, "--out", help="Write the result JSON here (answers beside it)"),
     max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest answer in tokens"),
-    sample: bool = typer.Option(False, "--sample", help="Sample (seeded) instead of greedy decoding"),
+    sample: bool = flag("--sample", "Sample (seeded) instead of greedy decoding"),
     temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature with --sample"),
     seed: int = typer.Option(0, help="Seed for --sample"),
     batch_size: int = typer.Option(GENERATION.batch_size, help="Sequences decoded together"),
-    anchors: bool = typer.Option(False, "--anchors", help="Also answer with the baseline told to be concise and "
-                                 "verbose (two more passes): length anchors for the LC fit"),
+    anchors: bool = flag("--anchors", "Also answer with the baseline told to be concise and verbose (two more "
+                         "passes): length anchors for the LC fit"),
 ) -> None:
     """Win rate and length-controlled win rate of a model against a baseline under a judge."""
     import json
@@ -87,6 +120,7 @@ def evaluate(
     from ilrdpo.preflight import check_evaluate
     from ilrdpo.records import atomic_write_text
 
+    _join_processes()
     judge_settings = load_judge_settings(judge)
     check_evaluate(model, prompts, judge_settings, baseline, out)
     generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
@@ -101,91 +135,125 @@ def evaluate(
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA) or hub id"),
+    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA), hub id "
+                              "or bundled:NAME"),
     prompts: str = typer.Option(..., "--prompts", help="Prompts JSONL (strings or message lists; target_length optional)"),
     out: str = typer.Option(..., "--out", help="Output JSONL: prompt, response, candidates"),
-    num_samples: int = typer.Option(4, "--num-samples", min=1, help="Answers sampled per prompt"),
-    best_of: bool = typer.Option(False, "--best-of", help="Keep the best-scored answer (needs --scorer)"),
+    num_samples: int = typer.Option(4, "--num-samples", min=1, help="Answers sampled per prompt (without --best-of)"),
+    best_of: int | None = typer.Option(None, "--best-of", min=1, metavar="N",
+                                       help="Sample N answers per prompt and keep the best (needs --scorer)"),
     scorer: str | None = typer.Option(None, "--scorer", help="YAML with scoring-section keys"),
     target_length: float | None = typer.Option(None, "--target-length", help="Prefer answers near this length"),
     length_unit: str = typer.Option("tokens", "--length-unit", help="tokens or chars"),
     length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per unit of |length - target|"),
+    system_prompt: str | None = typer.Option(None, "--system", help="System message before each prompt"),
     max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest answer in tokens"),
     temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
     top_p: float = typer.Option(GENERATION.top_p, help="Nucleus sampling mass"),
     seed: int = typer.Option(0, help="Sampling seed"),
     on_long_prompt: str = typer.Option("truncate", "--on-long-prompt", help="truncate (keep the end) or error"),
 ) -> None:
-    """N answers per prompt from a trained model; --best-of keeps the best under a scorer and a target length."""
+    """N answers per prompt from a trained model; --best-of N keeps the best under a scorer and a target length."""
     from ilrdpo.config import DataSettings
     from ilrdpo.evaluate import load_judge_settings
-    from ilrdpo.generation.best_of import Rerank, generate_file
+    from ilrdpo.generation.best_of import generate_file
+
+    _join_processes()
+    if best_of is not None and num_samples not in (4, best_of):
+        raise UserInputError(f"options '--num-samples' {num_samples} and '--best-of' {best_of}: --best-of N samples "
+                             "N answers; give one of them")
+    if on_long_prompt not in ("truncate", "error"):
+        raise UserInputError(f"option '--on-long-prompt': '{on_long_prompt}' is not truncate or error")
+    generate_file(model, prompts, out, num_samples=best_of or num_samples, best_of=best_of is not None, seed=seed,
+                  generation=_generation(max_new_tokens, temperature, top_p),
+                  data=DataSettings(on_long_prompt=on_long_prompt, system_prompt=system_prompt),
+                  scorer=load_judge_settings(scorer) if scorer else None,
+                  rerank=_rerank(target_length, length_unit, length_weight))
+
+
+def _generation(max_new_tokens: int, temperature: float, top_p: float) -> GenerationSettings:
+    try:
+        return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    except ValueError as error:  # pydantic's ValidationError: one line naming the option
+        first = error.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-")
+        raise UserInputError(f"option '{option}': {first['msg'].lower()}") from None
+
+
+def _rerank(target_length: float | None, length_unit: str, length_weight: float):
+    from ilrdpo.generation.best_of import Rerank
 
     if length_unit not in ("tokens", "chars"):
         raise UserInputError(f"option '--length-unit': '{length_unit}' is not tokens or chars")
-    generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    if on_long_prompt not in ("truncate", "error"):
-        raise UserInputError(f"option '--on-long-prompt': '{on_long_prompt}' is not truncate or error")
-    generate_file(model, prompts, out, num_samples=num_samples, best_of=best_of, seed=seed, generation=generation,
-                  data=DataSettings(on_long_prompt=on_long_prompt),
-                  scorer=load_judge_settings(scorer) if scorer else None,
-                  rerank=Rerank(target_length, length_unit, length_weight))
+    return Rerank(target_length, length_unit, length_weight)
 
 
 @app.command()
 def chat(
-    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA) or hub id"),
-    best_of: int = typer.Option(1, "--best-of", min=1, help="Sample N candidates per turn and keep the best"),
+    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA), hub id "
+                              "or bundled:NAME"),
+    best_of: int = typer.Option(1, "--best-of", min=1, metavar="N",
+                                help="Sample N replies per turn and keep the best (needs --scorer when N > 1)"),
     scorer: str | None = typer.Option(None, "--scorer", help="YAML with scoring-section keys (for --best-of)"),
     target_length: float | None = typer.Option(None, "--target-length", help="Prefer replies near this length"),
-    length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per token from the target"),
+    length_unit: str = typer.Option("tokens", "--length-unit", help="tokens or chars"),
+    length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per unit of |length - target|"),
     system_prompt: str | None = typer.Option(None, "--system", help="System message"),
     max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest reply in tokens"),
     temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
-    verbose: bool = typer.Option(False, "--verbose", help="Show every candidate with its score"),
+    top_p: float = typer.Option(GENERATION.top_p, help="Nucleus sampling mass"),
+    seed: int = typer.Option(0, help="Sampling seed (turn k samples with seed + k)"),
+    verbose: bool = flag("--verbose", "Show every candidate with its score"),
 ) -> None:
     """Chat with a model in the terminal (/reset, /save FILE, /quit); input may be piped in."""
     from ilrdpo.chat import run_chat
     from ilrdpo.evaluate import load_judge_settings
-    from ilrdpo.generation.best_of import Rerank
 
+    _join_processes()
     run_chat(model, best_of=best_of, scorer=load_judge_settings(scorer) if scorer else None,
-             rerank=Rerank(target_length, "tokens", length_weight), system_prompt=system_prompt, verbose=verbose,
-             generation=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+             rerank=_rerank(target_length, length_unit, length_weight), system_prompt=system_prompt,
+             verbose=verbose, seed=seed, generation=_generation(max_new_tokens, temperature, top_p))
 
 
-@app.command(**CONFIG_ARGS)
-def tune(config: str | None = typer.Argument(None, help="YAML config with a tune section"),
+@app.command(**CONFIG_ARGS, epilog=OVERRIDE_HELP)
+def tune(config: str | None = typer.Argument(None, help="YAML config with a tune section", show_default=False),
          overrides: list[str] | None = OVERRIDES,
+         config_file: str | None = CONFIG_OPTION,
          trials: int = typer.Option(10, "--trials", min=1, help="Trials to run in this invocation"),
          storage: str | None = typer.Option(None, "--storage", help="optuna storage URL (default OUT/study.db)"),
          study: str | None = typer.Option(None, "--study", help="Study name (default the output folder's name)"),
-         resume: bool = typer.Option(False, "--resume", help="Add trials to an existing study")) -> None:
+         resume: bool = flag("--resume", "Add trials to an existing study")) -> None:
     """Hyperparameter search (optuna): each trial a short `ilrdpo run`; best config, Pareto set and plots."""
     from ilrdpo.config import load_config
     from ilrdpo.tuning import tune as run_tune
 
-    config, overrides = _split_config(config, overrides)
+    _join_processes()
+    config, overrides = _split_config(config, overrides, config_file)
     run_tune(load_config(config, overrides), trials=trials, storage=storage, study_name=study, resume=resume)
+
+
+# the README says the same (Quick start)
+QUICK_DEMO = "8 prompts, 2 iterations, 10 eval prompts (minutes on a laptop CPU; too small to show the effect)"
 
 
 @app.command()
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Folder for both arms and the report"),
-    quick: bool = typer.Option(False, "--quick", help="Fewer prompts and iterations (about 4 minutes)"),
+    quick: bool = flag("--quick", f"The smoke version: {QUICK_DEMO}"),
     model: str | None = typer.Option(None, "--model", help="Base policy (default: bundled SmolLM2-135M-Instruct)"),
     seed: int = typer.Option(0, help="Seed for both arms"),
     seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: the demo once "
                                      "per seed (OUT/seed_S) and a table of mean and spread (OUT/study.md)"),
-    tune: bool = typer.Option(False, "--tune", help="Instead: search alpha for the demo's setup (one iteration "
-                              "per trial; quality LC win rate up, length down: a Pareto set in OUT)"),
+    tune: bool = flag("--tune", "Instead: search alpha for the demo's setup (one iteration per trial; quality LC "
+                      "win rate up, length down: a Pareto set in OUT)"),
     trials: int = typer.Option(6, "--trials", min=1, help="With --tune: trials to run"),
-    resume: bool = typer.Option(False, "--resume", help="With --tune: add trials to OUT's study"),
+    resume: bool = flag("--resume", "With --tune: add trials to OUT's study"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Vanilla iterative DPO vs iLR-DPO offline: quality up, length not."""
     from ilrdpo.demo import run_demo, run_study, tune_config
 
+    _join_processes()
     if tune:
         from ilrdpo.tuning import tune as run_tune
 
@@ -221,21 +289,30 @@ def report(run_dirs: list[str] = typer.Argument(..., help="Run directories of `i
 @app.command("config-help")
 def config_help() -> None:
     """Every config key with its default and meaning."""
-    from rich.table import Table
+    import shutil
 
     from ilrdpo.config import field_docs
-    from ilrdpo.progress import console
 
-    table = Table("key", "default", "meaning")
-    for key, default, doc in field_docs():
-        table.add_row(key, default, doc)
-    console.print(table)
+    width = min(shutil.get_terminal_size((80, 24)).columns, 100) if sys.stdout.isatty() else 80
+    print("\n\n".join(config_key_block(key, default, doc, width) for key, default, doc in field_docs()))
 
 
-def _split_config(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+def config_key_block(key: str, default: str, doc: str, width: int = 80) -> str:
+    """One key of `config-help`: `key = default` whole on its first line, the meaning wrapped
+    below it (a table at 80 columns cut key names and defaults to '…')."""
+    import textwrap
+
+    head = f"{key} = {default}" if default else key
+    return "\n".join([head, *textwrap.wrap(doc, width, initial_indent="    ", subsequent_indent="    ")])
+
+
+def _split_config(config: str | None, overrides: list[str] | None,
+                  config_file: str | None = None) -> tuple[str | None, list[str]]:
     """The config file and the overrides, from `CONFIG k=v ...`, `k=v ...` (no file),
     `--config CONFIG`, `--key value` and `--key=value` in any mix; `--flag` alone means true."""
     tokens = [t for t in (config, *(overrides or [])) if t is not None]
+    if config_file is not None:
+        tokens = ["--config", config_file, *tokens]
     path, out, i = None, [], 0
     while i < len(tokens):
         token = tokens[i]
@@ -284,16 +361,16 @@ def _usage_line(error: typer.TyperException) -> str:
 
 
 def main() -> None:
+    interrupts.install()
     try:
-        app(standalone_mode=False, prog_name="ilrdpo")
+        status = app(standalone_mode=False, prog_name="ilrdpo")
+    except interrupts.Interrupted as stop:
+        interrupts.exit_for(stop)
     except IlrdpoError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except (typer.Abort, typer.Exit) as stop:
-        sys.exit(getattr(stop, "exit_code", 1))
+    except typer.Abort:
+        sys.exit(1)
     except typer.TyperException as error:
         # typer vendors click: usage errors (unknown command or option, missing or bad value)
         # are its exceptions, which standalone_mode=False hands to us instead of printing.
@@ -302,6 +379,10 @@ def main() -> None:
             sys.exit(2)
         print(f"error: {_usage_line(error)}", file=sys.stderr)
         sys.exit(2 if error.exit_code == 2 else error.exit_code)
+    # standalone_mode=False: typer returns a typer.Exit's status instead of raising it (a command's
+    # own return value is None)
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ilrdpo.errors import UserInputError
-from ilrdpo.loss import LOSS_TYPES, target_margin
 
 # Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
 MAX_LEARNING_RATE = 0.1
@@ -129,9 +128,7 @@ class PairingSettings(Section):
 
 
 class LossSettings(Section):
-    type: Literal[LOSS_TYPES] = Field(  # type: ignore[valid-type]
-        "sigmoid", description="Loss on the margin; see ilrdpo.loss."
-    )
+    type: str = Field("sigmoid", description="Loss on the margin (ilrdpo.loss.LOSSES: sigmoid is DPO).")
     beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")
     alpha: float = Field(0.0, ge=0.0, description="Length margin weight per unit of length; 0 = plain DPO. With "
                          "a target margin (ipo: 1/2) a pair whose chosen answer is longer by more than 1/(2 alpha) "
@@ -159,8 +156,21 @@ class LossSettings(Section):
     simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma.")
     ld_alpha: float = Field(0.5, ge=0.0, le=1.0, description="LD-DPO weight of tokens past the shorter answer.")
 
+    # ilrdpo.loss (torch) is imported here, when a config is checked, not when this module is:
+    # the command line's help and `config-help` do without torch.
+    @field_validator("type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from ilrdpo.loss import LOSS_TYPES
+
+        if value not in LOSS_TYPES:
+            raise ValueError(f"'{value}' is not a loss type; choose from {', '.join(LOSS_TYPES)}")
+        return value
+
     @model_validator(mode="after")
     def _alpha_scale(self) -> LossSettings:
+        from ilrdpo.loss import target_margin
+
         if self.alpha_neutral and self.alpha_relative:
             raise ValueError("alpha_neutral and alpha_relative are two scales for alpha; set one")
         if self.alpha_neutral and target_margin(self.type, self.label_smoothing) is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ilrdpo import distributed, zero
+from ilrdpo import distributed, interrupts, zero
 from ilrdpo.alpha import cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
@@ -119,10 +119,11 @@ class IterativeRun:
     def _stage(self, t: int, name: str, work) -> None:
         if self.state.done(t, name):
             return
-        self.state.start(t, name)
-        with stage(f"iter {t} {name}", self.timings):
-            work()
-        self.state.mark(t, name)
+        with interrupts.where(f"iteration {t}, stage {name}"):
+            self.state.start(t, name)
+            with stage(f"iter {t} {name}", self.timings):
+                work()
+            self.state.mark(t, name)
         distributed.barrier()  # what the main process wrote is there before any process reads it
 
     def _evaluation(self, t: int) -> dict:
@@ -373,7 +374,7 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
     scorer: a Scorer object used instead of the one the scoring section describes.
     until: (t, stage) to stop after that stage (the demo's shared first steps)."""
     run = IterativeRun(config, force, scorer)
-    with run.dir.locked("ilrdpo run"):
+    with interrupts.where(), run.dir.locked("ilrdpo run"):
         run.open()
         run.dir.announce()
         summaries = run.run(until)

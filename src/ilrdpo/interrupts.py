@@ -1,0 +1,72 @@
+"""Ctrl-C and SIGTERM: stop at once, in one line, with the shell's exit status.
+
+The command line installs handlers that turn SIGINT and SIGTERM into `Interrupted`, raised in the
+main thread at the next Python instruction. It is a BaseException, so no `except Exception` on the
+way swallows it, and not a KeyboardInterrupt, so click does not turn it into a return value. Every
+write of a run is atomic or an fsynced line, and every stage resumes from what is on disk, so the
+files are those of a killed process: the same command resumes them to the same result. The loop
+names the stage that was running, and commands that resume say so (`where`). A second signal while the first one unwinds (a model
+still loading, a thread still decoding) ends the process at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# the shell's status for a process ended by a signal: 128 + the signal number
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; `where` is the stage that was running, when one was, and
+    `resumable` whether the same command picks up from the files (set by `where()`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = EXIT_CODES[signum]
+        self.where: str | None = None
+        self.resumable = False
+
+    def message(self) -> str:
+        place = f" in {self.where}" if self.where else ""
+        return f"stopped{place}" + ("; rerun the same command to resume" if self.resumable else "")
+
+
+_received: list[int] = []
+
+
+def _handle(signum: int, frame) -> None:
+    if _received:  # the second signal: no more unwinding
+        os.write(2, b"stopped at once\n")
+        os._exit(EXIT_CODES[signum])
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Turn SIGINT and SIGTERM into Interrupted (main thread only: signal handlers live there)."""
+    _received.clear()
+    for signum in EXIT_CODES:
+        signal.signal(signum, _handle)
+
+
+@contextmanager
+def where(description: str | None = None) -> Iterator[None]:
+    """Work that resumes when run again, named by description (the innermost name wins), in an
+    Interrupted that passes through."""
+    try:
+        yield
+    except Interrupted as stop:
+        stop.where = stop.where or description
+        stop.resumable = True
+        raise
+
+
+def exit_for(stop: Interrupted) -> None:
+    """The one line and the exit status."""
+    print(stop.message(), file=sys.stderr, flush=True)
+    sys.exit(stop.exit_code)
