@@ -96,7 +96,8 @@ def interrupt_in(command: list[str], wait: str, signum: int, log: Path) -> tuple
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, reference, tmp_path, stage, signum):
+def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, reference, tmp_path, capsys, stage,
+                                                             signum):
     out = tmp_path / "run"
     raw = raw_config(out)
     config_path = tmp_path / "config.yaml"
@@ -110,6 +111,10 @@ def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, referen
     assert stage in state["started"]["1"] and stage not in state["finished"].get("1", [])
 
     run_iterations(build_config(raw))  # the same command, resumed (in this process)
+    before = STAGES[:STAGES.index(stage)]
+    reused = "iteration 0 eval" + (f"; iteration 1 {', '.join(before)}" if before else "")
+    assert (f"resuming: reusing finished {reused}; continuing iteration 1 {stage} from the files it wrote"
+            in capsys.readouterr().err.splitlines())
     for name in COMPARED:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert not list(out.rglob("*.partial.jsonl")) and not list(out.rglob(".*.tmp"))

@@ -74,6 +74,9 @@ class IterativeRun:
             check_resume(old, self.config, self.state.touched(), self.force,
                          old_inputs=self.state.inputs, new_inputs=inputs)
         self.dir.record_config(self.config)
+        resuming = self.state.resume_line()
+        if resuming:
+            console.print(resuming, markup=False, highlight=False, soft_wrap=True)
         if self.state.inputs != inputs:
             self.state.inputs = inputs
             self.state.save()
@@ -218,8 +221,7 @@ class IterativeRun:
         settings = self.config.scoring
         per_chunk = max(1, settings.batch_size // max(1, self.config.generation.num_samples))
         todo = [c for c in sets if c.id not in scored]
-        with progress_bar("scoring", len(sets)) as bar:
-            bar.advance(len(sets) - len(todo))
+        with progress_bar("scoring", len(sets), done=len(sets) - len(todo)) as bar:
             starts = range(0, len(todo), per_chunk)
             for k in distributed.mine(len(starts)):  # chunk k to process k % W
                 chunk = todo[starts[k]:starts[k] + per_chunk]

@@ -167,6 +167,15 @@ class RunState:
         for marks in (self.finished, self.started):
             marks[iteration] = [s for s in marks.get(iteration, []) if s not in stage_names]
 
+    def resume_line(self) -> str | None:
+        """What a rerun reuses and what it continues, in one line; None when nothing ran yet."""
+        finished = [f"iteration {t} {', '.join(names)}" for t, names in sorted(self.finished.items()) if names]
+        partial = [f"iteration {t} {name}" for t, names in sorted(self.started.items()) for name in names
+                   if not self.done(t, name)]
+        parts = (["reusing finished " + "; ".join(finished)] if finished else []) + \
+            (["continuing " + ", ".join(partial) + " from the files it wrote"] if partial else [])
+        return "resuming: " + "; ".join(parts) if parts else None
+
     def touched(self) -> dict[int, list[str]]:
         """Stages finished or with partial output on disk: both were made with the old config."""
         return {t: sorted(set(self.finished.get(t, [])) | set(self.started.get(t, [])))

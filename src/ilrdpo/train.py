@@ -401,8 +401,7 @@ def _run_steps(model, setup: RoundSetup, pad_id: int, loss: LossSettings, train:
     shared_prefix = shares_prefix(train, device)
     backward = functools.partial(_backward, setup=setup, lockstep=sharded)
     start, record = time.perf_counter(), {}
-    with progress_bar("training", setup.total_steps) as bar:
-        bar.advance(start_step)
+    with progress_bar("training", setup.total_steps, done=start_step) as bar:
         for step in range(start_step + 1, setup.total_steps + 1):
             group = setup.schedule[(step - 1) * train.grad_accum:step * train.grad_accum]
             group = _micro_batches(setup.examples, group, train, shared_prefix)
