@@ -157,8 +157,10 @@ def generate(
     from ilrdpo.config import DataSettings
     from ilrdpo.evaluate import load_judge_settings
     from ilrdpo.generation.best_of import generate_file
+    from ilrdpo.preflight import check_model_option
 
     _join_processes()
+    check_model_option(model, "--model")
     if best_of is not None and num_samples not in (4, best_of):
         raise UserInputError(f"options '--num-samples' {num_samples} and '--best-of' {best_of}: --best-of N samples "
                              "N answers; give one of them")
@@ -208,8 +210,10 @@ def chat(
     """Chat with a model in the terminal (/reset, /save FILE, /quit); input may be piped in."""
     from ilrdpo.chat import run_chat
     from ilrdpo.evaluate import load_judge_settings
+    from ilrdpo.preflight import check_model_option
 
     _join_processes()
+    check_model_option(model, "--model")
     run_chat(model, best_of=best_of, scorer=load_judge_settings(scorer) if scorer else None,
              rerank=_rerank(target_length, length_unit, length_weight), system_prompt=system_prompt,
              verbose=verbose, seed=seed, generation=_generation(max_new_tokens, temperature, top_p))

@@ -7,6 +7,9 @@ the evaluation of every iteration.
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +94,28 @@ def _upload(folder: str | Path, repo_id: str, private: bool) -> str:
         raise UserInputError(f"model.push_to_hub '{repo_id}': upload failed ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
     return f"https://huggingface.co/{repo_id}"
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub (or to the HTTPS proxy, when one is set) opens within
+    timeout_s: seconds, where huggingface_hub's own retries take about a minute to give up."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    target = urlsplit(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or constants.ENDPOINT)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def go_offline() -> None:
+    """Read hub models from the local cache only, from here on (the hub cannot be reached)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True

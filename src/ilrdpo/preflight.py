@@ -16,6 +16,7 @@ from typing import Any, Literal
 from ilrdpo import distributed, zero
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
+from ilrdpo.hub import go_offline, hub_reachable
 from ilrdpo.records import read_json_file, read_pairs, read_prompts
 
 Command = Literal["run", "train"]
@@ -146,9 +147,14 @@ def local_model_folder(name: str, key: str) -> Path | None:
         return path
     if not HUB_ID.fullmatch(name) or ".." in name:
         raise UserInputError(f"config key '{key}': folder '{name}' not found (a hub id has the form org/name)")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and not _in_hub_cache(name):
-        raise UserInputError(f"config key '{key}': folder '{name}' not found, and no hub model of that name is "
-                             "in the local cache (HF_HUB_OFFLINE is set)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    if offline or not hub_reachable():
+        if not _in_hub_cache(name):
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+            raise UserInputError(f"config key '{key}': model '{name}' is not a folder here nor in the local hub "
+                                 f"cache, and {why}; give a local model folder (save_pretrained output) or a "
+                                 "bundled model (bundled:smollm2-135m-instruct)")
+        go_offline()  # the cached copy, without a minute of retries first
     return None
 
 
@@ -277,19 +283,29 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
         check_function_file(settings.function, f"{key}.function")
 
 
+def check_model_option(name: str, option: str) -> None:
+    """A model given on the command line (`--model`): a sound folder, a bundled model, or a hub
+    id that can be loaded (cached, or the hub reachable)."""
+    if name.startswith("bundled:"):
+        from ilrdpo.models import bundled_path
+
+        bundled_path(name.removeprefix("bundled:"))
+        return
+    try:
+        folder = local_model_folder(name, option)
+    except UserInputError as error:
+        raise UserInputError(str(error).replace(f"config key '{option}'", f"option '{option}'")) from None
+    if folder is not None and (folder / "config.json").is_file():
+        from ilrdpo.models import check_checkpoint
+
+        check_checkpoint(folder, allow_pickle=False)
+
+
 def check_evaluate(model: str, prompts: str, judge: ScoringSettings, baseline: str | None, out: str | None) -> None:
     """`ilrdpo evaluate`: models, prompts, judge and the result path, before any model loads."""
     for key, name in (("--model", model), ("--baseline", baseline)):
-        if name is None or name.startswith("bundled:"):
-            continue
-        try:
-            folder = local_model_folder(name, key)
-        except UserInputError as error:
-            raise UserInputError(str(error).replace(f"config key '{key}'", f"option '{key}'")) from None
-        if folder is not None and (folder / "config.json").is_file():
-            from ilrdpo.models import check_checkpoint
-
-            check_checkpoint(folder, allow_pickle=False)
+        if name is not None:
+            check_model_option(name, key)
     read_prompts(prompts, reference_for=_needs_reference(judge, "judge"))
     check_scorer(judge, "judge")
     if out is not None:
