@@ -72,11 +72,15 @@ def train(config: str | None = typer.Argument(None, help="YAML config (omit for 
     (default the bundled SmolLM2-135M-Instruct) goes to output_dir/model; a stopped round resumes.
     """
     from ilrdpo.config import load_config
+    from ilrdpo.preflight import check_hub_models
+
+    config, overrides = _split_config(config, overrides, config_file)
+    settings = load_config(config, overrides)
+    check_hub_models(settings)  # first: before torch loads, an unreachable hub is said in seconds
     from ilrdpo.offline import run_offline
 
     _join_processes()
-    config, overrides = _split_config(config, overrides, config_file)
-    run_offline(load_config(config, overrides), overwrite=overwrite)
+    run_offline(settings, overwrite=overwrite)
 
 
 @app.command(**CONFIG_ARGS, epilog=OVERRIDE_HELP)
@@ -90,11 +94,15 @@ def run(config: str | None = typer.Argument(None, help="YAML config", show_defau
     per prompt). data.eval_prompts adds win rates per iteration. Output: output_dir (default runs/default).
     """
     from ilrdpo.config import load_config
+    from ilrdpo.preflight import check_hub_models
+
+    config, overrides = _split_config(config, overrides, config_file)
+    settings = load_config(config, overrides)
+    check_hub_models(settings)  # first: before torch loads, an unreachable hub is said in seconds
     from ilrdpo.loop import run_iterations
 
     _join_processes()
-    config, overrides = _split_config(config, overrides, config_file)
-    run_iterations(load_config(config, overrides), force=force)
+    run_iterations(settings, force=force)
 
 
 @app.command()
@@ -116,8 +124,12 @@ def evaluate(
     import json
     from pathlib import Path
 
+    from ilrdpo.preflight import check_evaluate, check_model_option
+
+    for option, name in (("--model", model), ("--baseline", baseline)):
+        if name is not None:  # first: before torch loads, an unreachable hub is said in seconds
+            check_model_option(name, option)
     from ilrdpo.evaluate import evaluate_models, load_judge_settings, print_evaluation
-    from ilrdpo.preflight import check_evaluate
     from ilrdpo.records import atomic_write_text
 
     _join_processes()
@@ -154,13 +166,14 @@ def generate(
     on_long_prompt: str = typer.Option("truncate", "--on-long-prompt", help="truncate (keep the end) or error"),
 ) -> None:
     """N answers per prompt from a trained model; --best-of N keeps the best under a scorer and a target length."""
+    from ilrdpo.preflight import check_model_option
+
+    check_model_option(model, "--model")  # first: before torch loads, an unreachable hub is said in seconds
     from ilrdpo.config import DataSettings
     from ilrdpo.evaluate import load_judge_settings
     from ilrdpo.generation.best_of import generate_file
-    from ilrdpo.preflight import check_model_option
 
     _join_processes()
-    check_model_option(model, "--model")
     if best_of is not None and num_samples not in (4, best_of):
         raise UserInputError(f"options '--num-samples' {num_samples} and '--best-of' {best_of}: --best-of N samples "
                              "N answers; give one of them")
@@ -208,12 +221,13 @@ def chat(
     verbose: bool = flag("--verbose", "Show every candidate with its score"),
 ) -> None:
     """Chat with a model in the terminal (/reset, /save FILE, /quit); input may be piped in."""
-    from ilrdpo.chat import run_chat
-    from ilrdpo.evaluate import load_judge_settings
     from ilrdpo.preflight import check_model_option
 
+    check_model_option(model, "--model")  # first: before torch loads, an unreachable hub is said in seconds
+    from ilrdpo.chat import run_chat
+    from ilrdpo.evaluate import load_judge_settings
+
     _join_processes()
-    check_model_option(model, "--model")
     run_chat(model, best_of=best_of, scorer=load_judge_settings(scorer) if scorer else None,
              rerank=_rerank(target_length, length_unit, length_weight), system_prompt=system_prompt,
              verbose=verbose, seed=seed, generation=_generation(max_new_tokens, temperature, top_p))

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from ilrdpo import distributed, zero
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.hub import go_offline, hub_reachable
@@ -43,6 +42,8 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         if config.iterations.alpha_control.mode == "auto" and not config.data.eval_prompts:
             raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
+    from ilrdpo import distributed, zero  # torch: not for the model checks of `generate` and `chat`
+
     if config.model.dtype == "float16" and (distributed.fsdp_requested() or zero.requested()):
         raise UserInputError("config key 'model.dtype': float16 is not supported under FSDP or DeepSpeed (the loss "
                              "scaler is not shard-aware); use bfloat16")
@@ -165,6 +166,18 @@ def _in_hub_cache(repo_id: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except ValueError:  # HFValidationError: a name the hub library rejects is not in its cache
         return False
+
+
+def check_hub_models(config: Config) -> None:
+    """The hub models a config names are cached or the hub is reachable: what the command line
+    checks before torch loads, so that an offline machine hears it in seconds."""
+    judge = config.eval.judge
+    names = [("model.name_or_path", config.model.name_or_path)] + \
+        [(f"{key}.model", s.model) for key, s in (("scoring", config.scoring), ("eval.judge", judge))
+         if s is not None and s.type != "python"]
+    for key, name in names:
+        if name and not name.startswith("bundled:") and not Path(name).expanduser().exists():
+            local_model_folder(name, key)
 
 
 def check_model(model: ModelSettings) -> dict[str, Any] | None:
