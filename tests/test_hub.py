@@ -125,20 +125,29 @@ def call_main(monkeypatch, args: list[str]) -> int:
     return 0
 
 
+MISSING = "ilrdpo-test/not-on-this-machine"
+COMMANDS = {"generate": ["--model", MISSING, "--prompts", "{p}", "--out", "{o}"],
+            "chat": ["--model", MISSING], "evaluate": ["--model", MISSING, "--prompts", "{p}"],
+            "run": [f"model.name_or_path={MISSING}", "data.prompts={p}", "output_dir={o}"],
+            "train": [f"--model_name_or_path={MISSING}", "data.pairs={p}", "output_dir={o}"]}
+
+
 @pytest.mark.unit
+@pytest.mark.parametrize("command", COMMANDS)
 def test_a_hub_model_that_is_not_here_without_a_hub_is_one_line_at_once(unreachable_hub, monkeypatch, capsys,
-                                                                        tmp_path):
+                                                                        tmp_path, command):
     import time
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hi"}\n')
+    args = [a.format(p=prompts, o=tmp_path / "out") for a in COMMANDS[command]]
     start = time.monotonic()
-    code = call_main(monkeypatch, ["generate", "--model", "ilrdpo-test/not-on-this-machine", "--prompts",
-                                   str(prompts), "--out", str(tmp_path / "o.jsonl")])
+    code = call_main(monkeypatch, [command, *args])
     elapsed = time.monotonic() - start
     err = capsys.readouterr().err.strip().splitlines()
+    where = "config key 'model.name_or_path'" if command in ("run", "train") else "option '--model'"
     assert code == 2 and elapsed < 5 and len(err) == 1
-    assert err[0].startswith("error: option '--model': model 'ilrdpo-test/not-on-this-machine' is not a folder here")
+    assert err[0].startswith(f"error: {where}: model '{MISSING}' is not a folder here nor in the local hub cache")
     assert "cannot be reached" in err[0] and "local model folder" in err[0] and "bundled:" in err[0]
 
 

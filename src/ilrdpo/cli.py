@@ -71,12 +71,8 @@ def train(config: str | None = typer.Argument(None, help="YAML config (omit for 
     Required: data.pairs (a JSONL file, a dataset folder or file, or a hub dataset name). The model
     (default the bundled SmolLM2-135M-Instruct) goes to output_dir/model; a stopped round resumes.
     """
-    from ilrdpo.config import load_config
-    from ilrdpo.preflight import check_hub_models
-
     config, overrides = _split_config(config, overrides, config_file)
-    settings = load_config(config, overrides)
-    check_hub_models(settings)  # first: before torch loads, an unreachable hub is said in seconds
+    settings = _load_config(config, overrides)
     from ilrdpo.offline import run_offline
 
     _join_processes()
@@ -93,12 +89,8 @@ def run(config: str | None = typer.Argument(None, help="YAML config", show_defau
     Required: data.prompts (JSONL; the default scorer, embedding similarity, also needs a reference answer
     per prompt). data.eval_prompts adds win rates per iteration. Output: output_dir (default runs/default).
     """
-    from ilrdpo.config import load_config
-    from ilrdpo.preflight import check_hub_models
-
     config, overrides = _split_config(config, overrides, config_file)
-    settings = load_config(config, overrides)
-    check_hub_models(settings)  # first: before torch loads, an unreachable hub is said in seconds
+    settings = _load_config(config, overrides)
     from ilrdpo.loop import run_iterations
 
     _join_processes()
@@ -242,12 +234,12 @@ def tune(config: str | None = typer.Argument(None, help="YAML config with a tune
          study: str | None = typer.Option(None, "--study", help="Study name (default the output folder's name)"),
          resume: bool = flag("--resume", "Add trials to an existing study")) -> None:
     """Hyperparameter search (optuna): each trial a short `ilrdpo run`; best config, Pareto set and plots."""
-    from ilrdpo.config import load_config
+    config, overrides = _split_config(config, overrides, config_file)
+    settings = _load_config(config, overrides)
     from ilrdpo.tuning import tune as run_tune
 
     _join_processes()
-    config, overrides = _split_config(config, overrides, config_file)
-    run_tune(load_config(config, overrides), trials=trials, storage=storage, study_name=study, resume=resume)
+    run_tune(settings, trials=trials, storage=storage, study_name=study, resume=resume)
 
 
 # the README says the same (Quick start)
@@ -322,6 +314,16 @@ def config_key_block(key: str, default: str, doc: str, width: int = 80) -> str:
 
     head = f"{key} = {default}" if default else key
     return "\n".join([head, *textwrap.wrap(doc, width, initial_indent="    ", subsequent_indent="    ")])
+
+
+def _load_config(path: str | None, overrides: list[str]):
+    """The config, after a check of the hub models it names: validation loads torch (the loss types),
+    so an offline machine hears about a model it cannot get in seconds, before that."""
+    from ilrdpo.config import load_config, merged_settings, read_config_file
+    from ilrdpo.preflight import check_hub_models
+
+    check_hub_models(merged_settings(read_config_file(path), overrides))
+    return load_config(path, overrides)
 
 
 def _split_config(config: str | None, overrides: list[str] | None,

@@ -448,28 +448,34 @@ def apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+def merged_settings(data: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
+    """A config's settings with the overrides applied and TRL's names resolved, not yet validated."""
     # A section whose keys are all commented out reads as null: treat it as empty.
     data = {k: ({} if v is None and k in SECTION_NAMES else v) for k, v in data.items()}
     # aliases resolved per source, so a command-line `beta` overrides a file's `loss.beta`
-    data = _merge(apply_aliases(data), apply_aliases(parse_overrides(overrides or [])))
+    return _merge(apply_aliases(data), apply_aliases(parse_overrides(overrides or [])))
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(merged_settings(data, overrides))
     except ValidationError as error:
         raise UserInputError(explain_validation_error(error, source)) from None
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The settings of a YAML config file (none when path is None)."""
+    if path is None:
+        return {}
+    loaded = _read_yaml(Path(path))
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserInputError(f"{path}: expected a mapping of sections at the top level")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or defaults when path is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    source = "command line"
-    if path is not None:
-        source = str(path)
-        loaded = _read_yaml(Path(path))
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserInputError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded or {}
-    return build_config(data, overrides, source)
+    return build_config(read_config_file(path), overrides, "command line" if path is None else str(path))
 
 
 def _read_yaml(path: Path) -> Any:

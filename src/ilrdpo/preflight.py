@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
-from ilrdpo.hub import go_offline, hub_reachable
+from ilrdpo.hub import BUNDLED, go_offline, hub_reachable
 from ilrdpo.records import read_json_file, read_pairs, read_prompts
 
 Command = Literal["run", "train"]
@@ -154,7 +154,7 @@ def local_model_folder(name: str, key: str) -> Path | None:
             why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
             raise UserInputError(f"config key '{key}': model '{name}' is not a folder here nor in the local hub "
                                  f"cache, and {why}; give a local model folder (save_pretrained output) or a "
-                                 "bundled model (bundled:smollm2-135m-instruct)")
+                                 f"bundled model ({', '.join('bundled:' + b for b in BUNDLED)})")
         go_offline()  # the cached copy, without a minute of retries first
     return None
 
@@ -168,15 +168,20 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def check_hub_models(config: Config) -> None:
-    """The hub models a config names are cached or the hub is reachable: what the command line
-    checks before torch loads, so that an offline machine hears it in seconds."""
-    judge = config.eval.judge
-    names = [("model.name_or_path", config.model.name_or_path)] + \
-        [(f"{key}.model", s.model) for key, s in (("scoring", config.scoring), ("eval.judge", judge))
-         if s is not None and s.type != "python"]
+def check_hub_models(settings: dict[str, Any]) -> None:
+    """The hub models named in a config's settings (config.merged_settings, before validation, which
+    loads torch) are cached or the hub is reachable: an offline machine hears it in seconds."""
+    def value(*keys: str) -> Any:
+        node: Any = settings
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    names = [("model.name_or_path", value("model", "name_or_path"))] + \
+        [(".".join(keys) + ".model", value(*keys, "model")) for keys in (("scoring",), ("eval", "judge"))
+         if value(*keys, "type") != "python"]
     for key, name in names:
-        if name and not name.startswith("bundled:") and not Path(name).expanduser().exists():
+        if isinstance(name, str) and name and not name.startswith("bundled:") and not Path(name).expanduser().exists():
             local_model_folder(name, key)
 
 
