@@ -137,24 +137,38 @@ def evaluate(
         atomic_write_text(out_path, json.dumps(result, indent=1))
 
 
+# Options of `generate` and `chat`: one declaration, one meaning in both.
+MODEL = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA), hub id or "
+                     "bundled:NAME")
+SCORER = typer.Option(None, "--scorer", help="YAML with scoring-section keys (for --best-of)")
+TARGET_LENGTH = typer.Option(None, "--target-length", help="Prefer answers near this length")
+LENGTH_UNIT = typer.Option("tokens", "--length-unit", help="tokens or chars")
+LENGTH_WEIGHT = typer.Option(0.01, "--length-weight", help="Score lost per unit of |length - target|")
+SYSTEM = typer.Option(None, "--system", help="System message before each prompt")
+MAX_NEW_TOKENS = typer.Option(GENERATION.max_new_tokens, "--max-new-tokens", help="Longest answer in tokens")
+TEMPERATURE = typer.Option(GENERATION.temperature, "--temperature", help="Sampling temperature")
+TOP_P = typer.Option(GENERATION.top_p, "--top-p", help="Nucleus sampling mass")
+SEED = typer.Option(0, "--seed", help="Sampling seed")
+NUM_SAMPLES = 4
+
+
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA), hub id "
-                              "or bundled:NAME"),
+    model: str = MODEL,
     prompts: str = typer.Option(..., "--prompts", help="Prompts JSONL (strings or message lists; target_length optional)"),
     out: str = typer.Option(..., "--out", help="Output JSONL: prompt, response, candidates"),
-    num_samples: int = typer.Option(4, "--num-samples", min=1, help="Answers sampled per prompt (without --best-of)"),
+    num_samples: int = typer.Option(NUM_SAMPLES, "--num-samples", min=1, help="Answers per prompt (without --best-of)"),
     best_of: int | None = typer.Option(None, "--best-of", min=1, metavar="N",
                                        help="Sample N answers per prompt and keep the best (needs --scorer)"),
-    scorer: str | None = typer.Option(None, "--scorer", help="YAML with scoring-section keys"),
-    target_length: float | None = typer.Option(None, "--target-length", help="Prefer answers near this length"),
-    length_unit: str = typer.Option("tokens", "--length-unit", help="tokens or chars"),
-    length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per unit of |length - target|"),
-    system_prompt: str | None = typer.Option(None, "--system", help="System message before each prompt"),
-    max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest answer in tokens"),
-    temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
-    top_p: float = typer.Option(GENERATION.top_p, help="Nucleus sampling mass"),
-    seed: int = typer.Option(0, help="Sampling seed"),
+    scorer: str | None = SCORER,
+    target_length: float | None = TARGET_LENGTH,
+    length_unit: str = LENGTH_UNIT,
+    length_weight: float = LENGTH_WEIGHT,
+    system_prompt: str | None = SYSTEM,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
     on_long_prompt: str = typer.Option("truncate", "--on-long-prompt", help="truncate (keep the end) or error"),
 ) -> None:
     """N answers per prompt from a trained model; --best-of N keeps the best under a scorer and a target length."""
@@ -166,7 +180,7 @@ def generate(
     from ilrdpo.generation.best_of import generate_file
 
     _join_processes()
-    if best_of is not None and num_samples not in (4, best_of):
+    if best_of is not None and num_samples not in (NUM_SAMPLES, best_of):
         raise UserInputError(f"options '--num-samples' {num_samples} and '--best-of' {best_of}: --best-of N samples "
                              "N answers; give one of them")
     if on_long_prompt not in ("truncate", "error"):
@@ -197,19 +211,18 @@ def _rerank(target_length: float | None, length_unit: str, length_weight: float)
 
 @app.command()
 def chat(
-    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA), hub id "
-                              "or bundled:NAME"),
+    model: str = MODEL,
     best_of: int = typer.Option(1, "--best-of", min=1, metavar="N",
                                 help="Sample N replies per turn and keep the best (needs --scorer when N > 1)"),
-    scorer: str | None = typer.Option(None, "--scorer", help="YAML with scoring-section keys (for --best-of)"),
-    target_length: float | None = typer.Option(None, "--target-length", help="Prefer replies near this length"),
-    length_unit: str = typer.Option("tokens", "--length-unit", help="tokens or chars"),
-    length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per unit of |length - target|"),
-    system_prompt: str | None = typer.Option(None, "--system", help="System message"),
-    max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest reply in tokens"),
-    temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
-    top_p: float = typer.Option(GENERATION.top_p, help="Nucleus sampling mass"),
-    seed: int = typer.Option(0, help="Sampling seed (turn k samples with seed + k)"),
+    scorer: str | None = SCORER,
+    target_length: float | None = TARGET_LENGTH,
+    length_unit: str = LENGTH_UNIT,
+    length_weight: float = LENGTH_WEIGHT,
+    system_prompt: str | None = SYSTEM,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
     verbose: bool = flag("--verbose", "Show every candidate with its score"),
 ) -> None:
     """Chat with a model in the terminal (/reset, /save FILE, /quit); input may be piped in."""
@@ -271,13 +284,15 @@ def demo(
                  trials=trials, resume=resume)
         return
     if seeds is None:
-        run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
+        with interrupts.where("the demo"):  # its runs resume
+            run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
         return
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
-    run_study(out, seed_list, quick=quick, model=model, overrides=list(overrides or []))
+    with interrupts.where("the demo"):
+        run_study(out, seed_list, quick=quick, model=model, overrides=list(overrides or []))
 
 
 @app.command()
