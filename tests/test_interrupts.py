@@ -113,7 +113,8 @@ def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, referen
     run_iterations(build_config(raw))  # the same command, resumed (in this process)
     before = STAGES[:STAGES.index(stage)]
     reused = "iteration 0 eval" + (f"; iteration 1 {', '.join(before)}" if before else "")
-    assert (f"resuming: reusing finished {reused}; continuing iteration 1 {stage} from the files it wrote"
+    assert (f"resuming: reusing finished {reused}; restarting iteration 1 {stage} (keeping its finished batches "
+            "or checkpoint, if any)"
             in capsys.readouterr().err.splitlines())
     for name in COMPARED:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name

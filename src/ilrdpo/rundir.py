@@ -173,7 +173,8 @@ class RunState:
         partial = [f"iteration {t} {name}" for t, names in sorted(self.started.items()) for name in names
                    if not self.done(t, name)]
         parts = (["reusing finished " + "; ".join(finished)] if finished else []) + \
-            (["continuing " + ", ".join(partial) + " from the files it wrote"] if partial else [])
+            (["restarting " + ", ".join(partial) + " (keeping its finished batches or checkpoint, if any)"]
+             if partial else [])
         return "resuming: " + "; ".join(parts) if parts else None
 
     def touched(self) -> dict[int, list[str]]:
