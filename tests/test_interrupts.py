@@ -124,9 +124,9 @@ def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, referen
 def test_a_second_sigint_exits_at_once(tmp_path):
     """While the first interrupt unwinds slowly (a `finally` that takes a minute), a second Ctrl-C
     ends the process at once with status 130."""
-    script = ("import sys, time\nfrom ilrdpo import interrupts\ninterrupts.install()\n"
-              "try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
-              "finally:\n    time.sleep(60)\n")
+    script = ("import time\nfrom ilrdpo import interrupts\n"
+              "with interrupts.handled():\n    try:\n        print('ready', flush=True)\n        time.sleep(60)\n"
+              "    finally:\n        time.sleep(60)\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env())
     try:

@@ -396,9 +396,9 @@ def _usage_line(error: typer.TyperException) -> str:
 
 
 def main() -> None:
-    interrupts.install()
     try:
-        status = app(standalone_mode=False, prog_name="ilrdpo")
+        with interrupts.handled():
+            status = app(standalone_mode=False, prog_name="ilrdpo")
     except interrupts.Interrupted as stop:
         interrupts.exit_for(stop)
     except IlrdpoError as error:

@@ -1,12 +1,13 @@
 """Ctrl-C and SIGTERM: stop at once, in one line, with the shell's exit status.
 
-The command line installs handlers that turn SIGINT and SIGTERM into `Interrupted`, raised in the
-main thread at the next Python instruction. It is a BaseException, so no `except Exception` on the
-way swallows it, and not a KeyboardInterrupt, so click does not turn it into a return value. Every
-write of a run is atomic or an fsynced line, and every stage resumes from what is on disk, so the
-files are those of a killed process: the same command resumes them to the same result. The loop
-names the stage that was running, and commands that resume say so (`where`). A second signal while the first one unwinds (a model
-still loading, a thread still decoding) ends the process at once.
+The command line (`handled()`) turns SIGINT and SIGTERM into `Interrupted`, raised in the main
+thread at its next Python instruction. It is a BaseException, so no `except Exception` on the way
+swallows it, and not a KeyboardInterrupt, which click turns into a return value. Every write of a
+run is atomic or an fsynced line and every stage resumes from what is on disk, so any instruction
+is a safe point: the files are those of a killed process, and the same command resumes them to the
+same result. The loop names the stage that was running, and commands that resume say so
+(`where`). A second signal while the first one unwinds (a model still loading, a thread still
+decoding) ends the process at once.
 """
 
 from __future__ import annotations
@@ -47,11 +48,17 @@ def _handle(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Turn SIGINT and SIGTERM into Interrupted (main thread only: signal handlers live there)."""
+@contextmanager
+def handled() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM raise Interrupted (main thread only: signal handlers live there);
+    the handlers before are back afterwards (a test calling the command line in-process keeps its own)."""
     _received.clear()
-    for signum in EXIT_CODES:
-        signal.signal(signum, _handle)
+    before = {signum: signal.signal(signum, _handle) for signum in EXIT_CODES}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 @contextmanager
