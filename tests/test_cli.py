@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import DESIGN_METRICS, call_main, console_script
+from ilrdpo import cli
 from ilrdpo.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

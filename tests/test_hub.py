@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from helpers import EXAMPLES, SCORER
+from helpers import EXAMPLES, SCORER, call_main
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.hub import model_card
@@ -110,19 +110,6 @@ def unreachable_hub(monkeypatch, tmp_path):
     hub_reachable.cache_clear()
     yield tmp_path / "hub"
     hub_reachable.cache_clear()
-
-
-def call_main(monkeypatch, args: list[str]) -> int:
-    import sys
-
-    from ilrdpo import cli
-
-    monkeypatch.setattr(sys, "argv", ["ilrdpo", *args])
-    try:
-        cli.main()
-    except SystemExit as stop:
-        return stop.code
-    return 0
 
 
 MISSING = "ilrdpo-test/not-on-this-machine"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import SCORER
+from helpers import SCORER, console_script, shared_folder
 from ilrdpo.config import build_config
 from ilrdpo.loop import run_iterations
 from ilrdpo.rundir import STAGES
@@ -35,11 +35,6 @@ COMPARED = ["iter_0/eval_answers.jsonl", "iter_1/candidates.jsonl", "iter_1/pair
 def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "ILRDPO_QUIET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false", **extra}
-
-
-def ilrdpo_command() -> list[str]:
-    script = Path(sys.executable).parent / "ilrdpo"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ilrdpo"]
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +63,10 @@ def raw_config(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(raw_config, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "run"
-    run_iterations(build_config(raw_config(out)))
-    return out
+    """One uninterrupted run, shared by the xdist workers."""
+    folder = shared_folder(tmp_path_factory, "interrupts_reference",
+                           lambda folder: run_iterations(build_config(raw_config(folder / "run"))))
+    return folder / "run"
 
 
 def interrupt_in(command: list[str], wait: str, signum: int, log: Path) -> tuple[int, list[str]]:
@@ -102,7 +98,7 @@ def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, referen
     raw = raw_config(out)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(raw))
-    status, after = interrupt_in([*ilrdpo_command(), "run", str(config_path)], WAIT_IN[stage], signum,
+    status, after = interrupt_in([*console_script(), "run", str(config_path)], WAIT_IN[stage], signum,
                                  tmp_path / "run.log")
 
     assert status == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
