@@ -19,11 +19,10 @@ import pytest
 import yaml
 
 from helpers import SCORER, console_script, shared_folder
+from ilrdpo import interrupts
 from ilrdpo.config import build_config
 from ilrdpo.loop import run_iterations
 from ilrdpo.rundir import STAGES
-
-pytestmark = pytest.mark.slow  # a CLI subprocess per case
 
 # iteration 1's stages, each held after a write it makes (counted from the process's start)
 WAIT_IN = {"generate": "generation.partial.jsonl:2", "score": "scores.partial.jsonl:1", "pair": "pairs.jsonl:1",
@@ -90,6 +89,7 @@ def interrupt_in(command: list[str], wait: str, signum: int, log: Path) -> tuple
     return process.returncode, lines[held + 1:]
 
 
+@pytest.mark.slow  # a CLI subprocess per case
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, reference, tmp_path, capsys, stage,
@@ -117,6 +117,7 @@ def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, referen
     assert not list(out.rglob("*.partial.jsonl")) and not list(out.rglob(".*.tmp"))
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_second_sigint_exits_at_once(tmp_path):
     """While the first interrupt unwinds slowly (a `finally` that takes a minute), a second Ctrl-C
     ends the process at once with status 130."""
@@ -138,3 +139,14 @@ def test_a_second_sigint_exits_at_once(tmp_path):
             process.kill()
     assert process.returncode == 130 and elapsed < 5
     assert process.stderr.read().strip() == "stopped at once"
+
+
+@pytest.mark.unit
+def test_the_line_names_the_innermost_stage_and_the_outermost_way_to_resume():
+    with pytest.raises(interrupts.Interrupted) as stop:
+        with interrupts.where(resume="rerun it with --resume"), interrupts.where("the run"):
+            with interrupts.where("iteration 2, stage train"):
+                raise interrupts.Interrupted(signal.SIGTERM)
+    assert stop.value.message() == "stopped in iteration 2, stage train; rerun it with --resume"
+    assert stop.value.exit_code == 143
+    assert interrupts.Interrupted(signal.SIGINT).message() == "stopped"  # a command that does not resume

@@ -252,7 +252,8 @@ def tune(config: str | None = typer.Argument(None, help="YAML config with a tune
     from ilrdpo.tuning import tune as run_tune
 
     _join_processes()
-    run_tune(settings, trials=trials, storage=storage, study_name=study, resume=resume)
+    with interrupts.where(resume="rerun it with --resume to add the remaining trials to the study"):
+        run_tune(settings, trials=trials, storage=storage, study_name=study, resume=resume)
 
 
 # the README says the same (Quick start)

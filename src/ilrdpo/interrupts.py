@@ -24,17 +24,17 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived; `where` is the stage that was running, when one was, and
-    `resumable` whether the same command picks up from the files (set by `where()`)."""
+    `resume` how to pick up from the files, for a command that can (both set by `where()`)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.exit_code = EXIT_CODES[signum]
         self.where: str | None = None
-        self.resumable = False
+        self.resume: str | None = None  # how to go on, where the command resumes
 
     def message(self) -> str:
         place = f" in {self.where}" if self.where else ""
-        return f"stopped{place}" + ("; rerun the same command to resume" if self.resumable else "")
+        return f"stopped{place}" + (f"; {self.resume}" if self.resume else "")
 
 
 _received: list[int] = []
@@ -62,14 +62,15 @@ def handled() -> Iterator[None]:
 
 
 @contextmanager
-def where(description: str | None = None) -> Iterator[None]:
-    """Work that resumes when run again, named by description (the innermost name wins), in an
-    Interrupted that passes through."""
+def where(description: str | None = None, resume: str = "rerun the same command to resume") -> Iterator[None]:
+    """Work that resumes when run again, named by description (the innermost name wins) in an
+    Interrupted that passes through, which also says how to resume (the outermost word wins: the
+    command knows best)."""
     try:
         yield
     except Interrupted as stop:
         stop.where = stop.where or description
-        stop.resumable = True
+        stop.resume = resume
         raise
 
 
