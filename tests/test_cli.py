@@ -201,7 +201,7 @@ def test_help_shows_no_type_placeholders(monkeypatch, capsys, command):
 def test_config_commands_show_the_config_option_and_what_is_required(monkeypatch, capsys, command):
     call_main(monkeypatch, [command, "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--config FILE" in out and "`ilrdpo config-help`" in out and "--push_to_hub" in out
+    assert "--config FILE" in out and "`ilrdpo config-help`" in out and "--push-to-hub org/name" in out
     if command != "tune":
         assert {"train": "Required: data.pairs", "run": "Required: data.prompts"}[command] in out
 

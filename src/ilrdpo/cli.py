@@ -52,7 +52,7 @@ GENERATION = GenerationSettings()
 OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.alpha=0.05", show_default=False)
 CONFIG_OPTION = typer.Option(None, "--config", metavar="FILE", help="YAML config (the same as giving it first)")
 OVERRIDE_HELP = ("Any config key can be set as section.key=value or --section.key value, and TRL's DPOConfig names "
-                 "are accepted (--learning_rate 5e-7, --beta 0.1, --push_to_hub org/name, ...); every key: "
+                 "are accepted (--learning_rate 5e-7, --beta 0.1, --push-to-hub org/name, ...); every key: "
                  "`ilrdpo config-help`.")
 
 
