@@ -250,3 +250,16 @@ def test_config_help_in_a_pipe_keeps_every_key_whole_within_80_columns(monkeypat
     heads = [line.split(" = ")[0] for line in out.splitlines() if line and not line.startswith(" ")]
     assert heads == [key for key, _, _ in field_docs()] and "loss.length_unit = 'tokens'" in out
     assert "…" not in out and all(len(line) <= 80 for line in out.splitlines())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command,option", [("generate", "--top-p"), ("chat", "--max-new-tokens"),
+                                            ("evaluate", "--max-new-tokens")])
+def test_a_bad_generation_option_is_one_line_naming_it(monkeypatch, capsys, tmp_path, command, option):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi", "reference": "Hello."}\n')
+    files = {"generate": ["--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")],
+             "evaluate": ["--prompts", str(prompts)], "chat": []}[command]
+    code = call_main(monkeypatch, [command, "--model", str(tmp_path), *files, option, "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: option '{option}': ") and "\n" not in err

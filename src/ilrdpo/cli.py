@@ -127,7 +127,7 @@ def evaluate(
     _join_processes()
     judge_settings = load_judge_settings(judge)
     check_evaluate(model, prompts, judge_settings, baseline, out)
-    generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+    generation = _generation(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     out_path = Path(out) if out else None
     result = evaluate_models(model, prompts, judge_settings, baseline=baseline, generation=generation,
                              greedy=not sample, seed=seed, out_dir=out_path.parent if out_path else None,
@@ -186,16 +186,17 @@ def generate(
     if on_long_prompt not in ("truncate", "error"):
         raise UserInputError(f"option '--on-long-prompt': '{on_long_prompt}' is not truncate or error")
     generate_file(model, prompts, out, num_samples=best_of or num_samples, best_of=best_of is not None, seed=seed,
-                  generation=_generation(max_new_tokens, temperature, top_p),
+                  generation=_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
                   data=DataSettings(on_long_prompt=on_long_prompt, system_prompt=system_prompt),
                   scorer=load_judge_settings(scorer) if scorer else None,
                   rerank=_rerank(target_length, length_unit, length_weight))
 
 
-def _generation(max_new_tokens: int, temperature: float, top_p: float) -> GenerationSettings:
+def _generation(**values: float) -> GenerationSettings:
+    """The generation settings of command-line options; a bad value is one line naming its option."""
     try:
-        return GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    except ValueError as error:  # pydantic's ValidationError: one line naming the option
+        return GenerationSettings(**values)
+    except ValueError as error:  # pydantic's ValidationError
         first = error.errors()[0]
         option = "--" + str(first["loc"][0]).replace("_", "-")
         raise UserInputError(f"option '{option}': {first['msg'].lower()}") from None
@@ -235,7 +236,8 @@ def chat(
     _join_processes()
     run_chat(model, best_of=best_of, scorer=load_judge_settings(scorer) if scorer else None,
              rerank=_rerank(target_length, length_unit, length_weight), system_prompt=system_prompt,
-             verbose=verbose, seed=seed, generation=_generation(max_new_tokens, temperature, top_p))
+             verbose=verbose, seed=seed,
+             generation=_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
 
 
 @app.command(**CONFIG_ARGS, epilog=OVERRIDE_HELP)
