@@ -18,6 +18,7 @@ import torch
 
 from helpers import DESIGN_METRICS, call_main, console_script
 from ilrdpo import cli
+from ilrdpo.cli_args import split_config
 from ilrdpo.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -152,9 +153,9 @@ def test_lora_run_saves_adapter_and_merged_weights(monkeypatch, tiny_model_dir, 
 def test_config_and_overrides_in_every_form(args, expected):
     """TRL-style `--key value` flags and `--config` next to `key=value` (typer hands unknown
     options of train/run through as arguments)."""
-    from ilrdpo.cli import _split_config
+    from ilrdpo.cli_args import split_config
 
-    assert _split_config(args[0], args[1:]) == expected
+    assert split_config(args[0], args[1:]) == expected
 
 
 def test_trl_flag_on_the_command_line_overrides_the_file(monkeypatch, tmp_path, capsys):
@@ -210,8 +211,8 @@ def test_config_commands_show_the_config_option_and_what_is_required(monkeypatch
 def test_config_option_and_a_config_argument_are_the_same(monkeypatch, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("loss:\n  beta: 0.3\n")
-    assert cli._split_config(None, ["loss.alpha=0.1"], str(config)) == (str(config), ["loss.alpha=0.1"])
-    assert cli._split_config(str(config), ["loss.alpha=0.1"]) == (str(config), ["loss.alpha=0.1"])
+    assert split_config(None, ["loss.alpha=0.1"], str(config)) == (str(config), ["loss.alpha=0.1"])
+    assert split_config(str(config), ["loss.alpha=0.1"]) == (str(config), ["loss.alpha=0.1"])
 
 
 def sampling_options(command: str) -> dict[str, bool]:

@@ -143,10 +143,9 @@ def test_a_second_sigint_exits_at_once(tmp_path):
 
 @pytest.mark.unit
 def test_the_line_names_the_innermost_stage_and_the_outermost_way_to_resume():
-    with pytest.raises(interrupts.Interrupted) as stop:
-        with interrupts.where(resume="rerun it with --resume"), interrupts.where("the run"):
-            with interrupts.where("iteration 2, stage train"):
-                raise interrupts.Interrupted(signal.SIGTERM)
+    with pytest.raises(interrupts.Interrupted) as stop, interrupts.where(resume="rerun it with --resume"), \
+            interrupts.where("the run"), interrupts.where("iteration 2, stage train"):
+        raise interrupts.Interrupted(signal.SIGTERM)
     assert stop.value.message() == "stopped in iteration 2, stage train; rerun it with --resume"
     assert stop.value.exit_code == 143
     assert interrupts.Interrupted(signal.SIGINT).message() == "stopped"  # a command that does not resume

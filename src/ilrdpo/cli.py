@@ -6,12 +6,12 @@ imports what it needs when it runs; ilrdpo.config is torch-free for the defaults
 
 from __future__ import annotations
 
-import re
 import sys
 
 import typer
 
 from ilrdpo import interrupts
+from ilrdpo.cli_args import split_config, usage_line
 from ilrdpo.config import GenerationSettings
 from ilrdpo.errors import IlrdpoError, UserInputError
 
@@ -56,8 +56,6 @@ OVERRIDE_HELP = ("Any config key can be set as section.key=value or --section.ke
                  "`ilrdpo config-help`.")
 
 
-# `--key value`, `--key=value` and `--config FILE` are accepted next to `key=value` (TRL's style).
-OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 CONFIG_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
 
 
@@ -71,7 +69,7 @@ def train(config: str | None = typer.Argument(None, help="YAML config (omit for 
     Required: data.pairs (a JSONL file, a dataset folder or file, or a hub dataset name). The model
     (default the bundled SmolLM2-135M-Instruct) goes to output_dir/model; a stopped round resumes.
     """
-    config, overrides = _split_config(config, overrides, config_file)
+    config, overrides = split_config(config, overrides, config_file)
     settings = _load_config(config, overrides)
     from ilrdpo.offline import run_offline
 
@@ -89,7 +87,7 @@ def run(config: str | None = typer.Argument(None, help="YAML config", show_defau
     Required: data.prompts (JSONL; the default scorer, embedding similarity, also needs a reference answer
     per prompt). data.eval_prompts adds win rates per iteration. Output: output_dir (default runs/default).
     """
-    config, overrides = _split_config(config, overrides, config_file)
+    config, overrides = split_config(config, overrides, config_file)
     settings = _load_config(config, overrides)
     from ilrdpo.loop import run_iterations
 
@@ -249,7 +247,7 @@ def tune(config: str | None = typer.Argument(None, help="YAML config with a tune
          study: str | None = typer.Option(None, "--study", help="Study name (default the output folder's name)"),
          resume: bool = flag("--resume", "Add trials to an existing study")) -> None:
     """Hyperparameter search (optuna): each trial a short `ilrdpo run`; best config, Pareto set and plots."""
-    config, overrides = _split_config(config, overrides, config_file)
+    config, overrides = split_config(config, overrides, config_file)
     settings = _load_config(config, overrides)
     from ilrdpo.tuning import tune as run_tune
 
@@ -344,60 +342,6 @@ def _load_config(path: str | None, overrides: list[str]):
     return load_config(path, overrides)
 
 
-def _split_config(config: str | None, overrides: list[str] | None,
-                  config_file: str | None = None) -> tuple[str | None, list[str]]:
-    """The config file and the overrides, from `CONFIG k=v ...`, `k=v ...` (no file),
-    `--config CONFIG`, `--key value` and `--key=value` in any mix; `--flag` alone means true."""
-    tokens = [t for t in (config, *(overrides or [])) if t is not None]
-    if config_file is not None:
-        tokens = ["--config", config_file, *tokens]
-    path, out, i = None, [], 0
-    while i < len(tokens):
-        token = tokens[i]
-        if token.startswith("--"):
-            key, sep, value = token[2:].partition("=")
-            if not sep:
-                following = tokens[i + 1] if i + 1 < len(tokens) else "--"
-                has_value = not following.startswith("--") and not OVERRIDE.match(following)
-                value, i = (tokens[i + 1], i + 1) if has_value else ("true", i)
-            if key == "config":
-                path = value
-            else:
-                out.append(f"{key.replace('-', '_')}={value}")
-        elif OVERRIDE.match(token) or ("=" in token and not token.endswith((".yaml", ".yml"))):
-            # key=value, whatever the value (output_dir=runs/x.yaml too); a bare path is the config
-            out.append(token)
-        elif path is None:
-            path = token
-        else:
-            raise UserInputError(f"override {token!r}: expected section.key=value (or --key value); "
-                                 f"the config file is '{path}'")
-        i += 1
-    return path, out
-
-
-def _usage_line(error: typer.TyperException) -> str:
-    """A click usage error as one line that says what to fix (click's own is a boxed paragraph)."""
-    ctx = getattr(error, "ctx", None)
-    command = ctx.command_path if ctx is not None else "ilrdpo"
-    help_hint = f"see `{command} --help`"
-    option = getattr(error, "option_name", None)
-    if option and getattr(error, "possibilities", None) is not None:  # NoSuchOption
-        known = ", ".join(sorted(error.possibilities)) if error.possibilities else ""
-        near = f" (did you mean {known}?)" if known else ""
-        overrides = " or a section.key=value override" if command.split()[-1] in ("train", "run") else ""
-        return f"option '{option}': no such option for `{command}`{near}; use --help for the options{overrides}"
-    param = getattr(error, "param", None)
-    if param is not None and getattr(param, "opts", None) and type(error).__name__ == "BadParameter":
-        return f"option '{param.opts[0]}': {error.message[:1].lower()}{error.message[1:]}; {help_hint}"
-    text = error.format_message().strip() or "usage error"
-    # "No such command 'trian'. Did you mean 'train'?" -> "no such command 'trian' (did you mean 'train'?)"
-    first, *rest = re.split(r"(?<=[.?])\s+", " ".join(text.split()))
-    first = first[:1].lower() + first[1:].rstrip(".")
-    extra = f" ({' '.join(rest)[:1].lower()}{' '.join(rest)[1:]})" if rest else ""
-    return f"{first}{extra}; {help_hint}"
-
-
 def main() -> None:
     try:
         with interrupts.handled():
@@ -415,7 +359,7 @@ def main() -> None:
         if type(error).__name__ == "NoArgsIsHelpError":  # plain `ilrdpo`: the help, as click shows it
             print(error.format_message())
             sys.exit(2)
-        print(f"error: {_usage_line(error)}", file=sys.stderr)
+        print(f"error: {usage_line(error)}", file=sys.stderr)
         sys.exit(2 if error.exit_code == 2 else error.exit_code)
     # standalone_mode=False: typer returns a typer.Exit's status instead of raising it (a command's
     # own return value is None)
