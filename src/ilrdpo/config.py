@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ilrdpo.errors import UserInputError
+from ilrdpo.records import lone_surrogate
 
 # Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
 MAX_LEARNING_RATE = 0.1
@@ -457,8 +458,10 @@ def merged_settings(data: dict[str, Any], overrides: list[str] | None = None) ->
 
 
 def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    data = merged_settings(data, overrides)
+    _check_text(data, source)
     try:
-        return Config.model_validate(merged_settings(data, overrides))
+        return Config.model_validate(data)
     except ValidationError as error:
         raise UserInputError(explain_validation_error(error, source)) from None
 
@@ -471,6 +474,20 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     if loaded is not None and not isinstance(loaded, dict):
         raise UserInputError(f"{path}: expected a mapping of sections at the top level")
     return loaded or {}
+
+
+def _check_text(value: Any, source: str, key: str = "") -> None:
+    """Text settings (a system prompt reaches the tokenizer; every value goes into config.yaml):
+    a lone surrogate, from a YAML escape or an undecodable command-line byte, is not text."""
+    if isinstance(value, str) and (at := lone_surrogate(value)) is not None:
+        raise UserInputError(f"{source}: config key '{key}' holds U+{ord(value[at]):04X} at character {at + 1}, "
+                             "a lone surrogate that is not text; remove it or write the whole character")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_text(item, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, source, f"{key}[{i}]")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
