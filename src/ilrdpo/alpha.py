@@ -14,6 +14,7 @@ import math
 import torch
 
 from ilrdpo.config import AlphaControlSettings, Config
+from ilrdpo.data import pair_lengths
 from ilrdpo.loss import length_margin_term
 from ilrdpo.loss_types import target_margin
 from ilrdpo.records import PreferencePair
@@ -64,21 +65,15 @@ def retry_alpha(attempts: list[tuple[float, float]], control: AlphaControlSettin
     return None if math.isclose(new, alpha, rel_tol=1e-9) else new
 
 
-def cost_gaps(pairs: list[PreferencePair], length_unit: str, target_length: float | None = None) -> list[float]:
-    """c(y_w) - c(y_l) of each pair (loss.length_cost), in length_unit, from the token counts the
-    pairs carry (nothing is tokenised again). With a target length, c is the distance to the target
-    (the pair's own, or target_length)."""
-    def lengths(side: str) -> torch.Tensor:
-        if length_unit == "chars":
-            return torch.tensor([float(len(getattr(p, side))) for p in pairs])
-        counts = [getattr(p, f"{side}_n_tokens") for p in pairs]
-        if None in counts:
-            raise ValueError("pairs without token counts (data.with_token_counts fills them)")
-        return torch.tensor(counts, dtype=torch.float64)
-
+def cost_gaps(pairs: list[PreferencePair], tokenizer, length_unit: str,
+              target_length: float | None = None) -> list[float]:
+    """c(y_w) - c(y_l) of each pair (loss.length_cost), in length_unit, from data.pair_lengths (the
+    tokens generated, which pairs made from candidates carry; a pair from outside is tokenised).
+    With a target length, c is the distance to the target (the pair's own, or target_length)."""
+    lengths = torch.tensor([pair_lengths(tokenizer, p, length_unit) for p in pairs], dtype=torch.float64)  # (P, 2)
     targets = [p.target_length if p.target_length is not None else target_length for p in pairs]
     target = None if None in targets else torch.tensor(targets, dtype=torch.float64)
-    return length_margin_term(lengths("chosen"), lengths("rejected"), 1.0, target).tolist()
+    return length_margin_term(lengths[:, 0], lengths[:, 1], 1.0, target).tolist()
 
 
 def neutral_alpha(gaps: list[float], target: float) -> float:
@@ -92,12 +87,12 @@ def neutral_alpha(gaps: list[float], target: float) -> float:
     return max(0.0, target * sum(gaps) / square) if square > 0 else 0.0
 
 
-def per_unit_alpha(setting: float, config: Config, pairs: list[PreferencePair]) -> float:
+def per_unit_alpha(setting: float, config: Config, pairs: list[PreferencePair], tokenizer) -> float:
     """The alpha a round trains with, per unit of loss.length_unit: the setting itself (loss.alpha,
     or what alpha control made of it), or with experimental.alpha_neutral the setting times the
     pairs' neutral alpha. `ilrdpo run` and `ilrdpo train` both decide here."""
     if not config.experimental.alpha_neutral:
         return setting
     target = None if config.loss.target_length in (None, "base") else config.loss.target_length
-    gaps = cost_gaps(pairs, config.loss.length_unit, target)
+    gaps = cost_gaps(pairs, tokenizer, config.loss.length_unit, target)
     return setting * neutral_alpha(gaps, target_margin(config.loss.type, config.loss.label_smoothing))

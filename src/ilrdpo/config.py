@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ilrdpo.errors import UserInputError
+from ilrdpo.records import lone_surrogate
 from ilrdpo.settings import (
     MAX_LEARNING_RATE,
     SECTION_NAMES,
@@ -58,7 +59,9 @@ __all__ = [
     "explain_validation_error",
     "field_docs",
     "load_config",
+    "merged_settings",
     "parse_overrides",
+    "read_config_file",
 ]
 
 
@@ -218,31 +221,56 @@ def apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+def merged_settings(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> dict[str, Any]:
+    """A config's settings with the overrides applied and TRL's names resolved, not yet validated;
+    a removed key (in the file or an override) is one line saying what to use."""
     # A section whose keys are all commented out reads as null: treat it as empty.
     data = {k: ({} if v is None and k in SECTION_NAMES else v) for k, v in data.items()}
     refuse_removed_keys(data, source)
     extra = parse_overrides(overrides or [])
     refuse_removed_keys(extra, "command line")
     # aliases resolved per source, so a command-line `beta` overrides a file's `loss.beta`
-    data = _merge(apply_aliases(data), apply_aliases(extra))
+    return _merge(apply_aliases(data), apply_aliases(extra))
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    data = merged_settings(data, overrides, source)
+    _check_text(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as error:
         raise UserInputError(explain_validation_error(error, source)) from None
 
 
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The settings of a YAML config file (none when path is None)."""
+    if path is None:
+        return {}
+    loaded = _read_yaml(Path(path))
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserInputError(f"{path}: expected a mapping of sections at the top level")
+    return loaded or {}
+
+
+def _check_text(value: Any, source: str, key: str = "") -> None:
+    """Text settings (a system prompt reaches the tokenizer; every value goes into config.yaml):
+    a lone surrogate, from a YAML escape or an undecodable command-line byte, is not text."""
+    if isinstance(value, str) and (at := lone_surrogate(value)) is not None:
+        raise UserInputError(f"{source}: config key '{key}' holds U+{ord(value[at]):04X} at character {at + 1}, "
+                             "a lone surrogate that is not text; remove it or write the whole character")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_text(item, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, source, f"{key}[{i}]")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, *, recorded: bool = False) -> Config:
     """Read a YAML config (or defaults when path is None) and apply overrides. recorded: a run
     directory's own config.yaml, which may predate removed keys (migrate_recorded)."""
-    data: dict[str, Any] = {}
-    source = "command line"
-    if path is not None:
-        source = str(path)
-        loaded = _read_yaml(Path(path))
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserInputError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded or {}
+    source = "command line" if path is None else str(path)
+    data = read_config_file(path)
     if recorded:
         data = migrate_recorded(data, source)
     return build_config(data, overrides, source)

@@ -9,7 +9,7 @@ across the boundary and shift the answer mask.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,22 +80,26 @@ def encode_prompt(tokenizer, prompt: PromptText, use_chat_template: bool = True,
 
 
 def count_tokens(tokenizer, answer: str) -> int:
-    """|y| in tokens, the one definition used by candidates, pairs, the loss, evaluation, alpha
-    control and target metrics: the answer text's tokens, EOS not counted."""
+    """|y| in tokens of a text from outside (a pairs file): its tokens, EOS not counted. A sampled
+    answer's length is the tokens generated (generation.Sample.n_tokens), kept with it."""
     return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
+def pair_lengths(tokenizer, pair: PreferencePair, unit: str,
+                 counted: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(|y_w|, |y_l|) in the length margin's unit: in tokens, the tokens generated when the pair
+    carries them (made from sampled candidates), else the text's tokenisation (pairs from outside):
+    `counted`, when the caller has already tokenised both answers, else count_tokens."""
+    def length(text: str, generated: int | None, side: int) -> int:
+        n = generated if generated is not None else counted[side] if counted else count_tokens(tokenizer, text)
+        return answer_length(n, text, unit)
+
+    return length(pair.chosen, pair.chosen_n_tokens, 0), length(pair.rejected, pair.rejected_n_tokens, 1)
 
 
 def answer_length(n_tokens: int, text: str, unit: str) -> int:
     """|y| in the length margin's unit: count_tokens(...) for "tokens", characters for "chars"."""
     return len(text) if unit == "chars" else n_tokens
-
-
-def with_token_counts(tokenizer, pairs: list[PreferencePair]) -> list[PreferencePair]:
-    """The pairs with chosen_n_tokens / rejected_n_tokens (count_tokens) where they lack them: pairs
-    the loop made carry them from the candidates; a pairs file may not."""
-    return [pair if pair.chosen_n_tokens is not None and pair.rejected_n_tokens is not None else
-            replace(pair, chosen_n_tokens=count_tokens(tokenizer, pair.chosen),
-                    rejected_n_tokens=count_tokens(tokenizer, pair.rejected)) for pair in pairs]
 
 
 def encode_answer(tokenizer, answer: str, truncated: bool = False) -> list[int]:
@@ -155,8 +159,7 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int,
         prompt = encode_prompt(tokenizer, pair.prompt, use_chat_template, system_prompt)
         chosen, n_chosen = encode_answer_counted(tokenizer, pair.chosen, pair.chosen_truncated)
         rejected, n_rejected = encode_answer_counted(tokenizer, pair.rejected, pair.rejected_truncated)
-        lengths = [answer_length(n, text, length_unit) for n, text in ((n_chosen, pair.chosen),
-                                                                       (n_rejected, pair.rejected))]
+        lengths = pair_lengths(tokenizer, pair, length_unit, counted=(n_chosen, n_rejected))
         prompt, chosen, rejected, cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length)
         out.append(TokenizedPair(prompt, chosen, rejected, *lengths, pair.target_length, cut))
     return out

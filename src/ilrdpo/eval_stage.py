@@ -16,15 +16,16 @@ from typing import Any
 
 import torch
 
+from ilrdpo import ranks
+from ilrdpo.batching import autocast
 from ilrdpo.config import Config, DataSettings, GenerationSettings, ScoringSettings
 from ilrdpo.data import encode_prompt
 from ilrdpo.decisions import judge_tie_tolerance, stage_seed
 from ilrdpo.evaluation.compare import compare_all, evaluate_answers, per_prompt_means, summarize
 from ilrdpo.generation import generate_answers
-from ilrdpo.records import Prompt, atomic_write_text, read_jsonl_tolerant, write_jsonl
+from ilrdpo.records import Prompt, atomic_write_text, read_finished_jsonl, write_jsonl
 from ilrdpo.rundir import ANCHOR_FILES, SAMPLES_FILE, RunDir
 from ilrdpo.scoring import Scorer, score_in_batches, shaped_rewards
-from ilrdpo.train import autocast
 
 
 def answer_prompts(model, tokenizer, prompts: list[Prompt], generation: GenerationSettings, data: DataSettings,
@@ -100,12 +101,13 @@ def answer_anchors(model, tokenizer, prompts: list[Prompt], generation: Generati
 
 
 def cached_answers(path: Path, make) -> list[dict[str, Any]]:
-    """Answer records from `path` if complete, else make() them and write them atomically."""
-    rows = read_jsonl_tolerant(path)
-    if rows:
-        return rows
+    """Answer records from `path` if there (written whole, atomically: read strictly), else make()
+    them and write them atomically."""
+    if path.exists():
+        return read_finished_jsonl(path, f"delete {path} and run the same command again to answer anew")
     rows = make()
-    write_jsonl(path, rows)
+    if ranks.is_main():
+        write_jsonl(path, rows)
     return rows
 
 
@@ -145,7 +147,8 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
             model, tokenizer = policy(0)
             with autocast(next(model.parameters()).device, compute_dtype):
                 result.update(answer_perplexity(model, tokenizer, prompts, rows, config.data))
-    atomic_write_text(rundir.file(t, "eval.json"), json.dumps(result, indent=1))
+    if ranks.is_main():
+        atomic_write_text(rundir.file(t, "eval.json"), json.dumps(result, indent=1))
     return result
 
 
@@ -183,9 +186,11 @@ def _sampled_evaluation(t: int, rundir: RunDir, config: Config, prompts: list[Pr
     if not initial_file.exists():
         initial = cached_answers(initial_file, lambda: draw(0))
         initial_eval = json.loads(rundir.file(0, "eval.json").read_text())
-        atomic_write_text(rundir.file(0, "eval.json"), json.dumps({**initial_eval, "sampled": summary(initial)},
-                                                                  indent=1))
-    drawn = {k: found for k in range(t) if (found := read_jsonl_tolerant(rundir.file(k, SAMPLES_FILE)))}
+        if ranks.is_main():
+            atomic_write_text(rundir.file(0, "eval.json"), json.dumps({**initial_eval, "sampled": summary(initial)},
+                                                                      indent=1))
+    drawn = {k: read_finished_jsonl(rundir.file(k, SAMPLES_FILE), rundir.redo_hint(k))
+             for k in range(t) if rundir.file(k, SAMPLES_FILE).exists()}
     fits = compare_all({"this": per_prompt_means(rows), **{f"model_{k}": per_prompt_means(v)
                                                           for k, v in drawn.items() if k}},
                        per_prompt_means(drawn[0]), tie_tolerance=tie_tolerance(config))["this"]
@@ -226,8 +231,9 @@ def _compare_with_baselines(t: int, rows, rundir: RunDir, config: Config, prompt
     tie, unit = tie_tolerance(config), config.loss.length_unit
     if t == 0:
         return evaluate_answers(rows, prompts, {}, tie, length_unit=unit)
-    answers = {k: read_jsonl_tolerant(rundir.file(k, "eval_answers.jsonl")) for k in range(t)}
-    anchors = {style: read_jsonl_tolerant(rundir.file(0, name)) for style, name in ANCHOR_FILES.items()
+    answers = {k: read_finished_jsonl(rundir.file(k, "eval_answers.jsonl"), rundir.redo_hint(k)) for k in range(t)}
+    anchors = {style: read_finished_jsonl(rundir.file(0, name), rundir.redo_hint(0))
+               for style, name in ANCHOR_FILES.items()
                if rundir.file(0, name).exists()}
     return evaluate_answers(rows, prompts, {"initial": answers[0], "previous": answers[t - 1]}, tie,
                             other_models={f"model_{k}": answers[k] for k in range(1, t)},
@@ -242,8 +248,8 @@ def tie_tolerance(config: Config) -> float:
 
 def generation_stats(rundir: RunDir, t: int) -> dict:
     """Per-iteration sampling and pairing figures (gen/*, pairs/*) from the stage files."""
-    rows = read_jsonl_tolerant(rundir.file(t, "candidates.jsonl"))
-    pairs = read_jsonl_tolerant(rundir.file(t, "pairs.jsonl"))
+    rows = read_finished_jsonl(rundir.file(t, "candidates.jsonl"), rundir.redo_hint(t))
+    pairs = read_finished_jsonl(rundir.file(t, "pairs.jsonl"), rundir.redo_hint(t))
     lengths = [n for r in rows for n in r["n_tokens"]]
     rewards = [x for r in rows for x in r.get("rewards", [])]
     return {

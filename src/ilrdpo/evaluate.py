@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from ilrdpo import ranks
 from ilrdpo.config import (
     DataSettings,
     GenerationSettings,
@@ -74,10 +75,10 @@ def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, ba
             styled = answer_anchors(policy, tokenizer, prompts, generation, data, greedy=greedy, seed=seed)
             for style, styled_rows in styled.items():
                 answers[f"anchor_{style}"] = judge_answers(scorer, prompts, styled_rows, judge)
-                if out_dir is not None:
+                if out_dir is not None and ranks.is_main():
                     write_jsonl(Path(out_dir) / f"baseline_{style}_answers.jsonl", styled_rows)
         del policy
-        if out_dir is not None:
+        if out_dir is not None and ranks.is_main():
             write_jsonl(Path(out_dir) / f"{name}_answers.jsonl", rows)
     result = {"model": model, "baseline": baseline, "prompts": prompts_path, "judge": judge.model_dump(),
               "greedy": greedy, "seed": seed,

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
-from ilrdpo import distributed, zero
+from ilrdpo import distributed, engines, interrupts, ranks
 from ilrdpo.alpha import length_budget, next_alpha, per_unit_alpha, retry_alpha
 from ilrdpo.config import Config
-from ilrdpo.data import with_token_counts
 from ilrdpo.decisions import stage_seed
 from ilrdpo.errors import UserInputError
 from ilrdpo.eval_stage import evaluate_iteration, summary_line
@@ -23,7 +21,7 @@ from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss_types import method_name
-from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype, save_model
+from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
 from ilrdpo.pairing import base_targets, no_pairs_reason, pair_all
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
@@ -31,8 +29,10 @@ from ilrdpo.records import (
     CandidateSet,
     PreferencePair,
     atomic_write_text,
+    finished_output,
     read_candidates,
-    read_jsonl_tolerant,
+    read_finished_jsonl,
+    read_json_file,
     read_pairs,
     read_prompts,
     write_jsonl,
@@ -61,6 +61,7 @@ class IterativeRun:
         self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
         self.judge_settings = config.eval.judge or config.scoring
         self.compute_dtype = resolve_dtype(config.model.dtype)
+        self.engine = engines.launched()  # the training stage's parallel engine
         self.timings: dict[str, float] = {}
         self.model = self.tokenizer = None
         self.model_iteration = -1
@@ -68,14 +69,18 @@ class IterativeRun:
     def open(self) -> None:
         """Resume checks against what the directory was made with, then record this config."""
         self.dir.remove_debris()
-        distributed.barrier()  # the main process has cleaned before any process reads
+        ranks.barrier()  # the main process has cleaned before any process reads
         self.state = self.dir.state()
+        self.dir.reconcile(self.state)
         inputs = input_hashes(self.config)
         old = self.dir.recorded_config()
         if old is not None:
             check_resume(old, self.config, self.state.touched(), self.force,
                          old_inputs=self.state.inputs, new_inputs=inputs)
         self.dir.record_config(self.config)
+        resuming = self.state.resume_line()
+        if resuming:
+            console.print(resuming, markup=False, highlight=False, soft_wrap=True)
         if self.state.inputs != inputs:
             self.state.inputs = inputs
             self.state.save()
@@ -115,28 +120,30 @@ class IterativeRun:
                 summaries.append(self.iteration(t))
         finally:
             self.tracker.finish()
-        atomic_write_text(self.dir.timings_path, json.dumps(self.timings, indent=1))
+        if ranks.is_main():
+            atomic_write_text(self.dir.timings_path, json.dumps(self.timings, indent=1))
         return summaries
 
     def _stage(self, t: int, name: str, work) -> None:
         if self.state.done(t, name):
             return
-        self.state.start(t, name)
-        with stage(f"iter {t} {name}", self.timings):
-            work()
-        self.state.mark(t, name)
-        distributed.barrier()  # what the main process wrote is there before any process reads it
+        with interrupts.where(f"iteration {t}, stage {name}"):
+            self.state.start(t, name)
+            with stage(f"iter {t} {name}", self.timings):
+                work()
+            self.state.mark(t, name)
+        ranks.barrier()  # what the main process wrote is there before any process reads it
 
     def _evaluation(self, t: int) -> dict:
         self._stage(t, "eval", lambda: self.evaluate(t))
-        summary = json.loads(self.dir.file(t, "eval.json").read_text())
+        summary = self._eval_summary(t)
         self.tracker.log_eval(summary, self.steps_before(t + 1))
         return summary
 
     def steps_before(self, t: int) -> int:
         """Optimizer steps of iterations 1..t-1: the trackers' global step where iteration t starts."""
-        files = [self.dir.file(k, "metrics.jsonl") for k in range(1, t)]
-        return sum(len(read_jsonl_tolerant(f)) for f in files if f.is_file())
+        return sum(len(read_finished_jsonl(self.dir.file(k, "metrics.jsonl"), self.dir.redo_hint(k)))
+                   for k in range(1, t) if self.state.done(k, "train"))
 
     def run_stage(self, t: int, name: str) -> None:
         """Stage `name` of iteration t, unless state.json has it finished."""
@@ -183,7 +190,7 @@ class IterativeRun:
         """Move the replaced attempt's files to iter_t/attempt_K/; eval.json last, so that while it
         is still in iter_t some of the attempt's files may be too (a resumed move finishes the job)."""
         attempt = self.dir.attempt(t, len(self.state.attempts[t]))
-        if not distributed.is_main():
+        if not ranks.is_main():
             return
         attempt.mkdir(exist_ok=True)
         for name in ("model", "metrics.jsonl", "eval_answers.jsonl", "eval_samples.jsonl", "eval.json"):
@@ -204,25 +211,25 @@ class IterativeRun:
                              n_tokens=[s.n_tokens for s in samples[p.id]],
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,
                              target_length=p.target_length) for p in self.prompts]
-        write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
-        remove_progress(partial)
+        if ranks.is_main():
+            write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
+        distributed.remove_progress(partial)
 
     # --- 2. score --------------------------------------------------------------------------------
     def score(self, t: int) -> None:
         """Score every answer; finished prompts go to scores.partial.jsonl as they complete.
         Re-entrant: candidates.jsonl may already hold scores from a killed earlier attempt."""
         path = self.dir.file(t, "candidates.jsonl")
-        sets = read_candidates(path)
+        sets = read_candidates(path, self.dir.redo_hint(t))
         progress_file = self.dir.partial(t, "score")
         scored = {row["id"]: row for row in distributed.read_progress(progress_file)}
         by_id = {p.id: p for p in self.prompts}
         settings = self.config.scoring
         per_chunk = max(1, settings.batch_size // max(1, self.config.generation.num_samples))
         todo = [c for c in sets if c.id not in scored]
-        with progress_bar("scoring", len(sets)) as bar:
-            bar.advance(len(sets) - len(todo))
+        with progress_bar("scoring", len(sets), done=len(sets) - len(todo)) as bar:
             starts = range(0, len(todo), per_chunk)
-            for k in distributed.mine(len(starts)):  # chunk k to process k % W
+            for k in ranks.mine(len(starts)):  # chunk k to process k % W
                 chunk = todo[starts[k]:starts[k] + per_chunk]
                 prompts = [by_id[c.id] for c in chunk for _ in c.responses]
                 quality = score_in_batches(self.scorer, prompts, [r for c in chunk for r in c.responses],
@@ -234,29 +241,31 @@ class IterativeRun:
                     scored[c.id] = {"id": c.id, "quality": q, "rewards": shaped_rewards(q, c.n_tokens, self.scorer)}
                     distributed.append_progress(progress_file, scored[c.id])
                 bar.advance(len(chunk))
-        scored = distributed.gather_dict(scored)
+        scored = ranks.gather_dict(scored)
         for c in sets:
             c.quality, c.rewards = scored[c.id]["quality"], scored[c.id]["rewards"]
-        write_jsonl(path, sets)
-        remove_progress(progress_file)
+        if ranks.is_main():
+            write_jsonl(path, sets)
+        distributed.remove_progress(progress_file)
 
     # --- 3. pair ---------------------------------------------------------------------------------
     def pair(self, t: int) -> None:
         path = self.dir.file(t, "candidates.jsonl")
         scoring = self.config.scoring
-        sets = read_candidates(path)
+        sets = read_candidates(path, self.dir.redo_hint(t))
         if self.config.loss.target_length == "base":
-            targets = base_targets(read_candidates(self.dir.file(1, "candidates.jsonl")))
+            targets = base_targets(read_candidates(self.dir.file(1, "candidates.jsonl"), self.dir.redo_hint(1)))
             for c in sets:
                 c.target_length = targets.get(c.id, c.target_length)
         pairs = pair_all(sets, self.config.pairing, seed=stage_seed(self.config.seed, t, "pair"),
                          tie_tolerance=scoring.tie_tolerance)
         if not pairs:
-            raise UserInputError(f"{path}: no preference pairs: {no_pairs_reason(read_candidates(path))}")
-        write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
+            raise UserInputError(f"{path}: no preference pairs: {no_pairs_reason(sets)}")
+        if ranks.is_main():
+            write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
 
     # --- 4. train --------------------------------------------------------------------------------
-    def decide_alpha(self, t: int, pairs: list[PreferencePair]) -> float:
+    def decide_alpha(self, t: int, pairs: list[PreferencePair], tokenizer) -> float:
         """The per-unit alpha of iteration t: decided when its train stage first starts (the
         config's loss.alpha, or alpha control from the evaluations so far, then alpha.per_unit_alpha
         as `ilrdpo train` does) and recorded in state.json; a resumed stage keeps it, unless --force,
@@ -273,17 +282,22 @@ class IterativeRun:
             lengths = [self._eval_length(k) for k in (t - 1, 0)]
             alpha = next_alpha(previous, lengths[0], lengths[1], control)
         self.state.alpha_setting[t] = alpha
-        alpha = per_unit_alpha(alpha, self.config, pairs)
+        alpha = per_unit_alpha(alpha, self.config, pairs, tokenizer)
         self.state.alpha[t] = alpha
         self.state.save()
         return alpha
 
+    def _eval_summary(self, t: int) -> dict:
+        with finished_output(self.dir.redo_hint(t)):
+            return read_json_file(self.dir.file(t, "eval.json"))
+
     def _eval_length(self, t: int) -> float:
-        return json.loads(self.dir.file(t, "eval.json").read_text())["length"]["tokens_mean"]
+        return self._eval_summary(t)["length"]["tokens_mean"]
 
     def train(self, t: int) -> None:
         config = self.config
-        pairs = read_pairs(self.dir.file(t, "pairs.jsonl"))
+        with finished_output(self.dir.redo_hint(t)):
+            pairs = read_pairs(self.dir.file(t, "pairs.jsonl"))
         if config.loss.target_length == "base" and any(p.target_length is None for p in pairs):
             raise UserInputError(f"{self.dir.file(t, 'pairs.jsonl')}: loss.target_length is 'base' but these pairs "
                                  "carry no target_length (made by a run without it); rerun the pair stage")
@@ -306,26 +320,25 @@ class IterativeRun:
             ref_logps = pair_reference_logps(model, tokenizer, pairs, loss, config.train, config.data,
                                              compute_dtype=self.compute_dtype)
         model, tokenizer = self.policy(t - 1)
-        pairs = with_token_counts(tokenizer, pairs)  # pairs.jsonl written before pairs carried them
-        alpha = self.decide_alpha(t, pairs)
+        alpha = self.decide_alpha(t, pairs, tokenizer)
         loss = loss.model_copy(update={"alpha": alpha})
         result = train_round(model, tokenizer, pairs, loss=loss, train=config.train, data=config.data,
                              output_dir=self.dir.iteration(t), seed=stage_seed(config.seed, t, "train"), ref_logps=ref_logps,
                              ref_adapter_disabled=lora and config.iterations.reference == "initial",
                              hparams={**hyperparameters(config), "loss.alpha": alpha},
                              compute_dtype=self.compute_dtype, checkpoint_dir=self.dir.checkpoint(t),
-                             tracker=self.tracker, step_offset=self.steps_before(t))
-        atomic_write_text(self.dir.file(t, "ref_logps.json"), json.dumps(result.ref_logps))
+                             tracker=self.tracker, step_offset=self.steps_before(t), engine=self.engine)
+        if ranks.is_main():
+            atomic_write_text(self.dir.file(t, "ref_logps.json"), json.dumps(result.ref_logps))
         card = {"title": f"iLR-DPO iteration {t}", "base_model": config.model.name_or_path,
                 "method": f"iterative {method_name(loss.type, alpha)}",
                 "data": f"{len(pairs)} self-generated pairs",
                 "hyperparameters": {**hyperparameters(config), "loss.alpha": alpha}, "metrics": result.final}
-        save_model(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora)
+        self.engine.save(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora)
         fault_point("model")
-        # trained in place: the model in memory is now pi_t (FSDP, ZeRO: sharded for training; the
-        # next stage loads the saved one whole)
-        self.model_iteration = -1 if distributed.is_sharded(model) else t
-        zero.release(model)
+        # trained in place: the model in memory is now pi_t, unless the engine sharded it for
+        # training (then the next stage loads the saved one whole)
+        self.model_iteration = t if self.engine.release(model) else -1
 
     # --- 5. evaluate -----------------------------------------------------------------------------
     def evaluate(self, t: int) -> dict:
@@ -335,12 +348,6 @@ class IterativeRun:
             alpha=self.state.alpha.get(t) if t else None)
 
 
-def remove_progress(path: Path) -> None:
-    """A stage's progress files (one per process that wrote one), once its output is written."""
-    distributed.barrier()  # every process has gathered what it needs from them
-    if distributed.is_main():
-        for file in distributed.rank_files(path):
-            file.unlink(missing_ok=True)
 
 
 def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = None,
@@ -349,7 +356,7 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
     scorer: a Scorer object used instead of the one the scoring section describes.
     until: (t, stage) to stop after that stage (the demo's shared first steps)."""
     run = IterativeRun(config, force, scorer)
-    with run.dir.locked("ilrdpo run"):
+    with interrupts.where(), run.dir.locked("ilrdpo run"):
         run.open()
         run.dir.announce()
         summaries = run.run(until)
@@ -366,7 +373,8 @@ def publish_final_model(rundir: RunDir, config: Config, summaries: list[dict]) -
     folder = rundir.file(config.iterations.count, "model")
     info = json.loads((folder / "ilrdpo.json").read_text())
     info["eval"] = summaries
-    atomic_write_text(folder / "README.md", model_card(info))
+    if ranks.is_main():
+        atomic_write_text(folder / "README.md", model_card(info))
     url = push_to_hub(folder, config.model.push_to_hub)
     console.print(f"uploaded: {url}")
     return url

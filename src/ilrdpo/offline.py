@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ilrdpo import engines, interrupts
 from ilrdpo.alpha import per_unit_alpha
 from ilrdpo.config import Config
-from ilrdpo.data import load_pairs, with_token_counts
+from ilrdpo.data import load_pairs
 from ilrdpo.decisions import stage_seed
 from ilrdpo.errors import UserInputError
 from ilrdpo.hub import hyperparameters, push_to_hub
 from ilrdpo.loss_types import method_name
-from ilrdpo.models import load_policy, resolve_dtype, save_model
+from ilrdpo.models import load_policy, resolve_dtype
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, stage
 from ilrdpo.rundir import RunDir
@@ -29,7 +30,8 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
     rundir = RunDir(config.output_dir)
     pairs = load_pairs(config.data.pairs, config.data.pairs_split, config.data.max_examples)
     model_dir = rundir.root / "model"
-    with rundir.locked("ilrdpo train"):
+    engine = engines.launched()
+    with interrupts.where("the training round"), rundir.locked("ilrdpo train"):
         if model_dir.exists() and not overwrite:
             raise UserInputError(f"{model_dir}: a trained model is already there; pass --overwrite to replace "
                                  "it, or choose another output_dir")
@@ -38,23 +40,22 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
         rundir.record_config(config)
         with stage("load model"):
             model, tokenizer, base_path = load_policy(config.model)
-        # the same decision as each round of `ilrdpo run` (alpha.per_unit_alpha), from the pairs' token counts
-        pairs = with_token_counts(tokenizer, pairs)
-        alpha = per_unit_alpha(config.loss.alpha, config, pairs)
+        # the same decision as each round of `ilrdpo run` (alpha.per_unit_alpha)
+        alpha = per_unit_alpha(config.loss.alpha, config, pairs, tokenizer)
         loss = config.loss.model_copy(update={"alpha": alpha})
         hparams = {**hyperparameters(config), "loss.alpha": alpha}
         with stage("train"):
             result = train_round(model, tokenizer, pairs, loss=loss, train=config.train, data=config.data,
                                  output_dir=rundir.root, seed=stage_seed(config.seed, 0, "train"), hparams=hparams,
                                  compute_dtype=resolve_dtype(config.model.dtype),
-                                 checkpoint_dir=rundir.checkpoint())
+                                 checkpoint_dir=rundir.checkpoint(), engine=engine)
         method = method_name(config.loss.type, alpha)
         card = {"title": f"{Path(base_path).name} + {method}", "base_model": config.model.name_or_path,
                 "method": method, "data": f"{config.data.pairs} ({len(pairs)} pairs)",
                 "datasets": [] if Path(config.data.pairs).exists() else [config.data.pairs],
                 "hyperparameters": hparams, "metrics": result.final}
         with stage("save"):
-            model_dir = save_model(model, tokenizer, model_dir, card, merge_lora=config.model.merge_lora)
+            model_dir = engine.save(model, tokenizer, model_dir, card, merge_lora=config.model.merge_lora)
     console.print(f"saved {model_dir}  ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s, "
                   f"final loss {result.final.get('loss', float('nan')):.4f})")
     if config.model.push_to_hub:

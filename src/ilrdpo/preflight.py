@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from ilrdpo import distributed, zero
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
+from ilrdpo.hub import BUNDLED, go_offline, hub_reachable
 from ilrdpo.records import read_json_file, read_pairs, read_prompts
 
 Command = Literal["run", "train"]
@@ -42,14 +42,9 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         if config.iterations.alpha_control.mode == "auto" and not config.data.eval_prompts:
             raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
-    if config.model.dtype == "float16" and (distributed.fsdp_requested() or zero.requested()):
-        raise UserInputError("config key 'model.dtype': float16 is not supported under FSDP or DeepSpeed (the loss "
-                             "scaler is not shard-aware); use bfloat16")
-    if zero.requested():
-        from ilrdpo.models import resolve_dtype
+    from ilrdpo import engines  # torch: not for the model checks of `generate` and `chat`
 
-        # the launcher's settings against the config's, before anything runs
-        zero.engine_config(config.train.max_grad_norm, resolve_dtype(config.model.dtype))
+    engines.launched().check_config(config.model.dtype, config.train.max_grad_norm)
     check_output_dir(Path(config.output_dir), command)
     if config.model.push_to_hub and not HUB_REPO.fullmatch(config.model.push_to_hub):
         raise UserInputError(f"config key 'model.push_to_hub': '{config.model.push_to_hub}' is not a hub repository "
@@ -146,9 +141,14 @@ def local_model_folder(name: str, key: str) -> Path | None:
         return path
     if not HUB_ID.fullmatch(name) or ".." in name:
         raise UserInputError(f"config key '{key}': folder '{name}' not found (a hub id has the form org/name)")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and not _in_hub_cache(name):
-        raise UserInputError(f"config key '{key}': folder '{name}' not found, and no hub model of that name is "
-                             "in the local cache (HF_HUB_OFFLINE is set)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    if offline or not hub_reachable():
+        if not _in_hub_cache(name):
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+            raise UserInputError(f"config key '{key}': model '{name}' is not a folder here nor in the local hub "
+                                 f"cache, and {why}; give a local model folder (save_pretrained output) or a "
+                                 f"bundled model ({', '.join('bundled:' + b for b in BUNDLED)})")
+        go_offline()  # the cached copy, without a minute of retries first
     return None
 
 
@@ -159,6 +159,23 @@ def _in_hub_cache(repo_id: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except ValueError:  # HFValidationError: a name the hub library rejects is not in its cache
         return False
+
+
+def check_hub_models(settings: dict[str, Any]) -> None:
+    """The hub models named in a config's settings (config.merged_settings, before validation, which
+    loads torch) are cached or the hub is reachable: an offline machine hears it in seconds."""
+    def value(*keys: str) -> Any:
+        node: Any = settings
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    names = [("model.name_or_path", value("model", "name_or_path"))] + \
+        [(".".join(keys) + ".model", value(*keys, "model")) for keys in (("scoring",), ("eval", "judge"))
+         if value(*keys, "type") != "python"]
+    for key, name in names:
+        if isinstance(name, str) and name and not name.startswith("bundled:") and not Path(name).expanduser().exists():
+            local_model_folder(name, key)
 
 
 def check_model(model: ModelSettings) -> dict[str, Any] | None:
@@ -277,19 +294,29 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
         check_function_file(settings.function, f"{key}.function")
 
 
+def check_model_option(name: str, option: str) -> None:
+    """A model given on the command line (`--model`): a sound folder, a bundled model, or a hub
+    id that can be loaded (cached, or the hub reachable)."""
+    if name.startswith("bundled:"):
+        from ilrdpo.models import bundled_path
+
+        bundled_path(name.removeprefix("bundled:"))
+        return
+    try:
+        folder = local_model_folder(name, option)
+    except UserInputError as error:
+        raise UserInputError(str(error).replace(f"config key '{option}'", f"option '{option}'")) from None
+    if folder is not None and (folder / "config.json").is_file():
+        from ilrdpo.models import check_checkpoint
+
+        check_checkpoint(folder, allow_pickle=False)
+
+
 def check_evaluate(model: str, prompts: str, judge: ScoringSettings, baseline: str | None, out: str | None) -> None:
     """`ilrdpo evaluate`: models, prompts, judge and the result path, before any model loads."""
     for key, name in (("--model", model), ("--baseline", baseline)):
-        if name is None or name.startswith("bundled:"):
-            continue
-        try:
-            folder = local_model_folder(name, key)
-        except UserInputError as error:
-            raise UserInputError(str(error).replace(f"config key '{key}'", f"option '{key}'")) from None
-        if folder is not None and (folder / "config.json").is_file():
-            from ilrdpo.models import check_checkpoint
-
-            check_checkpoint(folder, allow_pickle=False)
+        if name is not None:
+            check_model_option(name, key)
     read_prompts(prompts, reference_for=_needs_reference(judge, "judge"))
     check_scorer(judge, "judge")
     if out is not None:

@@ -29,8 +29,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ilrdpo import ranks
 from ilrdpo.config import Config, config_to_yaml, load_config
-from ilrdpo.errors import UserInputError
+from ilrdpo.errors import DiskFullError, UserInputError, disk_writes
 from ilrdpo.records import atomic_write_text, read_json_file
 
 # The stages of an iteration in order, and the files each one writes in iter_T/.
@@ -48,6 +49,10 @@ STAGES = list(STAGE_FILES)
 ANCHOR_FILES = {"concise": "eval_answers_concise.jsonl", "verbose": "eval_answers_verbose.jsonl"}
 # Sampled eval answers (eval.samples > 0), next to the greedy eval_answers.jsonl.
 SAMPLES_FILE = "eval_samples.jsonl"
+
+# What a finished stage must have left in iter_T/ (eval_samples.jsonl only with eval.samples > 0).
+REQUIRED_FILES = {"generate": ("candidates.jsonl",), "score": ("candidates.jsonl",), "pair": ("pairs.jsonl",),
+                  "train": ("model", "ref_logps.json", "metrics.jsonl"), "eval": ("eval.json",)}
 
 PARTIAL_FILES = {"generate": "generation.partial.jsonl", "score": "scores.partial.jsonl",
                  "train": "metrics.partial.jsonl"}
@@ -172,12 +177,29 @@ class RunState:
         for marks in (self.finished, self.started):
             marks[iteration] = [s for s in marks.get(iteration, []) if s not in stage_names]
 
+    def resume_line(self) -> str | None:
+        """What a rerun reuses and what it continues, in one line; None when nothing ran yet."""
+        finished = [f"iteration {t} {', '.join(names)}" for t, names in sorted(self.finished.items()) if names]
+        partial = [f"iteration {t} {name}" for t, names in sorted(self.started.items()) for name in names
+                   if not self.done(t, name)]
+        parts = (["reusing finished " + "; ".join(finished)] if finished else []) + \
+            (["restarting " + ", ".join(partial) + " (keeping its finished batches or checkpoint, if any)"]
+             if partial else [])
+        return "resuming: " + "; ".join(parts) if parts else None
+
+    def forget_iteration(self, iteration: int) -> None:
+        """Everything recorded of one iteration (its folder is gone: it is done again); not saved."""
+        for record in (self.finished, self.started, self.alpha, self.alpha_setting, self.attempts):
+            record.pop(iteration, None)
+
     def touched(self) -> dict[int, list[str]]:
         """Stages finished or with partial output on disk: both were made with the old config."""
         return {t: sorted(set(self.finished.get(t, [])) | set(self.started.get(t, [])))
                 for t in set(self.finished) | set(self.started)}
 
     def save(self) -> None:
+        if not ranks.is_main():  # one writer; every process holds the same state in memory
+            return
         atomic_write_text(self.path, json.dumps(
             {"finished": self.finished, "started": self.started, "alpha": self.alpha,
              "alpha_setting": self.alpha_setting, "attempts": self.attempts, "inputs": self.inputs},
@@ -265,26 +287,44 @@ class RunDir:
     def state(self) -> RunState:
         return RunState(self.state_path)
 
+    def redo_hint(self, t: int) -> str:
+        """What to do about a damaged or missing output of a finished stage of iteration t."""
+        return (f"delete the folder {self.iteration(t)} and run the same command again to redo iteration {t} "
+                "(the other iterations are kept)")
+
+    def reconcile(self, state: RunState) -> None:
+        """state.json against what is on disk, before a run goes on: an iteration whose folder is
+        gone (the way to redo it) is forgotten, to be done again; a finished stage whose output is
+        gone otherwise is one line naming it and that way (nothing is written either way)."""
+        for t in sorted(set(state.finished) | set(state.started)):
+            if not self.iteration(t).is_dir():
+                state.forget_iteration(t)
+                continue
+            for stage_name in state.finished.get(t, []):
+                for name in REQUIRED_FILES[stage_name]:
+                    if not self.file(t, name).exists():
+                        raise UserInputError(f"{self.file(t, name)}: missing, but state.json has iteration {t}'s "
+                                             f"'{stage_name}' stage finished; {self.redo_hint(t)}")
+
     # --- lock ----------------------------------------------------------------------------------
     def lock(self, command: str) -> None:
         """Take the directory for this process, or refuse naming the holder. The kernel releases
         the lock when the process ends, however it ends. Under several processes the main one
         holds it for all, and all refuse together."""
-        from ilrdpo import distributed
-
         refusal = None
-        if distributed.is_main():
+        if ranks.is_main():
             try:
                 self._lock(command)
-            except UserInputError as error:
-                refusal = str(error)
-        refusal = distributed.broadcast(refusal)
+            except (UserInputError, DiskFullError) as error:  # every process refuses, none waits
+                refusal = (type(error).__name__, str(error))
+        refusal = ranks.broadcast(refusal)
         if refusal is not None:
-            raise UserInputError(refusal)
+            raise {"DiskFullError": DiskFullError}.get(refusal[0], UserInputError)(refusal[1])
 
     def _lock(self, command: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle = (self.root / "lock").open("a+")
+        with disk_writes(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = (self.root / "lock").open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -302,11 +342,12 @@ class RunDir:
         handle = self._lock_handle
         if handle is None:  # not the main process
             return
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({self._command}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        handle.flush()
+        with disk_writes(self.root):
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({self._command}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            handle.flush()
 
     @contextlib.contextmanager
     def locked(self, command: str) -> Iterator[RunDir]:
@@ -328,12 +369,17 @@ class RunDir:
 
     def record_config(self, config: Config) -> None:
         """config.yaml := config; a different earlier config moves to config_history/NNN.yaml."""
+        if not ranks.is_main():  # the main process writes
+            return
         text = config_to_yaml(config)
         if self.config_path.exists():
             old = self.config_path.read_text(encoding="utf-8")
             if old == text:
                 return
-            n = len(list(self.history_dir.glob("*.yaml"))) + 1
+            # after the highest number there, never a count: with one entry deleted, a count would
+            # name a file that still exists and overwrite it
+            numbers = [int(p.stem) for p in self.history_dir.glob("*.yaml") if p.stem.isdigit()]
+            n = max(numbers, default=0) + 1
             atomic_write_text(self.history_dir / f"{n:03d}.yaml", old)
         atomic_write_text(self.config_path, text)
 
@@ -364,10 +410,8 @@ class RunDir:
     def remove_debris(self) -> list[Path]:
         """Temp files of interrupted atomic writes and staging folders of interrupted model saves.
         Only the names this project writes, only in the folders it writes them: an output_dir
-        may hold a user's own files. The main process cleans (ilrdpo.distributed)."""
-        from ilrdpo.distributed import is_main
-
-        if not self.root.is_dir() or not is_main():
+        may hold a user's own files. The main process cleans."""
+        if not self.root.is_dir() or not ranks.is_main():
             return []
         folders = [self.root, self.history_dir, *self.iterations().values()]
         folders += [f / "checkpoint" for f in folders]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ilrdpo.errors import UserInputError
 from ilrdpo.loss_types import LOSS_TYPES, target_margin
@@ -120,9 +120,7 @@ class PairingSettings(Section):
 
 
 class LossSettings(Section):
-    type: Literal[LOSS_TYPES] = Field(  # type: ignore[valid-type]
-        "sigmoid", description="Loss on the margin; see ilrdpo.loss."
-    )
+    type: str = Field("sigmoid", description="Loss on the margin (ilrdpo.loss.LOSSES: sigmoid is DPO).")
     beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")
     alpha: float = Field(0.0, ge=0.0, description="Length margin weight per unit of length; 0 = plain DPO. With "
                          "a target margin (ipo: 1/2) a pair whose chosen answer is longer by more than 1/(2 alpha) "
@@ -134,6 +132,13 @@ class LossSettings(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="cDPO / robust DPO epsilon.")
     simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma.")
     ld_alpha: float = Field(0.5, ge=0.0, le=1.0, description="LD-DPO weight of tokens past the shorter answer.")
+
+    @field_validator("type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        if value not in LOSS_TYPES:
+            raise ValueError(f"'{value}' is not a loss type; choose from {', '.join(LOSS_TYPES)}")
+        return value
 
 
 class TrainSettings(Section):
