@@ -332,12 +332,13 @@ def config_key_block(key: str, default: str, doc: str, width: int = 80) -> str:
 
 
 def _load_config(path: str | None, overrides: list[str]):
-    """The config, after a check of the hub models it names: validation loads torch (the loss types),
-    so an offline machine hears about a model it cannot get in seconds, before that."""
+    """The config, after a check of the hub models it names, before validation (which can load
+    torch with the pydantic models' validators), so an offline machine hears about a model it
+    cannot get in seconds."""
     from ilrdpo.config import load_config, merged_settings, read_config_file
     from ilrdpo.preflight import check_hub_models
 
-    check_hub_models(merged_settings(read_config_file(path), overrides))
+    check_hub_models(merged_settings(read_config_file(path), overrides, "command line" if path is None else str(path)))
     return load_config(path, overrides)
 
 
