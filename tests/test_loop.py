@@ -31,7 +31,8 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.logprobs import sequence_logps
 from ilrdpo.loop import run_iterations
 from ilrdpo.records import read_pairs
-from ilrdpo.rundir import STAGES, RunDir, check_resume
+from ilrdpo.resume import check_resume
+from ilrdpo.rundir import STAGES, RunDir
 
 TESTS = Path(__file__).resolve().parent
 SCORER = TESTS / "helpers" / "scorer.py"

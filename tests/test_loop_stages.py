@@ -1,6 +1,6 @@
 """The loop's stages (smoke tier, tiny Llama): alpha decided when training starts, input-file
 hashes, overlap of eval and training prompts, empty answers, base targets, and the keys each
-stage reads against rundir.STAGE_SECTIONS.
+stage reads against resume.STAGE_SECTIONS.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from helpers import SCORER, crash_after, read_jsonl, short_pairs
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.loop import IterativeRun, run_iterations
-from ilrdpo.rundir import NEUTRAL_KEYS, STAGES, stage_dependencies
+from ilrdpo.resume import NEUTRAL_KEYS, stage_dependencies
+from ilrdpo.rundir import STAGES
 from ilrdpo.tracking import RunTracker
 
 pytestmark = pytest.mark.smoke
@@ -209,7 +210,7 @@ class ReadRecorder:
 
 def test_every_key_a_stage_reads_is_in_its_stage_sections(tiny_model_dir, tmp_path):
     """Each stage of iterations 0 and 1 runs with a config that records what it reads; every key
-    read must be one of the stage's dependencies (rundir.stage_dependencies, from STAGE_SECTIONS),
+    read must be one of the stage's dependencies (resume.stage_dependencies, from STAGE_SECTIONS),
     or changing it under finished work would not be refused on resume. (loss.target_length, read
     by pairing with 'base', and loss.length_unit, read by the evaluation's length summary, were
     missing once; data.on_long_prompt is read only for a prompt too long for the context: the

@@ -37,7 +37,8 @@ from ilrdpo.records import (
     read_prompts,
     write_jsonl,
 )
-from ilrdpo.rundir import STAGES, RunDir, check_resume, input_hashes
+from ilrdpo.resume import check_resume, input_hashes
+from ilrdpo.rundir import STAGES, RunDir
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.tracking import RunTracker
 from ilrdpo.train import autocast, pair_reference_logps, train_round
