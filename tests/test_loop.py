@@ -32,7 +32,8 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.logprobs import sequence_logps
 from ilrdpo.loop import run_iterations
 from ilrdpo.records import read_pairs
-from ilrdpo.rundir import STAGES, check_resume
+from ilrdpo.resume import check_resume
+from ilrdpo.rundir import STAGES
 
 TESTS = Path(__file__).resolve().parent
 SCORER = TESTS / "helpers" / "scorer.py"
@@ -787,3 +788,65 @@ def test_a_base_eval_shared_from_another_seed_draws_its_own_samples(raw_config, 
     initial = json.loads((tmp_path / "seed1" / "iter_0" / "eval.json").read_text())
     assert initial["sampled"]["quality_mean"] == pytest.approx(_mean(r["quality"] for r in own))
     assert "vs_initial" in json.loads((tmp_path / "seed1" / "iter_1" / "eval.json").read_text())["sampled"]
+
+
+# --- redo ------------------------------------------------------------------------------------------
+
+
+def test_following_the_no_pairs_hint_finishes_the_run(raw_config, tmp_path, monkeypatch):
+    """Near-greedy sampling makes the tiny model end at once: pairing stops with the measured
+    cause first and a command; that command, run as printed, redoes from the stage it names
+    (the sampled initial evaluation reads the temperature too) and the run finishes, the
+    replaced files kept in replaced/001/."""
+    from ilrdpo import cli
+
+    out = tmp_path / "run"
+    raw = raw_config(out)
+    raw["generation"]["temperature"] = 0.01
+    with pytest.raises(UserInputError) as error:
+        run_iterations(build_config(raw))
+    message = str(error.value)
+    assert "no preference pairs in iteration 1: 16 of 16 answers are empty" in message
+    command = message.split(": ilrdpo run ", 1)[1]
+    assert command == f"{out}/config.yaml --redo 0:eval generation.temperature=1.0"
+    monkeypatch.setattr(sys, "argv", ["ilrdpo", "run", *command.split()])
+    cli.main()
+    state = json.loads((out / "state.json").read_text())
+    assert state["finished"]["2"] == STAGES
+    assert (out / "replaced" / "001" / "iter_1" / "candidates.jsonl").is_file()
+    assert (out / "replaced" / "001" / "iter_0" / "eval.json").is_file()
+    assert "generation.temperature=1.0" not in (out / "replaced" / "001" / "config.yaml").read_text()
+    assert load_config(out / "config.yaml").generation.temperature == 1.0
+
+
+def test_redo_of_a_training_round_reproduces_it_and_keeps_the_old_files(base_run, raw_config, tmp_path):
+    """--redo 2:train with the same config: iteration 1 untouched, iteration 2's train and eval
+    computed again to the same bytes, the old ones in replaced/001/; a second redo takes 002."""
+    out = copy_run(base_run[0], tmp_path)
+    before = {k: v for k, v in mtimes(out).items() if k.startswith("iter_1/")}
+    model = (out / "iter_2" / "model" / "model.safetensors").read_bytes()
+    run_iterations(build_config(raw_config(out)), redo=(2, "train"))
+    assert {k: v for k, v in mtimes(out).items() if k.startswith("iter_1/")} == before
+    assert (out / "iter_2" / "model" / "model.safetensors").read_bytes() == model
+    assert (out / "replaced" / "001" / "iter_2" / "model" / "model.safetensors").read_bytes() == model
+    assert sorted(p.name for p in (out / "replaced" / "001" / "iter_2").iterdir()) == [
+        "eval.json", "eval_answers.jsonl", "metrics.jsonl", "model", "ref_logps.json"]
+    assert not (out / "replaced" / "001" / "iter_2" / "candidates.jsonl").exists()
+    run_iterations(build_config(raw_config(out)), redo=(2, "eval"))
+    assert sorted(p.name for p in (out / "replaced").iterdir()) == ["001", "002"]
+
+
+def test_redo_is_refused_while_another_process_holds_the_run(base_run, raw_config, tmp_path):
+    from ilrdpo.rundir import RunDir
+
+    out = copy_run(base_run[0], tmp_path)
+    before = mtimes(out)
+    holder = RunDir(out)
+    holder.lock("ilrdpo run")  # a second open file description: flock refuses it like another process
+    try:
+        with pytest.raises(UserInputError, match="in use by"):
+            run_iterations(build_config(raw_config(out)), redo=(1, "generate"))
+    finally:
+        holder.unlock()
+    assert mtimes(out) == before
+    assert not (out / "replaced").exists()

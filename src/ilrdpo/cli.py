@@ -55,13 +55,19 @@ def train(config: str | None = typer.Argument(None, help="YAML config (omit for 
 @app.command(**CONFIG_ARGS)
 def run(config: str | None = typer.Argument(None, help="YAML config"),
         overrides: list[str] | None = OVERRIDES,
-        force: bool = typer.Option(False, "--force", help="Continue even if the config changed under finished work")) -> None:
+        force: bool = typer.Option(False, "--force", help="Continue even if the config changed under finished work"),
+        redo: str | None = typer.Option(None, "--redo", metavar="ITER:STAGE",
+                                        help="Compute again from this stage of this iteration (e.g. 1:generate; "
+                                        "0:eval = the initial model's evaluation), and everything after it, with "
+                                        "the config given; the replaced files move to OUT/replaced/NNN/")) -> None:
     """The iterative loop: sample, score, pair, train, evaluate; resumes an existing run directory."""
     from ilrdpo.config import load_config
     from ilrdpo.loop import run_iterations
+    from ilrdpo.resume import parse_redo
 
     config, overrides = _split_config(config, overrides)
-    run_iterations(load_config(config, overrides), force=force)
+    point = parse_redo(redo) if redo is not None else None
+    run_iterations(load_config(config, overrides), force=force, redo=point)
 
 
 @app.command()

@@ -22,7 +22,7 @@ from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss import method_name, target_margin
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype, save_model
-from ilrdpo.pairing import pair_all
+from ilrdpo.pairing import pair_all, pairing_census
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
 from ilrdpo.records import (
@@ -35,7 +35,8 @@ from ilrdpo.records import (
     read_prompts,
     write_jsonl,
 )
-from ilrdpo.rundir import STAGES, RunDir, check_resume, input_hashes
+from ilrdpo.resume import apply_redo, check_redo, check_resume, no_pairs_message
+from ilrdpo.rundir import STAGES, RunDir, after, input_hashes
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.tracking import RunTracker
 from ilrdpo.train import autocast, pair_reference_logps, train_round
@@ -51,9 +52,10 @@ class IterativeRun:
     directory (lock, resume checks, config history, scorer); run() does the iterations.
     """
 
-    def __init__(self, config: Config, force: bool = False, scorer: Scorer | None = None) -> None:
+    def __init__(self, config: Config, force: bool = False, scorer: Scorer | None = None,
+                 redo: tuple[int, str] | None = None) -> None:
         check_config(config, "run", scorer_given=scorer is not None)
-        self.config, self.force, self.given_scorer = config, force, scorer
+        self.config, self.force, self.given_scorer, self.redo = config, force, scorer, redo
         self.dir = RunDir(config.output_dir)
         self.prompts = read_prompts(config.data.prompts, config.data.max_examples)
         self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
@@ -70,9 +72,14 @@ class IterativeRun:
         self.state = self.dir.state()
         inputs = input_hashes(self.config)
         old = self.dir.recorded_config()
+        kept = self.state.touched()
+        if self.redo is not None:
+            check_redo(self.redo, self.config, self.dir, self.state, bool(self.eval_prompts))
+            kept = {t: [s for s in names if not after(t, s, self.redo)] for t, names in kept.items()}
         if old is not None:
-            check_resume(old, self.config, self.state.touched(), self.force,
-                         old_inputs=self.state.inputs, new_inputs=inputs)
+            check_resume(old, self.config, kept, self.force, old_inputs=self.state.inputs, new_inputs=inputs)
+        if self.redo is not None:
+            apply_redo(self.redo, self.dir, self.state)
         self.dir.record_config(self.config)
         if self.state.inputs != inputs:
             self.state.inputs = inputs
@@ -251,7 +258,9 @@ class IterativeRun:
                          selection_penalty=scoring.selection_length_penalty,
                          length_cap=scoring.length_bias_cap, tie_tolerance=scoring.tie_tolerance)
         if not pairs:
-            raise UserInputError(f"{path}: no preference pairs: {no_pairs_reason(read_candidates(path))}")
+            census = pairing_census(sets, self.config.pairing, selection_penalty=scoring.selection_length_penalty,
+                                    length_cap=scoring.length_bias_cap, tie_tolerance=scoring.tie_tolerance)
+            raise UserInputError(f"{path}: {no_pairs_message(census, self.config, t, self.state.touched())}")
         write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
 
     # --- 4. train --------------------------------------------------------------------------------
@@ -357,22 +366,13 @@ def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
     return targets
 
 
-def no_pairs_reason(sets: list[CandidateSet]) -> str:
-    """Why pairing found nothing, in the words a user can act on."""
-    answers = [(r, t) for c in sets for r, t in zip(c.responses, c.truncated)]
-    if answers and all(t for _, t in answers):
-        return "every answer was cut at generation.max_new_tokens; raise it or set pairing.skip_truncated=false"
-    if answers and all(not r.strip() for r, _ in answers):
-        return "every answer is empty"
-    return "all answers tied, identical, empty or truncated; raise generation.temperature or num_samples"
-
-
 def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = None,
-                   until: tuple[int, str] | None = None) -> list[dict]:
+                   until: tuple[int, str] | None = None, redo: tuple[int, str] | None = None) -> list[dict]:
     """`ilrdpo run`: all iterations, resuming whatever is already finished in output_dir.
     scorer: a Scorer object used instead of the one the scoring section describes.
-    until: (t, stage) to stop after that stage (the demo's shared first steps)."""
-    run = IterativeRun(config, force, scorer)
+    until: (t, stage) to stop after that stage (the demo's shared first steps).
+    redo: (t, stage) to compute again from, with everything after it (replaced files kept in replaced/)."""
+    run = IterativeRun(config, force, scorer, redo)
     with run.dir.locked("ilrdpo run"):
         run.open()
         run.dir.announce()

@@ -76,3 +76,27 @@ def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int
 
 def pair_all(candidate_sets: list[CandidateSet], settings: PairingSettings, **kwargs) -> list[PreferencePair]:
     return [pair for c in candidate_sets for pair in make_pairs(c, settings, **kwargs)]
+
+
+def pairing_census(candidate_sets: list[CandidateSet], settings: PairingSettings, *, tie_tolerance: float = 0.0,
+                   selection_penalty: float = 0.0, length_cap: int = 128) -> dict[str, int]:
+    """Why pairing found what it found: answers cut at max_new_tokens and empty ones, and prompts
+    by the first reason they gave no pair (fewer than two usable answers, all usable answers
+    identical, all rewards tied within tie_tolerance or under min_margin)."""
+    census = {"prompts": len(candidate_sets), "answers": 0, "cut": 0, "empty": 0,
+              "too_few": 0, "identical": 0, "tied": 0, "paired": 0}
+    for c in candidate_sets:
+        census["answers"] += len(c.responses)
+        census["cut"] += sum(c.truncated)
+        census["empty"] += sum(not r.strip() for r in c.responses)
+        usable = [i for i, r in enumerate(c.responses) if r.strip() and not (settings.skip_truncated and c.truncated[i])]
+        if make_pairs(c, settings, selection_penalty=selection_penalty, length_cap=length_cap,
+                      tie_tolerance=tie_tolerance):
+            census["paired"] += 1
+        elif len(usable) < 2:
+            census["too_few"] += 1
+        elif len({c.responses[i] for i in usable}) == 1:
+            census["identical"] += 1
+        else:
+            census["tied"] += 1
+    return census

@@ -57,75 +57,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-# --- resume checks -------------------------------------------------------------------------------
-
-# The config keys each stage reads. A finished stage depends on its own keys and every earlier
-# stage's; from iteration 2 on, also on everything that shaped the previous model. An input
-# file's content counts as the key that names it plus ".sha256".
-STAGE_SECTIONS = {
-    "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
-                 "data.system_prompt", "generation", "seed"),
-    "score": ("scoring",),
-    "pair": ("pairing",),
-    "train": ("loss", "train", "iterations.reference", "iterations.alpha_control"),
-    "eval": ("eval", "data.eval_prompts"),
-}
-assert list(STAGE_SECTIONS) == STAGES
-# Keys that change how a stage runs, never what it computes.
-NEUTRAL_KEYS = {"train.save_steps", "train.report_to", "train.run_name", "train.project"}
+def after(t: int, stage_name: str, point: tuple[int, str]) -> bool:
+    """(t, stage_name) is at or after `point` in run order."""
+    return (t, STAGES.index(stage_name)) >= (point[0], STAGES.index(point[1]))
 
 
-def stage_dependencies(iteration: int, stage_name: str) -> tuple[str, ...]:
-    """Config key prefixes whose values a finished (iteration, stage) was computed with."""
-    upto = STAGES.index(stage_name) + 1
-    if iteration >= 2:
-        upto = max(upto, STAGES.index("train") + 1)
-    deps = tuple(p for s in STAGES[:upto] for p in STAGE_SECTIONS[s])
-    if iteration == 0:  # the initial model's eval answers: model, generation, judge, eval set
-        deps = STAGE_SECTIONS["generate"] + STAGE_SECTIONS["score"] + STAGE_SECTIONS["eval"]
-    return deps
-
-
-def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_resume(old: Config, new: Config, finished: dict[int, list[str]], force: bool, *,
-                 old_inputs: dict[str, str] | None = None, new_inputs: dict[str, str] | None = None) -> None:
-    """Refuse a config or input-file change that touches finished work, unless forced.
-
-    The message names the key, the stage that reads it and the first finished stage whose
-    output was computed with the old value.
-    """
-    if force:
-        return
-    old_flat = {**_flatten(old.model_dump(mode="json")), **(old_inputs or {})}
-    new_flat = {**_flatten(new.model_dump(mode="json")), **(new_inputs or {})}
-    changed = [k for k in sorted(set(old_flat) | set(new_flat))
-               if old_flat.get(k) != new_flat.get(k) and k not in NEUTRAL_KEYS]
-    for iteration, stages in sorted(finished.items()):
-        for stage_name in stages:
-            hit = next((k for k in changed if _matches(k, stage_dependencies(iteration, stage_name))), None)
-            if hit is None:
-                continue
-            owner = next((s for s in STAGES if _matches(hit.removesuffix(".sha256"), STAGE_SECTIONS[s])), stage_name)
-            if hit.endswith(".sha256"):
-                what = f"the file named by '{hit.removesuffix('.sha256')}' changed (content hash differs)"
-            else:
-                what = f"config key '{hit}' changed ({old_flat.get(hit)!r} -> {new_flat.get(hit)!r})"
-            raise UserInputError(
-                f"{new.output_dir}: {what}; stage '{owner}' reads it, and iteration {iteration} already ran "
-                f"'{stage_name}' with the old value; use --force to continue anyway, or a new output_dir")
+def next_number(folder: Path, pattern: str) -> int:
+    """One more than the highest NNN among folder's entries matching pattern: never reused."""
+    numbers = [int(p.stem) for p in folder.glob(pattern) if p.stem.isdigit()] if folder.is_dir() else []
+    return max(numbers, default=0) + 1
 
 
 class RunState:
@@ -166,6 +106,18 @@ class RunState:
         """Un-mark stages of an iteration (a retried round trains and evaluates again); not saved."""
         for marks in (self.finished, self.started):
             marks[iteration] = [s for s in marks.get(iteration, []) if s not in stage_names]
+
+    def drop_from(self, point: tuple[int, str]) -> dict[int, list[str]]:
+        """Un-mark every stage at or after `point` = (iteration, stage), in run order, with the
+        alpha a dropped train stage decided; returns what was dropped. Not saved."""
+        dropped = {t: [s for s in names if after(t, s, point)] for t, names in self.touched().items()}
+        dropped = {t: names for t, names in dropped.items() if names}
+        for t, names in dropped.items():
+            self.forget(t, tuple(names))
+            if "train" in names:
+                for record in (self.alpha, self.alpha_setting, self.attempts):
+                    record.pop(t, None)
+        return dropped
 
     def touched(self) -> dict[int, list[str]]:
         """Stages finished or with partial output on disk: both were made with the old config."""
@@ -293,8 +245,7 @@ class RunDir:
             old = self.config_path.read_text(encoding="utf-8")
             if old == text:
                 return
-            n = len(list(self.history_dir.glob("*.yaml"))) + 1
-            atomic_write_text(self.history_dir / f"{n:03d}.yaml", old)
+            atomic_write_text(self.history_dir / f"{next_number(self.history_dir, '*.yaml'):03d}.yaml", old)
         atomic_write_text(self.config_path, text)
 
     def adopt(self, source: RunDir, stages: dict[int, list[str]]) -> None:
@@ -311,6 +262,47 @@ class RunDir:
                     shutil.copy2(source.file(t, name), self.file(t, name))
             for name in names:
                 state.mark(t, name)
+
+    # --- redo ------------------------------------------------------------------------------------
+    @property
+    def replaced_dir(self) -> Path:
+        return self.root / "replaced"
+
+    def stage_paths(self, t: int, stage_name: str) -> list[Path]:
+        """The files and folders stage `stage_name` of iteration t writes (finished or in progress)."""
+        names = list(STAGE_FILES[stage_name])
+        if stage_name in PARTIAL_FILES:
+            names += [p.name for p in self.iteration(t).glob(PARTIAL_FILES[stage_name] + "*")]  # + .rankR
+        if stage_name == "train":
+            names += ["checkpoint", *sorted(p.name for p in self.iteration(t).glob("attempt_*"))]
+        if stage_name == "eval" and t == 0:
+            names += list(ANCHOR_FILES.values())
+        return [self.file(t, name) for name in dict.fromkeys(names) if self.file(t, name).exists()]
+
+    def replace(self, dropped: dict[int, list[str]], note: str) -> Path | None:
+        """Move the files of the dropped stages into replaced/NNN/iter_T/ (a new NNN each time,
+        never reused), with the config and state they were made under and a note of why.
+        candidates.jsonl stays in place (copied) when its generate stage is kept."""
+        moves = [(t, path) for t, names in sorted(dropped.items()) for name in names
+                 for path in self.stage_paths(t, name)]
+        if not moves:
+            return None
+        target = self.replaced_dir / f"{next_number(self.replaced_dir, '[0-9]*'):03d}"
+        target.mkdir(parents=True)
+        for name in ("config.yaml", "state.json"):
+            if (self.root / name).exists():
+                shutil.copy2(self.root / name, target / name)
+        (target / "README.txt").write_text(note + "\n", encoding="utf-8")
+        for t, path in dict.fromkeys(moves):
+            if not path.exists():
+                continue
+            (target / f"iter_{t}").mkdir(exist_ok=True)
+            keep = path.name == "candidates.jsonl" and "generate" not in dropped.get(t, [])
+            if keep:
+                shutil.copy2(path, target / f"iter_{t}" / path.name)
+            else:
+                os.replace(path, target / f"iter_{t}" / path.name)
+        return target
 
     # --- debris of killed writers --------------------------------------------------------------
     def remove_debris(self) -> list[Path]:

@@ -25,7 +25,8 @@ from ilrdpo.config import Config, SearchDimension, build_config, config_to_yaml
 from ilrdpo.errors import IlrdpoError, UserInputError
 from ilrdpo.progress import console
 from ilrdpo.records import atomic_write_text
-from ilrdpo.rundir import RunDir, stage_dependencies
+from ilrdpo.resume import stage_dependencies
+from ilrdpo.rundir import RunDir
 
 # Used when tune.space is empty. Why these ranges:
 # - train.learning_rate: preference fine-tuning of a full model works from ~1e-7 (7B, TRL's
