@@ -21,7 +21,7 @@ from ilrdpo.evaluation.compare import compare_all, evaluate_answers, summarize
 from ilrdpo.generation import generate_answers
 from ilrdpo.records import Prompt, atomic_write_text, read_jsonl_tolerant, write_jsonl
 from ilrdpo.rundir import ANCHOR_FILES, SAMPLES_FILE, RunDir
-from ilrdpo.scoring import Scorer, score_in_batches, shaped_rewards
+from ilrdpo.scoring import Scorer, judge_record, score_in_batches, shaped_rewards
 from ilrdpo.train import autocast
 
 
@@ -164,7 +164,7 @@ def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, ba
         del policy
         if out_dir is not None:
             write_jsonl(Path(out_dir) / f"{name}_answers.jsonl", rows)
-    result = {"model": model, "baseline": baseline, "prompts": prompts_path, "judge": judge.model_dump(),
+    result = {"model": model, "baseline": baseline, "prompts": prompts_path, "judge": judge_record(judge),
               "greedy": greedy, "seed": seed,
               "model_summary": summarize(answers["model"], prompts)}
     if baseline is not None:

@@ -129,7 +129,7 @@ COLUMNS = (("eval_length", "length", ".1f"), ("eval_quality", "quality", ".4f"),
            ("alpha", "alpha", ".4f"), ("trainings", "trainings", ".1f"),
            ("saturated_share", "saturated", ".2f"), ("reversed_share", "reversed", ".2f"),
            ("heldout_length", "held-out length", ".1f"),
-           ("heldout_quality", "held-out quality", ".4f"), ("heldout_rougeL", "held-out ROUGE-L", ".3f"),
+           ("heldout_quality", "held-out quality", ".4f"), ("heldout_rougeL", "held-out ROUGE-L", ".1f"),
            ("heldout_chrf", "held-out chrF", ".1f"))
 
 
