@@ -206,6 +206,10 @@ def test_reference_of_each_iteration_is_the_previous_model(base_run, tiny_model_
 REWRITTEN = ("config.yaml", "timings.json", "lock")
 
 
+def test_a_finished_run_leaves_no_lock_file(base_run):
+    assert not (base_run[0] / "lock").exists()
+
+
 def test_rerun_of_a_finished_run_redoes_nothing(base_run):
     """iter_0/eval.json is left out here: see the next test."""
     out, config, summaries = base_run
@@ -850,3 +854,33 @@ def test_redo_is_refused_while_another_process_holds_the_run(base_run, raw_confi
         holder.unlock()
     assert mtimes(out) == before
     assert not (out / "replaced").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("length,trainings,expected", [
+    (40.0, 3, None),  # within the band
+    (52.0, 3, "eval length 52.0 is +30% off the budget 40.0 (band ±15%) after 3 training(s), its 2 retries used up"),
+    (30.0, 1, "eval length 30.0 is -25% off the budget 40.0 (band ±15%) after 1 training(s), alpha could move"),
+])
+def test_control_miss_says_when_retries_are_used_up(length, trainings, expected):
+    from ilrdpo.alpha import control_miss
+
+    control = AlphaControlSettings(mode="auto", retries=2, tolerance=0.15)
+    miss = control_miss(control, 40.0, length, trainings)
+    assert miss == expected if expected is None else expected in miss
+    assert control_miss(AlphaControlSettings(mode="auto"), 40.0, 52.0, 1) is None  # no retries: no band
+
+
+@pytest.mark.unit
+def test_the_end_of_a_run_says_what_is_written_and_why_lc_can_differ(tmp_path):
+    """'report: ilrdpo report ...' read as if a report had been written: now an instruction; the
+    per-iteration LC figure is explained against the report's refit; a missed band is named."""
+    from ilrdpo.loop import run_summary_lines
+    from ilrdpo.rundir import RunDir
+
+    config = build_config({"iterations": {"count": 1}, "output_dir": str(tmp_path / "run")})
+    summary = {"iteration": 1, "vs_initial": {"win_rate": 50.0, "lc_win_rate": 50.0}}
+    lines = run_summary_lines(RunDir(tmp_path / "run"), config, [summary], {1: "alpha control missed its band"})
+    assert lines[-1] == f"to write a report: ilrdpo report {tmp_path / 'run'} --out {tmp_path / 'run' / 'report'}"
+    assert "  iteration 1: alpha control missed its band" in lines
+    assert any("`ilrdpo report` fits once over all of them" in line for line in lines)

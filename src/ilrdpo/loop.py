@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ilrdpo import distributed, zero
-from ilrdpo.alpha import cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
+from ilrdpo.alpha import control_miss, cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
 from ilrdpo.evaluate import evaluate_iteration, summary_line
@@ -157,7 +157,15 @@ class IterativeRun:
             self.run_stage(t, "train")
             summary = self._evaluation(t)
         console.print(summary_line(summary))
+        if miss := self.control_miss(t):
+            console.print(f"[yellow]iteration {t}: {miss}[/yellow]")
         return summary
+
+    def control_miss(self, t: int) -> str | None:
+        if not self.eval_prompts:
+            return None
+        return control_miss(self.config.iterations.alpha_control, self._eval_length(0), self._eval_length(t),
+                            1 + len(self.state.attempts.get(t, [])))
 
     def retry(self, t: int) -> float | None:
         """Alpha control's retries: when round t's eval length is out of the band and attempts are
@@ -381,7 +389,8 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
             return summaries
         if config.model.push_to_hub:
             publish_final_model(run.dir, config, summaries)
-    print_run_summary(run.dir, config, summaries)
+    misses = {t: miss for t in range(1, config.iterations.count + 1) if (miss := run.control_miss(t))}
+    print_run_summary(run.dir, config, summaries, misses)
     return summaries
 
 
@@ -396,10 +405,18 @@ def publish_final_model(rundir: RunDir, config: Config, summaries: list[dict]) -
     return url
 
 
-def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict]) -> None:
+def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict], misses: dict[int, str]) -> None:
     """The end of a run: where the final model is, each iteration's line, what to run next."""
-    final = rundir.file(config.iterations.count, "model")
-    console.print(f"final model: {final}")
-    for summary in summaries:
-        console.print("  " + summary_line(summary))
-    console.print(f"report: ilrdpo report {rundir.root} --out {rundir.root / 'report'}")
+    for line in run_summary_lines(rundir, config, summaries, misses):
+        console.print(line, highlight=False)
+
+
+def run_summary_lines(rundir: RunDir, config: Config, summaries: list[dict], misses: dict[int, str]) -> list[str]:
+    lines = [f"final model: {rundir.file(config.iterations.count, 'model')}"]
+    lines += ["  " + summary_line(summary) for summary in summaries]
+    lines += [f"  iteration {t}: {miss}" for t, miss in sorted(misses.items())]
+    if any("vs_initial" in s for s in summaries):
+        lines.append("  (each lc= was fitted when its iteration ended, over the iterations so far; "
+                     "`ilrdpo report` fits once over all of them, so its LC win rates can differ)")
+    lines.append(f"to write a report: ilrdpo report {rundir.root} --out {rundir.root / 'report'}")
+    return lines

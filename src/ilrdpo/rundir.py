@@ -5,8 +5,8 @@
       config_history/      001.yaml, 002.yaml, ...: every config this directory ran with before
       state.json           started and finished stages per iteration, the alpha each train stage
                            used, and the content hash of every input file
-      lock                 held (flock) by the one process working here; released by the kernel
-                           when that process dies, so a killed run never leaves it stuck
+      lock                 held (flock) by the one process working here, removed when it ends; a
+                           killed process leaves the file, but the kernel released its lock
       iter_T/              the files of iteration T (STAGE_FILES)
 
 No other module builds a path inside a run directory: they ask a RunDir.
@@ -196,15 +196,20 @@ class RunDir:
 
     def _lock(self, command: str) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        handle = (self.root / "lock").open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UserInputError(f"{self.root}: in use by {holder}; wait for it to finish or use another "
-                                 "output_dir") from None
+        path = self.root / "lock"
+        while True:
+            handle = path.open("a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise UserInputError(f"{self.root}: in use by {holder}; wait for it to finish or use another "
+                                     "output_dir") from None
+            if path.exists() and os.fstat(handle.fileno()).st_ino == path.stat().st_ino:
+                break
+            handle.close()  # the holder removed this file as it finished: lock the one at the path now
         self._lock_handle = handle
         self._command = command
 
@@ -230,6 +235,9 @@ class RunDir:
 
     def unlock(self) -> None:
         if self._lock_handle is not None:
+            # removed while still held, so that a finished folder has no lock file (a killed holder
+            # leaves one behind: harmless, the kernel released it)
+            (self.root / "lock").unlink(missing_ok=True)
             fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
             self._lock_handle.close()
             self._lock_handle = None

@@ -100,7 +100,7 @@ def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any
     Win rates come from `joint` (joint_win_rates) where it has the model, else eval.json;
     eval.json is the source of the other means, and where it is absent (eval cut short, or no
     eval prompts) they are taken over the answers on disk, `source` saying which answers."""
-    rows = []
+    rows, misses = [], run.control_misses()
     for k in run.iterations:
         ev = run.evals.get(k, {})
         fitted = (joint or {}).get((run.name, k))
@@ -118,6 +118,7 @@ def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any
             "lc_identifiable": vs.get("lc_identifiable"), "lc_note": vs.get("lc_note"),
             "quality_win_rate": vs_quality.get("win_rate"),
             "pairs": ev.get("pairs/count", run.pairs_count.get(k)),
+            "control_miss": misses.get(k),
             **_sampled_numbers(ev.get("sampled") or {}),
         })
     return rows
@@ -239,6 +240,15 @@ def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
     return ["## Runs", "", *_markdown_table(headers, cells), ""]
 
 
+def _control_section(runs: list[RunData]) -> list[str]:
+    """Rounds that alpha control left outside its length band (retries used up, or alpha stuck)."""
+    items = [f"- {run.name}, iteration {k}: {miss}" for run in runs for k, miss in run.control_misses().items()]
+    if not items:
+        return []
+    return ["## Alpha control", "", "These rounds stand outside the length band alpha control aims for; their "
+            "lengths are not what the settings asked for.", "", *items, ""]
+
+
 def _lc_notes(runs: list[RunData], joint: Joint) -> list[str]:
     """Each distinct lc_note once, followed by the runs, iterations and comparisons it applies to
     (vs_initial from the joint fit where there is one, the rest from eval.json)."""
@@ -355,7 +365,7 @@ def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[s
               "95% bootstrap interval over prompts."), "",
              *_markdown_table(headers, cells), ""]
     lines += [line for note in footnotes for line in (note, "")]
-    lines += _lc_notes(runs, joint) + _text_section(runs) + _training_section(runs)
+    lines += _control_section(runs) + _lc_notes(runs, joint) + _text_section(runs) + _training_section(runs)
     if drawn:
         lines += ["## Plots", ""]
         for file_name, path in drawn.items():
@@ -398,5 +408,7 @@ def print_tables(runs: list[RunData]) -> None:
     for note in footnotes:
         console.print(f"[dim]{escape(note)}[/dim]")
     for run in runs:
+        for k, miss in run.control_misses().items():
+            console.print(f"[yellow]{escape(run.name)} iteration {k}: {escape(miss)}[/yellow]")
         for item in run.missing:
             console.print(f"[yellow]missing[/yellow] {escape(run.name)}: {escape(item)}")
