@@ -328,3 +328,16 @@ def test_a_round_outside_alpha_controls_band_is_said_in_report_and_plot(run_dir,
     with console.capture() as captured:
         print_tables([load_run(run)])
     assert "alpha control missed its band" in captured.get()
+
+
+def test_an_ipo_run_explains_its_loss_curve(run_dir, tmp_path):
+    """IPO's loss rising with pair accuracy 0 was left unexplained: the training section says why."""
+    import yaml
+
+    run = _copy_run(run_dir, tmp_path / "ipo")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert "IPO (loss.type ipo)" not in write_report([run], tmp_path / "sigmoid").read_text()
+    config["loss"]["type"] = "ipo"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    training = write_report([run], tmp_path / "out").read_text().split("## Training")[1]
+    assert "IPO (loss.type ipo) pulls each pair's margin" in training and "reversed share" in training

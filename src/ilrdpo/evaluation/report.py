@@ -282,6 +282,20 @@ def _text_section(runs: list[RunData]) -> list[str]:
     return ["## Text metrics (eval answers)", "", *_markdown_table(["run", "iteration", *keys], cells), ""]
 
 
+IPO_NOTE = ("IPO (loss.type ipo) pulls each pair's margin (beta * delta plus the length term) to the target 1/2 "
+            "instead of pushing it up for ever: its loss, ((margin - 1/2) / beta)^2, is not 0 where the policy "
+            "equals the reference, and can rise while training trades pairs off against each other. A pair whose "
+            "length term exceeds 1/2 (its chosen answer much longer) has a negative target for beta * delta and is "
+            "learnt shorter-first, so a low pair accuracy there is the length term at work (reversed share), "
+            "not a failure.")
+
+
+def target_loss_note(runs: list[RunData]) -> str | None:
+    """What a loss curve with a target margin means, for the runs that trained with IPO."""
+    used = {((run.config.get("loss") or {}).get("type")) for run in runs if run.metrics}
+    return IPO_NOTE if "ipo" in used else None
+
+
 def _training_section(runs: list[RunData]) -> list[str]:
     """Per training round: loss, reward margins, lengths, alpha and how often the length term
     saturated (|alpha * length gap| > 3 logits: those pairs' gradient is the length term's, not
@@ -308,6 +322,7 @@ def _training_section(runs: list[RunData]) -> list[str]:
              "(the length term, not the preference, decides their gradient). reversed share: share of pairs "
              "whose length term exceeds the loss's target margin (IPO: 1/2), which the loss learns the other "
              "way round, shorter answer first; 0 for losses without one (DPO)."), "",
+            *([target_loss_note(runs), ""] if target_loss_note(runs) else []),
             *_markdown_table(headers, cells), ""]
 
 
@@ -333,7 +348,8 @@ def draw_plots(runs: list[RunData], plots_dir: Path, joint: Joint | None = None)
         ends = sorted({with_lengths[0], with_lengths[-1]}) if with_lengths else []
         hists[name] = {f"iter {k}": by_k[k]["n_tokens"] for k in ends}
     return plots.draw_all(plots_dir, {run.name: summary_rows(run, joint) for run in runs}, points,
-                          {run.name: run.source for run in runs}, hists, {run.name: run.metrics for run in runs})
+                          {run.name: run.source for run in runs}, hists, {run.name: run.metrics for run in runs},
+                          target_loss_note(runs))
 
 
 # --- entry points --------------------------------------------------------------------------------
