@@ -16,7 +16,7 @@ from ilrdpo import distributed, zero
 from ilrdpo.alpha import control_miss, cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
-from ilrdpo.evaluate import evaluate_iteration, summary_line
+from ilrdpo.evaluate import evaluate_iteration, print_run_summary, summary_line
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
@@ -403,20 +403,3 @@ def publish_final_model(rundir: RunDir, config: Config, summaries: list[dict]) -
     url = push_to_hub(folder, config.model.push_to_hub)
     console.print(f"uploaded: {url}")
     return url
-
-
-def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict], misses: dict[int, str]) -> None:
-    """The end of a run: where the final model is, each iteration's line, what to run next."""
-    for line in run_summary_lines(rundir, config, summaries, misses):
-        console.print(line, highlight=False)
-
-
-def run_summary_lines(rundir: RunDir, config: Config, summaries: list[dict], misses: dict[int, str]) -> list[str]:
-    lines = [f"final model: {rundir.file(config.iterations.count, 'model')}"]
-    lines += ["  " + summary_line(summary) for summary in summaries]
-    lines += [f"  iteration {t}: {miss}" for t, miss in sorted(misses.items())]
-    if any("vs_initial" in s for s in summaries):
-        lines.append("  (each lc= was fitted when its iteration ended, over the iterations so far; "
-                     "`ilrdpo report` fits once over all of them, so its LC win rates can differ)")
-    lines.append(f"to write a report: ilrdpo report {rundir.root} --out {rundir.root / 'report'}")
-    return lines

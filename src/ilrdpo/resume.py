@@ -185,15 +185,15 @@ def no_pairs_message(census: dict[str, int], config: Config, t: int, touched: di
     hotter = f"generation.temperature={round(min(max(gen.temperature + 0.4, 1.0), 1.5), 2)}"
     causes = {  # cause -> (count, what it says, the override that addresses it)
         "cut": (census["cut"] if config.pairing.skip_truncated else 0,
-                f"{census['cut']} of {n} answers were cut at generation.max_new_tokens={gen.max_new_tokens} "
-                "(pairing.skip_truncated leaves them out)",
+                (f"{census['cut']} of {n} answers were cut at generation.max_new_tokens={gen.max_new_tokens} "
+                 "(pairing.skip_truncated leaves them out)"),
                 f"generation.max_new_tokens={gen.max_new_tokens * 2}"),
         "empty": (census["empty"], f"{census['empty']} of {n} answers are empty (the model ended at once)", hotter),
-        "identical": (census["identical"], f"{census['identical']} of {census['prompts']} prompts got identical "
-                      "answers", hotter),
-        "tied": (census["tied"], f"{census['tied']} of {census['prompts']} prompts got tied rewards (within "
-                 f"scoring.tie_tolerance={config.scoring.tie_tolerance} or under pairing.min_margin="
-                 f"{config.pairing.min_margin})", f"generation.num_samples={gen.num_samples * 2}"),
+        "identical": (census["identical"], f"{census['identical']} of {census['prompts']} prompts got identical answers",
+                      hotter),
+        "tied": (census["tied"], (f"{census['tied']} of {census['prompts']} prompts got tied rewards (within "
+                                  f"scoring.tie_tolerance={config.scoring.tie_tolerance} or under pairing.min_margin="
+                                  f"{config.pairing.min_margin})"), f"generation.num_samples={gen.num_samples * 2}"),
     }
     ranked = sorted(causes.values(), key=lambda c: -c[0])
     said = "; ".join(text for count, text, _ in ranked if count) or f"{n} answers, no usable pair"

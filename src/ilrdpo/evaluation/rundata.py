@@ -64,9 +64,9 @@ class RunData:
         misses = {}
         for k, ev in self.evals.items():
             length = (ev.get("length") or {}).get("tokens_mean")
-            if k and initial and length is not None:
-                if miss := control_miss(control, initial, length, self.trainings.get(k, 1)):
-                    misses[k] = miss
+            miss = control_miss(control, initial, length, self.trainings.get(k, 1)) if k and initial and length else None
+            if miss:
+                misses[k] = miss
         return misses
 
     @property
