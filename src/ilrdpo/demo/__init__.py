@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ilrdpo.config import Config, TuneSettings, build_config
+from ilrdpo.demo.study import arm_name
 from ilrdpo.errors import UserInputError
 from ilrdpo.loop import run_iterations
 from ilrdpo.progress import console, stage
@@ -178,10 +179,10 @@ def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], b
             heldout_base = heldout_path(out / first, 0)
     if not parallel:
         for arm, config in configs.items():
-            with stage(f"arm {arm}", timings):
+            with stage(f"arm {arm_name(arm)}", timings):
                 run_arm(config.model_dump_json(), heldout_prompts, heldout_base)
         return
-    with stage(f"arms in parallel ({', '.join(configs)})", timings):
+    with stage(f"arms in parallel ({', '.join(map(arm_name, configs))})", timings):
         run_parallel({arm: (config.model_dump_json(), heldout_prompts, heldout_base) for arm, config in configs.items()},
                      out, max(1, threads // len(configs)))
 
@@ -228,7 +229,7 @@ def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
                                       name=f"ilrdpo demo {arm}") for arm, args in arms.items()}
     for process in processes.values():
         process.start()
-    console.print(f"arms {', '.join(arms)} in parallel, {threads} thread(s) each; logs: "
+    console.print(f"arms {', '.join(map(arm_name, arms))} in parallel, {threads} thread(s) each; logs: "
                   f"{', '.join(str(p) for p in logs.values())}")
 
     def echo() -> None:
@@ -240,7 +241,7 @@ def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
             read[arm] += len(complete)
             for line in complete.decode(errors="replace").splitlines():
                 if line.strip() and not PROGRESS_LINE.search(line):
-                    console.print(f"{arm}: {line.rstrip()}", highlight=False, markup=False)
+                    console.print(f"{arm_name(arm)}: {line.rstrip()}", highlight=False, markup=False)
 
     try:
         while any(p.is_alive() for p in processes.values()):
@@ -261,6 +262,22 @@ def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
         raise RuntimeError(f"arm {arm} failed (exit status {process.exitcode}); its log: {logs[arm]}")
 
 
+def quick_note() -> str:
+    """What the quick demo's size can and cannot show."""
+    quick, full = demo_settings(True), demo_settings(False)
+    return (f"This is the quick demo ({quick['n_train']} training prompts, {quick['n_eval']} eval prompts, "
+            f"{quick['iterations']} iterations): it checks that every stage runs, but at this size the lengths move "
+            "by chance as much as by alpha, so it cannot show the effect (vanilla growing longer, iLR-DPO not). "
+            f"`ilrdpo demo` ({full['n_train']} training prompts, {full['iterations']} iterations) and "
+            "docs/demo/results.md show it.")
+
+
+def demo_notes(configs: dict[str, Config], quick: bool) -> list[str]:
+    """report.md's section on this demo: which folder is which arm, and what a quick run can show."""
+    folders = ", ".join(f"`{arm}/` is {arm_name(arm)}" for arm in configs)
+    return ["## About this demo", "", f"Folders: {folders}.", "", *([quick_note(), ""] if quick else [])]
+
+
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str | None = None, seed: int = 0,
              overrides: list[str] | None = None, arms: dict[str, list[str]] | None = None,
              sizes: dict[str, int] | None = None, heldout: bool = True, base_from: Path | None = None,
@@ -276,13 +293,15 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     heldout_prompts = _subset(bundled_prompts("heldout"), n_heldout, out / "data") if heldout else None
     timings: dict[str, float] = {}
     run_arms(configs, out, timings, base_from, heldout_prompts, parallel)
-    run_dirs = [out / arm for arm in configs]
+    run_dirs, names = [out / arm for arm in configs], [arm_name(arm) for arm in configs]
     with stage("report", timings):
-        report = write_report(run_dirs, out, names=list(configs))
-        if heldout:
-            report.write_text(report.read_text() + "\n" + "\n".join(heldout_section(run_dirs, list(configs))))
+        report = write_report(run_dirs, out, names=names)
+        extra = [*demo_notes(configs, quick), *(heldout_section(run_dirs, names) if heldout else [])]
+        report.write_text(report.read_text() + "\n" + "\n".join(extra))
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
-    print_tables(load_runs(run_dirs, list(configs)))
+    print_tables(load_runs(run_dirs, names))
+    if quick:
+        console.print(f"[yellow]{quick_note()}[/yellow]")
     console.print(f"report: {report}  (total {sum(timings.values()):.0f} s)")
     return report
 
