@@ -264,12 +264,15 @@ def test_force_accepts_a_changed_config_without_redoing_work(base_run, raw_confi
 
 def test_more_iterations_continue_a_finished_run(base_run, raw_config, tmp_path):
     """iterations.count 2 -> 3 touches no finished stage (and a copied run dir changes only
-    output_dir): iteration 3 runs, iterations 1 and 2 are left as they were."""
+    output_dir): iteration 3 runs, iterations 1 and 2 are left as they were, but for iteration 1's
+    model, which iterations.keep_models (2 by default) removes once iteration 3 stands."""
     copy = copy_run(base_run[0], tmp_path)
     before = {k: v for k, v in mtimes(copy).items() if k.startswith(("iter_1/", "iter_2/"))}
     summaries = run_iterations(build_config(raw_config(copy), ["iterations.count=3"]))
     assert [s["iteration"] for s in summaries] == [0, 1, 2, 3]
-    assert {k: v for k, v in mtimes(copy).items() if k.startswith(("iter_1/", "iter_2/"))} == before
+    assert not (copy / "iter_1" / "model").exists() and (copy / "iter_2" / "model" / "model.safetensors").is_file()
+    kept = {k: v for k, v in before.items() if not k.startswith("iter_1/model/")}
+    assert {k: v for k, v in mtimes(copy).items() if k.startswith(("iter_1/", "iter_2/"))} == kept
     assert json.loads((copy / "state.json").read_text())["finished"]["3"] == STAGES
     assert (copy / "iter_3" / "model" / "model.safetensors").is_file()
 
@@ -491,8 +494,10 @@ def test_a_round_off_the_budget_is_trained_again_with_alpha_corrected(raw_config
     corrected = 0.04 * math.exp(min(1.0, over / 2.0))
     assert state["alpha"] == pytest.approx({"1": corrected})
     assert state["finished"]["1"] == ["generate", "score", "pair", "train", "eval"]
-    for name in ("model", "metrics.jsonl", "eval.json", "eval_answers.jsonl"):
+    for name in ("metrics.jsonl", "eval.json", "eval_answers.jsonl"):
         assert (out / "iter_1" / "attempt_1" / name).exists() and (out / "iter_1" / name).exists()
+    # the replaced attempt's model is removed once the round stands (iterations.keep_models)
+    assert not (out / "iter_1" / "attempt_1" / "model").exists() and (out / "iter_1" / "model").is_dir()
     assert json.loads((out / "iter_1" / "eval.json").read_text())["alpha"] == pytest.approx(corrected)
 
     fresh = tmp_path / "fresh"
@@ -884,3 +889,17 @@ def test_the_end_of_a_run_says_what_is_written_and_why_lc_can_differ(tmp_path):
     assert lines[-1] == f"to write a report: ilrdpo report {tmp_path / 'run'} --out {tmp_path / 'run' / 'report'}"
     assert "  iteration 1: alpha control missed its band" in lines
     assert any("`ilrdpo report` fits once over all of them" in line for line in lines)
+
+
+def test_keep_models_keeps_the_last_k_and_redo_refuses_to_start_from_a_removed_one(base_run, raw_config, tmp_path):
+    """iterations.keep_models=1 on a finished two-iteration run (a neutral key: no stage reruns):
+    iteration 1's model goes, the final one stays; a redo that would start from the removed
+    model is refused before anything moves."""
+    out = copy_run(base_run[0], tmp_path)
+    run_iterations(build_config(raw_config(out), ["iterations.keep_models=1"]))
+    assert not (out / "iter_1" / "model").exists()
+    assert (out / "iter_2" / "model" / "model.safetensors").is_file()
+    before = mtimes(out)
+    with pytest.raises(UserInputError, match="iteration 1's model, which the redo starts from, was removed"):
+        run_iterations(build_config(raw_config(out), ["iterations.keep_models=1"]), redo=(2, "generate"))
+    assert mtimes(out) == before

@@ -159,6 +159,9 @@ class IterativeRun:
         console.print(summary_line(summary))
         if miss := self.control_miss(t):
             console.print(f"[yellow]iteration {t}: {miss}[/yellow]")
+        if distributed.is_main() and (removed := self.dir.prune_models(self.config.iterations.keep_models, t)):
+            console.print(f"removed {', '.join(str(p.relative_to(self.dir.root)) for p in removed)} "
+                          f"(iterations.keep_models={self.config.iterations.keep_models})")
         return summary
 
     def control_miss(self, t: int) -> str | None:

@@ -152,10 +152,12 @@ def check_redo(point: tuple[int, str], config: Config, rundir: RunDir, state: Ru
     if t == 0 and not has_eval:
         raise UserInputError("option '--redo': iteration 0 is the initial model's evaluation, and this run has no "
                              "data.eval_prompts")
-    needs_previous = t >= 2 and after(t, "train", point)  # generate..train start from model t-1
-    if needs_previous and state.done(t - 1, "train") and not rundir.file(t - 1, "model").is_dir():
-        raise UserInputError(f"option '--redo': iteration {t - 1}'s model, which iteration {t} starts from, was "
-                             "removed (iterations.keep_models); redo from an earlier iteration")
+    # generate..train start from model t-1; eval alone evaluates model t
+    needed = t - 1 if after(t, "train", point) else t
+    if needed >= 1 and state.done(needed, "train") and not rundir.file(needed, "model").is_dir():
+        raise UserInputError(f"option '--redo': iteration {needed}'s model, which the redo starts from, was removed "
+                             "(iterations.keep_models); redo from an earlier iteration, or set keep_models higher "
+                             "for the next run")
 
 
 def apply_redo(point: tuple[int, str], rundir: RunDir, state: RunState) -> None:

@@ -271,6 +271,20 @@ class RunDir:
             for name in names:
                 state.mark(t, name)
 
+    # --- disk ------------------------------------------------------------------------------------
+    def prune_models(self, keep: int | None, last: int) -> list[Path]:
+        """Remove the saved models of iterations 1..last-keep and every replaced attempt's model of
+        iterations 1..last (nothing when keep is None); returns what was removed."""
+        if keep is None:
+            return []
+        found = [self.file(k, "model") for k in self.iterations() if 1 <= k <= last - keep]
+        found += [a / "model" for k in self.iterations() if 1 <= k <= last
+                  for a in sorted(self.iteration(k).glob("attempt_*"))]
+        removed = [path for path in found if path.is_dir()]
+        for path in removed:
+            shutil.rmtree(path)
+        return removed
+
     # --- redo ------------------------------------------------------------------------------------
     @property
     def replaced_dir(self) -> Path:

@@ -192,9 +192,14 @@ def run_arm(config_json: str, heldout_prompts: str | None, heldout_base: Path | 
     from ilrdpo.demo.heldout import evaluate_heldout
 
     config = Config.model_validate_json(config_json)
-    run_iterations(config)
-    if heldout_prompts is not None:
-        evaluate_heldout([Path(config.output_dir)], heldout_prompts, base=heldout_base)
+    if heldout_prompts is None:
+        run_iterations(config)
+        return
+    # the held-out pass reads every iteration's model: iterations.keep_models applies after it
+    keep = config.iterations.keep_models
+    run_iterations(config.model_copy(update={"iterations": config.iterations.model_copy(update={"keep_models": None})}))
+    evaluate_heldout([Path(config.output_dir)], heldout_prompts, base=heldout_base)
+    RunDir(config.output_dir).prune_models(keep, config.iterations.count)
 
 
 def _arm_process(args: tuple, log_path: str, threads: int) -> None:
