@@ -341,7 +341,8 @@ class IterativeRun:
                 "method": f"iterative {method_name(loss.type, alpha)}",
                 "data": f"{len(pairs)} self-generated pairs",
                 "hyperparameters": {**hyperparameters(config), "loss.alpha": alpha}, "metrics": result.final}
-        save_model(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora)
+        save_model(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora,
+                   dtype=self.compute_dtype)
         fault_point("model")
         # trained in place: the model in memory is now pi_t (FSDP, ZeRO: sharded for training; the
         # next stage loads the saved one whole)

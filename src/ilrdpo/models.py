@@ -241,13 +241,25 @@ def add_lora(model, lora: LoraSettings):
         return get_peft_model(model, config)
 
 
-def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False) -> Path:
+def quiet_deepspeed_detection(environ: dict | None = None) -> None:
+    """Without a CUDA device, tell DeepSpeed so (DS_ACCELERATOR=cpu) before transformers imports it:
+    otherwise its auto-detection warns "Setting accelerator to CPU" in every process that saves a
+    model. A value the user set is kept; with CUDA, DeepSpeed detects it as before."""
+    environ = os.environ if environ is None else environ
+    if "DS_ACCELERATOR" not in environ and not torch.cuda.is_available():
+        environ["DS_ACCELERATOR"] = "cpu"
+
+
+def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False,
+               dtype: torch.dtype | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer + README.md model card, written to a staging
     folder and swapped in at the end, so a crash never leaves a half-written model in place.
     Under several processes only the main one writes (their weights are identical; FSDP shards
-    are gathered to it first, which every process must join)."""
+    are gathered to it first, which every process must join). dtype: a half compute dtype the
+    full weights are saved in (their float32 master copy is needed only while training)."""
     from ilrdpo import distributed
 
+    quiet_deepspeed_detection()
     out_dir = Path(out_dir)
     sharded = distributed.is_sharded(model)
     state = distributed.full_state_dict(model) if sharded else None
@@ -255,7 +267,9 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
         return out_dir
     staging = out_dir.with_name(out_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state} if sharded else {}))
+    if dtype in HALF_DTYPES and not hasattr(model, "peft_config"):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
+    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
         merged = _merged_copy(model, staging, sharded)
