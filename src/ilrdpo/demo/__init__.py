@@ -108,7 +108,8 @@ def demo_configs(out: Path, *, quick: bool = False, model: str | None = None, se
     base["model"] = {"name_or_path": model or "bundled:smollm2-135m-instruct"}
     base["data"] = {**base["data"], "prompts": _subset(bundled_prompts("train"), settings["n_train"], data_dir),
                     "eval_prompts": _subset(bundled_prompts("eval"), settings["n_eval"], data_dir)}
-    base["iterations"] = {"count": settings["iterations"]}
+    # each arm keeps its final model only (the demo's report reads eval files, not models)
+    base["iterations"] = {"count": settings["iterations"], "keep_models": 1}
     base["seed"] = seed
     return {arm: build_config({**base, "output_dir": str(out / arm)}, [*arm_overrides, *(overrides or [])],
                               source="demo")
