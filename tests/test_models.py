@@ -77,7 +77,7 @@ def test_a_half_precision_model_is_saved_in_its_compute_dtype(tiny_model_dir, to
     assert next(model.parameters()).dtype == torch.float32  # master weights
     out = save_model(model, tok, tmp_path / "model", {"title": "t"}, dtype=torch.bfloat16)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     assert dtypes == {torch.bfloat16}
     reloaded, _, _ = load_saved_policy(out, settings)
     original = dict(model.named_parameters())

@@ -22,7 +22,7 @@ from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss import method_name, target_margin
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype, save_model
-from ilrdpo.pairing import pair_all, pairing_census
+from ilrdpo.pairing import base_targets, pair_all, pairing_census
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
 from ilrdpo.records import (
@@ -363,19 +363,6 @@ def remove_progress(path: Path) -> None:
     if distributed.is_main():
         for file in distributed.rank_files(path):
             file.unlink(missing_ok=True)
-
-
-def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
-    """loss.target_length 'base': per prompt, the mean token length of the initial model's
-    complete, non-empty sampled answers (iteration 1 samples from the initial model); when all
-    were cut by max_new_tokens, of the cut ones (a lower bound)."""
-    targets = {}
-    for c in initial_samples:
-        answers = [(n, cut) for n, r, cut in zip(c.n_tokens, c.responses, c.truncated) if r.strip()]
-        lengths = [n for n, cut in answers if not cut] or [n for n, _ in answers]
-        if lengths:
-            targets[c.id] = round(sum(lengths) / len(lengths))
-    return targets
 
 
 def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = None,

@@ -100,3 +100,16 @@ def pairing_census(candidate_sets: list[CandidateSet], settings: PairingSettings
         else:
             census["tied"] += 1
     return census
+
+
+def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
+    """loss.target_length 'base': per prompt, the mean token length of the initial model's
+    complete, non-empty sampled answers (iteration 1 samples from the initial model); when all
+    were cut by max_new_tokens, of the cut ones (a lower bound)."""
+    targets = {}
+    for c in initial_samples:
+        answers = [(n, cut) for n, r, cut in zip(c.n_tokens, c.responses, c.truncated) if r.strip()]
+        lengths = [n for n, cut in answers if not cut] or [n for n, _ in answers]
+        if lengths:
+            targets[c.id] = round(sum(lengths) / len(lengths))
+    return targets
