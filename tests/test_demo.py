@@ -23,6 +23,7 @@ def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+@pytest.mark.smoke  # reads the bundled prompts
 def test_bundled_prompts_are_split_and_carry_references():
     train, held_out = read_prompts(bundled_prompts("train")), read_prompts(bundled_prompts("eval"))
     assert len(train) + len(held_out) >= 300 and len(held_out) >= 60
@@ -30,6 +31,7 @@ def test_bundled_prompts_are_split_and_carry_references():
     assert not {_normalise(p.prompt) for p in train} & {_normalise(p.prompt) for p in held_out}
 
 
+@pytest.mark.smoke  # reads the bundled prompts
 def test_second_held_out_set_is_new_and_has_references():
     second = read_prompts(bundled_prompts("heldout"))
     assert len(second) >= 100 and all(p.reference for p in second)
@@ -38,6 +40,7 @@ def test_second_held_out_set_is_new_and_has_references():
     assert not seen & {_normalise(p.prompt) for p in second}
 
 
+@pytest.mark.smoke  # reads the bundled prompts
 def test_demo_arms_differ_only_in_the_length_margin(tmp_path):
     configs = demo_configs(tmp_path, quick=True)
     idpo, ilrdpo = configs["idpo"].model_dump(), configs["ilrdpo"].model_dump()
@@ -54,6 +57,7 @@ def test_demo_arms_differ_only_in_the_length_margin(tmp_path):
     assert not train & {p.id for p in read_prompts(configs["idpo"].data.eval_prompts)}
 
 
+@pytest.mark.smoke  # reads the bundled prompts
 def test_study_arms_are_overrides(tmp_path):
     arms = {**ARMS, "rel2": ["loss.alpha_relative=true", "loss.alpha=2"]}
     configs = demo_configs(tmp_path, quick=True, arms=arms, sizes={"iterations": 1, "n_eval": 5})
@@ -197,6 +201,7 @@ def test_quick_demo_end_to_end(tmp_path):
     print(f"ilrdpo demo --quick: {elapsed:.0f} s")
 
 
+@pytest.mark.smoke  # one arm process
 def test_an_arm_that_fails_in_its_process_ends_in_one_line_naming_it(tmp_path):
     """The arms run one process each: a bad input in one (here its prompts file is gone) comes
     back as one UserInputError line naming the arm and the file; the arm's log keeps the rest."""
@@ -242,6 +247,7 @@ def test_demo_bad_seeds_is_a_usage_error(monkeypatch, tmp_path, capsys):
     assert "comma-separated integers" in capsys.readouterr().err
 
 
+@pytest.mark.smoke  # reads the bundled prompts
 def test_demo_tune_is_the_ilrdpo_arm_searched_over_alpha(tmp_path):
     from ilrdpo.demo import tune_config
 
@@ -267,7 +273,7 @@ def test_demo_tune_quick_runs_a_study(tmp_path):
     assert (tmp_path / "plots" / "pareto.png").is_file()
 
 
-@pytest.mark.unit
+@pytest.mark.smoke  # reads the bundled prompts
 def test_arms_carry_the_readmes_names_and_the_quick_demo_says_what_it_cannot_show(tmp_path):
     """Folders stay idpo/ and ilrdpo/; tables, study lines and report.md say vanilla and iLR-DPO;
     the quick demo's report says its size cannot show the effect."""

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import DESIGN_METRICS, crash_after
+from helpers import DESIGN_METRICS, console_script, crash_after, read_jsonl, shared_folder
 from ilrdpo.alpha import neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import AlphaControlSettings, build_config, load_config
 from ilrdpo.data import collate_pairs, count_tokens, tokenize_pairs
@@ -81,15 +80,15 @@ def raw_config(tiny_model_dir, prompt_files):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, raw_config):
-    """(run dir, config, summaries) of one uninterrupted two-iteration run."""
-    out = tmp_path_factory.mktemp("base") / "run"
-    config = build_config(raw_config(out))
-    summaries = run_iterations(config)
-    return out, config, summaries
+    """(run dir, config, summaries) of one uninterrupted two-iteration run, built once per session
+    for every worker. Read-only: a test that runs the loop on it works on copy_run(...)."""
+    def build(folder: Path) -> None:
+        summaries = run_iterations(build_config(raw_config(folder / "run")))
+        (folder / "summaries.json").write_text(json.dumps(summaries))
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    folder = shared_folder(tmp_path_factory, "loop_base_run", build)
+    out = folder / "run"
+    return out, build_config(raw_config(out)), json.loads((folder / "summaries.json").read_text())
 
 
 def mtimes(out: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
@@ -202,6 +201,17 @@ def test_reference_of_each_iteration_is_the_previous_model(base_run, tiny_model_
 
 # --- resume and config checks -------------------------------------------------------------------
 
+
+def copy_run(out: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run that is the same run in another folder (its config.yaml names the
+    new output_dir), so that a test may run the loop on it."""
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    saved = copy / "config.yaml"
+    saved.write_text(saved.read_text().replace(str(out), str(copy)))
+    return copy
+
+
 # Rewritten on every start by design: the resolved config and the stage timings.
 REWRITTEN = ("config.yaml", "timings.json", "lock")
 
@@ -210,9 +220,11 @@ def test_a_finished_run_leaves_no_lock_file(base_run):
     assert not (base_run[0] / "lock").exists()
 
 
-def test_rerun_of_a_finished_run_redoes_nothing(base_run):
+def test_rerun_of_a_finished_run_redoes_nothing(base_run, raw_config, tmp_path):
     """iter_0/eval.json is left out here: see the next test."""
-    out, config, summaries = base_run
+    _, _, summaries = base_run
+    out = copy_run(base_run[0], tmp_path)
+    config = build_config(raw_config(out))
     before = mtimes(out, REWRITTEN + ("iter_0/eval.json",))
     start = time.perf_counter()
     again = run_iterations(config)
@@ -222,8 +234,9 @@ def test_rerun_of_a_finished_run_redoes_nothing(base_run):
     assert elapsed < 10, f"a finished run took {elapsed:.1f} s to resume"
 
 
-def test_rerun_keeps_the_initial_models_evaluation(base_run):
-    out, config, _ = base_run
+def test_rerun_keeps_the_initial_models_evaluation(base_run, raw_config, tmp_path):
+    out = copy_run(base_run[0], tmp_path)
+    config = build_config(raw_config(out))
     before = (out / "iter_0" / "eval.json").stat().st_mtime_ns
     run_iterations(config)
     assert (out / "iter_0" / "eval.json").stat().st_mtime_ns == before
@@ -237,19 +250,13 @@ def test_rerun_keeps_the_initial_models_evaluation(base_run):
     ("eval.max_new_tokens=3", "eval.max_new_tokens"),
     ("seed=1", "seed"),
 ])
-def test_config_change_under_finished_work_is_refused(base_run, raw_config, override, key):
-    out, _, _ = base_run
+def test_config_change_under_finished_work_is_refused(base_run, raw_config, override, key, tmp_path):
+    out = copy_run(base_run[0], tmp_path)
     saved_config, saved_state = (out / "config.yaml").read_text(), (out / "state.json").read_text()
     with pytest.raises(UserInputError, match=f"config key '{key}' changed"):
         run_iterations(build_config(raw_config(out), [override]))
     assert (out / "config.yaml").read_text() == saved_config
     assert (out / "state.json").read_text() == saved_state
-
-
-def copy_run(out: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    return copy
 
 
 def test_force_accepts_a_changed_config_without_redoing_work(base_run, raw_config, tmp_path):
@@ -545,11 +552,6 @@ def test_alpha_control_auto_needs_eval_prompts(raw_config, tmp_path):
 # config runs again to completion; its files must equal the uninterrupted base run's.
 
 
-def ilrdpo_command() -> list[str]:
-    script = Path(sys.executable).parent / "ilrdpo"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ilrdpo.cli"]
-
-
 def run_env() -> dict[str, str]:
     return {**os.environ, "ILRDPO_QUIET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false"}
@@ -615,7 +617,7 @@ def write_config(raw: dict, path: Path) -> Path:
 def test_sigkill_during_generation_resumes_to_the_uninterrupted_result(base_run, raw_config, tmp_path):
     out = tmp_path / "run"
     config_path = write_config(raw_config(out), tmp_path / "config.yaml")
-    command = ilrdpo_command() + ["run", str(config_path)]
+    command = console_script() + ["run", str(config_path)]
     partial = out / "iter_1" / "generation.partial.jsonl"
     kill_when(command, tmp_path / "killed.log", lambda: n_lines(partial) >= 1, "iteration 1 sampling")
 
@@ -628,7 +630,7 @@ def test_sigkill_during_generation_resumes_to_the_uninterrupted_result(base_run,
 def test_sigkill_during_training_resumes_to_the_uninterrupted_result(base_run, raw_config, tmp_path):
     out = tmp_path / "run"
     config_path = write_config(raw_config(out), tmp_path / "config.yaml")
-    command = ilrdpo_command() + ["run", str(config_path)]
+    command = console_script() + ["run", str(config_path)]
     metrics = out / "iter_1" / "metrics.jsonl"
     kill_when(command, tmp_path / "killed.log", lambda: n_lines(metrics) >= 1, "iteration 1 training")
 
@@ -638,27 +640,47 @@ def test_sigkill_during_training_resumes_to_the_uninterrupted_result(base_run, r
 
 
 # --- fault injection at every write point ---------------------------------------------------------
-# ILRDPO_FAULT=FILE:K "kills" the run right after the K-th write of FILE (ilrdpo.faults); the
-# same config then runs again to completion and must reproduce the uninterrupted run's files.
-# save_steps=2 adds mid-round checkpoints, so a round killed in training resumes from one.
+# ILRDPO_FAULT=FILE:K "kills" the run right after the K-th write of FILE in this process
+# (ilrdpo.faults); the same config then runs again to completion and must reproduce the
+# uninterrupted run's files. save_steps=2 adds mid-round checkpoints, so a round killed in training
+# resumes from one. A fault in iteration 1 is injected into a one-iteration run started from
+# nothing; a fault in iteration 2 into the continuation of a finished one-iteration run (a copy),
+# where K counts the writes of that continuation alone. Both are compared with the uninterrupted
+# two-iteration run, iteration by iteration: a round's files depend only on the files before it.
 
 FAULTS = [
-    "config.yaml:1", "state.json:1", "eval_answers.jsonl:1", "generation.partial.jsonl:3",
-    "candidates.jsonl:1", "scores.partial.jsonl:2", "candidates.jsonl:2", "pairs.jsonl:1",
-    "metrics.partial.jsonl:3", "checkpoint:1", "metrics.jsonl:1", "ref_logps.json:1", "model:1",
-    "eval.json:2", "candidates.jsonl:4", "checkpoint:3", "state.json:12",
+    (1, "config.yaml:1"), (1, "state.json:1"), (1, "eval_answers.jsonl:1"), (1, "generation.partial.jsonl:3"),
+    (1, "candidates.jsonl:1"), (1, "scores.partial.jsonl:2"), (1, "candidates.jsonl:2"), (1, "pairs.jsonl:1"),
+    (1, "metrics.partial.jsonl:3"), (1, "checkpoint:1"), (1, "metrics.jsonl:1"), (1, "ref_logps.json:1"),
+    (1, "model:1"), (1, "eval.json:2"), (1, "checkpoint:3"), (1, "state.json:12"),
+    (2, "candidates.jsonl:2"), (2, "metrics.partial.jsonl:3"), (2, "model:1"), (2, "state.json:3"),
 ]
 COMPARED = ["candidates.jsonl", "pairs.jsonl", "ref_logps.json", "eval_answers.jsonl", "model/model.safetensors"]
 
 
-@pytest.mark.slow  # ~6 s each: a killed and a resumed two-iteration run
-@pytest.mark.parametrize("fault", FAULTS)
-def test_fault_at_every_write_point_resumes_to_the_same_files(base_run, raw_config, tmp_path, monkeypatch, fault):
+@pytest.fixture(scope="module")
+def one_iteration_run(tmp_path_factory, raw_config) -> Path:
+    """A finished one-iteration run with the base run's settings (shared, read-only)."""
+    def build(folder: Path) -> None:
+        raw = raw_config(folder / "run")
+        raw["iterations"]["count"] = 1
+        run_iterations(build_config(raw))
+
+    return shared_folder(tmp_path_factory, "loop_one_iteration", build) / "run"
+
+
+@pytest.mark.slow  # ~3 s each: a killed and a resumed round
+@pytest.mark.parametrize("iteration,fault", FAULTS, ids=[f"iter{k}-{f}" for k, f in FAULTS])
+def test_fault_at_every_write_point_resumes_to_the_same_files(base_run, one_iteration_run, raw_config, tmp_path,
+                                                              monkeypatch, iteration, fault):
     from ilrdpo import faults
 
     out = tmp_path / "run"
+    if iteration == 2:
+        shutil.copytree(one_iteration_run, out)
     raw = raw_config(out)
     raw["train"]["save_steps"] = 2
+    raw["iterations"]["count"] = iteration
     config = build_config(raw)
     faults.reset()
     monkeypatch.setenv("ILRDPO_FAULT", fault)
@@ -668,11 +690,13 @@ def test_fault_at_every_write_point_resumes_to_the_same_files(base_run, raw_conf
     run_iterations(config)
 
     base = base_run[0]
-    for k in (1, 2):
+    for k in range(1, iteration + 1):
         for name in COMPARED:
             assert (out / f"iter_{k}" / name).read_bytes() == (base / f"iter_{k}" / name).read_bytes(), (k, name)
         assert step_metrics(out / f"iter_{k}") == step_metrics(base / f"iter_{k}")
         assert not (out / f"iter_{k}" / "checkpoint").exists()
+    assert finished_stages(out) == {str(k): stages for k, stages in finished_stages(base).items()
+                                    if int(k) <= iteration}
     assert (out / "iter_0" / "eval_answers.jsonl").read_bytes() == (base / "iter_0" / "eval_answers.jsonl").read_bytes()
     assert not list(out.rglob("*.partial.jsonl")) and not list(out.rglob(".*.tmp"))
 

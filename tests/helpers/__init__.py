@@ -1,6 +1,7 @@
 """Small importable helpers shared by the tests."""
 
 import json
+import os
 from pathlib import Path
 
 # The per-step metric names DESIGN.md promises (TRL's names where TRL has one).
@@ -45,3 +46,49 @@ def crash_after(monkeypatch, fault: str, work) -> None:
     with pytest.raises(SimulatedCrash):
         work()
     monkeypatch.delenv("ILRDPO_FAULT")
+
+
+def console_script() -> list[str]:
+    """The installed `ilrdpo` console script of this interpreter's environment."""
+    import sys
+
+    script = Path(sys.executable).parent / "ilrdpo"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ilrdpo.cli"]
+
+
+def call_main(monkeypatch, argv: list[str]) -> int:
+    """`ilrdpo ARGV` through cli.main() in this process (the console script's own code path, without
+    an interpreter's start-up); the exit status, 0 when main() returns. An exception that escapes
+    main() is a traceback a user would see, so it propagates and fails the test."""
+    import sys
+
+    from ilrdpo import cli
+
+    monkeypatch.setattr(sys, "argv", ["ilrdpo", *argv])
+    try:
+        cli.main()
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    return 0
+
+
+def shared_folder(tmp_path_factory, name: str, build) -> Path:
+    """A folder built once per test session and shared by every pytest-xdist worker: the first
+    worker to ask runs build(folder) under a file lock, the others wait for it and reuse the result.
+    Callers treat it as read-only (copy it before changing anything)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is per worker; its parent is the session's
+        root = root.parent
+    folder, done = root / f"shared_{name}", root / f"shared_{name}.done"
+    with FileLock(str(root / f"shared_{name}.lock")):
+        if not done.exists():
+            if folder.exists():  # a build that failed half-way in another worker
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
