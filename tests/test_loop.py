@@ -842,7 +842,7 @@ def test_following_the_no_pairs_hint_finishes_the_run(raw_config, tmp_path, monk
     assert "no preference pairs in iteration 1: 16 of 16 answers are empty" in message
     command = message.split(": ilrdpo run ", 1)[1]
     assert command == f"{out}/config.yaml --redo 0:eval generation.temperature=1.0"
-    monkeypatch.setattr(sys, "argv", ["ilrdpo", "run", *command.split()])
+    monkeypatch.setattr("sys.argv", ["ilrdpo", "run", *command.split()])
     cli.main()
     state = json.loads((out / "state.json").read_text())
     assert state["finished"]["2"] == STAGES
