@@ -12,14 +12,15 @@ demo: setup
 demo-quick: setup
 	$(VENV)/bin/ilrdpo demo --quick
 
+# Tests run on every core (pytest-xdist); tiers in README.md "The two commands".
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n auto --durations=25
 
 test-fast: setup
-	$(PY) -m pytest -q -m unit          # pure functions and input checks: no model, nothing bundled
+	$(PY) -m pytest -q -m unit         # pure functions and input checks: no process, no model, nothing bundled
 
 test-smoke: setup
-	$(PY) -m pytest -q -m "not slow"   # plus the tiny-model tests
+	$(PY) -m pytest -q -n auto -m "not slow"   # plus the tiny-model tests
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

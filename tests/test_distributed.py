@@ -99,13 +99,18 @@ def one_process_run(run_config) -> Path:
     return out
 
 
+# Adam divides by small second moments, so float summation order (how a batch is split over processes,
+# the CPU's kernels) shows in the weights: measured from 0.3% to 1.06% of the largest weight move on
+# different 2-core machines. A wrong average or a lost micro-batch moves them by tens of percent.
+SUMMATION_NOISE = 3e-2
+
+
 def same_run(actual: Path, expected: Path) -> None:
     for t in (1, 2):
         for name in ("candidates.jsonl", "pairs.jsonl", "eval_answers.jsonl"):
             assert (actual / f"iter_{t}" / name).read_text() == (expected / f"iter_{t}" / name).read_text(), name
     moved = largest_gap(expected / "iter_2" / "model", expected / "iter_1" / "model")
-    # Adam divides by small second moments: float summation order shows at ~0.3% of the step here
-    assert largest_gap(actual / "iter_2" / "model", expected / "iter_2" / "model") < 1e-2 * moved
+    assert largest_gap(actual / "iter_2" / "model", expected / "iter_2" / "model") < SUMMATION_NOISE * moved
     assert not [p for p in actual.rglob("*.rank*")]  # progress files of the processes are gone
 
 
@@ -118,7 +123,7 @@ def test_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path):
     two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     moved = largest_gap(tmp_path / "one" / "model", tiny_model_dir)
-    assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < 1e-2 * moved
+    assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < SUMMATION_NOISE * moved
     losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
               for name in ("one", "two")]
     assert len(losses[0]) == len(losses[1]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-5)
@@ -177,7 +182,7 @@ def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_pa
                  accelerate_config=config)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     moved = largest_gap(tmp_path / "one" / "model", tiny_model_dir)
-    assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < 1e-2 * moved
+    assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < SUMMATION_NOISE * moved
     assert set(weights(tmp_path / "two" / "model")) == set(weights(tmp_path / "one" / "model"))
     losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
               for name in ("one", "two")]
@@ -278,7 +283,7 @@ def test_deepspeed_trains_what_one_plain_process_trains(tiny_model_dir, tmp_path
                  accelerate_config=config, env_extra=DEEPSPEED_ENV)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     moved = largest_gap(tmp_path / "one" / "model", tiny_model_dir)
-    assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < 1e-2 * moved
+    assert largest_gap(tmp_path / "two" / "model", tmp_path / "one" / "model") < SUMMATION_NOISE * moved
     assert set(weights(tmp_path / "two" / "model")) == set(weights(tmp_path / "one" / "model"))
     rows = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("one", "two")]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ilrdpo.config import DataSettings, GenerationSettings
-from ilrdpo.data import as_messages, count_tokens
+from ilrdpo.data import as_messages
 from ilrdpo.errors import UserInputError
 from ilrdpo.generation import Sample, _decode, encode_prompts, generate_answers
 from ilrdpo.records import Prompt
@@ -73,9 +73,9 @@ def test_n_answers_per_prompt(tiny_model, tokenizer):
     assert sorted(result) == sorted(p.id for p in PROMPTS)
     for samples in result.values():
         assert len(samples) == 3
-        # n_tokens is |y| as everywhere else: the answer text's own tokens (data.count_tokens), which
-        # for a random model's odd tokens may differ from the number of tokens it generated
-        assert all(isinstance(s, Sample) and s.n_tokens == count_tokens(tokenizer, s.text) for s in samples)
+        # n_tokens is |y|: the tokens generated, never more than max_new_tokens (re-encoding a random
+        # model's odd bytes may give more)
+        assert all(isinstance(s, Sample) and s.n_tokens <= 8 for s in samples)
     assert len({s.text for v in result.values() for s in v}) > 1
 
 
@@ -119,15 +119,15 @@ def test_encode_prompts_uses_the_chat_template_for_both_forms(tokenizer):
 
 def test_decode_by_hand(tokenizer):
     """Rows of new ids (pad = EOS in SmolLM2): [a b EOS EOS] stops after 2 tokens, [a b c d]
-    is cut by max_new_tokens, [EOS ...] is the empty answer. n_tokens counts the answer text's
-    own tokens (data.count_tokens), the one definition of |y|."""
+    is cut by max_new_tokens, [EOS ...] is the empty answer. n_tokens counts the tokens generated
+    before EOS, the one definition of |y| for a sampled answer."""
     eos = tokenizer.eos_token_id
     a, b, c, d = tokenizer(" Paris is a big city", add_special_tokens=False)["input_ids"][:4]
     new_ids = torch.tensor([[a, b, eos, eos], [a, b, c, d], [eos, eos, eos, eos]])
     samples = _decode(tokenizer, new_ids, [eos])
     first, second = tokenizer.decode([a, b]).strip(), tokenizer.decode([a, b, c, d]).strip()
-    assert samples[0] == Sample(text=first, n_tokens=count_tokens(tokenizer, first), truncated=False)
-    assert samples[1] == Sample(text=second, n_tokens=count_tokens(tokenizer, second), truncated=True)
+    assert samples[0] == Sample(text=first, n_tokens=2, truncated=False)
+    assert samples[1] == Sample(text=second, n_tokens=4, truncated=True)
     assert samples[2] == Sample(text="", n_tokens=0, truncated=False)
 
 
@@ -152,7 +152,7 @@ def test_answers_stop_at_eos_and_count_tokens_without_it(tiny_model, tokenizer):
     assert len(samples) == len(rows) == 12
     for sample, row in zip(samples, rows):
         end = row.index(eos) if eos in row else len(row)
-        assert sample.n_tokens == count_tokens(tokenizer, sample.text)
+        assert sample.n_tokens == end
         assert sample.truncated == (eos not in row[:8])
         assert sample.text == tokenizer.decode(row[:end], skip_special_tokens=True).strip()
         assert eos not in tokenizer(sample.text, add_special_tokens=False)["input_ids"]
@@ -306,7 +306,7 @@ def test_compact_sampling_is_seeded_and_respects_eos_and_max_new_tokens(tiny_mod
     assert a == b and a != c
     samples = [s for v in a.values() for s in v]
     assert all(len(v) == 4 for v in a.values())
-    assert all(s.n_tokens == count_tokens(tokenizer, s.text) for s in samples)
+    assert all(s.n_tokens <= 8 and s.truncated == (s.n_tokens == 8) for s in samples)
     assert any(not s.truncated for s in samples) and any(s.truncated for s in samples)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from ilrdpo.config import AlphaControlSettings
-from ilrdpo.data import answer_length, count_tokens
+from ilrdpo.data import pair_lengths
 from ilrdpo.records import PreferencePair
 
 
@@ -80,13 +80,16 @@ def retry_alpha(attempts: list[tuple[float, float]], control: AlphaControlSettin
 def cost_gaps(pairs: list[PreferencePair], tokenizer, loss) -> list[float]:
     """c(y_w) - c(y_l) of each of a round's pairs, in loss.length_unit. With a target length, c is
     the distance to the target (the pair's own, or loss.target_length)."""
-    def cost(text: str, target) -> float:
-        length = answer_length(count_tokens(tokenizer, text), text, loss.length_unit)
+    def cost(length: int, target) -> float:
         return abs(length - target) if target is not None else length
 
     fixed = None if loss.target_length in (None, "base") else loss.target_length
-    return [cost(p.chosen, p.target_length if p.target_length is not None else fixed)
-            - cost(p.rejected, p.target_length if p.target_length is not None else fixed) for p in pairs]
+    gaps = []
+    for p in pairs:
+        target = p.target_length if p.target_length is not None else fixed
+        chosen, rejected = pair_lengths(tokenizer, p, loss.length_unit)
+        gaps.append(cost(chosen, target) - cost(rejected, target))
+    return gaps
 
 
 def median_cost_gap(pairs: list[PreferencePair], tokenizer, loss) -> float:

@@ -15,6 +15,7 @@ import torch
 from ilrdpo import distributed
 from ilrdpo.config import LossSettings, TrainSettings
 from ilrdpo.distributed import is_main
+from ilrdpo.errors import disk_writes
 from ilrdpo.faults import fault_point
 from ilrdpo.progress import console
 from ilrdpo.records import PreferencePair
@@ -30,6 +31,17 @@ def round_fingerprint(pairs: list[PreferencePair], loss: LossSettings, train: Tr
                                                    "max_tokens_per_batch"}),
                 "pairs": [json.dumps(p.__dict__, sort_keys=True, ensure_ascii=False) for p in pairs]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in a nested state (what a save of it needs on disk, about)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 FORMAT = 2  # weights and optimizer state keyed by parameter name (torch.distributed.checkpoint.state_dict)
@@ -76,14 +88,19 @@ class Checkpointer:
         optimizer_state = distributed.full_optimizer_state(model, optimizer)
         if not is_main():
             return  # under several processes the main one saves (replicas are identical)
-        self.folder.mkdir(parents=True, exist_ok=True)
         state = {"fingerprint": self.fingerprint, "step": step, "tokens": tokens, "format": FORMAT,
                  "params": params, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                  "rng": torch.get_rng_state(), "ref_logps": ref_logps}
         tmp = self.folder / ".state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        with disk_writes(self.folder, tensor_bytes(state)):  # a full disk keeps the last checkpoint
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.save(state, tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(tmp, self.path)
         fault_point("checkpoint")
 
     def restore(self, state: dict, model, optimizer, scheduler, scaler) -> None:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ilrdpo.errors import UserInputError
 from ilrdpo.loss import LOSS_TYPES, target_margin
+from ilrdpo.records import lone_surrogate
 
 # Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
 MAX_LEARNING_RATE = 0.1
@@ -447,10 +448,25 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None, sourc
     data = {k: ({} if v is None and k in SECTION_NAMES else v) for k, v in data.items()}
     # aliases resolved per source, so a command-line `beta` overrides a file's `loss.beta`
     data = _merge(apply_aliases(data), apply_aliases(parse_overrides(overrides or [])))
+    _check_text(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as error:
         raise UserInputError(explain_validation_error(error, source)) from None
+
+
+def _check_text(value: Any, source: str, key: str = "") -> None:
+    """Text settings (a system prompt reaches the tokenizer; every value goes into config.yaml):
+    a lone surrogate, from a YAML escape or an undecodable command-line byte, is not text."""
+    if isinstance(value, str) and (at := lone_surrogate(value)) is not None:
+        raise UserInputError(f"{source}: config key '{key}' holds U+{ord(value[at]):04X} at character {at + 1}, "
+                             "a lone surrogate that is not text; remove it or write the whole character")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_text(item, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, source, f"{key}[{i}]")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

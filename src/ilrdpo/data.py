@@ -80,9 +80,18 @@ def encode_prompt(tokenizer, prompt: PromptText, use_chat_template: bool = True,
 
 
 def count_tokens(tokenizer, answer: str) -> int:
-    """|y| in tokens, the one definition used by candidates, pairs, the loss, evaluation, alpha
-    control and target metrics: the answer text's tokens, EOS not counted."""
+    """|y| in tokens of a text from outside (a pairs file): its tokens, EOS not counted. A sampled
+    answer's length is the tokens generated (generation.Sample.n_tokens), kept with it."""
     return len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+
+
+def pair_lengths(tokenizer, pair: PreferencePair, unit: str) -> tuple[int, int]:
+    """(|y_w|, |y_l|) in the length margin's unit: in tokens, the tokens generated when the pair
+    carries them (made from sampled candidates), else the text's tokenisation (pairs from outside)."""
+    def length(text: str, generated: int | None) -> int:
+        return answer_length(generated if generated is not None else count_tokens(tokenizer, text), text, unit)
+
+    return length(pair.chosen, pair.chosen_n_tokens), length(pair.rejected, pair.rejected_n_tokens)
 
 
 def answer_length(n_tokens: int, text: str, unit: str) -> int:
@@ -141,8 +150,7 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int,
         prompt = encode_prompt(tokenizer, pair.prompt, use_chat_template, system_prompt)
         chosen = encode_answer(tokenizer, pair.chosen, pair.chosen_truncated)
         rejected = encode_answer(tokenizer, pair.rejected, pair.rejected_truncated)
-        lengths = [answer_length(count_tokens(tokenizer, text), text, length_unit)
-                   for text in (pair.chosen, pair.rejected)]
+        lengths = pair_lengths(tokenizer, pair, length_unit)
         prompt, chosen, rejected, cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length)
         out.append(TokenizedPair(prompt, chosen, rejected, *lengths, pair.target_length, cut))
     return out

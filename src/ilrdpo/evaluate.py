@@ -19,7 +19,7 @@ from ilrdpo.config import Config, DataSettings, GenerationSettings, ScoringSetti
 from ilrdpo.data import encode_prompt
 from ilrdpo.evaluation.compare import compare_all, evaluate_answers, summarize
 from ilrdpo.generation import generate_answers
-from ilrdpo.records import Prompt, atomic_write_text, read_jsonl_tolerant, write_jsonl
+from ilrdpo.records import Prompt, atomic_write_text, read_finished_jsonl, write_jsonl
 from ilrdpo.rundir import ANCHOR_FILES, SAMPLES_FILE, RunDir
 from ilrdpo.scoring import Scorer, judge_record, score_in_batches, shaped_rewards
 from ilrdpo.train import autocast
@@ -97,10 +97,10 @@ def answer_anchors(model, tokenizer, prompts: list[Prompt], generation: Generati
 
 
 def cached_answers(path: Path, make) -> list[dict[str, Any]]:
-    """Answer records from `path` if complete, else make() them and write them atomically."""
-    rows = read_jsonl_tolerant(path)
-    if rows:
-        return rows
+    """Answer records from `path` if there (written whole, atomically: read strictly), else make()
+    them and write them atomically."""
+    if path.exists():
+        return read_finished_jsonl(path, f"delete {path} and run the same command again to answer anew")
     rows = make()
     write_jsonl(path, rows)
     return rows
@@ -281,7 +281,8 @@ def _sampled_evaluation(t: int, rundir: RunDir, config: Config, prompts: list[Pr
         initial_eval = json.loads(rundir.file(0, "eval.json").read_text())
         atomic_write_text(rundir.file(0, "eval.json"), json.dumps({**initial_eval, "sampled": summary(initial)},
                                                                   indent=1))
-    drawn = {k: found for k in range(t) if (found := read_jsonl_tolerant(rundir.file(k, SAMPLES_FILE)))}
+    drawn = {k: read_finished_jsonl(rundir.file(k, SAMPLES_FILE), rundir.redo_hint(k))
+             for k in range(t) if rundir.file(k, SAMPLES_FILE).exists()}
     fits = compare_all({"this": per_prompt_means(rows), **{f"iter_{k}": per_prompt_means(v)
                                                           for k, v in drawn.items() if k}},
                        per_prompt_means(drawn[0]), tie_tolerance=judge_settings.tie_tolerance)["this"]
@@ -331,8 +332,9 @@ def _compare_with_baselines(t: int, rows, rundir: RunDir, config: Config, prompt
     tie, unit = judge_settings.tie_tolerance, config.loss.length_unit
     if t == 0:
         return evaluate_answers(rows, prompts, {}, tie, length_unit=unit)
-    answers = {k: read_jsonl_tolerant(rundir.file(k, "eval_answers.jsonl")) for k in range(t)}
-    anchors = {style: read_jsonl_tolerant(rundir.file(0, name)) for style, name in ANCHOR_FILES.items()
+    answers = {k: read_finished_jsonl(rundir.file(k, "eval_answers.jsonl"), rundir.redo_hint(k)) for k in range(t)}
+    anchors = {style: read_finished_jsonl(rundir.file(0, name), rundir.redo_hint(0))
+               for style, name in ANCHOR_FILES.items()
                if rundir.file(0, name).exists()}
     return evaluate_answers(rows, prompts, {"initial": answers[0], "previous": answers[t - 1]}, tie,
                             other_models={f"iter_{k}": answers[k] for k in range(1, t)},
@@ -341,8 +343,8 @@ def _compare_with_baselines(t: int, rows, rundir: RunDir, config: Config, prompt
 
 def generation_stats(rundir: RunDir, t: int) -> dict:
     """Per-iteration sampling and pairing figures (gen/*, pairs/*) from the stage files."""
-    rows = read_jsonl_tolerant(rundir.file(t, "candidates.jsonl"))
-    pairs = read_jsonl_tolerant(rundir.file(t, "pairs.jsonl"))
+    rows = read_finished_jsonl(rundir.file(t, "candidates.jsonl"), rundir.redo_hint(t))
+    pairs = read_finished_jsonl(rundir.file(t, "pairs.jsonl"), rundir.redo_hint(t))
     lengths = [n for r in rows for n in r["n_tokens"]]
     rewards = [x for r in rows for x in r.get("rewards", [])]
     return {

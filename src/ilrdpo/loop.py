@@ -29,8 +29,10 @@ from ilrdpo.records import (
     CandidateSet,
     PreferencePair,
     atomic_write_text,
+    finished_output,
     read_candidates,
-    read_jsonl_tolerant,
+    read_finished_jsonl,
+    read_json_file,
     read_pairs,
     read_prompts,
     write_jsonl,
@@ -70,6 +72,7 @@ class IterativeRun:
         self.dir.remove_debris()
         distributed.barrier()  # the main process has cleaned before any process reads
         self.state = self.dir.state()
+        self.dir.reconcile(self.state)
         inputs = input_hashes(self.config)
         old = self.dir.recorded_config()
         kept = self.state.touched()
@@ -134,14 +137,14 @@ class IterativeRun:
 
     def _evaluation(self, t: int) -> dict:
         self._stage(t, "eval", lambda: self.evaluate(t))
-        summary = json.loads(self.dir.file(t, "eval.json").read_text())
+        summary = self._eval_summary(t)
         self.tracker.log_eval(summary, self.steps_before(t + 1))
         return summary
 
     def steps_before(self, t: int) -> int:
         """Optimizer steps of iterations 1..t-1: the trackers' global step where iteration t starts."""
-        files = [self.dir.file(k, "metrics.jsonl") for k in range(1, t)]
-        return sum(len(read_jsonl_tolerant(f)) for f in files if f.is_file())
+        return sum(len(read_finished_jsonl(self.dir.file(k, "metrics.jsonl"), self.dir.redo_hint(k)))
+                   for k in range(1, t) if self.state.done(k, "train"))
 
     def run_stage(self, t: int, name: str) -> None:
         """Stage `name` of iteration t, unless state.json has it finished."""
@@ -228,7 +231,7 @@ class IterativeRun:
         """Score every answer; finished prompts go to scores.partial.jsonl as they complete.
         Re-entrant: candidates.jsonl may already hold scores from a killed earlier attempt."""
         path = self.dir.file(t, "candidates.jsonl")
-        sets = read_candidates(path)
+        sets = read_candidates(path, self.dir.redo_hint(t))
         progress_file = self.dir.partial(t, "score")
         scored = {row["id"]: row for row in distributed.read_progress(progress_file)}
         by_id = {p.id: p for p in self.prompts}
@@ -260,9 +263,9 @@ class IterativeRun:
     def pair(self, t: int) -> None:
         path = self.dir.file(t, "candidates.jsonl")
         scoring = self.config.scoring
-        sets = read_candidates(path)
+        sets = read_candidates(path, self.dir.redo_hint(t))
         if self.config.loss.target_length == "base":
-            targets = base_targets(read_candidates(self.dir.file(1, "candidates.jsonl")))
+            targets = base_targets(read_candidates(self.dir.file(1, "candidates.jsonl"), self.dir.redo_hint(1)))
             for c in sets:
                 c.target_length = targets.get(c.id, c.target_length)
         pairs = pair_all(sets, self.config.pairing, seed=self.config.seed + t,
@@ -300,12 +303,17 @@ class IterativeRun:
         self.state.save()
         return alpha
 
+    def _eval_summary(self, t: int) -> dict:
+        with finished_output(self.dir.redo_hint(t)):
+            return read_json_file(self.dir.file(t, "eval.json"))
+
     def _eval_length(self, t: int) -> float:
-        return json.loads(self.dir.file(t, "eval.json").read_text())["length"]["tokens_mean"]
+        return self._eval_summary(t)["length"]["tokens_mean"]
 
     def train(self, t: int) -> None:
         config = self.config
-        pairs = read_pairs(self.dir.file(t, "pairs.jsonl"))
+        with finished_output(self.dir.redo_hint(t)):
+            pairs = read_pairs(self.dir.file(t, "pairs.jsonl"))
         if config.loss.target_length == "base" and any(p.target_length is None for p in pairs):
             raise UserInputError(f"{self.dir.file(t, 'pairs.jsonl')}: loss.target_length is 'base' but these pairs "
                                  "carry no target_length (made by a run without it); rerun the pair stage")

