@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ilrdpo import distributed
+from ilrdpo import engines, ranks
 from ilrdpo.config import Config, build_config, load_config
 from ilrdpo.records import PreferencePair, Prompt, pair_from_row, prompt_from_row, write_jsonl
 from ilrdpo.train import TrainResult
@@ -70,7 +70,8 @@ def _materialise(rows: list[dict[str, Any]], parse, out: Path, name: str) -> str
     for index, row in enumerate(rows):
         parse(row, f"{name}: row {index}")
     path = out / "inputs" / name
-    write_jsonl(path, rows)
+    if ranks.is_main():
+        write_jsonl(path, rows)
     return str(path)
 
 
@@ -87,11 +88,11 @@ def train_pairs(config: ConfigLike = None, *, pairs: Iterable | None = None, ove
     are merged into the config."""
     from ilrdpo.offline import run_offline
 
-    distributed.init()  # under accelerate launch / torchrun: join the processes
+    engines.init()  # under accelerate launch / torchrun: join the processes
     config = make_config(_merge(config, sections), overrides)
     if pairs is not None:
         path = _materialise(_rows(pairs), pair_from_row, Path(config.output_dir), "pairs.jsonl")
-        distributed.barrier()  # the main process wrote it
+        ranks.barrier()  # the main process wrote it
         config = config.model_copy(update={"data": config.data.model_copy(update={"pairs": path})})
     model_dir, result = run_offline(config, overwrite=overwrite)
     return TrainOutput(model_dir, result)
@@ -108,14 +109,14 @@ def run(config: ConfigLike = None, *, prompts: Iterable | None = None, eval_prom
     from ilrdpo.resume import parse_redo
     from ilrdpo.scoring.python_fn import PythonScorer
 
-    distributed.init()  # under accelerate launch / torchrun: join the processes
+    engines.init()  # under accelerate launch / torchrun: join the processes
     config = make_config(_merge(config, sections), overrides)
     out, data = Path(config.output_dir), {}
     for key, given, name in (("prompts", prompts, "prompts.jsonl"), ("eval_prompts", eval_prompts, "eval.jsonl")):
         if given is not None:
             data[key] = _materialise(_prompt_rows(given), prompt_from_row, out, name)
     if data:
-        distributed.barrier()  # the main process wrote them
+        ranks.barrier()  # the main process wrote them
         config = config.model_copy(update={"data": config.data.model_copy(update=data)})
     if scorer is not None:
         config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"type": "python"})})

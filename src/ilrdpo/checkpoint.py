@@ -7,14 +7,14 @@ import json
 import os
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ilrdpo import distributed
+from ilrdpo import ranks
 from ilrdpo.config import LossSettings, TrainSettings
-from ilrdpo.distributed import is_main
+from ilrdpo.engines import Engine
 from ilrdpo.errors import disk_writes
 from ilrdpo.faults import fault_point
 from ilrdpo.progress import console
@@ -50,11 +50,13 @@ FORMAT = 2  # weights and optimizer state keyed by parameter name (torch.distrib
 @dataclass
 class Checkpointer:
     """checkpoint/state.pt: trainable weights, optimizer, scheduler, scaler, RNG, reference
-    log-probs and step. Written atomically (temp file + rename); read with weights_only."""
+    log-probs and step. Written atomically (temp file + rename); read with weights_only. The
+    engine gathers and loads the whole weights and optimizer state, whatever the sharding."""
 
     folder: Path | None
     fingerprint: str
     save_steps: int
+    engine: Engine = field(default_factory=Engine)
 
     @property
     def path(self) -> Path | None:
@@ -84,9 +86,9 @@ class Checkpointer:
             return
         # whole trainable weights and optimizer state by parameter name, whether the model is sharded
         # (FSDP: every process gives its shards to the main one) or not: resumable either way
-        params = distributed.full_state_dict(model, trainable_only=True)
-        optimizer_state = distributed.full_optimizer_state(model, optimizer)
-        if not is_main():
+        params = self.engine.full_state_dict(model, trainable_only=True)
+        optimizer_state = self.engine.full_optimizer_state(model, optimizer)
+        if not ranks.is_main():
             return  # under several processes the main one saves (replicas are identical)
         state = {"fingerprint": self.fingerprint, "step": step, "tokens": tokens, "format": FORMAT,
                  "params": params, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
@@ -104,12 +106,12 @@ class Checkpointer:
         fault_point("checkpoint")
 
     def restore(self, state: dict, model, optimizer, scheduler, scaler) -> None:
-        distributed.load_full_state(model, optimizer, state["params"], state["optimizer"])
+        self.engine.load_full_state(model, optimizer, state["params"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
 
     def remove(self) -> None:
-        if self.folder is not None and is_main():
+        if self.folder is not None and ranks.is_main():
             shutil.rmtree(self.folder, ignore_errors=True)

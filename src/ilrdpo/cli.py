@@ -25,9 +25,9 @@ def _print_version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Iterative Length-Regularized DPO: better answers without longer answers."""
-    from ilrdpo import distributed
+    from ilrdpo import engines  # lazy, as every command's modules here: accelerate loads with the command
 
-    distributed.init()  # under accelerate launch / torchrun: join the processes (one: nothing)
+    engines.init()  # under accelerate launch / torchrun: join the processes (one: nothing)
 
 
 # `ilrdpo evaluate`'s defaults are the config's generation defaults: one source of truth.
@@ -89,6 +89,7 @@ def evaluate(
     import json
     from pathlib import Path
 
+    from ilrdpo import ranks
     from ilrdpo.evaluate import evaluate_models, load_judge_settings, print_evaluation
     from ilrdpo.preflight import check_evaluate
     from ilrdpo.records import atomic_write_text
@@ -101,7 +102,7 @@ def evaluate(
                              greedy=not sample, seed=seed, out_dir=out_path.parent if out_path else None,
                              anchors=anchors)
     print_evaluation(result)
-    if out_path:
+    if out_path and ranks.is_main():
         atomic_write_text(out_path, json.dumps(result, indent=1))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ilrdpo import ranks
 from ilrdpo.config import Config, DataSettings, GenerationSettings, ScoringSettings
 from ilrdpo.data import encode_prompt
 from ilrdpo.evaluation.compare import compare_all, evaluate_answers, summarize
@@ -102,7 +103,8 @@ def cached_answers(path: Path, make) -> list[dict[str, Any]]:
     if path.exists():
         return read_finished_jsonl(path, f"delete {path} and run the same command again to answer anew")
     rows = make()
-    write_jsonl(path, rows)
+    if ranks.is_main():
+        write_jsonl(path, rows)
     return rows
 
 
@@ -159,10 +161,10 @@ def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, ba
             styled = answer_anchors(policy, tokenizer, prompts, generation, data, greedy=greedy, seed=seed)
             for style, styled_rows in styled.items():
                 answers[f"anchor_{style}"] = judge_answers(scorer, prompts, styled_rows, judge)
-                if out_dir is not None:
+                if out_dir is not None and ranks.is_main():
                     write_jsonl(Path(out_dir) / f"baseline_{style}_answers.jsonl", styled_rows)
         del policy
-        if out_dir is not None:
+        if out_dir is not None and ranks.is_main():
             write_jsonl(Path(out_dir) / f"{name}_answers.jsonl", rows)
     result = {"model": model, "baseline": baseline, "prompts": prompts_path, "judge": judge_record(judge),
               "greedy": greedy, "seed": seed,
@@ -238,7 +240,8 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
             model, tokenizer = policy(0)
             with autocast(next(model.parameters()).device, compute_dtype):
                 result.update(answer_perplexity(model, tokenizer, prompts, rows, config.data))
-    atomic_write_text(rundir.file(t, "eval.json"), json.dumps(result, indent=1))
+    if ranks.is_main():
+        atomic_write_text(rundir.file(t, "eval.json"), json.dumps(result, indent=1))
     return result
 
 
@@ -279,8 +282,9 @@ def _sampled_evaluation(t: int, rundir: RunDir, config: Config, prompts: list[Pr
     if not initial_file.exists():
         initial = cached_answers(initial_file, lambda: draw(0))
         initial_eval = json.loads(rundir.file(0, "eval.json").read_text())
-        atomic_write_text(rundir.file(0, "eval.json"), json.dumps({**initial_eval, "sampled": summary(initial)},
-                                                                  indent=1))
+        if ranks.is_main():
+            atomic_write_text(rundir.file(0, "eval.json"), json.dumps({**initial_eval, "sampled": summary(initial)},
+                                                                      indent=1))
     drawn = {k: read_finished_jsonl(rundir.file(k, SAMPLES_FILE), rundir.redo_hint(k))
              for k in range(t) if rundir.file(k, SAMPLES_FILE).exists()}
     fits = compare_all({"this": per_prompt_means(rows), **{f"iter_{k}": per_prompt_means(v)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ilrdpo import ranks
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
 
@@ -69,12 +70,10 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False) -> s
     """Create (if needed) the hub repository and upload a saved model folder; returns its URL.
     Authentication is huggingface_hub's own (HF_TOKEN or `hf auth login`). Under several
     processes the main one uploads; every process returns the URL."""
-    from ilrdpo import distributed
-
-    if not distributed.is_main():
-        return distributed.broadcast(None)
+    if not ranks.is_main():
+        return ranks.broadcast(None)
     url = _upload(folder, repo_id, private)
-    distributed.broadcast(url)
+    ranks.broadcast(url)
     return url
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
 
-from ilrdpo import distributed, zero
+from ilrdpo import distributed, engines, ranks
 from ilrdpo.alpha import control_miss, cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
@@ -21,7 +20,7 @@ from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss import method_name, target_margin
-from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype, save_model
+from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
 from ilrdpo.pairing import base_targets, pair_all, pairing_census
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
@@ -63,6 +62,7 @@ class IterativeRun:
         self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
         self.judge_settings = config.eval.judge or config.scoring
         self.compute_dtype = resolve_dtype(config.model.dtype)
+        self.engine = engines.launched()  # the training stage's parallel engine
         self.timings: dict[str, float] = {}
         self.model = self.tokenizer = None
         self.model_iteration = -1
@@ -70,7 +70,7 @@ class IterativeRun:
     def open(self) -> None:
         """Resume checks against what the directory was made with, then record this config."""
         self.dir.remove_debris()
-        distributed.barrier()  # the main process has cleaned before any process reads
+        ranks.barrier()  # the main process has cleaned before any process reads
         self.state = self.dir.state()
         self.dir.reconcile(self.state)
         inputs = input_hashes(self.config)
@@ -123,7 +123,8 @@ class IterativeRun:
                 summaries.append(self.iteration(t))
         finally:
             self.tracker.finish()
-        atomic_write_text(self.dir.root / "timings.json", json.dumps(self.timings, indent=1))
+        if ranks.is_main():
+            atomic_write_text(self.dir.root / "timings.json", json.dumps(self.timings, indent=1))
         return summaries
 
     def _stage(self, t: int, name: str, work) -> None:
@@ -133,7 +134,7 @@ class IterativeRun:
         with stage(f"iter {t} {name}", self.timings):
             work()
         self.state.mark(t, name)
-        distributed.barrier()  # what the main process wrote is there before any process reads it
+        ranks.barrier()  # what the main process wrote is there before any process reads it
 
     def _evaluation(self, t: int) -> dict:
         self._stage(t, "eval", lambda: self.evaluate(t))
@@ -162,7 +163,7 @@ class IterativeRun:
         console.print(summary_line(summary))
         if miss := self.control_miss(t):
             console.print(f"[yellow]iteration {t}: {miss}[/yellow]")
-        if distributed.is_main() and (removed := self.dir.prune_models(self.config.iterations.keep_models, t)):
+        if ranks.is_main() and (removed := self.dir.prune_models(self.config.iterations.keep_models, t)):
             console.print(f"removed {', '.join(str(p.relative_to(self.dir.root)) for p in removed)} "
                           f"(iterations.keep_models={self.config.iterations.keep_models})")
         return summary
@@ -202,7 +203,7 @@ class IterativeRun:
         """Move the replaced attempt's files to iter_t/attempt_K/; eval.json last, so that while it
         is still in iter_t some of the attempt's files may be too (a resumed move finishes the job)."""
         attempt = self.dir.iteration(t) / f"attempt_{len(self.state.attempts[t])}"
-        if not distributed.is_main():
+        if not ranks.is_main():
             return
         attempt.mkdir(exist_ok=True)
         for name in ("model", "metrics.jsonl", "eval_answers.jsonl", "eval_samples.jsonl", "eval.json"):
@@ -223,8 +224,9 @@ class IterativeRun:
                              n_tokens=[s.n_tokens for s in samples[p.id]],
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,
                              target_length=p.target_length) for p in self.prompts]
-        write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
-        remove_progress(partial)
+        if ranks.is_main():
+            write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
+        distributed.remove_progress(partial)
 
     # --- 2. score --------------------------------------------------------------------------------
     def score(self, t: int) -> None:
@@ -241,7 +243,7 @@ class IterativeRun:
         with progress_bar("scoring", len(sets)) as bar:
             bar.advance(len(sets) - len(todo))
             starts = range(0, len(todo), per_chunk)
-            for k in distributed.mine(len(starts)):  # chunk k to process k % W
+            for k in ranks.mine(len(starts)):  # chunk k to process k % W
                 chunk = todo[starts[k]:starts[k] + per_chunk]
                 prompts = [by_id[c.id] for c in chunk for _ in c.responses]
                 quality = score_in_batches(self.scorer, prompts, [r for c in chunk for r in c.responses],
@@ -253,11 +255,12 @@ class IterativeRun:
                     scored[c.id] = {"id": c.id, "quality": q, "rewards": shaped_rewards(q, c.n_tokens, settings)}
                     distributed.append_progress(progress_file, scored[c.id])
                 bar.advance(len(chunk))
-        scored = distributed.gather_dict(scored)
+        scored = ranks.gather_dict(scored)
         for c in sets:
             c.quality, c.rewards = scored[c.id]["quality"], scored[c.id]["rewards"]
-        write_jsonl(path, sets)
-        remove_progress(progress_file)
+        if ranks.is_main():
+            write_jsonl(path, sets)
+        distributed.remove_progress(progress_file)
 
     # --- 3. pair ---------------------------------------------------------------------------------
     def pair(self, t: int) -> None:
@@ -275,7 +278,8 @@ class IterativeRun:
             census = pairing_census(sets, self.config.pairing, selection_penalty=scoring.selection_length_penalty,
                                     length_cap=scoring.length_bias_cap, tie_tolerance=scoring.tie_tolerance)
             raise UserInputError(f"{path}: {no_pairs_message(census, self.config, t, self.state.touched())}")
-        write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
+        if ranks.is_main():
+            write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
 
     # --- 4. train --------------------------------------------------------------------------------
     def decide_alpha(self, t: int, pairs: list[PreferencePair], tokenizer) -> float:
@@ -343,19 +347,19 @@ class IterativeRun:
                              ref_adapter_disabled=lora and config.iterations.reference == "initial",
                              hparams={**hyperparameters(config), "loss.alpha": alpha},
                              compute_dtype=self.compute_dtype, checkpoint_dir=self.dir.checkpoint(t),
-                             tracker=self.tracker, step_offset=self.steps_before(t))
-        atomic_write_text(self.dir.file(t, "ref_logps.json"), json.dumps(result.ref_logps))
+                             tracker=self.tracker, step_offset=self.steps_before(t), engine=self.engine)
+        if ranks.is_main():
+            atomic_write_text(self.dir.file(t, "ref_logps.json"), json.dumps(result.ref_logps))
         card = {"title": f"iLR-DPO iteration {t}", "base_model": config.model.name_or_path,
                 "method": f"iterative {method_name(loss.type, alpha)}",
                 "data": f"{len(pairs)} self-generated pairs",
                 "hyperparameters": {**hyperparameters(config), "loss.alpha": alpha}, "metrics": result.final}
-        save_model(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora,
-                   dtype=self.compute_dtype)
+        self.engine.save(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora,
+                         dtype=self.compute_dtype)
         fault_point("model")
-        # trained in place: the model in memory is now pi_t (FSDP, ZeRO: sharded for training; the
-        # next stage loads the saved one whole)
-        self.model_iteration = -1 if distributed.is_sharded(model) else t
-        zero.release(model)
+        # trained in place: the model in memory is now pi_t, unless the engine sharded it for
+        # training (then the next stage loads the saved one whole)
+        self.model_iteration = t if self.engine.release(model) else -1
 
     # --- 5. evaluate -----------------------------------------------------------------------------
     def evaluate(self, t: int) -> dict:
@@ -365,12 +369,6 @@ class IterativeRun:
             alpha=self.state.alpha.get(t) if t else None)
 
 
-def remove_progress(path: Path) -> None:
-    """A stage's progress files (one per process that wrote one), once its output is written."""
-    distributed.barrier()  # every process has gathered what it needs from them
-    if distributed.is_main():
-        for file in distributed.rank_files(path):
-            file.unlink(missing_ok=True)
 
 
 def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = None,
@@ -398,7 +396,8 @@ def publish_final_model(rundir: RunDir, config: Config, summaries: list[dict]) -
     folder = rundir.file(config.iterations.count, "model")
     info = json.loads((folder / "ilrdpo.json").read_text())
     info["eval"] = summaries
-    atomic_write_text(folder / "README.md", model_card(info))
+    if ranks.is_main():
+        atomic_write_text(folder / "README.md", model_card(info))
     url = push_to_hub(folder, config.model.push_to_hub)
     console.print(f"uploaded: {url}")
     return url

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import importlib.util
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ilrdpo import ranks
 from ilrdpo.config import LoraSettings, ModelSettings
 from ilrdpo.errors import UserInputError, disk_writes
 from ilrdpo.hub import model_card
@@ -68,9 +70,7 @@ def weight_dtype(settings: ModelSettings, trainable: bool = True) -> torch.dtype
 
 
 def default_device() -> torch.device:
-    from ilrdpo.distributed import local_device
-
-    return local_device()
+    return ranks.local_device()
 
 
 def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
@@ -279,27 +279,22 @@ def quiet_deepspeed_detection(environ: dict | None = None) -> None:
 
 
 def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False,
-               dtype: torch.dtype | None = None) -> Path:
+               state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer + README.md model card, written to a staging
     folder and swapped in at the end, so a crash never leaves a half-written model in place.
-    Under several processes only the main one writes (their weights are identical; FSDP shards
-    are gathered to it first, which every process must join). dtype: a half compute dtype the
-    full weights are saved in (their float32 master copy is needed only while training)."""
-    from ilrdpo import distributed
-
+    state_dict: the whole weights of a sharded model (FSDP, ZeRO: gathered by its engine, whose
+    save() calls this in the main process only). dtype: a half compute dtype the full weights are
+    saved in (their float32 master copy is needed only while training)."""
     quiet_deepspeed_detection()
     out_dir = Path(out_dir)
-    sharded = distributed.is_sharded(model)
-    state = distributed.full_state_dict(model) if sharded else None
-    if not distributed.is_main():
-        return out_dir
     staging = out_dir.with_name(out_dir.name + ".staging")
+    weights = state_dict
     if dtype in HALF_DTYPES and not hasattr(model, "peft_config"):
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (state_dict or model.state_dict()).items()}
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
     with disk_writes(out_dir.parent, needed):  # a full disk leaves the model there as it was
         try:
-            _write_model(model, tokenizer, staging, card, merge_lora, sharded, state)
+            _write_model(model, tokenizer, staging, card, merge_lora, state_dict, weights)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -312,10 +307,12 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
     return out_dir
 
 
-def _write_model(model, tokenizer, staging: Path, card: dict[str, Any], merge_lora: bool, sharded: bool,
-                 state: dict | None) -> None:
+def _write_model(model, tokenizer, staging: Path, card: dict[str, Any], merge_lora: bool,
+                 state_dict: dict | None, weights: dict | None) -> None:
+    """weights: what save_pretrained writes in place of the model's own (gathered or cast)."""
+    sharded = state_dict is not None
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state} if state is not None else {}))
+    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
         merged = _merged_copy(model, staging, sharded)
@@ -330,8 +327,6 @@ def _merged_copy(model, adapter_dir: Path, sharded: bool):
     live model, so a copy is merged; a sharded one (FSDP, ZeRO) holds no whole weights to copy, so
     the adapter just saved is loaded on its base model on the CPU and merged there."""
     if not sharded:
-        import copy
-
         return copy.deepcopy(model).merge_and_unload()
     from peft import AutoPeftModelForCausalLM
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ilrdpo import engines
 from ilrdpo.config import Config
 from ilrdpo.data import load_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.hub import hyperparameters, push_to_hub
 from ilrdpo.loss import method_name
-from ilrdpo.models import load_policy, resolve_dtype, save_model
+from ilrdpo.models import load_policy, resolve_dtype
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, stage
 from ilrdpo.rundir import RunDir
@@ -27,6 +28,7 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
     rundir = RunDir(config.output_dir)
     pairs = load_pairs(config.data.pairs, config.data.pairs_split, config.data.max_examples)
     model_dir = rundir.root / "model"
+    engine = engines.launched()
     with rundir.locked("ilrdpo train"):
         if model_dir.exists() and not overwrite:
             raise UserInputError(f"{model_dir}: a trained model is already there; pass --overwrite to replace "
@@ -40,15 +42,15 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
             result = train_round(model, tokenizer, pairs, loss=config.loss, train=config.train, data=config.data,
                                  output_dir=rundir.root, seed=config.seed, hparams=hyperparameters(config),
                                  compute_dtype=resolve_dtype(config.model.dtype),
-                                 checkpoint_dir=rundir.checkpoint())
+                                 checkpoint_dir=rundir.checkpoint(), engine=engine)
         method = method_name(config.loss.type, config.loss.alpha)
         card = {"title": f"{Path(base_path).name} + {method}", "base_model": config.model.name_or_path,
                 "method": method, "data": f"{config.data.pairs} ({len(pairs)} pairs)",
                 "datasets": [] if Path(config.data.pairs).exists() else [config.data.pairs],
                 "hyperparameters": hyperparameters(config), "metrics": result.final}
         with stage("save"):
-            model_dir = save_model(model, tokenizer, model_dir, card, merge_lora=config.model.merge_lora,
-                                   dtype=resolve_dtype(config.model.dtype))
+            model_dir = engine.save(model, tokenizer, model_dir, card, merge_lora=config.model.merge_lora,
+                                    dtype=resolve_dtype(config.model.dtype))
     console.print(f"saved {model_dir}  ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s, "
                   f"final loss {result.final.get('loss', float('nan')):.4f})")
     if config.model.push_to_hub:

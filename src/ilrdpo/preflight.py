@@ -13,10 +13,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from ilrdpo import distributed, zero
+from ilrdpo import engines
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
+from ilrdpo.models import bundled_path, check_checkpoint
 from ilrdpo.records import read_json_file, read_pairs, read_prompts
+from ilrdpo.scoring.python_fn import check_function_file
 
 Command = Literal["run", "train"]
 
@@ -42,14 +44,7 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         if config.iterations.alpha_control.mode == "auto" and not config.data.eval_prompts:
             raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
-    if config.model.dtype == "float16" and (distributed.fsdp_requested() or zero.requested()):
-        raise UserInputError("config key 'model.dtype': float16 is not supported under FSDP or DeepSpeed (the loss "
-                             "scaler is not shard-aware); use bfloat16")
-    if zero.requested():
-        from ilrdpo.models import resolve_dtype
-
-        # the launcher's settings against the config's, before anything runs
-        zero.engine_config(config.train.max_grad_norm, resolve_dtype(config.model.dtype))
+    engines.launched().check_config(config.model.dtype, config.train.max_grad_norm)
     check_output_dir(Path(config.output_dir), command)
     if config.model.push_to_hub and not HUB_REPO.fullmatch(config.model.push_to_hub):
         raise UserInputError(f"config key 'model.push_to_hub': '{config.model.push_to_hub}' is not a hub repository "
@@ -165,8 +160,6 @@ def check_model(model: ModelSettings) -> dict[str, Any] | None:
     """The policy's config.json (None for a hub id or a GGUF file); the checkpoint is sound and
     safe, and custom code is only used with model.trust_remote_code."""
     if model.name_or_path.startswith("bundled:"):
-        from ilrdpo.models import bundled_path
-
         bundled_path(model.name_or_path.removeprefix("bundled:"))  # its package is installed
         return None
     folder = local_model_folder(model.name_or_path, "model.name_or_path")
@@ -186,8 +179,6 @@ def check_model(model: ModelSettings) -> dict[str, Any] | None:
     if not isinstance(config, dict):
         raise UserInputError(f"{config_path}: expected a JSON object")
     check_model_code(config, config_path, model.trust_remote_code)
-    from ilrdpo.models import check_checkpoint
-
     check_checkpoint(folder, model.allow_pickle)
     return {**config, "_path": str(config_path)}
 
@@ -263,8 +254,6 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
             raise UserInputError(f"config key '{key}.model' is required for {key}.type reward_model")
         folder = local_model_folder(settings.model, f"{key}.model")
         if folder is not None:
-            from ilrdpo.models import check_checkpoint
-
             check_checkpoint(folder, allow_pickle=False)
     elif settings.type == "embedding_similarity":
         if settings.model and not settings.model.startswith("bundled:"):
@@ -272,8 +261,6 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
     elif settings.type == "python":
         if not settings.function:
             raise UserInputError(f"config key '{key}.function' is required for {key}.type python")
-        from ilrdpo.scoring.python_fn import check_function_file
-
         check_function_file(settings.function, f"{key}.function")
 
 
@@ -287,8 +274,6 @@ def check_evaluate(model: str, prompts: str, judge: ScoringSettings, baseline: s
         except UserInputError as error:
             raise UserInputError(str(error).replace(f"config key '{key}'", f"option '{key}'")) from None
         if folder is not None and (folder / "config.json").is_file():
-            from ilrdpo.models import check_checkpoint
-
             check_checkpoint(folder, allow_pickle=False)
     read_prompts(prompts, reference_for=_needs_reference(judge, "judge"))
     check_scorer(judge, "judge")

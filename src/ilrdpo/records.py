@@ -133,12 +133,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write via a temp file in the same folder, fsync, rename: readers never see half a file, and
-    a full disk (DiskFullError) leaves the old file as it was. Under several processes only the
-    main one writes (ilrdpo.distributed)."""
-    from ilrdpo.distributed import is_main
-
-    if not is_main():
-        return
+    a full disk (DiskFullError) leaves the old file as it was. Under several processes the caller
+    decides who writes (`if ranks.is_main():`)."""
     path = Path(path)
     with disk_writes(path.parent, len(data)):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,14 +158,10 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(lines))
 
 
-def append_jsonl(path: str | Path, row: Any, *, every_process: bool = False) -> None:
+def append_jsonl(path: str | Path, row: Any) -> None:
     """Append one line and fsync, so a killed process keeps every finished line (a torn last line,
-    from a kill or a full disk, is dropped by read_jsonl_tolerant). Under several processes only
-    the main one writes, unless every_process (each its own distributed.rank_file)."""
-    from ilrdpo.distributed import is_main
-
-    if not (every_process or is_main()):
-        return
+    from a kill or a full disk, is dropped by read_jsonl_tolerant). Under several processes the
+    caller decides who writes (the main process, or each its own ranks.rank_file)."""
     path = Path(path)
     line = (json.dumps(_as_dict(row), ensure_ascii=False) + "\n").encode("utf-8")
     with disk_writes(path.parent, len(line)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ilrdpo import distributed
+from ilrdpo import ranks
 from ilrdpo.config import Config, GenerationSettings
 from ilrdpo.errors import UserInputError
 from ilrdpo.progress import console
@@ -166,9 +166,9 @@ def apply_redo(point: tuple[int, str], rundir: RunDir, state: RunState) -> None:
     dropped = state.drop_from(point)
     note = (f"replaced by `ilrdpo run --redo {point[0]}:{point[1]}` on {time.strftime('%Y-%m-%d %H:%M:%S')}: "
             + "; ".join(f"iteration {t}: {' '.join(names)}" for t, names in sorted(dropped.items())))
-    folder = rundir.replace(dropped, note) if distributed.is_main() else None
+    folder = rundir.replace(dropped, note) if ranks.is_main() else None
     state.save()
-    distributed.barrier()
+    ranks.barrier()
     if not dropped:
         console.print(f"redo {point[0]}:{point[1]}: nothing had run from there yet")
     elif folder is not None:

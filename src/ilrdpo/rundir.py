@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ilrdpo import ranks
 from ilrdpo.config import Config, config_to_yaml, load_config
 from ilrdpo.errors import DiskFullError, UserInputError, disk_writes
 from ilrdpo.records import atomic_write_text, read_json_file
@@ -134,6 +135,8 @@ class RunState:
                 for t in set(self.finished) | set(self.started)}
 
     def save(self) -> None:
+        if not ranks.is_main():  # one writer; every process holds the same state in memory
+            return
         atomic_write_text(self.path, json.dumps(
             {"finished": self.finished, "started": self.started, "alpha": self.alpha,
              "alpha_setting": self.alpha_setting, "attempts": self.attempts, "inputs": self.inputs},
@@ -214,15 +217,13 @@ class RunDir:
         """Take the directory for this process, or refuse naming the holder. The kernel releases
         the lock when the process ends, however it ends. Under several processes the main one
         holds it for all, and all refuse together."""
-        from ilrdpo import distributed
-
         refusal = None
-        if distributed.is_main():
+        if ranks.is_main():
             try:
                 self._lock(command)
             except (UserInputError, DiskFullError) as error:  # every process refuses, none waits
                 refusal = (type(error).__name__, str(error))
-        refusal = distributed.broadcast(refusal)
+        refusal = ranks.broadcast(refusal)
         if refusal is not None:
             raise {"DiskFullError": DiskFullError}.get(refusal[0], UserInputError)(refusal[1])
 
@@ -282,6 +283,8 @@ class RunDir:
 
     def record_config(self, config: Config) -> None:
         """config.yaml := config; a different earlier config moves to config_history/NNN.yaml."""
+        if not ranks.is_main():  # the main process writes
+            return
         text = config_to_yaml(config)
         if self.config_path.exists():
             old = self.config_path.read_text(encoding="utf-8")
@@ -366,10 +369,8 @@ class RunDir:
     def remove_debris(self) -> list[Path]:
         """Temp files of interrupted atomic writes and staging folders of interrupted model saves.
         Only the names this project writes, only in the folders it writes them: an output_dir
-        may hold a user's own files. The main process cleans (ilrdpo.distributed)."""
-        from ilrdpo.distributed import is_main
-
-        if not self.root.is_dir() or not is_main():
+        may hold a user's own files. The main process cleans."""
+        if not self.root.is_dir() or not ranks.is_main():
             return []
         folders = [self.root, self.history_dir, *self.iterations().values()]
         folders += [f / "checkpoint" for f in folders]

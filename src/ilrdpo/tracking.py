@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ilrdpo import ranks
+
 # eval.json entries logged per iteration (eval/<name>), when present
 EVAL_METRICS = {
     "length": ("length", "tokens_mean"), "quality": ("quality_mean",), "reward": ("reward_mean",),
@@ -42,10 +44,8 @@ class RunTracker:
 
     def __init__(self, report_to: list[str], output_dir: Path, hparams: dict, *, project: str | None = None,
                  run_name: str | None = None) -> None:
-        from ilrdpo.distributed import is_main
-
         self.trackers: list = []
-        if not report_to or not is_main():
+        if not report_to or not ranks.is_main():
             return
         from accelerate.tracking import TensorBoardTracker, WandBTracker
 

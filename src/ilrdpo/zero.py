@@ -4,7 +4,7 @@ processes as ACCELERATE_DEEPSPEED_* variables).
 
 Only training runs in the engine: the reference log-probs before it, and sampling, scoring and
 evaluation after it (on the saved model, loaded whole), run as in distributed.py. The round's
-loop stays ilrdpo's own:
+loop stays ilrdpo's own (engines.ZeRO is its engine there):
 
 - the engine's gradient accumulation is unmanaged (`managed_gradient_accumulation: false`): every
   micro-batch's backward goes through the engine, and `engine.step()` closes the optimizer step
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ilrdpo import distributed
+from ilrdpo import ranks
 from ilrdpo.errors import UserInputError
 
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # torch AdamW's per-parameter state besides "step"
@@ -44,7 +44,7 @@ _ENGINE = "_ilrdpo_zero_engine"  # the model's engine, kept in its __dict__ (not
 def requested() -> bool:
     """The launcher asked for DeepSpeed (accelerate's ACCELERATE_USE_DEEPSPEED), with any number of
     processes (one: ZeRO-Offload's CPU memory on a single GPU)."""
-    return distributed.env_flag("ACCELERATE_USE_DEEPSPEED")
+    return ranks.env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 def engine_of(model):
@@ -56,7 +56,7 @@ def check_launch() -> None:
     if not requested():
         return
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed  # noqa: F401  (lazy: the optional ilrdpo[deepspeed] extra)
     except ImportError:
         raise UserInputError("accelerate config: DeepSpeed is not installed; pip install 'ilrdpo[deepspeed]'") \
             from None
@@ -138,7 +138,7 @@ def initialize(model, optimizer, max_grad_norm: float, compute_dtype: torch.dtyp
     """Hand the model and its AdamW to a ZeRO engine (in place: the model's weights become the
     engine's, partitioned under stage 3). The learning-rate schedule stays on `optimizer`, whose
     param_groups the engine keeps."""
-    import deepspeed
+    import deepspeed  # lazy: optional extra
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=engine_config(max_grad_norm, compute_dtype), dist_init_required=False)
@@ -170,7 +170,7 @@ def step(engine) -> float:
 
 
 def _gathered(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
-    import deepspeed
+    import deepspeed  # lazy: optional extra
 
     partitioned = [p for p in params if hasattr(p, "ds_id")]  # ZeRO-3 partitions; 1 and 2 keep whole weights
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank, enabled=bool(partitioned))
@@ -183,7 +183,7 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
 def full_state_dict(model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """Whole weights on the CPU of the main process ({} in the others; every process must call
     it): trained ones from the float32 master partitions, frozen ones gathered; tied weights once."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param  # lazy: optional extra
 
     state = {}
     for name, p in model.named_parameters():
@@ -198,7 +198,7 @@ def full_state_dict(model, trainable_only: bool = False) -> dict[str, torch.Tens
     if not trainable_only:
         persistent = set(model.state_dict().keys())
         state.update({n: b.detach().cpu() for n, b in model.named_buffers() if n in persistent})
-    return state if distributed.is_main() else {}
+    return state if ranks.is_main() else {}
 
 
 def _base_optimizer(model) -> torch.optim.Optimizer:
@@ -208,7 +208,7 @@ def _base_optimizer(model) -> torch.optim.Optimizer:
 def full_optimizer_state(model, optimizer) -> dict:
     """AdamW's state by parameter name, whole, in the layout of
     torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(full_state_dict=True)."""
-    from deepspeed.utils import safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_optimizer_state  # lazy: optional extra
 
     base = _base_optimizer(model)
     steps = [s["step"] for s in base.state.values() if "step" in s]
@@ -226,7 +226,7 @@ def load_full_state(model, optimizer, params: dict[str, torch.Tensor], optimizer
     """Load whole weights and AdamW state (as full_state_dict / full_optimizer_state, or a
     single-process checkpoint, gave them) into the engine's partitions, and the saved step's
     hyperparameters (its learning rate) into the optimizer's param_groups."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # lazy: optional extra
 
     engine = engine_of(model)
     trainable = _trainable(model)

@@ -245,9 +245,9 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
             paired = [r for prefix in _present_sets(rows) for r in paired_differences(out, seeds, prefix, method)]
             if paired:
                 lines += [f"### {arm_name(method)} against {arm_name(VANILLA)}, prompt by prompt", "",
-                          "The quality difference on each prompt (same prompt, same seed), averaged; the interval "
-                          "resamples prompts. The claim above compares means; this says whether a gap is more than "
-                          "the eval set's sampling noise.", "", *paired_table(paired, method), ""]
+                          ("The quality difference on each prompt (same prompt, same seed), averaged; the interval "
+                           "resamples prompts. The claim above compares means; this says whether a gap is more than "
+                           "the eval set's sampling noise."), "", *paired_table(paired, method), ""]
     for prefix, name in _present_sets(rows).items():
         panels = {title: {arm_name(arm): by_iteration(rows, arm, f"{prefix}_{key}") for arm in arms}
                   for key, title in (("length", "mean length (tokens)"), ("quality", "quality"))}
