@@ -319,8 +319,7 @@ class RunDir:
         found = [self.file(k, "model") for k in self.iterations() if 1 <= k <= last - keep]
         found += [a / "model" for k in self.iterations() if 1 <= k <= last
                   for a in sorted(self.iteration(k).glob("attempt_*"))]
-        removed = [path for path in found if path.is_dir()]
-        for path in removed:
+        for path in (removed := [path for path in found if path.is_dir()]):
             shutil.rmtree(path)
         return removed
 
@@ -358,8 +357,7 @@ class RunDir:
             if not path.exists():
                 continue
             (target / f"iter_{t}").mkdir(exist_ok=True)
-            keep = path.name == "candidates.jsonl" and "generate" not in dropped.get(t, [])
-            if keep:
+            if path.name == "candidates.jsonl" and "generate" not in dropped.get(t, []):  # score redone
                 shutil.copy2(path, target / f"iter_{t}" / path.name)
             else:
                 os.replace(path, target / f"iter_{t}" / path.name)
