@@ -19,14 +19,15 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # Lowest first; a module may import modules of its own layer and of the layers below. A module
 # takes the layer of its top-level name under ilrdpo (evaluation.report: evaluation).
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base: imports nothing of ilrdpo", {"errors", "faults", "ranks", "progress", "loss", "logprobs"}),
+    ("base: imports nothing of ilrdpo", {"errors", "faults", "ranks", "progress", "loss", "logprobs",
+                                        "interrupts"}),
     ("data: settings, records, files", {"config", "records", "data", "pairing", "alpha", "rundir", "resume", "distributed",
                                         "tracking", "hub", "evaluation"}),
     ("models: models and what runs them", {"models", "batching", "scoring", "generation"}),
     ("engines: parallel training", {"engines", "zero", "checkpoint", "guard"}),
     ("stages: the loop's stages and the library functions", {"train", "evaluate", "preflight", "loop", "offline",
                                                              "tuning", "chat"}),
-    ("commands", {"api", "cli", "demo", "__main__", PACKAGE}),
+    ("commands", {"api", "cli", "cli_args", "demo", "__main__", PACKAGE}),
 ]
 
 

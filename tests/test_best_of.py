@@ -103,7 +103,7 @@ def test_generate_command(tiny_model_dir, tmp_path, prompt_file, monkeypatch):
     (tmp_path / "s.py").write_text(PREFERS_12_CHARS)
     out = tmp_path / "out.jsonl"
     monkeypatch.setattr(sys, "argv", ["ilrdpo", "generate", "--model", str(tiny_model_dir), "--prompts",
-                                      str(prompt_file), "--num-samples", "3", "--best-of", "--scorer", str(scorer_yaml),
+                                      str(prompt_file), "--best-of", "3", "--scorer", str(scorer_yaml),
                                       "--target-length", "5", "--length-unit", "chars", "--max-new-tokens", "6",
                                       "--out", str(out)])
     cli.main()
@@ -126,7 +126,7 @@ def test_recipe_runs_offline_on_the_bundled_models(tmp_path, monkeypatch, capsys
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "out.jsonl"
     monkeypatch.setattr(sys, "argv", ["ilrdpo", "generate", "--model", "bundled:smollm2-135m-instruct",
-                                      "--prompts", str(root / "examples" / prompts), "--num-samples", n, "--best-of",
+                                      "--prompts", str(root / "examples" / prompts), "--best-of", n,
                                       "--scorer", str(root / "configs" / scorer), "--target-length", target,
                                       "--length-weight", "0.01", "--max-new-tokens", "48", "--out", str(out)])
     cli.main()

@@ -1,16 +1,21 @@
-"""`ilrdpo chat` driven through a pipe (smoke tier, tiny model)."""
+"""`ilrdpo chat` on the tiny model: through a pipe (CLI subprocesses: slow tier) and in this
+process (ilrdpo.chat.run_chat with text streams: smoke tier)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # two CLI subprocesses, each loading torch and the model
+from ilrdpo.chat import run_chat
+from ilrdpo.config import GenerationSettings
 
 
 def chat(args: list[str], stdin: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -21,6 +26,7 @@ def chat(args: list[str], stdin: str, cwd: Path) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_piped_chat_keeps_history_saves_and_resets(tiny_model_dir, tmp_path):
     proc = chat(["--model", str(tiny_model_dir), "--max-new-tokens", "5"],
                 "Hello there\nHow are you?\n/save first.json\n/reset\nAgain\n/save second.json\n/quit\nignored\n",
@@ -34,6 +40,7 @@ def test_piped_chat_keeps_history_saves_and_resets(tiny_model_dir, tmp_path):
     assert "(history cleared)" in proc.stdout and "ignored" not in json.dumps(second)
 
 
+@pytest.mark.slow
 def test_best_of_shows_every_candidate_with_its_score(tiny_model_dir, tmp_path):
     (tmp_path / "s.py").write_text("def score(prompts, completions, **kwargs):\n"
                                    "    return [float(len(c)) for c in completions]\n")
@@ -47,3 +54,65 @@ def test_best_of_shows_every_candidate_with_its_score(tiny_model_dir, tmp_path):
     scores = [float(line.split("[")[1].split(",")[0]) for line in candidates]
     kept = next(line for line in candidates if line.startswith("  * ["))
     assert float(kept.split("[")[1].split(",")[0]) == max(scores)  # the longest answer wins under this scorer
+
+
+def chat_in_process(model_dir: Path, lines: str, **options) -> tuple[list[dict], str]:
+    out = io.StringIO()
+    history = run_chat(str(model_dir), stdin=io.StringIO(lines), stdout=out, **options)
+    return history, out.getvalue()
+
+
+@pytest.mark.smoke
+def test_an_unknown_command_is_refused_with_the_list_of_commands(tiny_model_dir):
+    history, out = chat_in_process(tiny_model_dir, "/bogus\n//etc is a path\n",
+                                   generation=GenerationSettings(max_new_tokens=2))
+    assert "(unknown command /bogus; the commands are /reset, /save FILE, /quit;" in out
+    assert [m["content"] for m in history if m["role"] == "user"] == ["/etc is a path"]  # // sends a leading /
+
+
+@pytest.mark.smoke
+def test_save_keeps_the_system_prompt(tiny_model_dir, tmp_path):
+    target = tmp_path / "chat.json"
+    chat_in_process(tiny_model_dir, f"Hello\n/save {target}\n", system_prompt="Answer in French.",
+                    generation=GenerationSettings(max_new_tokens=2))
+    saved = json.loads(target.read_text())
+    assert saved[0] == {"role": "system", "content": "Answer in French."}
+    assert [m["role"] for m in saved[1:]] == ["user", "assistant"]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("best_of", [1, 2])
+def test_a_reply_cut_at_the_token_limit_is_marked(tiny_model_dir, tmp_path, best_of):
+    """The random tiny model does not stop on its own within 3 tokens: every reply is cut."""
+    (tmp_path / "s.py").write_text("def score(prompts, completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    from ilrdpo.config import ScoringSettings
+
+    scorer = ScoringSettings(type="python", function=f"{tmp_path / 's.py'}:score") if best_of > 1 else None
+    history, out = chat_in_process(tiny_model_dir, "Hello\n", best_of=best_of, scorer=scorer,
+                                   generation=GenerationSettings(max_new_tokens=3, temperature=1.0))
+    assert out.rstrip().endswith("[cut at the 3-token limit; --max-new-tokens raises it]")
+    assert "cut at" not in history[-1]["content"]  # the mark is for the reader, not the history
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_reply_exits_130_at_once(tiny_model_dir, tmp_path):
+    """SIGINT while a long reply streams: the decoding thread stops at its next token, status 130."""
+    script = Path(sys.executable).parent / "ilrdpo"
+    env = {**os.environ, "ILRDPO_QUIET": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([str(script), "chat", "--model", str(tiny_model_dir), "--max-new-tokens", "480",
+                                "--temperature", "1.0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    try:
+        process.stdin.write(b"Tell me a long story\n")
+        process.stdin.flush()
+        assert process.stdout.read(1)  # the reply has started
+        process.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        process.wait(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and elapsed < 3, (process.returncode, elapsed)
+    assert process.stderr.read().decode().strip().splitlines()[-1] == "stopped"

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import DESIGN_METRICS, call_main, console_script
+from ilrdpo import cli
+from ilrdpo.cli_args import split_config
 from ilrdpo.config import load_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -150,9 +153,9 @@ def test_lora_run_saves_adapter_and_merged_weights(monkeypatch, tiny_model_dir, 
 def test_config_and_overrides_in_every_form(args, expected):
     """TRL-style `--key value` flags and `--config` next to `key=value` (typer hands unknown
     options of train/run through as arguments)."""
-    from ilrdpo.cli import _split_config
+    from ilrdpo.cli_args import split_config
 
-    assert _split_config(args[0], args[1:]) == expected
+    assert split_config(args[0], args[1:]) == expected
 
 
 def test_trl_flag_on_the_command_line_overrides_the_file(monkeypatch, tmp_path, capsys):
@@ -163,3 +166,101 @@ def test_trl_flag_on_the_command_line_overrides_the_file(monkeypatch, tmp_path, 
     code = call_main(monkeypatch, ["train", "--config", str(config_file), "--beta", "0.2",
                                    "data.pairs=missing.jsonl", f"output_dir={tmp_path / 'o'}"])
     assert code == 2 and capsys.readouterr().err == "error: missing.jsonl: file not found\n"
+
+
+# --- first contact: help, flags, config-help --------------------------------------------------------
+
+COMMANDS = ["train", "run", "evaluate", "generate", "chat", "tune", "demo", "report", "config-help"]
+
+
+@pytest.mark.slow  # a fresh interpreter: this one has torch loaded already
+def test_help_loads_neither_torch_nor_transformers(tmp_path):
+    """`ilrdpo --help` and every command's help answer without importing torch or transformers
+    (they take seconds): imported and run in a fresh interpreter, which then lists what it loaded."""
+    script = ("import sys\nfrom ilrdpo import cli\n"
+              f"for args in [['--help'], *[[c, '--help'] for c in {COMMANDS!r}]]:\n"
+              "    sys.argv = ['ilrdpo', *args]\n"
+              "    try:\n        cli.main()\n    except SystemExit as stop:\n        assert not stop.code, args\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=os.environ.copy(), check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_no_type_placeholders(monkeypatch, capsys, command):
+    assert call_main(monkeypatch, [command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "<bool>" not in out and "Usage: ilrdpo" in out
+    assert all(len(line) <= 80 for line in out.splitlines())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", ["train", "run", "tune"])
+def test_config_commands_show_the_config_option_and_what_is_required(monkeypatch, capsys, command):
+    call_main(monkeypatch, [command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--config FILE" in out and "`ilrdpo config-help`" in out and "--push-to-hub org/name" in out
+    if command != "tune":
+        assert {"train": "Required: data.pairs", "run": "Required: data.prompts"}[command] in out
+
+
+@pytest.mark.unit
+def test_config_option_and_a_config_argument_are_the_same(monkeypatch, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("loss:\n  beta: 0.3\n")
+    assert split_config(None, ["loss.alpha=0.1"], str(config)) == (str(config), ["loss.alpha=0.1"])
+    assert split_config(str(config), ["loss.alpha=0.1"]) == (str(config), ["loss.alpha=0.1"])
+
+
+def sampling_options(command: str) -> dict[str, bool]:
+    """{option: takes a value} of a command."""
+    import typer
+
+    click_command = typer.main.get_command(cli.app).commands[command]
+    return {opt: not p.is_flag for p in click_command.params for opt in p.opts if opt.startswith("--")}
+
+
+@pytest.mark.unit
+def test_generate_and_chat_share_their_sampling_flags_with_one_meaning():
+    shared = {"--model", "--best-of", "--scorer", "--target-length", "--length-unit", "--length-weight", "--system",
+              "--max-new-tokens", "--temperature", "--top-p", "--seed"}
+    generate, chat = sampling_options("generate"), sampling_options("chat")
+    assert shared <= generate.keys() and shared <= chat.keys()
+    assert all(generate[o] == chat[o] for o in shared) and generate["--best-of"]  # --best-of N in both
+
+
+@pytest.mark.unit
+def test_best_of_and_a_different_num_samples_are_refused(monkeypatch, capsys, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    code = call_main(monkeypatch, ["generate", "--model", str(tmp_path), "--prompts", str(prompts), "--out",
+                                   str(tmp_path / "o.jsonl"), "--num-samples", "3", "--best-of", "5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: options '--num-samples' 3 and '--best-of' 5") and "\n" not in err
+
+
+@pytest.mark.unit
+def test_config_help_in_a_pipe_keeps_every_key_whole_within_80_columns(monkeypatch, capsys):
+    from ilrdpo.config import field_docs
+
+    assert call_main(monkeypatch, ["config-help"]) == 0
+    out = capsys.readouterr().out
+    heads = [line.split(" = ")[0] for line in out.splitlines() if line and not line.startswith(" ")]
+    assert heads == [key for key, _, _ in field_docs()] and "loss.length_unit = 'tokens'" in out
+    assert "…" not in out and all(len(line) <= 80 for line in out.splitlines())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command,option", [("generate", "--top-p"), ("chat", "--max-new-tokens"),
+                                            ("evaluate", "--max-new-tokens")])
+def test_a_bad_generation_option_is_one_line_naming_it(monkeypatch, capsys, tmp_path, command, option):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi", "reference": "Hello."}\n')
+    files = {"generate": ["--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")],
+             "evaluate": ["--prompts", str(prompts)], "chat": []}[command]
+    code = call_main(monkeypatch, [command, "--model", str(tmp_path), *files, option, "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: option '{option}': ") and "\n" not in err

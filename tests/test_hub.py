@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from helpers import EXAMPLES, SCORER
+from helpers import EXAMPLES, SCORER, call_main
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.hub import model_card
@@ -88,3 +88,76 @@ def test_bad_repo_id_is_refused_before_anything_runs(tmp_path):
         run_offline(build_config({"model": {"push_to_hub": "not a repo"},
                                   "data": {"pairs": str(EXAMPLES / "pairs.jsonl")}, "output_dir": str(tmp_path / "o")}))
     assert not (tmp_path / "o").exists()
+
+
+# --- a hub model on a machine without the hub ----------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, an empty hub cache and a hub endpoint that refuses connections: what an
+    offline machine meets (the connection is really tried and really fails)."""
+    from huggingface_hub import constants
+
+    from ilrdpo.hub import hub_reachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_reachable.cache_clear()
+    yield tmp_path / "hub"
+    hub_reachable.cache_clear()
+
+
+MISSING = "ilrdpo-test/not-on-this-machine"
+COMMANDS = {"generate": ["--model", MISSING, "--prompts", "{p}", "--out", "{o}"],
+            "chat": ["--model", MISSING], "evaluate": ["--model", MISSING, "--prompts", "{p}"],
+            "run": [f"model.name_or_path={MISSING}", "data.prompts={p}", "output_dir={o}"],
+            "train": [f"--model_name_or_path={MISSING}", "data.pairs={p}", "output_dir={o}"]}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_hub_model_that_is_not_here_without_a_hub_is_one_line_at_once(unreachable_hub, monkeypatch, capsys,
+                                                                        tmp_path, command):
+    import time
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    args = [a.format(p=prompts, o=tmp_path / "out") for a in COMMANDS[command]]
+    start = time.monotonic()
+    code = call_main(monkeypatch, [command, *args])
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err.strip().splitlines()
+    where = "config key 'model.name_or_path'" if command in ("run", "train") else "option '--model'"
+    assert code == 2 and elapsed < 5 and len(err) == 1
+    assert err[0].startswith(f"error: {where}: model '{MISSING}' is not a folder here nor in the local hub cache")
+    assert "cannot be reached" in err[0] and "local model folder" in err[0] and "bundled:" in err[0]
+
+
+@pytest.mark.smoke
+def test_a_cached_hub_model_loads_without_retries_when_the_hub_is_unreachable(unreachable_hub, monkeypatch,
+                                                                             tiny_model_dir, tmp_path):
+    """The model is in the hub cache (laid out as huggingface_hub writes it): it loads from there
+    at once, where huggingface_hub's retries would first spend about a minute."""
+    import shutil
+    import time
+
+    from huggingface_hub import constants
+
+    repo = unreachable_hub / "models--ilrdpo-test--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test: go_offline sets it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    start = time.monotonic()
+    code = call_main(monkeypatch, ["generate", "--model", "ilrdpo-test/tiny", "--prompts", str(prompts),
+                                   "--out", str(tmp_path / "o.jsonl"), "--num-samples", "1", "--max-new-tokens", "2"])
+    assert code == 0 and time.monotonic() - start < 20
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 1

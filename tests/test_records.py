@@ -163,3 +163,12 @@ def test_implicit_string_pairs_without_a_shared_prompt_are_refused(tmp_path):
     path = write_lines(tmp_path / "pairs.jsonl", *lines_of({"chosen": "Blue.", "rejected": "Red."}))
     with pytest.raises(UserInputError, match=r"pairs.jsonl:1: missing field 'prompt'"):
         read_pairs(path)
+
+
+@pytest.mark.parametrize("indent", [None, 2], ids=["one line", "pretty-printed"])
+def test_a_json_array_saved_as_jsonl_is_named_as_such(tmp_path, indent):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps([GOOD, GOOD], indent=indent) + "\n")
+    with pytest.raises(UserInputError, match=r"this is a JSON array, and JSONL holds one object per line") as info:
+        read_pairs(path)
+    assert str(info.value).startswith(f"{path}:1: ") and "\n" not in str(info.value)

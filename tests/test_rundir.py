@@ -87,3 +87,14 @@ def test_debris_of_killed_writers_is_removed_on_the_next_start(tmp_path):
     assert (out / "notes.old" / ".draft.tmp").read_text() == "keep"
 
 
+
+
+def test_resume_line_names_what_is_reused_and_what_restarts(tmp_path):
+    from ilrdpo.rundir import RunState
+
+    state = RunState(tmp_path / "state.json")
+    assert state.resume_line() is None  # a fresh run directory says nothing
+    state.finished = {0: ["eval"], 1: ["generate", "score"]}
+    state.started = {0: ["eval"], 1: ["generate", "score", "pair"]}
+    assert state.resume_line() == ("resuming: reusing finished iteration 0 eval; iteration 1 generate, score; "
+                                   "restarting iteration 1 pair (keeping its finished batches or checkpoint, if any)")

@@ -1,16 +1,23 @@
-"""Command line: thin commands over the library functions."""
+"""Command line: thin commands over the library functions.
+
+Importing this module loads no torch and no transformers (`--help` answers at once): each command
+imports what it needs when it runs; ilrdpo.config is torch-free for the defaults shown here.
+"""
 
 from __future__ import annotations
 
-import re
 import sys
 
 import typer
 
+from ilrdpo import interrupts
+from ilrdpo.cli_args import split_config, usage_line
 from ilrdpo.config import GenerationSettings
 from ilrdpo.errors import IlrdpoError, UserInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# rich_markup_mode=None: click's plain help, which reads the same in a pipe at 80 columns and shows
+# no `<bool>` placeholder after a flag (typer's boxed help does)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Iterative Length-Regularized DPO: better answers without longer answers.")
 
 def _print_version(value: bool) -> None:
@@ -21,53 +28,78 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def flag(name: str, help: str) -> bool:
+    """An on/off option, off unless given."""
+    return typer.Option(False, name, help=help)
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Iterative Length-Regularized DPO: better answers without longer answers."""
-    from ilrdpo import engines  # lazy, as every command's modules here: accelerate loads with the command
 
-    engines.init()  # under accelerate launch / torchrun: join the processes (one: nothing)
+
+def _join_processes() -> None:
+    """Under accelerate launch / torchrun: join the processes (one process: nothing). Called by the
+    commands that work, not for `--help`, which must not wait for torch."""
+    from ilrdpo import engines
+
+    engines.init()
 
 
 # `ilrdpo evaluate`'s defaults are the config's generation defaults: one source of truth.
 GENERATION = GenerationSettings()
-OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.alpha=0.05")
+OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. loss.alpha=0.05", show_default=False)
+CONFIG_OPTION = typer.Option(None, "--config", metavar="FILE", help="YAML config (the same as giving it first)")
+OVERRIDE_HELP = ("Any config key can be set as section.key=value or --section.key value, and TRL's DPOConfig names "
+                 "are accepted (--learning_rate 5e-7, --beta 0.1, --push-to-hub org/name, ...); every key: "
+                 "`ilrdpo config-help`.")
 
 
-# `--key value`, `--key=value` and `--config FILE` are accepted next to `key=value` (TRL's style).
-OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 CONFIG_ARGS = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
 
 
-@app.command(**CONFIG_ARGS)
-def train(config: str | None = typer.Argument(None, help="YAML config (omit for defaults)"),
+@app.command(**CONFIG_ARGS, epilog=OVERRIDE_HELP)
+def train(config: str | None = typer.Argument(None, help="YAML config (omit for defaults)", show_default=False),
           overrides: list[str] | None = OVERRIDES,
-          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a trained model in output_dir")) -> None:
-    """One round of LR-DPO on a preference-pairs file (data.pairs)."""
-    from ilrdpo.config import load_config
+          config_file: str | None = CONFIG_OPTION,
+          overwrite: bool = flag("--overwrite", "Replace a trained model in output_dir")) -> None:
+    """One round of LR-DPO on preference pairs.
+
+    Required: data.pairs (a JSONL file, a dataset folder or file, or a hub dataset name). The model
+    (default the bundled SmolLM2-135M-Instruct) goes to output_dir/model; a stopped round resumes.
+    """
+    config, overrides = split_config(config, overrides, config_file)
+    settings = _load_config(config, overrides)
     from ilrdpo.offline import run_offline
 
-    config, overrides = _split_config(config, overrides)
-    run_offline(load_config(config, overrides), overwrite=overwrite)
+    _join_processes()
+    run_offline(settings, overwrite=overwrite)
 
 
-@app.command(**CONFIG_ARGS)
-def run(config: str | None = typer.Argument(None, help="YAML config"),
+@app.command(**CONFIG_ARGS, epilog=OVERRIDE_HELP)
+def run(config: str | None = typer.Argument(None, help="YAML config", show_default=False),
         overrides: list[str] | None = OVERRIDES,
-        force: bool = typer.Option(False, "--force", help="Continue even if the config changed under finished work"),
-        redo: str | None = typer.Option(None, "--redo", metavar="ITER:STAGE",
+        config_file: str | None = CONFIG_OPTION,
+        force: bool = flag("--force", "Continue even if the config changed under finished work"),
+        redo: str | None = typer.Option(None, "--redo", metavar="ITER:STAGE", show_default=False,
                                         help="Compute again from this stage of this iteration (e.g. 1:generate; "
                                         "0:eval = the initial model's evaluation), and everything after it, with "
                                         "the config given; the replaced files move to OUT/replaced/NNN/")) -> None:
-    """The iterative loop: sample, score, pair, train, evaluate; resumes an existing run directory."""
-    from ilrdpo.config import load_config
-    from ilrdpo.loop import run_iterations
+    """The iterative loop: sample, score, pair, train, evaluate; resumes an existing run directory.
+
+    Required: data.prompts (JSONL; the default scorer, embedding similarity, also needs a reference answer
+    per prompt). data.eval_prompts adds win rates per iteration. Output: output_dir (default runs/default).
+    """
     from ilrdpo.resume import parse_redo
 
-    config, overrides = _split_config(config, overrides)
     point = parse_redo(redo) if redo is not None else None
-    run_iterations(load_config(config, overrides), force=force, redo=point)
+    config, overrides = split_config(config, overrides, config_file)
+    settings = _load_config(config, overrides)
+    from ilrdpo.loop import run_iterations
+
+    _join_processes()
+    run_iterations(settings, force=force, redo=point)
 
 
 @app.command()
@@ -78,25 +110,30 @@ def evaluate(
     baseline: str | None = typer.Option(None, "--baseline", help="Baseline model to compare against"),
     out: str | None = typer.Option(None, "--out", help="Write the result JSON here (answers beside it)"),
     max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest answer in tokens"),
-    sample: bool = typer.Option(False, "--sample", help="Sample (seeded) instead of greedy decoding"),
+    sample: bool = flag("--sample", "Sample (seeded) instead of greedy decoding"),
     temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature with --sample"),
     seed: int = typer.Option(0, help="Seed for --sample"),
     batch_size: int = typer.Option(GENERATION.batch_size, help="Sequences decoded together"),
-    anchors: bool = typer.Option(False, "--anchors", help="Also answer with the baseline told to be concise and "
-                                 "verbose (two more passes): length anchors for the LC fit"),
+    anchors: bool = flag("--anchors", "Also answer with the baseline told to be concise and verbose (two more "
+                         "passes): length anchors for the LC fit"),
 ) -> None:
     """Win rate and length-controlled win rate of a model against a baseline under a judge."""
     import json
     from pathlib import Path
 
     from ilrdpo import ranks
+    from ilrdpo.preflight import check_evaluate, check_model_option
+
+    for option, name in (("--model", model), ("--baseline", baseline)):
+        if name is not None:  # first: before torch loads, an unreachable hub is said in seconds
+            check_model_option(name, option)
     from ilrdpo.evaluate import evaluate_models, load_judge_settings, print_evaluation
-    from ilrdpo.preflight import check_evaluate
     from ilrdpo.records import atomic_write_text
 
+    _join_processes()
     judge_settings = load_judge_settings(judge)
     check_evaluate(model, prompts, judge_settings, baseline, out)
-    generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
+    generation = _generation(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size)
     out_path = Path(out) if out else None
     result = evaluate_models(model, prompts, judge_settings, baseline=baseline, generation=generation,
                              greedy=not sample, seed=seed, out_dir=out_path.parent if out_path else None,
@@ -106,93 +143,149 @@ def evaluate(
         atomic_write_text(out_path, json.dumps(result, indent=1))
 
 
+# Options of `generate` and `chat`: one declaration, one meaning in both.
+MODEL = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA), hub id or "
+                     "bundled:NAME")
+SCORER = typer.Option(None, "--scorer", help="YAML with scoring-section keys (for --best-of)")
+TARGET_LENGTH = typer.Option(None, "--target-length", help="Prefer answers near this length")
+LENGTH_UNIT = typer.Option("tokens", "--length-unit", help="tokens or chars")
+LENGTH_WEIGHT = typer.Option(0.01, "--length-weight", help="Score lost per unit of |length - target|")
+SYSTEM = typer.Option(None, "--system", help="System message before each prompt")
+MAX_NEW_TOKENS = typer.Option(GENERATION.max_new_tokens, "--max-new-tokens", help="Longest answer in tokens")
+TEMPERATURE = typer.Option(GENERATION.temperature, "--temperature", help="Sampling temperature")
+TOP_P = typer.Option(GENERATION.top_p, "--top-p", help="Nucleus sampling mass")
+SEED = typer.Option(0, "--seed", help="Sampling seed")
+NUM_SAMPLES = 4
+
+
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA) or hub id"),
+    model: str = MODEL,
     prompts: str = typer.Option(..., "--prompts", help="Prompts JSONL (strings or message lists; target_length optional)"),
     out: str = typer.Option(..., "--out", help="Output JSONL: prompt, response, candidates"),
-    num_samples: int = typer.Option(4, "--num-samples", min=1, help="Answers sampled per prompt"),
-    best_of: bool = typer.Option(False, "--best-of", help="Keep the best-scored answer (needs --scorer)"),
-    scorer: str | None = typer.Option(None, "--scorer", help="YAML with scoring-section keys"),
-    target_length: float | None = typer.Option(None, "--target-length", help="Prefer answers near this length"),
-    length_unit: str = typer.Option("tokens", "--length-unit", help="tokens or chars"),
-    length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per unit of |length - target|"),
-    max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest answer in tokens"),
-    temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
-    top_p: float = typer.Option(GENERATION.top_p, help="Nucleus sampling mass"),
-    seed: int = typer.Option(0, help="Sampling seed"),
+    num_samples: int = typer.Option(NUM_SAMPLES, "--num-samples", min=1, help="Answers per prompt (without --best-of)"),
+    best_of: int | None = typer.Option(None, "--best-of", min=1, metavar="N",
+                                       help="Sample N answers per prompt and keep the best (needs --scorer)"),
+    scorer: str | None = SCORER,
+    target_length: float | None = TARGET_LENGTH,
+    length_unit: str = LENGTH_UNIT,
+    length_weight: float = LENGTH_WEIGHT,
+    system_prompt: str | None = SYSTEM,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
     on_long_prompt: str = typer.Option("truncate", "--on-long-prompt", help="truncate (keep the end) or error"),
 ) -> None:
-    """N answers per prompt from a trained model; --best-of keeps the best under a scorer and a target length."""
+    """N answers per prompt from a trained model; --best-of N keeps the best under a scorer and a target length."""
+    from ilrdpo.preflight import check_model_option
+
+    check_model_option(model, "--model")  # first: before torch loads, an unreachable hub is said in seconds
     from ilrdpo.config import DataSettings
     from ilrdpo.evaluate import load_judge_settings
-    from ilrdpo.generation.best_of import Rerank, generate_file
+    from ilrdpo.generation.best_of import generate_file
+
+    _join_processes()
+    if best_of is not None and num_samples not in (NUM_SAMPLES, best_of):
+        raise UserInputError(f"options '--num-samples' {num_samples} and '--best-of' {best_of}: --best-of N samples "
+                             "N answers; give one of them")
+    if on_long_prompt not in ("truncate", "error"):
+        raise UserInputError(f"option '--on-long-prompt': '{on_long_prompt}' is not truncate or error")
+    generate_file(model, prompts, out, num_samples=best_of or num_samples, best_of=best_of is not None, seed=seed,
+                  generation=_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+                  data=DataSettings(on_long_prompt=on_long_prompt, system_prompt=system_prompt),
+                  scorer=load_judge_settings(scorer) if scorer else None,
+                  rerank=_rerank(target_length, length_unit, length_weight))
+
+
+def _generation(**values: float) -> GenerationSettings:
+    """The generation settings of command-line options; a bad value is one line naming its option."""
+    try:
+        return GenerationSettings(**values)
+    except ValueError as error:  # pydantic's ValidationError
+        first = error.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-")
+        raise UserInputError(f"option '{option}': {first['msg'].lower()}") from None
+
+
+def _rerank(target_length: float | None, length_unit: str, length_weight: float):
+    from ilrdpo.generation.best_of import Rerank
 
     if length_unit not in ("tokens", "chars"):
         raise UserInputError(f"option '--length-unit': '{length_unit}' is not tokens or chars")
-    generation = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    if on_long_prompt not in ("truncate", "error"):
-        raise UserInputError(f"option '--on-long-prompt': '{on_long_prompt}' is not truncate or error")
-    generate_file(model, prompts, out, num_samples=num_samples, best_of=best_of, seed=seed, generation=generation,
-                  data=DataSettings(on_long_prompt=on_long_prompt),
-                  scorer=load_judge_settings(scorer) if scorer else None,
-                  rerank=Rerank(target_length, length_unit, length_weight))
+    return Rerank(target_length, length_unit, length_weight)
 
 
 @app.command()
 def chat(
-    model: str = typer.Option(..., "--model", help="Model folder (`ilrdpo run`/`train` output, full or LoRA) or hub id"),
-    best_of: int = typer.Option(1, "--best-of", min=1, help="Sample N candidates per turn and keep the best"),
-    scorer: str | None = typer.Option(None, "--scorer", help="YAML with scoring-section keys (for --best-of)"),
-    target_length: float | None = typer.Option(None, "--target-length", help="Prefer replies near this length"),
-    length_weight: float = typer.Option(0.01, "--length-weight", help="Score lost per token from the target"),
-    system_prompt: str | None = typer.Option(None, "--system", help="System message"),
-    max_new_tokens: int = typer.Option(GENERATION.max_new_tokens, help="Longest reply in tokens"),
-    temperature: float = typer.Option(GENERATION.temperature, help="Sampling temperature"),
-    verbose: bool = typer.Option(False, "--verbose", help="Show every candidate with its score"),
+    model: str = MODEL,
+    best_of: int = typer.Option(1, "--best-of", min=1, metavar="N",
+                                help="Sample N replies per turn and keep the best (needs --scorer when N > 1)"),
+    scorer: str | None = SCORER,
+    target_length: float | None = TARGET_LENGTH,
+    length_unit: str = LENGTH_UNIT,
+    length_weight: float = LENGTH_WEIGHT,
+    system_prompt: str | None = SYSTEM,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    verbose: bool = flag("--verbose", "Show every candidate with its score"),
 ) -> None:
     """Chat with a model in the terminal (/reset, /save FILE, /quit); input may be piped in."""
+    from ilrdpo.preflight import check_model_option
+
+    check_model_option(model, "--model")  # first: before torch loads, an unreachable hub is said in seconds
     from ilrdpo.chat import run_chat
     from ilrdpo.evaluate import load_judge_settings
-    from ilrdpo.generation.best_of import Rerank
 
+    _join_processes()
     run_chat(model, best_of=best_of, scorer=load_judge_settings(scorer) if scorer else None,
-             rerank=Rerank(target_length, "tokens", length_weight), system_prompt=system_prompt, verbose=verbose,
-             generation=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+             rerank=_rerank(target_length, length_unit, length_weight), system_prompt=system_prompt,
+             verbose=verbose, seed=seed,
+             generation=_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p))
 
 
-@app.command(**CONFIG_ARGS)
-def tune(config: str | None = typer.Argument(None, help="YAML config with a tune section"),
+@app.command(**CONFIG_ARGS, epilog=OVERRIDE_HELP)
+def tune(config: str | None = typer.Argument(None, help="YAML config with a tune section", show_default=False),
          overrides: list[str] | None = OVERRIDES,
+         config_file: str | None = CONFIG_OPTION,
          trials: int = typer.Option(10, "--trials", min=1, help="Trials to run in this invocation"),
          storage: str | None = typer.Option(None, "--storage", help="optuna storage URL (default OUT/study.db)"),
          study: str | None = typer.Option(None, "--study", help="Study name (default the output folder's name)"),
-         resume: bool = typer.Option(False, "--resume", help="Add trials to an existing study")) -> None:
+         resume: bool = flag("--resume", "Add trials to an existing study")) -> None:
     """Hyperparameter search (optuna): each trial a short `ilrdpo run`; best config, Pareto set and plots."""
-    from ilrdpo.config import load_config
+    config, overrides = split_config(config, overrides, config_file)
+    settings = _load_config(config, overrides)
     from ilrdpo.tuning import tune as run_tune
 
-    config, overrides = _split_config(config, overrides)
-    run_tune(load_config(config, overrides), trials=trials, storage=storage, study_name=study, resume=resume)
+    _join_processes()
+    with interrupts.where(resume="rerun it with --resume to add the remaining trials to the study"):
+        run_tune(settings, trials=trials, storage=storage, study_name=study, resume=resume)
+
+
+# the README says the same (Quick start)
+QUICK_DEMO = "8 prompts, 2 iterations, 10 eval prompts (minutes on a laptop CPU; too small to show the effect)"
 
 
 @app.command()
 def demo(
     out: str = typer.Option("runs/demo", "--out", help="Folder for both arms and the report"),
-    quick: bool = typer.Option(False, "--quick", help="Fewer prompts and iterations (about 4 minutes)"),
+    quick: bool = flag("--quick", f"The smoke version: {QUICK_DEMO}"),
     model: str | None = typer.Option(None, "--model", help="Base policy (default: bundled SmolLM2-135M-Instruct)"),
     seed: int = typer.Option(0, help="Seed for both arms"),
     seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2: the demo once "
                                      "per seed (OUT/seed_S) and a table of mean and spread (OUT/study.md)"),
-    tune: bool = typer.Option(False, "--tune", help="Instead: search alpha for the demo's setup (one iteration "
-                              "per trial; quality LC win rate up, length down: a Pareto set in OUT)"),
+    tune: bool = flag("--tune", "Instead: search alpha for the demo's setup (one iteration per trial; quality LC "
+                      "win rate up, length down: a Pareto set in OUT)"),
     trials: int = typer.Option(6, "--trials", min=1, help="With --tune: trials to run"),
-    resume: bool = typer.Option(False, "--resume", help="With --tune: add trials to OUT's study"),
+    resume: bool = flag("--resume", "With --tune: add trials to OUT's study"),
     overrides: list[str] | None = OVERRIDES,
 ) -> None:
     """Vanilla iterative DPO vs iLR-DPO offline: quality up, length not."""
     from ilrdpo.demo import run_demo, run_study, tune_config
 
+    _join_processes()
     if tune:
         from ilrdpo.tuning import tune as run_tune
 
@@ -200,13 +293,15 @@ def demo(
                  trials=trials, resume=resume)
         return
     if seeds is None:
-        run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
+        with interrupts.where("the demo"):  # its runs resume
+            run_demo(out, quick=quick, model=model, seed=seed, overrides=list(overrides or []))
         return
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
-    run_study(out, seed_list, quick=quick, model=model, overrides=list(overrides or []))
+    with interrupts.where("the demo"):
+        run_study(out, seed_list, quick=quick, model=model, overrides=list(overrides or []))
 
 
 @app.command()
@@ -228,87 +323,56 @@ def report(run_dirs: list[str] = typer.Argument(..., help="Run directories of `i
 @app.command("config-help")
 def config_help() -> None:
     """Every config key with its default and meaning."""
-    from rich.table import Table
+    import shutil
 
     from ilrdpo.config import field_docs
-    from ilrdpo.progress import console
 
-    table = Table("key", "default", "meaning")
-    for key, default, doc in field_docs():
-        table.add_row(key, default, doc)
-    console.print(table)
+    width = min(shutil.get_terminal_size((80, 24)).columns, 100) if sys.stdout.isatty() else 80
+    print("\n\n".join(config_key_block(key, default, doc, width) for key, default, doc in field_docs()))
 
 
-def _split_config(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
-    """The config file and the overrides, from `CONFIG k=v ...`, `k=v ...` (no file),
-    `--config CONFIG`, `--key value` and `--key=value` in any mix; `--flag` alone means true."""
-    tokens = [t for t in (config, *(overrides or [])) if t is not None]
-    path, out, i = None, [], 0
-    while i < len(tokens):
-        token = tokens[i]
-        if token.startswith("--"):
-            key, sep, value = token[2:].partition("=")
-            if not sep:
-                following = tokens[i + 1] if i + 1 < len(tokens) else "--"
-                has_value = not following.startswith("--") and not OVERRIDE.match(following)
-                value, i = (tokens[i + 1], i + 1) if has_value else ("true", i)
-            if key == "config":
-                path = value
-            else:
-                out.append(f"{key.replace('-', '_')}={value}")
-        elif OVERRIDE.match(token) or ("=" in token and not token.endswith((".yaml", ".yml"))):
-            # key=value, whatever the value (output_dir=runs/x.yaml too); a bare path is the config
-            out.append(token)
-        elif path is None:
-            path = token
-        else:
-            raise UserInputError(f"override {token!r}: expected section.key=value (or --key value); "
-                                 f"the config file is '{path}'")
-        i += 1
-    return path, out
+def config_key_block(key: str, default: str, doc: str, width: int = 80) -> str:
+    """One key of `config-help`: `key = default` whole on its first line, the meaning wrapped
+    below it (a table at 80 columns cut key names and defaults to '…')."""
+    import textwrap
+
+    head = f"{key} = {default}" if default else key
+    return "\n".join([head, *textwrap.wrap(doc, width, initial_indent="    ", subsequent_indent="    ")])
 
 
-def _usage_line(error: typer.TyperException) -> str:
-    """A click usage error as one line that says what to fix (click's own is a boxed paragraph)."""
-    ctx = getattr(error, "ctx", None)
-    command = ctx.command_path if ctx is not None else "ilrdpo"
-    help_hint = f"see `{command} --help`"
-    option = getattr(error, "option_name", None)
-    if option and getattr(error, "possibilities", None) is not None:  # NoSuchOption
-        known = ", ".join(sorted(error.possibilities)) if error.possibilities else ""
-        near = f" (did you mean {known}?)" if known else ""
-        overrides = " or a section.key=value override" if command.split()[-1] in ("train", "run") else ""
-        return f"option '{option}': no such option for `{command}`{near}; use --help for the options{overrides}"
-    param = getattr(error, "param", None)
-    if param is not None and getattr(param, "opts", None) and type(error).__name__ == "BadParameter":
-        return f"option '{param.opts[0]}': {error.message[:1].lower()}{error.message[1:]}; {help_hint}"
-    text = error.format_message().strip() or "usage error"
-    # "No such command 'trian'. Did you mean 'train'?" -> "no such command 'trian' (did you mean 'train'?)"
-    first, *rest = re.split(r"(?<=[.?])\s+", " ".join(text.split()))
-    first = first[:1].lower() + first[1:].rstrip(".")
-    extra = f" ({' '.join(rest)[:1].lower()}{' '.join(rest)[1:]})" if rest else ""
-    return f"{first}{extra}; {help_hint}"
+def _load_config(path: str | None, overrides: list[str]):
+    """The config, after a check of the hub models it names: validation loads torch (the loss types),
+    so an offline machine hears about a model it cannot get in seconds, before that."""
+    from ilrdpo.config import load_config, merged_settings, read_config_file
+    from ilrdpo.preflight import check_hub_models
+
+    check_hub_models(merged_settings(read_config_file(path), overrides))
+    return load_config(path, overrides)
 
 
 def main() -> None:
     try:
-        app(standalone_mode=False, prog_name="ilrdpo")
+        with interrupts.handled():
+            status = app(standalone_mode=False, prog_name="ilrdpo")
+    except interrupts.Interrupted as stop:
+        interrupts.exit_for(stop)
     except IlrdpoError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except (typer.Abort, typer.Exit) as stop:
-        sys.exit(getattr(stop, "exit_code", 1))
+    except typer.Abort:
+        sys.exit(1)
     except typer.TyperException as error:
         # typer vendors click: usage errors (unknown command or option, missing or bad value)
         # are its exceptions, which standalone_mode=False hands to us instead of printing.
         if type(error).__name__ == "NoArgsIsHelpError":  # plain `ilrdpo`: the help, as click shows it
             print(error.format_message())
             sys.exit(2)
-        print(f"error: {_usage_line(error)}", file=sys.stderr)
+        print(f"error: {usage_line(error)}", file=sys.stderr)
         sys.exit(2 if error.exit_code == 2 else error.exit_code)
+    # standalone_mode=False: typer returns a typer.Exit's status instead of raising it (a command's
+    # own return value is None)
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

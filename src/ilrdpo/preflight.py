@@ -13,12 +13,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from ilrdpo import engines
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
-from ilrdpo.models import bundled_path, check_checkpoint
+from ilrdpo.hub import BUNDLED, go_offline, hub_reachable
 from ilrdpo.records import read_json_file, read_pairs, read_prompts
-from ilrdpo.scoring.python_fn import check_function_file
 
 Command = Literal["run", "train"]
 
@@ -44,6 +42,8 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         if config.iterations.alpha_control.mode == "auto" and not config.data.eval_prompts:
             raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
+    from ilrdpo import engines  # torch: not for the model checks of `generate` and `chat`
+
     engines.launched().check_config(config.model.dtype, config.train.max_grad_norm)
     check_output_dir(Path(config.output_dir), command)
     if config.model.push_to_hub and not HUB_REPO.fullmatch(config.model.push_to_hub):
@@ -141,9 +141,14 @@ def local_model_folder(name: str, key: str) -> Path | None:
         return path
     if not HUB_ID.fullmatch(name) or ".." in name:
         raise UserInputError(f"config key '{key}': folder '{name}' not found (a hub id has the form org/name)")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") and not _in_hub_cache(name):
-        raise UserInputError(f"config key '{key}': folder '{name}' not found, and no hub model of that name is "
-                             "in the local cache (HF_HUB_OFFLINE is set)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    if offline or not hub_reachable():
+        if not _in_hub_cache(name):
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+            raise UserInputError(f"config key '{key}': model '{name}' is not a folder here nor in the local hub "
+                                 f"cache, and {why}; give a local model folder (save_pretrained output) or a "
+                                 f"bundled model ({', '.join('bundled:' + b for b in BUNDLED)})")
+        go_offline()  # the cached copy, without a minute of retries first
     return None
 
 
@@ -156,10 +161,29 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def check_hub_models(settings: dict[str, Any]) -> None:
+    """The hub models named in a config's settings (config.merged_settings, before validation, which
+    loads torch) are cached or the hub is reachable: an offline machine hears it in seconds."""
+    def value(*keys: str) -> Any:
+        node: Any = settings
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node
+
+    names = [("model.name_or_path", value("model", "name_or_path"))] + \
+        [(".".join(keys) + ".model", value(*keys, "model")) for keys in (("scoring",), ("eval", "judge"))
+         if value(*keys, "type") != "python"]
+    for key, name in names:
+        if isinstance(name, str) and name and not name.startswith("bundled:") and not Path(name).expanduser().exists():
+            local_model_folder(name, key)
+
+
 def check_model(model: ModelSettings) -> dict[str, Any] | None:
     """The policy's config.json (None for a hub id or a GGUF file); the checkpoint is sound and
     safe, and custom code is only used with model.trust_remote_code."""
     if model.name_or_path.startswith("bundled:"):
+        from ilrdpo.models import bundled_path
+
         bundled_path(model.name_or_path.removeprefix("bundled:"))  # its package is installed
         return None
     folder = local_model_folder(model.name_or_path, "model.name_or_path")
@@ -179,6 +203,8 @@ def check_model(model: ModelSettings) -> dict[str, Any] | None:
     if not isinstance(config, dict):
         raise UserInputError(f"{config_path}: expected a JSON object")
     check_model_code(config, config_path, model.trust_remote_code)
+    from ilrdpo.models import check_checkpoint
+
     check_checkpoint(folder, model.allow_pickle)
     return {**config, "_path": str(config_path)}
 
@@ -254,6 +280,8 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
             raise UserInputError(f"config key '{key}.model' is required for {key}.type reward_model")
         folder = local_model_folder(settings.model, f"{key}.model")
         if folder is not None:
+            from ilrdpo.models import check_checkpoint
+
             check_checkpoint(folder, allow_pickle=False)
     elif settings.type == "embedding_similarity":
         if settings.model and not settings.model.startswith("bundled:"):
@@ -261,20 +289,34 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
     elif settings.type == "python":
         if not settings.function:
             raise UserInputError(f"config key '{key}.function' is required for {key}.type python")
+        from ilrdpo.scoring.python_fn import check_function_file
+
         check_function_file(settings.function, f"{key}.function")
+
+
+def check_model_option(name: str, option: str) -> None:
+    """A model given on the command line (`--model`): a sound folder, a bundled model, or a hub
+    id that can be loaded (cached, or the hub reachable)."""
+    if name.startswith("bundled:"):
+        from ilrdpo.models import bundled_path
+
+        bundled_path(name.removeprefix("bundled:"))
+        return
+    try:
+        folder = local_model_folder(name, option)
+    except UserInputError as error:
+        raise UserInputError(str(error).replace(f"config key '{option}'", f"option '{option}'")) from None
+    if folder is not None and (folder / "config.json").is_file():
+        from ilrdpo.models import check_checkpoint
+
+        check_checkpoint(folder, allow_pickle=False)
 
 
 def check_evaluate(model: str, prompts: str, judge: ScoringSettings, baseline: str | None, out: str | None) -> None:
     """`ilrdpo evaluate`: models, prompts, judge and the result path, before any model loads."""
     for key, name in (("--model", model), ("--baseline", baseline)):
-        if name is None or name.startswith("bundled:"):
-            continue
-        try:
-            folder = local_model_folder(name, key)
-        except UserInputError as error:
-            raise UserInputError(str(error).replace(f"config key '{key}'", f"option '{key}'")) from None
-        if folder is not None and (folder / "config.json").is_file():
-            check_checkpoint(folder, allow_pickle=False)
+        if name is not None:
+            check_model_option(name, key)
     read_prompts(prompts, reference_for=_needs_reference(judge, "judge"))
     check_scorer(judge, "judge")
     if out is not None:

@@ -102,16 +102,25 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             line = _decode_line(raw, f"{path}:{line_no}")
             if not line.strip():
                 continue
+            hint = _array_hint(line)
             try:
                 obj = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
             except json.JSONDecodeError as error:
-                raise UserInputError(f"{path}:{line_no}: invalid JSON ({error.msg})") from None
+                raise UserInputError(f"{path}:{line_no}: invalid JSON ({error.msg}){hint}") from None
             except (ValueError, RecursionError) as error:
                 reason = str(error) if isinstance(error, ValueError) else "nested too deeply"
-                raise UserInputError(f"{path}:{line_no}: invalid JSON ({reason})") from None
+                raise UserInputError(f"{path}:{line_no}: invalid JSON ({reason}){hint}") from None
             if not isinstance(obj, dict):
-                raise UserInputError(f"{path}:{line_no}: expected a JSON object")
+                raise UserInputError(f"{path}:{line_no}: expected a JSON object{hint}")
             yield line_no, obj
+
+
+def _array_hint(line: str) -> str:
+    """A JSON array saved as .jsonl is the common way to get JSONL wrong: say so."""
+    if not line.lstrip().startswith("["):
+        return ""
+    return ("; this is a JSON array, and JSONL holds one object per line: write each element on its own line "
+            "without the [ ] (`jq -c '.[]' FILE`)")
 
 
 def read_json_file(path: str | Path) -> Any:

@@ -124,6 +124,16 @@ class RunState:
                     record.pop(t, None)
         return dropped
 
+    def resume_line(self) -> str | None:
+        """What a rerun reuses and what it continues, in one line; None when nothing ran yet."""
+        finished = [f"iteration {t} {', '.join(names)}" for t, names in sorted(self.finished.items()) if names]
+        partial = [f"iteration {t} {name}" for t, names in sorted(self.started.items()) for name in names
+                   if not self.done(t, name)]
+        parts = (["reusing finished " + "; ".join(finished)] if finished else []) + \
+            (["restarting " + ", ".join(partial) + " (keeping its finished batches or checkpoint, if any)"]
+             if partial else [])
+        return "resuming: " + "; ".join(parts) if parts else None
+
     def forget_iteration(self, iteration: int) -> None:
         """Everything recorded of one iteration (its folder is gone: it is done again); not saved."""
         for record in (self.finished, self.started, self.alpha, self.alpha_setting, self.attempts):

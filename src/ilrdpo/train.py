@@ -291,8 +291,7 @@ class RoundSteps:
         guard = DivergenceGuard(setup.params, loss_scaling=setup.scaler.is_enabled(),
                                 grad_floor=train.max_grad_norm, norm=engine.weight_norm)
         start, record = time.perf_counter(), {}
-        with progress_bar("training", setup.total_steps) as bar:
-            bar.advance(start_step)
+        with progress_bar("training", setup.total_steps, done=start_step) as bar:
             for step in range(start_step + 1, setup.total_steps + 1):
                 sums, step_tokens = self.accumulate(step)
                 tokens += step_tokens

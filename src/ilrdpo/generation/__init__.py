@@ -196,8 +196,7 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
     own = set(distributed.mine(len(batches)))  # batch k to process k % W: the single-process answers
     backend = BACKENDS[settings.backend]
     new_tokens, start, decoder = 0, time.perf_counter(), None
-    with progress_bar(description, len(prompts) * num_samples) as bar:
-        bar.advance(sum(len(v) for k, v in done.items()))
+    with progress_bar(description, len(prompts) * num_samples, done=sum(len(v) for v in done.values())) as bar:
         for k, batch in enumerate(batches):
             if k not in own or all(prompts[i].id in done for i in batch):
                 continue
