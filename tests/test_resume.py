@@ -9,7 +9,7 @@ from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.pairing import pairing_census
 from ilrdpo.records import CandidateSet
-from ilrdpo.resume import check_resume, first_reader, no_pairs_message, parse_redo
+from ilrdpo.resume import check_resume, drop_from, first_reader, no_pairs_message, parse_redo
 from ilrdpo.rundir import RunState, next_number
 
 pytestmark = pytest.mark.unit
@@ -104,7 +104,7 @@ def test_drop_from_unmarks_the_point_and_everything_after_with_their_alpha(tmp_p
     state.finished = {0: ["eval"], 1: ["generate", "score", "pair", "train", "eval"], 2: ["generate", "score"]}
     state.started = {k: list(v) for k, v in state.finished.items()}
     state.alpha, state.alpha_setting = {1: 0.1}, {1: 0.1}
-    dropped = state.drop_from((1, "train"))
+    dropped = drop_from(state, (1, "train"))
     assert dropped == {1: ["eval", "train"], 2: ["generate", "score"]}
     assert state.finished == {0: ["eval"], 1: ["generate", "score", "pair"], 2: []}
     assert state.alpha == {} and state.alpha_setting == {}

@@ -36,8 +36,8 @@ from ilrdpo.records import (
     read_prompts,
     write_jsonl,
 )
-from ilrdpo.resume import apply_redo, check_redo, check_resume, no_pairs_message
-from ilrdpo.rundir import STAGES, RunDir, after, input_hashes
+from ilrdpo.resume import after, apply_redo, check_redo, check_resume, no_pairs_message
+from ilrdpo.rundir import STAGES, RunDir, input_hashes
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.tracking import RunTracker
 from ilrdpo.train import autocast, pair_reference_logps, train_round

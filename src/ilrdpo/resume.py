@@ -14,7 +14,7 @@ from ilrdpo import ranks
 from ilrdpo.config import Config, GenerationSettings
 from ilrdpo.errors import UserInputError
 from ilrdpo.progress import console
-from ilrdpo.rundir import STAGES, RunDir, RunState, after
+from ilrdpo.rundir import STAGES, RunDir, RunState
 
 # The config keys each stage reads. An input file's content counts as the key that names it plus
 # ".sha256".
@@ -144,6 +144,24 @@ def parse_redo(text: str) -> tuple[int, str]:
     return t, name
 
 
+def after(t: int, stage_name: str, point: tuple[int, str]) -> bool:
+    """(t, stage_name) is at or after `point` in run order."""
+    return (t, STAGES.index(stage_name)) >= (point[0], STAGES.index(point[1]))
+
+
+def drop_from(state: RunState, point: tuple[int, str]) -> dict[int, list[str]]:
+    """Un-mark every stage at or after `point` = (iteration, stage), in run order, with the alpha
+    a dropped train stage decided; returns what was dropped. Not saved."""
+    dropped = {t: [s for s in names if after(t, s, point)] for t, names in state.touched().items()}
+    dropped = {t: names for t, names in dropped.items() if names}
+    for t, names in dropped.items():
+        state.forget(t, tuple(names))
+        if "train" in names:
+            for record in (state.alpha, state.alpha_setting, state.attempts):
+                record.pop(t, None)
+    return dropped
+
+
 def check_redo(point: tuple[int, str], config: Config, rundir: RunDir, state: RunState, has_eval: bool) -> None:
     """Refuse a redo point the run cannot compute from (before anything is moved)."""
     t, _ = point
@@ -163,7 +181,7 @@ def check_redo(point: tuple[int, str], config: Config, rundir: RunDir, state: Ru
 def apply_redo(point: tuple[int, str], rundir: RunDir, state: RunState) -> None:
     """Move the files of `point` and every later stage to replaced/NNN/, then un-mark them in
     state.json (killed in between: the same command finishes the job)."""
-    dropped = state.drop_from(point)
+    dropped = drop_from(state, point)
     note = (f"replaced by `ilrdpo run --redo {point[0]}:{point[1]}` on {time.strftime('%Y-%m-%d %H:%M:%S')}: "
             + "; ".join(f"iteration {t}: {' '.join(names)}" for t, names in sorted(dropped.items())))
     folder = rundir.replace(dropped, note) if ranks.is_main() else None

@@ -62,11 +62,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def after(t: int, stage_name: str, point: tuple[int, str]) -> bool:
-    """(t, stage_name) is at or after `point` in run order."""
-    return (t, STAGES.index(stage_name)) >= (point[0], STAGES.index(point[1]))
-
-
 def next_number(folder: Path, pattern: str) -> int:
     """One more than the highest NNN among folder's entries matching pattern: never reused."""
     numbers = [int(p.stem) for p in folder.glob(pattern) if p.stem.isdigit()] if folder.is_dir() else []
@@ -111,18 +106,6 @@ class RunState:
         """Un-mark stages of an iteration (a retried round trains and evaluates again); not saved."""
         for marks in (self.finished, self.started):
             marks[iteration] = [s for s in marks.get(iteration, []) if s not in stage_names]
-
-    def drop_from(self, point: tuple[int, str]) -> dict[int, list[str]]:
-        """Un-mark every stage at or after `point` = (iteration, stage), in run order, with the
-        alpha a dropped train stage decided; returns what was dropped. Not saved."""
-        dropped = {t: [s for s in names if after(t, s, point)] for t, names in self.touched().items()}
-        dropped = {t: names for t, names in dropped.items() if names}
-        for t, names in dropped.items():
-            self.forget(t, tuple(names))
-            if "train" in names:
-                for record in (self.alpha, self.alpha_setting, self.attempts):
-                    record.pop(t, None)
-        return dropped
 
     def resume_line(self) -> str | None:
         """What a rerun reuses and what it continues, in one line; None when nothing ran yet."""
