@@ -103,7 +103,7 @@ def tiny_model(tiny_model_dir):
 # runs `-m unit`. A test without a marker is smoke when it uses a model fixture, unit otherwise; a
 # test whose fixtures do not tell (it starts the CLI in a subprocess, reads a bundled file) carries
 # its marker explicitly, and the audit hook below fails a unit test that breaks the tier's promise.
-MODEL_FIXTURES = {"tokenizer", "tokenizer_dir", "tiny_model_dir", "tiny_model"}
+MODEL_FIXTURES = {"tokenizer", "tokenizer_dir", "tiny_model_dir", "tiny_model", "minilm", "embedding_scorer"}
 TIERS = ("slow", "smoke", "unit")
 
 

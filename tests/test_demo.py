@@ -110,10 +110,10 @@ def test_claim_names_each_failure():
     failures = check_claim(rows, "eval")
     text = "\n".join(failures)
     assert "mean quality 0.6900 < base 0.7000" in text
-    assert "iter 1: ilrdpo mean length +22% of base" in text or "+23%" in text
-    assert "a seed's ilrdpo length +35%" in text
-    assert "ilrdpo quality 0.6900 < idpo 0.7100" in text
-    assert "idpo length only +20%" in text
+    assert "iter 1: iLR-DPO mean length +22% of base" in text or "+23%" in text
+    assert "a seed's iLR-DPO length +35%" in text
+    assert "iLR-DPO quality 0.6900 < vanilla 0.7100" in text
+    assert "vanilla length only +20%" in text
     assert len(failures) == 1 + 2 * 5
 
 
@@ -121,7 +121,7 @@ def test_study_table_gives_mean_and_range():
     rows = _rows({0: [44, 44], 1: [36, 36]}, {0: [60, 60], 1: [60, 60]}, 0.72, 0.71)
     table = "\n".join(study_table(rows, ["idpo", "ilrdpo"]))
     assert "| base | 0 | 2 | 40.0 (40.0..40.0) |" in table
-    assert "| ilrdpo | 1 | 2 | 40.0 (36.0..44.0) | 0.7200 (0.7200..0.7200) |" in table
+    assert "| iLR-DPO | 1 | 2 | 40.0 (36.0..44.0) | 0.7200 (0.7200..0.7200) |" in table
     assert table.count("| base |") == 1
 
 
@@ -135,7 +135,7 @@ def test_study_shows_sampled_answers_only_when_there_are_some():
         row["sampled_length"], row["sampled_quality"] = row["eval_length"] * 1.1, row["eval_quality"] - 0.01
     table = "\n".join(study_table(rows, ["idpo", "ilrdpo"]))
     assert "| sampled length | sampled quality |" in table
-    assert "| ilrdpo | 1 | 2 | 40.0 (36.0..44.0) | 0.7200 (0.7200..0.7200) | - | 44.0 (39.6..48.4) | 0.7100" in table
+    assert "| iLR-DPO | 1 | 2 | 40.0 (36.0..44.0) | 0.7200 (0.7200..0.7200) | - | 44.0 (39.6..48.4) | 0.7100" in table
     assert check_claim(rows, "sampled") == [f"sampled iter {k}: 2 seed(s), the claim needs 3" for k in (1, 2)]
 
 
@@ -157,7 +157,7 @@ def test_paired_differences_prompt_by_prompt(tmp_path):
     assert rows[0]["mean"] == pytest.approx(0.05) and rows[0]["ci"] == pytest.approx([0.05, 0.05])
     assert rows[1]["mean"] == pytest.approx(0.0, abs=1e-12) and rows[1]["ci"][0] < 0 < rows[1]["ci"][1]
     table = "\n".join(paired_table(rows))
-    assert "| 1 | 2 x 4 | +0.0500 | [+0.0500, +0.0500] | ilrdpo higher |" in table
+    assert "| 1 | 2 x 4 | +0.0500 | [+0.0500, +0.0500] | iLR-DPO higher |" in table
     assert "not distinguishable" in table
     assert paired_differences(tmp_path, [0, 1], "heldout") == []
 
@@ -181,7 +181,7 @@ def test_quick_demo_end_to_end(tmp_path):
     elapsed = time.perf_counter() - start
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
-    assert "idpo" in report and "ilrdpo" in report
+    assert "vanilla" in report and "iLR-DPO" in report and "cannot show the effect" in report
     pngs = sorted((tmp_path / "plots").glob("*.png"))
     assert pngs, "the report drew no plots"
     for png in pngs:
@@ -271,3 +271,21 @@ def test_demo_tune_quick_runs_a_study(tmp_path):
     trials = [json.loads(p.read_text()) for p in tmp_path.glob("trial_*/trial.json")]
     assert len(trials) == 2 and all(0.002 <= t["params"]["loss.alpha"] <= 0.05 for t in trials)
     assert (tmp_path / "plots" / "pareto.png").is_file()
+
+
+@pytest.mark.smoke  # reads the bundled prompts
+def test_arms_carry_the_readmes_names_and_the_quick_demo_says_what_it_cannot_show(tmp_path):
+    """Folders stay idpo/ and ilrdpo/; tables, study lines and report.md say vanilla and iLR-DPO;
+    the quick demo's report says its size cannot show the effect."""
+    from ilrdpo.demo import demo_configs, demo_notes
+    from ilrdpo.demo.study import arm_name, study_table
+
+    configs = demo_configs(tmp_path, quick=True)
+    assert [arm_name(a) for a in configs] == ["vanilla", "iLR-DPO"]
+    quick = "\n".join(demo_notes(configs, quick=True))
+    assert "`idpo/` is vanilla, `ilrdpo/` is iLR-DPO" in quick
+    assert "cannot show the effect" in quick and "cannot show" not in "\n".join(demo_notes(configs, quick=False))
+    rows = [{"arm": arm, "seed": 0, "iteration": 1, "eval_length": 30.0} for arm in ("idpo", "ilrdpo")]
+    rows += [{"arm": "idpo", "seed": 0, "iteration": 0, "eval_length": 25.0}]
+    table = "\n".join(study_table(rows, ["idpo", "ilrdpo"]))
+    assert "| vanilla | 1 |" in table and "| iLR-DPO | 1 |" in table

@@ -217,6 +217,10 @@ def copy_run(out: Path, tmp_path: Path) -> Path:
 REWRITTEN = ("config.yaml", "timings.json", "lock")
 
 
+def test_a_finished_run_leaves_no_lock_file(base_run):
+    assert not (base_run[0] / "lock").exists()
+
+
 def test_rerun_of_a_finished_run_redoes_nothing(base_run, raw_config, tmp_path):
     """iter_0/eval.json is left out here: see the next test."""
     _, _, summaries = base_run
@@ -268,12 +272,15 @@ def test_force_accepts_a_changed_config_without_redoing_work(base_run, raw_confi
 
 def test_more_iterations_continue_a_finished_run(base_run, raw_config, tmp_path):
     """iterations.count 2 -> 3 touches no finished stage (and a copied run dir changes only
-    output_dir): iteration 3 runs, iterations 1 and 2 are left as they were."""
+    output_dir): iteration 3 runs, iterations 1 and 2 are left as they were, but for iteration 1's
+    model, which iterations.keep_models (2 by default) removes once iteration 3 stands."""
     copy = copy_run(base_run[0], tmp_path)
     before = {k: v for k, v in mtimes(copy).items() if k.startswith(("iter_1/", "iter_2/"))}
     summaries = run_iterations(build_config(raw_config(copy), ["iterations.count=3"]))
     assert [s["iteration"] for s in summaries] == [0, 1, 2, 3]
-    assert {k: v for k, v in mtimes(copy).items() if k.startswith(("iter_1/", "iter_2/"))} == before
+    assert not (copy / "iter_1" / "model").exists() and (copy / "iter_2" / "model" / "model.safetensors").is_file()
+    kept = {k: v for k, v in before.items() if not k.startswith("iter_1/model/")}
+    assert {k: v for k, v in mtimes(copy).items() if k.startswith(("iter_1/", "iter_2/"))} == kept
     assert json.loads((copy / "state.json").read_text())["finished"]["3"] == STAGES
     assert (copy / "iter_3" / "model" / "model.safetensors").is_file()
 
@@ -491,8 +498,10 @@ def test_a_round_off_the_budget_is_trained_again_with_alpha_corrected(raw_config
     corrected = 0.04 * math.exp(min(1.0, over / 2.0))
     assert state["alpha"] == pytest.approx({"1": corrected})
     assert state["finished"]["1"] == ["generate", "score", "pair", "train", "eval"]
-    for name in ("model", "metrics.jsonl", "eval.json", "eval_answers.jsonl"):
+    for name in ("metrics.jsonl", "eval.json", "eval_answers.jsonl"):
         assert (out / "iter_1" / "attempt_1" / name).exists() and (out / "iter_1" / name).exists()
+    # the replaced attempt's model is removed once the round stands (iterations.keep_models)
+    assert not (out / "iter_1" / "attempt_1" / "model").exists() and (out / "iter_1" / "model").is_dir()
     assert json.loads((out / "iter_1" / "eval.json").read_text())["alpha"] == pytest.approx(corrected)
 
     fresh = tmp_path / "fresh"
@@ -808,3 +817,109 @@ def test_a_base_eval_shared_from_another_seed_draws_its_own_samples(raw_config, 
     initial = json.loads((tmp_path / "seed1" / "iter_0" / "eval.json").read_text())
     assert initial["sampled"]["quality_mean"] == pytest.approx(_mean(r["quality"] for r in own))
     assert "vs_initial" in json.loads((tmp_path / "seed1" / "iter_1" / "eval.json").read_text())["sampled"]
+
+
+# --- redo ------------------------------------------------------------------------------------------
+
+
+def test_following_the_no_pairs_hint_finishes_the_run(raw_config, tmp_path, monkeypatch):
+    """Near-greedy sampling makes the tiny model end at once: pairing stops with the measured
+    cause first and a command; that command, run as printed, redoes from the stage it names
+    (the sampled initial evaluation reads the temperature too) and the run finishes, the
+    replaced files kept in replaced/001/."""
+    from ilrdpo import cli
+
+    out = tmp_path / "run"
+    raw = raw_config(out)
+    raw["generation"]["temperature"] = 0.01
+    with pytest.raises(UserInputError) as error:
+        run_iterations(build_config(raw))
+    message = str(error.value)
+    assert "no preference pairs in iteration 1: 16 of 16 answers are empty" in message
+    command = message.split(": ilrdpo run ", 1)[1]
+    assert command == f"{out}/config.yaml --redo 0:eval generation.temperature=1.0"
+    monkeypatch.setattr("sys.argv", ["ilrdpo", "run", *command.split()])
+    cli.main()
+    state = json.loads((out / "state.json").read_text())
+    assert state["finished"]["2"] == STAGES
+    assert (out / "replaced" / "001" / "iter_1" / "candidates.jsonl").is_file()
+    assert (out / "replaced" / "001" / "iter_0" / "eval.json").is_file()
+    assert "generation.temperature=1.0" not in (out / "replaced" / "001" / "config.yaml").read_text()
+    assert load_config(out / "config.yaml").generation.temperature == 1.0
+
+
+def test_redo_of_a_training_round_reproduces_it_and_keeps_the_old_files(base_run, raw_config, tmp_path):
+    """--redo 2:train with the same config: iteration 1 untouched, iteration 2's train and eval
+    computed again to the same bytes, the old ones in replaced/001/; a second redo takes 002."""
+    out = copy_run(base_run[0], tmp_path)
+    before = {k: v for k, v in mtimes(out).items() if k.startswith("iter_1/")}
+    model = (out / "iter_2" / "model" / "model.safetensors").read_bytes()
+    run_iterations(build_config(raw_config(out)), redo=(2, "train"))
+    assert {k: v for k, v in mtimes(out).items() if k.startswith("iter_1/")} == before
+    assert (out / "iter_2" / "model" / "model.safetensors").read_bytes() == model
+    assert (out / "replaced" / "001" / "iter_2" / "model" / "model.safetensors").read_bytes() == model
+    assert sorted(p.name for p in (out / "replaced" / "001" / "iter_2").iterdir()) == [
+        "eval.json", "eval_answers.jsonl", "metrics.jsonl", "model", "ref_logps.json"]
+    assert not (out / "replaced" / "001" / "iter_2" / "candidates.jsonl").exists()
+    run_iterations(build_config(raw_config(out)), redo=(2, "eval"))
+    assert sorted(p.name for p in (out / "replaced").iterdir()) == ["001", "002"]
+
+
+def test_redo_is_refused_while_another_process_holds_the_run(base_run, raw_config, tmp_path):
+    from ilrdpo.rundir import RunDir
+
+    out = copy_run(base_run[0], tmp_path)
+    before = mtimes(out)
+    holder = RunDir(out)
+    holder.lock("ilrdpo run")  # a second open file description: flock refuses it like another process
+    try:
+        with pytest.raises(UserInputError, match="in use by"):
+            run_iterations(build_config(raw_config(out)), redo=(1, "generate"))
+    finally:
+        holder.unlock()
+    assert mtimes(out) == before
+    assert not (out / "replaced").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("length,trainings,expected", [
+    (40.0, 3, None),  # within the band
+    (52.0, 3, "eval length 52.0 is +30% off the budget 40.0 (band ±15%) after 3 training(s), its 2 retries used up"),
+    (30.0, 1, "eval length 30.0 is -25% off the budget 40.0 (band ±15%) after 1 training(s), alpha could move"),
+])
+def test_control_miss_says_when_retries_are_used_up(length, trainings, expected):
+    from ilrdpo.alpha import control_miss
+
+    control = AlphaControlSettings(mode="auto", retries=2, tolerance=0.15)
+    miss = control_miss(control, 40.0, length, trainings)
+    assert miss == expected if expected is None else expected in miss
+    assert control_miss(AlphaControlSettings(mode="auto"), 40.0, 52.0, 1) is None  # no retries: no band
+
+
+@pytest.mark.unit
+def test_the_end_of_a_run_says_what_is_written_and_why_lc_can_differ(tmp_path):
+    """'report: ilrdpo report ...' read as if a report had been written: now an instruction; the
+    per-iteration LC figure is explained against the report's refit; a missed band is named."""
+    from ilrdpo.evaluate import run_summary_lines
+    from ilrdpo.rundir import RunDir
+
+    config = build_config({"iterations": {"count": 1}, "output_dir": str(tmp_path / "run")})
+    summary = {"iteration": 1, "vs_initial": {"win_rate": 50.0, "lc_win_rate": 50.0}}
+    lines = run_summary_lines(RunDir(tmp_path / "run"), config, [summary], {1: "alpha control missed its band"})
+    assert lines[-1] == f"to write a report: ilrdpo report {tmp_path / 'run'} --out {tmp_path / 'run' / 'report'}"
+    assert "  iteration 1: alpha control missed its band" in lines
+    assert any("`ilrdpo report` fits once over all of them" in line for line in lines)
+
+
+def test_keep_models_keeps_the_last_k_and_redo_refuses_to_start_from_a_removed_one(base_run, raw_config, tmp_path):
+    """iterations.keep_models=1 on a finished two-iteration run (a neutral key: no stage reruns):
+    iteration 1's model goes, the final one stays; a redo that would start from the removed
+    model is refused before anything moves."""
+    out = copy_run(base_run[0], tmp_path)
+    run_iterations(build_config(raw_config(out), ["iterations.keep_models=1"]))
+    assert not (out / "iter_1" / "model").exists()
+    assert (out / "iter_2" / "model" / "model.safetensors").is_file()
+    before = mtimes(out)
+    with pytest.raises(UserInputError, match="iteration 1's model, which the redo starts from, was removed"):
+        run_iterations(build_config(raw_config(out), ["iterations.keep_models=1"]), redo=(2, "generate"))
+    assert mtimes(out) == before

@@ -360,3 +360,22 @@ def test_trl_cross_check_can_fail(trl_setup):
     """Guard: a different beta gives a different TRL loss, so the matches above are not vacuous."""
     policy = trl_policy_logps(trl_setup)
     assert not torch.allclose(ours(trl_setup, "sigmoid", 0.1, policy), trl_dpo_loss(trl_setup, "sigmoid", 0.5, *REF))
+
+
+@pytest.mark.unit
+def test_pair_accuracy_counts_round_off_margins_as_not_correct():
+    """Step 1: the policy is the reference up to round-off. A reward margin of 9.5e-7 (beta * delta)
+    is noise, not a preference: not correct. TRL's rule (chosen > rejected) holds beyond 1e-6."""
+    from ilrdpo.loss import pair_accuracy
+    from ilrdpo.train import _micro_step
+
+    chosen, rejected = torch.tensor([9.5e-7, 2e-6, -1e-3]), torch.zeros(3)
+    assert pair_accuracy(chosen, rejected).tolist() == [0.0, 1.0, 0.0]
+    # the logged rewards/accuracies: policy log-probs 9.5e-6 over the reference's (beta 0.1 -> 9.5e-7)
+    ref = torch.tensor([[-10.0, -12.0]], dtype=torch.float64)
+    policy = torch.tensor([-10.0 + 9.5e-6, -12.0], dtype=torch.float64, requires_grad=True)
+    batch = {"lengths": torch.tensor([5.0, 5.0]), "n_tokens": torch.tensor([5, 5])}
+    from ilrdpo.config import LossSettings
+
+    stats = _micro_step(policy, batch, ref, [0], LossSettings(), 1.0, lambda losses, weight: None)
+    assert stats["rewards/accuracies"] == 0.0

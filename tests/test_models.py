@@ -62,3 +62,38 @@ def test_pure_bfloat16_weights_lose_small_updates(tiny_model_dir, tokenizer, tmp
     assert changed.float().mean().item() < 0.05  # measured: 1.0%
 
 
+
+
+def test_a_half_precision_model_is_saved_in_its_compute_dtype(tiny_model_dir, tokenizer, tmp_path):
+    """Full fine-tuning in bfloat16 keeps float32 master weights while training; the saved model
+    is bfloat16 (half the disk), and the next round loads it back into float32 masters with the
+    same values."""
+    from safetensors import safe_open
+
+    from ilrdpo.models import load_saved_policy, save_model
+
+    settings = ModelSettings(name_or_path=str(tiny_model_dir), dtype="bfloat16")
+    model, tok, _ = load_policy(settings)
+    assert next(model.parameters()).dtype == torch.float32  # master weights
+    out = save_model(model, tok, tmp_path / "model", {"title": "t"}, dtype=torch.bfloat16)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    assert dtypes == {torch.bfloat16}
+    reloaded, _, _ = load_saved_policy(out, settings)
+    original = dict(model.named_parameters())
+    for name, param in reloaded.named_parameters():
+        assert param.dtype == torch.float32
+        torch.testing.assert_close(param, original[name].to(torch.bfloat16).float())
+
+
+@pytest.mark.unit
+def test_deepspeed_is_told_there_is_no_gpu_once_and_a_users_choice_is_kept(monkeypatch):
+    from ilrdpo.models import quiet_deepspeed_detection
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    environ: dict[str, str] = {}
+    quiet_deepspeed_detection(environ)
+    assert environ == {"DS_ACCELERATOR": "cpu"}
+    mine = {"DS_ACCELERATOR": "xpu"}
+    quiet_deepspeed_detection(mine)
+    assert mine == {"DS_ACCELERATOR": "xpu"}

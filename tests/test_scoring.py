@@ -231,3 +231,15 @@ def test_reward_model_cuts_long_texts_from_the_left(reward_model_dir):
         expected = model(torch.tensor([ids[-24:]])).logits[0, 0].item()
     assert score == pytest.approx(expected, abs=1e-5)
     assert tokenizer.decode(ids[-24:]).count("The end.") == 1
+
+
+@pytest.mark.unit
+def test_the_judge_is_named_in_result_files():
+    """result.json recorded the default judge as {"model": null}: now the model it loads, and a name."""
+    from ilrdpo.scoring import judge_record
+
+    default = judge_record(ScoringSettings())
+    assert default["model"] == "bundled:all-minilm-l6-v2"
+    assert default["name"] == "embedding_similarity 'bundled:all-minilm-l6-v2'"
+    python = judge_record(ScoringSettings(type="python", function="judge.py:score"))
+    assert python["name"] == "judge.py:score" and python["model"] is None

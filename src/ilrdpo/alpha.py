@@ -43,6 +43,21 @@ def next_alpha(alpha: float, mean_length: float, initial_length: float, control:
     return min(max(alpha, control.min_alpha), control.max_alpha)
 
 
+def control_miss(control: AlphaControlSettings, initial_length: float, length: float, trainings: int) -> str | None:
+    """When a round stands outside alpha control's band (mode auto with retries): what was
+    missed and why it stopped trying; None when within the band or when there is no band."""
+    if control.mode != "auto" or not control.retries:
+        return None
+    budget = length_budget(control, initial_length)
+    over = length / max(budget, 1e-9) - 1
+    if abs(over) <= control.tolerance:
+        return None
+    why = (f"its {control.retries} retries used up" if trainings > control.retries
+           else "alpha could move no further (min_alpha / max_alpha, or the same alpha again)")
+    return (f"alpha control missed its band: eval length {length:.1f} is {over:+.0%} off the budget {budget:.1f} "
+            f"(band ±{control.tolerance:.0%}) after {trainings} training(s), {why}")
+
+
 def retry_alpha(attempts: list[tuple[float, float]], control: AlphaControlSettings) -> float | None:
     """The alpha for another attempt at a round, from its attempts so far [(alpha, over)], over =
     mean eval length / budget - 1; None when the last attempt is within the tolerance or alpha

@@ -100,12 +100,14 @@ def train_pairs(config: ConfigLike = None, *, pairs: Iterable | None = None, ove
 
 
 def run(config: ConfigLike = None, *, prompts: Iterable | None = None, eval_prompts: Iterable | None = None,
-        scorer: Callable | None = None, force: bool = False, overrides: Mapping[str, Any] | None = None,
-        **sections: Any) -> list[dict]:
+        scorer: Callable | None = None, force: bool = False, redo: str | None = None,
+        overrides: Mapping[str, Any] | None = None, **sections: Any) -> list[dict]:
     """`ilrdpo run`: the iterative loop; returns one summary per evaluated model (eval.json).
     prompts / eval_prompts: strings, message lists, dicts like a prompts file's lines, or Prompt
-    records. scorer: a reward function fn(prompts, completions, **kwargs) -> list[float]."""
+    records. scorer: a reward function fn(prompts, completions, **kwargs) -> list[float].
+    redo: "ITER:STAGE", as `ilrdpo run --redo`."""
     from ilrdpo.loop import run_iterations
+    from ilrdpo.resume import parse_redo
     from ilrdpo.scoring.python_fn import PythonScorer
 
     engines.init()  # under accelerate launch / torchrun: join the processes
@@ -120,7 +122,8 @@ def run(config: ConfigLike = None, *, prompts: Iterable | None = None, eval_prom
     if scorer is not None:
         config = config.model_copy(update={"scoring": config.scoring.model_copy(update={"type": "python"})})
         scorer = PythonScorer(config.scoring, fn=scorer)
-    return run_iterations(config, force=force, scorer=scorer)
+    point = parse_redo(redo) if redo is not None else None
+    return run_iterations(config, force=force, scorer=scorer, redo=point)
 
 
 def evaluate_model(model: str, prompts: str, *, judge: Mapping[str, Any] | None = None, baseline: str | None = None,

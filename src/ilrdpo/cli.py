@@ -81,18 +81,25 @@ def train(config: str | None = typer.Argument(None, help="YAML config (omit for 
 def run(config: str | None = typer.Argument(None, help="YAML config", show_default=False),
         overrides: list[str] | None = OVERRIDES,
         config_file: str | None = CONFIG_OPTION,
-        force: bool = flag("--force", "Continue even if the config changed under finished work")) -> None:
+        force: bool = flag("--force", "Continue even if the config changed under finished work"),
+        redo: str | None = typer.Option(None, "--redo", metavar="ITER:STAGE", show_default=False,
+                                        help="Compute again from this stage of this iteration (e.g. 1:generate; "
+                                        "0:eval = the initial model's evaluation), and everything after it, with "
+                                        "the config given; the replaced files move to OUT/replaced/NNN/")) -> None:
     """The iterative loop: sample, score, pair, train, evaluate; resumes an existing run directory.
 
     Required: data.prompts (JSONL; the default scorer, embedding similarity, also needs a reference answer
     per prompt). data.eval_prompts adds win rates per iteration. Output: output_dir (default runs/default).
     """
+    from ilrdpo.resume import parse_redo
+
+    point = parse_redo(redo) if redo is not None else None
     config, overrides = split_config(config, overrides, config_file)
     settings = _load_config(config, overrides)
     from ilrdpo.loop import run_iterations
 
     _join_processes()
-    run_iterations(settings, force=force)
+    run_iterations(settings, force=force, redo=point)
 
 
 @app.command()

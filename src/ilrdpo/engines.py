@@ -169,12 +169,13 @@ class Engine:
         set_model_state_dict(model, params, options=options)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
-    def save(self, model, tokenizer, out_dir: str | Path, card: dict, merge_lora: bool = False) -> Path:
+    def save(self, model, tokenizer, out_dir: str | Path, card: dict, merge_lora: bool = False,
+             dtype: torch.dtype | None = None) -> Path:
         """models.save_model by the main process (replicas are identical; sharded weights are
-        gathered to it first, which every process joins)."""
+        gathered to it first, which every process joins); dtype: see save_model."""
         state = self.full_state_dict(model) if self.sharded else None
         if ranks.is_main():
-            save_model(model, tokenizer, out_dir, card, merge_lora=merge_lora, state_dict=state)
+            save_model(model, tokenizer, out_dir, card, merge_lora=merge_lora, state_dict=state, dtype=dtype)
         return Path(out_dir)
 
     def release(self, model) -> bool:

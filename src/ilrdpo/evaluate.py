@@ -57,7 +57,7 @@ def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, ba
     those answers pin the LC length slope.
     """
     from ilrdpo.models import load_saved_policy  # torch and transformers: not for `--help`
-    from ilrdpo.scoring import build_scorer
+    from ilrdpo.scoring import build_scorer, judge_record
 
     generation = generation or GenerationSettings()
     data = data or DataSettings()
@@ -80,7 +80,7 @@ def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, ba
         del policy
         if out_dir is not None and ranks.is_main():
             write_jsonl(Path(out_dir) / f"{name}_answers.jsonl", rows)
-    result = {"model": model, "baseline": baseline, "prompts": prompts_path, "judge": judge.model_dump(),
+    result = {"model": model, "baseline": baseline, "prompts": prompts_path, "judge": judge_record(judge),
               "greedy": greedy, "seed": seed,
               "model_summary": summarize(answers["model"], prompts)}
     if baseline is not None:

@@ -12,17 +12,17 @@ import os
 import torch
 
 from ilrdpo import distributed, engines, interrupts, ranks
-from ilrdpo.alpha import length_budget, next_alpha, per_unit_alpha, retry_alpha
+from ilrdpo.alpha import control_miss, length_budget, next_alpha, per_unit_alpha, retry_alpha
 from ilrdpo.config import Config
 from ilrdpo.decisions import stage_seed
 from ilrdpo.errors import UserInputError
-from ilrdpo.eval_stage import evaluate_iteration, summary_line
+from ilrdpo.eval_stage import evaluate_iteration, print_run_summary, summary_line
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss_types import method_name
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
-from ilrdpo.pairing import base_targets, no_pairs_reason, pair_all
+from ilrdpo.pairing import base_targets, pair_all, pairing_census
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
 from ilrdpo.records import (
@@ -37,7 +37,7 @@ from ilrdpo.records import (
     read_prompts,
     write_jsonl,
 )
-from ilrdpo.resume import check_resume, input_hashes
+from ilrdpo.resume import after, apply_redo, check_redo, check_resume, input_hashes, no_pairs_message
 from ilrdpo.rundir import STAGES, RunDir
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.tracking import RunTracker
@@ -54,9 +54,10 @@ class IterativeRun:
     directory (lock, resume checks, config history, scorer); run() does the iterations.
     """
 
-    def __init__(self, config: Config, force: bool = False, scorer: Scorer | None = None) -> None:
+    def __init__(self, config: Config, force: bool = False, scorer: Scorer | None = None,
+                 redo: tuple[int, str] | None = None) -> None:
         check_config(config, "run", scorer_given=scorer is not None)
-        self.config, self.force, self.given_scorer = config, force, scorer
+        self.config, self.force, self.given_scorer, self.redo = config, force, scorer, redo
         self.dir = RunDir(config.output_dir)
         self.prompts = read_prompts(config.data.prompts, config.data.max_examples)
         self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
@@ -75,9 +76,14 @@ class IterativeRun:
         self.dir.reconcile(self.state)
         inputs = input_hashes(self.config)
         old = self.dir.recorded_config()
+        kept = self.state.touched()
+        if self.redo is not None:
+            check_redo(self.redo, self.config, self.dir, self.state, bool(self.eval_prompts))
+            kept = {t: [s for s in names if not after(t, s, self.redo)] for t, names in kept.items()}
         if old is not None:
-            check_resume(old, self.config, self.state.touched(), self.force,
-                         old_inputs=self.state.inputs, new_inputs=inputs)
+            check_resume(old, self.config, kept, self.force, old_inputs=self.state.inputs, new_inputs=inputs)
+        if self.redo is not None:
+            apply_redo(self.redo, self.dir, self.state)
         self.dir.record_config(self.config)
         resuming = self.state.resume_line()
         if resuming:
@@ -160,7 +166,18 @@ class IterativeRun:
             self.run_stage(t, "train")
             summary = self._evaluation(t)
         console.print(summary_line(summary))
+        if miss := self.control_miss(t):
+            console.print(f"[yellow]iteration {t}: {miss}[/yellow]")
+        if ranks.is_main() and (removed := self.dir.prune_models(self.config.iterations.keep_models, t)):
+            console.print(f"removed {', '.join(str(p.relative_to(self.dir.root)) for p in removed)} "
+                          f"(iterations.keep_models={self.config.iterations.keep_models})")
         return summary
+
+    def control_miss(self, t: int) -> str | None:
+        if not self.eval_prompts:
+            return None
+        return control_miss(self.config.iterations.alpha_control, self._eval_length(0), self._eval_length(t),
+                            1 + len(self.state.attempts.get(t, [])))
 
     def retry(self, t: int) -> float | None:
         """Alpha control's retries: when round t's eval length is out of the band and attempts are
@@ -261,7 +278,8 @@ class IterativeRun:
         pairs = pair_all(sets, self.config.pairing, seed=stage_seed(self.config.seed, t, "pair"),
                          tie_tolerance=scoring.tie_tolerance)
         if not pairs:
-            raise UserInputError(f"{path}: no preference pairs: {no_pairs_reason(sets)}")
+            census = pairing_census(sets, self.config.pairing, tie_tolerance=scoring.tie_tolerance)
+            raise UserInputError(f"{path}: {no_pairs_message(census, self.config, t, self.state.touched())}")
         if ranks.is_main():
             write_jsonl(self.dir.file(t, "pairs.jsonl"), pairs)
 
@@ -335,7 +353,8 @@ class IterativeRun:
                 "method": f"iterative {method_name(loss.type, alpha)}",
                 "data": f"{len(pairs)} self-generated pairs",
                 "hyperparameters": {**hyperparameters(config), "loss.alpha": alpha}, "metrics": result.final}
-        self.engine.save(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora)
+        self.engine.save(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora,
+                         dtype=self.compute_dtype)
         fault_point("model")
         # trained in place: the model in memory is now pi_t, unless the engine sharded it for
         # training (then the next stage loads the saved one whole)
@@ -352,11 +371,12 @@ class IterativeRun:
 
 
 def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = None,
-                   until: tuple[int, str] | None = None) -> list[dict]:
+                   until: tuple[int, str] | None = None, redo: tuple[int, str] | None = None) -> list[dict]:
     """`ilrdpo run`: all iterations, resuming whatever is already finished in output_dir.
     scorer: a Scorer object used instead of the one the scoring section describes.
-    until: (t, stage) to stop after that stage (the demo's shared first steps)."""
-    run = IterativeRun(config, force, scorer)
+    until: (t, stage) to stop after that stage (the demo's shared first steps).
+    redo: (t, stage) to compute again from, with everything after it (replaced files kept in replaced/)."""
+    run = IterativeRun(config, force, scorer, redo)
     with interrupts.where(), run.dir.locked("ilrdpo run"):
         run.open()
         run.dir.announce()
@@ -365,7 +385,8 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
             return summaries
         if config.model.push_to_hub:
             publish_final_model(run.dir, config, summaries)
-    print_run_summary(run.dir, config, summaries)
+    misses = {t: miss for t in range(1, config.iterations.count + 1) if (miss := run.control_miss(t))}
+    print_run_summary(run.dir, config, summaries, misses)
     return summaries
 
 
@@ -379,12 +400,3 @@ def publish_final_model(rundir: RunDir, config: Config, summaries: list[dict]) -
     url = push_to_hub(folder, config.model.push_to_hub)
     console.print(f"uploaded: {url}")
     return url
-
-
-def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict]) -> None:
-    """The end of a run: where the final model is, each iteration's line, what to run next."""
-    final = rundir.file(config.iterations.count, "model")
-    console.print(f"final model: {final}")
-    for summary in summaries:
-        console.print("  " + summary_line(summary))
-    console.print(f"report: ilrdpo report {rundir.root} --out {rundir.root / 'report'}")

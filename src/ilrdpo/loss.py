@@ -88,6 +88,18 @@ def length_reversed(length_term: Tensor, loss_type: str, label_smoothing: float 
     return length_term > target if target is not None else torch.zeros_like(length_term, dtype=torch.bool)
 
 
+# Reward margins this close to 0 are float round-off, not a preference: at step 1 the policy is
+# the reference, and its log-probs computed in another batch differ from the reference's by ~1e-7.
+ACCURACY_NOISE = 1e-6
+
+
+def pair_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor, noise: float = ACCURACY_NOISE) -> Tensor:
+    """(B,) float: 1 where the chosen answer's implicit reward beats the rejected one's. TRL's
+    rewards/accuracies (chosen_rewards > rejected_rewards), with margins within `noise` counted
+    as not correct (TRL counts a margin of 1e-9 as correct)."""
+    return (chosen_rewards - rejected_rewards > noise).float()
+
+
 class LossOutput(NamedTuple):
     losses: Tensor  # (B,)
     chosen_rewards: Tensor  # (B,)

@@ -262,18 +262,32 @@ def add_lora(model, lora: LoraSettings):
         return get_peft_model(model, config)
 
 
+def quiet_deepspeed_detection(environ: dict | None = None) -> None:
+    """Without a CUDA device, tell DeepSpeed so (DS_ACCELERATOR=cpu) before transformers imports it:
+    otherwise its auto-detection warns "Setting accelerator to CPU" in every process that saves a
+    model. A value the user set is kept; with CUDA, DeepSpeed detects it as before."""
+    environ = os.environ if environ is None else environ
+    if "DS_ACCELERATOR" not in environ and not torch.cuda.is_available():
+        environ["DS_ACCELERATOR"] = "cpu"
+
+
 def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False,
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+               state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer + README.md model card, written to a staging
     folder and swapped in at the end, so a crash never leaves a half-written model in place.
     state_dict: the whole weights of a sharded model (FSDP, ZeRO: gathered by its engine, whose
-    save() calls this in the main process only)."""
+    save() calls this in the main process only). dtype: a half compute dtype the full weights are
+    saved in (their float32 master copy is needed only while training)."""
+    quiet_deepspeed_detection()
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".staging")
+    weights = state_dict
+    if dtype in HALF_DTYPES and not hasattr(model, "peft_config"):
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (state_dict or model.state_dict()).items()}
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
     with disk_writes(out_dir.parent, needed):  # a full disk leaves the model there as it was
         try:
-            _write_model(model, tokenizer, staging, card, merge_lora, state_dict)
+            _write_model(model, tokenizer, staging, card, merge_lora, state_dict, weights)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -287,10 +301,11 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
 
 
 def _write_model(model, tokenizer, staging: Path, card: dict[str, Any], merge_lora: bool,
-                 state_dict: dict | None) -> None:
+                 state_dict: dict | None, weights: dict | None) -> None:
+    """weights: what save_pretrained writes in place of the model's own (gathered or cast)."""
     sharded = state_dict is not None
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": state_dict} if sharded else {}))
+    model.save_pretrained(staging, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
         merged = _merged_copy(model, staging, sharded)

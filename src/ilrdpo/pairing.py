@@ -74,6 +74,29 @@ def pair_all(candidate_sets: list[CandidateSet], settings: PairingSettings, **kw
     return [pair for c in candidate_sets for pair in make_pairs(c, settings, **kwargs)]
 
 
+def pairing_census(candidate_sets: list[CandidateSet], settings: PairingSettings, *,
+                   tie_tolerance: float = 0.0) -> dict[str, int]:
+    """Why pairing found what it found: answers cut at max_new_tokens and empty ones, and prompts
+    by the first reason they gave no pair (fewer than two usable answers, all usable answers
+    identical, all rewards tied within tie_tolerance or under min_margin)."""
+    census = {"prompts": len(candidate_sets), "answers": 0, "cut": 0, "empty": 0,
+              "too_few": 0, "identical": 0, "tied": 0, "paired": 0}
+    for c in candidate_sets:
+        census["answers"] += len(c.responses)
+        census["cut"] += sum(c.truncated)
+        census["empty"] += sum(not r.strip() for r in c.responses)
+        usable = [i for i, r in enumerate(c.responses) if r.strip() and not (settings.skip_truncated and c.truncated[i])]
+        if make_pairs(c, settings, tie_tolerance=tie_tolerance):
+            census["paired"] += 1
+        elif len(usable) < 2:
+            census["too_few"] += 1
+        elif len({c.responses[i] for i in usable}) == 1:
+            census["identical"] += 1
+        else:
+            census["tied"] += 1
+    return census
+
+
 def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
     """loss.target_length 'base': per prompt, the mean token length of the initial model's
     complete, non-empty sampled answers (iteration 1 samples from the initial model); when all
@@ -85,13 +108,3 @@ def base_targets(initial_samples: list[CandidateSet]) -> dict[str, int]:
         if lengths:
             targets[c.id] = round(sum(lengths) / len(lengths))
     return targets
-
-
-def no_pairs_reason(sets: list[CandidateSet]) -> str:
-    """Why pairing found nothing, in the words a user can act on."""
-    answers = [(r, t) for c in sets for r, t in zip(c.responses, c.truncated)]
-    if answers and all(t for _, t in answers):
-        return "every answer was cut at generation.max_new_tokens; raise it or set pairing.skip_truncated=false"
-    if answers and all(not r.strip() for r, _ in answers):
-        return "every answer is empty"
-    return "all answers tied, identical, empty or truncated; raise generation.temperature or num_samples"

@@ -5,8 +5,8 @@
       config_history/      001.yaml, 002.yaml, ...: every config this directory ran with before
       state.json           started and finished stages per iteration, the alpha each train stage
                            used, and the content hash of every input file
-      lock                 held (flock) by the one process working here; released by the kernel
-                           when that process dies, so a killed run never leaves it stuck
+      lock                 held (flock) by the one process working here, removed when it ends; a
+                           killed process leaves the file, but the kernel released its lock
       timings.json         seconds per stage and iteration
       inputs/              data handed over through the Python API (api.py), so the run stays resumable
       iter_T/              the files of iteration T (STAGE_FILES, PARTIAL_FILES, ANCHOR_FILES, attempt_K/)
@@ -55,6 +55,12 @@ REQUIRED_FILES = {"generate": ("candidates.jsonl",), "score": ("candidates.jsonl
 
 PARTIAL_FILES = {"generate": "generation.partial.jsonl", "score": "scores.partial.jsonl",
                  "train": "metrics.partial.jsonl"}
+
+
+def next_number(folder: Path, pattern: str) -> int:
+    """One more than the highest NNN among folder's entries matching pattern: never reused."""
+    numbers = [int(p.stem) for p in folder.glob(pattern) if p.stem.isdigit()] if folder.is_dir() else []
+    return max(numbers, default=0) + 1
 
 
 class RunState:
@@ -214,14 +220,18 @@ class RunDir:
     def reconcile(self, state: RunState) -> None:
         """state.json against what is on disk, before a run goes on: an iteration whose folder is
         gone (the way to redo it) is forgotten, to be done again; a finished stage whose output is
-        gone otherwise is one line naming it and that way (nothing is written either way)."""
+        gone otherwise is one line naming it and that way (nothing is written either way). The model
+        of an iteration a later finished round superseded is not required: iterations.keep_models
+        removes it, and nothing but a redo from there reads it (which says so)."""
+        trained = [t for t, names in state.finished.items() if "train" in names]
         for t in sorted(set(state.finished) | set(state.started)):
             if not self.iteration(t).is_dir():
                 state.forget_iteration(t)
                 continue
             for stage_name in state.finished.get(t, []):
                 for name in REQUIRED_FILES[stage_name]:
-                    if not self.file(t, name).exists():
+                    superseded = name == "model" and any(k > t for k in trained)
+                    if not superseded and not self.file(t, name).exists():
                         raise UserInputError(f"{self.file(t, name)}: missing, but state.json has iteration {t}'s "
                                              f"'{stage_name}' stage finished; {self.redo_hint(t)}")
 
@@ -241,17 +251,22 @@ class RunDir:
             raise {"DiskFullError": DiskFullError}.get(refusal[0], UserInputError)(refusal[1])
 
     def _lock(self, command: str) -> None:
-        with disk_writes(self.root):
-            self.root.mkdir(parents=True, exist_ok=True)
-            handle = (self.root / "lock").open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise UserInputError(f"{self.root}: in use by {holder}; wait for it to finish or use another "
-                                 "output_dir") from None
+        path = self.root / "lock"
+        while True:
+            with disk_writes(self.root):
+                self.root.mkdir(parents=True, exist_ok=True)
+                handle = path.open("a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise UserInputError(f"{self.root}: in use by {holder}; wait for it to finish or use another "
+                                     "output_dir") from None
+            if path.exists() and os.fstat(handle.fileno()).st_ino == path.stat().st_ino:
+                break
+            handle.close()  # the holder removed this file as it finished: lock the one at the path now
         self._lock_handle = handle
         self._command = command
 
@@ -278,6 +293,9 @@ class RunDir:
 
     def unlock(self) -> None:
         if self._lock_handle is not None:
+            # removed while still held, so that a finished folder has no lock file (a killed holder
+            # leaves one behind: harmless, the kernel released it)
+            (self.root / "lock").unlink(missing_ok=True)
             fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
             self._lock_handle.close()
             self._lock_handle = None
@@ -297,9 +315,7 @@ class RunDir:
                 return
             # after the highest number there, never a count: with one entry deleted, a count would
             # name a file that still exists and overwrite it
-            numbers = [int(p.stem) for p in self.history_dir.glob("*.yaml") if p.stem.isdigit()]
-            n = max(numbers, default=0) + 1
-            atomic_write_text(self.history_dir / f"{n:03d}.yaml", old)
+            atomic_write_text(self.history_dir / f"{next_number(self.history_dir, '*.yaml'):03d}.yaml", old)
         atomic_write_text(self.config_path, text)
 
     def adopt(self, source: RunDir, stages: dict[int, list[str]], *, same_seed: bool = True) -> None:
@@ -324,6 +340,59 @@ class RunDir:
                 atomic_write_text(self.file(t, "eval.json"), json.dumps(evaluation, indent=1))
             for name in names:
                 state.mark(t, name)
+
+    # --- disk ------------------------------------------------------------------------------------
+    def prune_models(self, keep: int | None, last: int) -> list[Path]:
+        """Remove the saved models of iterations 1..last-keep and every replaced attempt's model of
+        iterations 1..last (nothing when keep is None); returns what was removed."""
+        if keep is None:
+            return []
+        found = [self.file(k, "model") for k in self.iterations() if 1 <= k <= last - keep]
+        found += [a / "model" for k in self.iterations() if 1 <= k <= last
+                  for a in sorted(self.iteration(k).glob("attempt_*"))]
+        for path in (removed := [path for path in found if path.is_dir()]):
+            shutil.rmtree(path)
+        return removed
+
+    # --- redo ------------------------------------------------------------------------------------
+    @property
+    def replaced_dir(self) -> Path:
+        return self.root / "replaced"
+
+    def stage_paths(self, t: int, stage_name: str) -> list[Path]:
+        """The files and folders stage `stage_name` of iteration t writes (finished or in progress)."""
+        names = list(STAGE_FILES[stage_name])
+        if stage_name in PARTIAL_FILES:
+            names += [p.name for p in self.iteration(t).glob(PARTIAL_FILES[stage_name] + "*")]  # + .rankR
+        if stage_name == "train":
+            names += ["checkpoint", *sorted(p.name for p in self.iteration(t).glob("attempt_*"))]
+        if stage_name == "eval" and t == 0:
+            names += list(ANCHOR_FILES.values())
+        return [self.file(t, name) for name in dict.fromkeys(names) if self.file(t, name).exists()]
+
+    def replace(self, dropped: dict[int, list[str]], note: str) -> Path | None:
+        """Move the files of the dropped stages into replaced/NNN/iter_T/ (a new NNN each time,
+        never reused), with the config and state they were made under and a note of why.
+        candidates.jsonl stays in place (copied) when its generate stage is kept."""
+        moves = [(t, path) for t, names in sorted(dropped.items()) for name in names
+                 for path in self.stage_paths(t, name)]
+        if not moves:
+            return None
+        target = self.replaced_dir / f"{next_number(self.replaced_dir, '[0-9]*'):03d}"
+        target.mkdir(parents=True)
+        for name in ("config.yaml", "state.json"):
+            if (self.root / name).exists():
+                shutil.copy2(self.root / name, target / name)
+        (target / "README.txt").write_text(note + "\n", encoding="utf-8")
+        for t, path in dict.fromkeys(moves):
+            if not path.exists():
+                continue
+            (target / f"iter_{t}").mkdir(exist_ok=True)
+            if path.name == "candidates.jsonl" and "generate" not in dropped.get(t, []):  # score redone
+                shutil.copy2(path, target / f"iter_{t}" / path.name)
+            else:
+                os.replace(path, target / f"iter_{t}" / path.name)
+        return target
 
     # --- debris of killed writers --------------------------------------------------------------
     def remove_debris(self) -> list[Path]:

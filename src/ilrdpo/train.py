@@ -51,7 +51,7 @@ from ilrdpo.data import TokenizedPair, length_grouped_batches, tokenize_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.faults import fault_point
 from ilrdpo.guard import DivergenceGuard
-from ilrdpo.loss import LOSSES, REFERENCE_FREE, length_reversed, preference_loss
+from ilrdpo.loss import LOSSES, REFERENCE_FREE, length_reversed, pair_accuracy, preference_loss
 from ilrdpo.progress import console, progress_bar
 from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
 from ilrdpo.tracking import RunTracker
@@ -376,7 +376,7 @@ def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps:
         "rewards/chosen": out.chosen_rewards.mean().item(),
         "rewards/rejected": out.rejected_rewards.mean().item(),
         "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean().item(),
+        "rewards/accuracies": pair_accuracy(out.chosen_rewards, out.rejected_rewards).mean().item(),
         "logps/chosen": policy[:n].mean().item(),
         "logps/rejected": policy[n:].mean().item(),
         "length/chosen": lengths[:n].mean().item(),

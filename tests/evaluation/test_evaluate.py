@@ -86,6 +86,7 @@ def test_evaluate_model_against_itself_is_fifty(monkeypatch, tmp_path, files, ti
     run_cli(monkeypatch, "evaluate", "--model", str(tiny_model_dir), "--baseline", str(tiny_model_dir),
             "--prompts", str(prompts), "--judge", str(judge), "--out", str(out), "--max-new-tokens", "8")
     result = json.loads(out.read_text())
+    assert result["judge"]["name"].endswith("judge.py:score")
     assert result["vs_baseline"]["win_rate"] == 50.0
     assert result["vs_baseline"]["lc_win_rate"] == pytest.approx(50.0)
     assert result["vs_baseline"]["ties"] == len(PROMPTS)

@@ -160,3 +160,15 @@ def test_anchor_inputs_for_string_and_chat_prompts():
     assert styled[0].prompt == "Why is the sky blue?"
     assert styled[1].prompt[0]["role"] == "system" and "briefly" in styled[1].prompt[0]["content"]
     assert [p.id for p in styled] == ["s", "c"]
+
+
+def test_an_interval_from_few_prompts_carries_a_warning():
+    """The issue's case: an LC interval of [50, 100] from 3 prompts, with no word. Under 10
+    prompts the note says so; at 10 it does not."""
+    lengths = {"m": [30, 10, 25]}
+    few = joint_lc({"m": [1, 0, 1]}, lengths, [20, 20, 20], n_boot=20)["m"]
+    assert "Fitted on 3 prompts (fewer than 10)" in few.lc_note
+    rng = np.random.default_rng(0)
+    enough = joint_lc({"m": rng.integers(0, 2, 10).astype(float)}, {"m": rng.integers(10, 40, 10)},
+                      rng.integers(10, 40, 10), n_boot=0)["m"]
+    assert "Fitted on" not in (enough.lc_note or "")

@@ -35,8 +35,8 @@ def test_reference_metrics_exact_and_disjoint():
     exact = text_metrics(refs, refs)
     assert exact["bleu"] == pytest.approx(100.0)
     assert exact["chrf"] == pytest.approx(100.0)
-    for key in ("rouge1", "rouge2", "rougeL"):
-        assert exact[key] == pytest.approx(1.0)
+    for key in ("rouge1", "rouge2", "rougeL"):  # the same 0-100 scale as BLEU and chrF
+        assert exact[key] == pytest.approx(100.0)
     other = text_metrics(["zebra xylophone", "quantum yodel"], refs)
     assert other["bleu"] < 1.0 and other["rouge1"] == 0.0
     with pytest.raises(ValueError):
@@ -44,9 +44,9 @@ def test_reference_metrics_exact_and_disjoint():
 
 
 def test_rouge_uses_stemmer():
-    """With stemming "cats running" matches "cat runs" word for word: ROUGE-1 F1 = 1."""
+    """With stemming "cats running" matches "cat runs" word for word: ROUGE-1 F1 = 100 (%)."""
     out = text_metrics(["cats running"], ["cat runs"])
-    assert out["rouge1"] == pytest.approx(1.0)
+    assert out["rouge1"] == pytest.approx(100.0)
 
 
 @pytest.fixture(scope="module")

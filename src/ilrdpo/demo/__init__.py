@@ -22,7 +22,9 @@ from ilrdpo.demo.arms import (
     _subset,
     bundled_prompts,
     demo_configs,
+    demo_notes,
     demo_settings,
+    quick_note,
     run_arm,
     run_arms,
     run_demo,
@@ -35,5 +37,5 @@ from ilrdpo.demo.arms import (
 from ilrdpo.demo.judge import LENGTH_BIAS, LengthBiasedJudge, demo_judge
 
 __all__ = ["ARMS", "LENGTH_BIAS", "RECIPE", "SYSTEM_PROMPT", "TUNE", "VANILLA", "LengthBiasedJudge", "_subset",
-           "bundled_prompts", "demo_configs", "demo_judge", "demo_settings", "run_arm", "run_arms", "run_demo",
+           "bundled_prompts", "demo_configs", "demo_judge", "demo_notes", "demo_settings", "quick_note", "run_arm", "run_arms", "run_demo",
            "run_parallel", "run_study", "run_tune", "shared_stages", "tune_config"]

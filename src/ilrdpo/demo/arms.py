@@ -28,6 +28,7 @@ import torch
 
 from ilrdpo.config import Config, TuneSettings, build_config
 from ilrdpo.demo.judge import demo_judge
+from ilrdpo.demo.study import arm_name
 from ilrdpo.errors import UserInputError
 from ilrdpo.loop import run_iterations
 from ilrdpo.progress import console, stage
@@ -105,7 +106,8 @@ def demo_configs(out: Path, *, quick: bool = False, model: str | None = None, se
     base["model"] = {"name_or_path": model or "bundled:smollm2-135m-instruct"}
     base["data"] = {**base["data"], "prompts": _subset(bundled_prompts("train"), settings["n_train"], data_dir),
                     "eval_prompts": _subset(bundled_prompts("eval"), settings["n_eval"], data_dir)}
-    base["iterations"] = {"count": settings["iterations"]}
+    # each arm keeps its final model only (the demo's report reads eval files, not models)
+    base["iterations"] = {"count": settings["iterations"], "keep_models": 1}
     base["seed"] = seed
     return {arm: build_config({**base, "output_dir": str(out / arm)}, [*arm_overrides, *(overrides or [])],
                               source="demo")
@@ -153,10 +155,10 @@ def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], b
             heldout_base = out / first
     if not parallel:
         for arm, config in configs.items():
-            with stage(f"arm {arm}", timings):
+            with stage(f"arm {arm_name(arm)}", timings):
                 run_arm(config.model_dump_json(), heldout_prompts, heldout_base)
         return
-    with stage(f"arms in parallel ({', '.join(configs)})", timings):
+    with stage(f"arms in parallel ({', '.join(map(arm_name, configs))})", timings):
         run_parallel({arm: (config.model_dump_json(), heldout_prompts, heldout_base) for arm, config in configs.items()},
                      out, max(1, threads // len(configs)))
 
@@ -167,9 +169,15 @@ def run_arm(config_json: str, heldout_prompts: str | None, heldout_base: Path | 
     from ilrdpo.demo.heldout import evaluate_heldout
 
     config = Config.model_validate_json(config_json)
-    run_iterations(config, scorer=demo_judge(config))
-    if heldout_prompts is not None:
-        evaluate_heldout([Path(config.output_dir)], heldout_prompts, base=heldout_base)
+    if heldout_prompts is None:
+        run_iterations(config, scorer=demo_judge(config))
+        return
+    # the held-out pass reads every iteration's model: iterations.keep_models applies after it
+    keep = config.iterations.keep_models
+    run_iterations(config.model_copy(update={"iterations": config.iterations.model_copy(update={"keep_models": None})}),
+                   scorer=demo_judge(config))
+    evaluate_heldout([Path(config.output_dir)], heldout_prompts, base=heldout_base)
+    RunDir(config.output_dir).prune_models(keep, config.iterations.count)
 
 
 def _arm_process(args: tuple, log_path: str, threads: int) -> None:
@@ -204,7 +212,7 @@ def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
                                       name=f"ilrdpo demo {arm}") for arm, args in arms.items()}
     for process in processes.values():
         process.start()
-    console.print(f"arms {', '.join(arms)} in parallel, {threads} thread(s) each; logs: "
+    console.print(f"arms {', '.join(map(arm_name, arms))} in parallel, {threads} thread(s) each; logs: "
                   f"{', '.join(str(p) for p in logs.values())}")
 
     def echo() -> None:
@@ -216,7 +224,7 @@ def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
             read[arm] += len(complete)
             for line in complete.decode(errors="replace").splitlines():
                 if line.strip() and not PROGRESS_LINE.search(line):
-                    console.print(f"{arm}: {line.rstrip()}", highlight=False, markup=False)
+                    console.print(f"{arm_name(arm)}: {line.rstrip()}", highlight=False, markup=False)
 
     try:
         while any(p.is_alive() for p in processes.values()):
@@ -237,6 +245,22 @@ def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
         raise RuntimeError(f"arm {arm} failed (exit status {process.exitcode}); its log: {logs[arm]}")
 
 
+def quick_note() -> str:
+    """What the quick demo's size can and cannot show."""
+    quick, full = demo_settings(True), demo_settings(False)
+    return (f"This is the quick demo ({quick['n_train']} training prompts, {quick['n_eval']} eval prompts, "
+            f"{quick['iterations']} iterations): it checks that every stage runs, but at this size the lengths move "
+            "by chance as much as by alpha, so it cannot show the effect (vanilla growing longer, iLR-DPO not). "
+            f"`ilrdpo demo` ({full['n_train']} training prompts, {full['iterations']} iterations) and "
+            "docs/demo/results.md show it.")
+
+
+def demo_notes(configs: dict[str, Config], quick: bool) -> list[str]:
+    """report.md's section on this demo: which folder is which arm, and what a quick run can show."""
+    folders = ", ".join(f"`{arm}/` is {arm_name(arm)}" for arm in configs)
+    return ["## About this demo", "", f"Folders: {folders}.", "", *([quick_note(), ""] if quick else [])]
+
+
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str | None = None, seed: int = 0,
              overrides: list[str] | None = None, arms: dict[str, list[str]] | None = None,
              sizes: dict[str, int] | None = None, heldout: bool = True, base_from: Path | None = None,
@@ -253,13 +277,15 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     heldout_prompts = _subset(bundled_prompts("heldout"), n_heldout, out / "data") if heldout else None
     timings: dict[str, float] = {}
     run_arms(configs, out, timings, base_from, heldout_prompts, parallel)
-    run_dirs = [out / arm for arm in configs]
+    run_dirs, names = [out / arm for arm in configs], [arm_name(arm) for arm in configs]
     with stage("report", timings):
-        report = write_report(run_dirs, out, names=list(configs))
-        if heldout:
-            report.write_text(report.read_text() + "\n" + "\n".join(heldout_section(run_dirs, list(configs))))
+        report = write_report(run_dirs, out, names=names)
+        extra = [*demo_notes(configs, quick), *(heldout_section(run_dirs, names) if heldout else [])]
+        report.write_text(report.read_text() + "\n" + "\n".join(extra))
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
-    print_tables(load_runs(run_dirs, list(configs)))
+    print_tables(load_runs(run_dirs, names))
+    if quick:
+        console.print(f"[yellow]{quick_note()}[/yellow]")
     console.print(f"report: {report}  (total {sum(timings.values()):.0f} s)")
     return report
 

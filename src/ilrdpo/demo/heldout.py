@@ -90,5 +90,5 @@ def heldout_section(run_dirs: list[Path], names: list[str]) -> list[str]:
             s = json.loads(path.read_text())
             text = s.get("text") or {}
             lines.append(f"| {name} | {s['iteration']} | {s['length']['tokens_mean']:.1f} | {s['quality_mean']:.4f} | "
-                         f"{text.get('rougeL') or 0:.3f} | {text.get('chrf') or 0:.1f} |")
+                         f"{text.get('rougeL') or 0:.1f} | {text.get('chrf') or 0:.1f} |")
     return [*lines, ""]

@@ -25,7 +25,13 @@ from ilrdpo.rundir import SAMPLES_FILE, RunDir
 
 SETS = {"eval": "bundled eval prompts", "heldout": "second held-out set",
         "sampled": "bundled eval prompts, sampled answers"}  # the last with eval.samples > 0 only
-VANILLA, METHOD = "idpo", "ilrdpo"
+VANILLA, METHOD = "idpo", "ilrdpo"  # the arms' folder names
+# The arms as the README, tables, plots and terminal name them (the folders keep the short names).
+ARM_NAMES = {VANILLA: "vanilla", METHOD: "iLR-DPO"}
+
+
+def arm_name(arm: str) -> str:
+    return ARM_NAMES.get(arm, arm)
 MIN_SEEDS = 3
 
 
@@ -97,6 +103,7 @@ def check_claim(rows: list[dict], prefix: str, vanilla: str = VANILLA, method: s
     """Issue 12's conditions on one eval set ("eval" or "heldout"); one line per failure.
     Vanilla is compared on the seeds the method has at each iteration."""
     length, quality = f"{prefix}_length", f"{prefix}_quality"
+    m_name, v_name = arm_name(method), arm_name(vanilla)
     seeds = {(r["iteration"], r["seed"]) for r in rows if r["arm"] == method and r.get(length) is not None}
     rows = [r for r in rows if r["arm"] != vanilla or (r["iteration"], r["seed"]) in seeds]
     method_rel, vanilla_rel = _relative_lengths(rows, method, length), _relative_lengths(rows, vanilla, length)
@@ -113,15 +120,15 @@ def check_claim(rows: list[dict], prefix: str, vanilla: str = VANILLA, method: s
             failures.append(f"{prefix} iter {k}: {len(method_rel[k])} seed(s), the claim needs {MIN_SEEDS}")
         mean_rel = statistics.fmean(method_rel[k])
         if abs(mean_rel) > 0.15:
-            failures.append(f"{prefix} iter {k}: {method} mean length {mean_rel:+.0%} of base (limit 15%)")
+            failures.append(f"{prefix} iter {k}: {m_name} mean length {mean_rel:+.0%} of base (limit 15%)")
         worst = max(method_rel[k], key=abs)
         if abs(worst) > 0.25:
-            failures.append(f"{prefix} iter {k}: a seed's {method} length {worst:+.0%} of base (limit 25%)")
+            failures.append(f"{prefix} iter {k}: a seed's {m_name} length {worst:+.0%} of base (limit 25%)")
         if k in vanilla_q and statistics.fmean(method_q[k]) < statistics.fmean(vanilla_q[k]):
-            failures.append(f"{prefix} iter {k}: {method} quality {statistics.fmean(method_q[k]):.4f} < "
-                            f"{vanilla} {statistics.fmean(vanilla_q[k]):.4f}")
+            failures.append(f"{prefix} iter {k}: {m_name} quality {statistics.fmean(method_q[k]):.4f} < "
+                            f"{v_name} {statistics.fmean(vanilla_q[k]):.4f}")
         if k in vanilla_rel and statistics.fmean(vanilla_rel[k]) < 0.25:
-            failures.append(f"{prefix} iter {k}: {vanilla} length only {statistics.fmean(vanilla_rel[k]):+.0%}")
+            failures.append(f"{prefix} iter {k}: {v_name} length only {statistics.fmean(vanilla_rel[k]):+.0%}")
     return failures
 
 
@@ -130,7 +137,7 @@ COLUMNS = (("eval_length", "length", ".1f"), ("eval_quality", "quality", ".4f"),
            ("alpha", "alpha", ".4f"), ("trainings", "trainings", ".1f"),
            ("saturated_share", "saturated", ".2f"), ("reversed_share", "reversed", ".2f"),
            ("heldout_length", "held-out length", ".1f"),
-           ("heldout_quality", "held-out quality", ".4f"), ("heldout_rougeL", "held-out ROUGE-L", ".3f"),
+           ("heldout_quality", "held-out quality", ".4f"), ("heldout_rougeL", "held-out ROUGE-L", ".1f"),
            ("heldout_chrf", "held-out chrF", ".1f"))
 
 
@@ -158,7 +165,7 @@ def study_table(rows: list[dict], arms: list[str]) -> list[str]:
                 continue  # the base model: one row
             selected = [r for r in rows if r["arm"] == arm and r["iteration"] == k]
             cells = [_cell([r[key] for r in selected if r.get(key) is not None], spec) for key, _, spec in columns]
-            lines.append(f"| {'base' if k == 0 else arm} | {k} | {len(selected)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {'base' if k == 0 else arm_name(arm)} | {k} | {len(selected)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -203,6 +210,7 @@ def paired_differences(out: Path, seeds: list[int], prefix: str, method: str = M
 
 
 def paired_table(rows: list[dict[str, Any]], method: str = METHOD, vanilla: str = VANILLA) -> list[str]:
+    method, vanilla = arm_name(method), arm_name(vanilla)
     lines = [f"| set | iter | seeds x prompts | {method} - {vanilla} quality | 95% CI | reading |", "|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["ci"]
@@ -233,20 +241,20 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
         for method in (arm for arm in arms if arm != VANILLA):
             for prefix, name in _present_sets(rows).items():
                 failures = check_claim(rows, prefix, method=method)
-                lines.append(f"- {method}, {name}: " + ("met" if not failures else "not met: " + "; ".join(failures)))
+                lines.append(f"- {arm_name(method)}, {name}: " + ("met" if not failures else "not met: " + "; ".join(failures)))
         lines.append("")
         for method in (arm for arm in arms if arm != VANILLA):
             paired = [r for prefix in _present_sets(rows) for r in paired_differences(out, seeds, prefix, method)]
             if paired:
-                lines += [f"### {method} against {VANILLA}, prompt by prompt", "",
+                lines += [f"### {arm_name(method)} against {arm_name(VANILLA)}, prompt by prompt", "",
                           ("The quality difference on each prompt (same prompt, same seed), averaged; the interval "
                            "resamples prompts. The claim above compares means; this says whether a gap is more than "
                            "the eval set's sampling noise."), "", *paired_table(paired, method), ""]
     for prefix, name in _present_sets(rows).items():
-        panels = {title: {arm: by_iteration(rows, arm, f"{prefix}_{key}") for arm in arms}
+        panels = {title: {arm_name(arm): by_iteration(rows, arm, f"{prefix}_{key}") for arm in arms}
                   for key, title in (("length", "mean length (tokens)"), ("quality", "quality"))}
         if prefix == "heldout":
-            panels["ROUGE-L"] = {arm: by_iteration(rows, arm, "heldout_rougeL") for arm in arms}
+            panels["ROUGE-L"] = {arm_name(arm): by_iteration(rows, arm, "heldout_rougeL") for arm in arms}
         if plot_bands(panels, out / f"study_{prefix}.png", title=name):
             lines += [f"![{name}](study_{prefix}.png)", ""]
     atomic_write_text(out / "study.md", "\n".join(lines))

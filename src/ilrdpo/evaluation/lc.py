@@ -241,6 +241,7 @@ def fit_one_model(prefs: np.ndarray, delta: np.ndarray, difficulty: np.ndarray, 
         ci = [float(v) for v in np.quantile(boot_lc, [tail, 1.0 - tail])]
     spread = float(scaled_tanh(delta[None])[1][0, 0])
     identifiable, note = identifiability(delta, spread, has_anchors=A > 0)
+    note = " ".join(n for n in (note, few_prompts_note(P)) if n) or None
     return JointLC(lc_win_rate=lc, lc_ci=ci, theta=float(theta), gamma=float(gamma),
                    difficulty_slope=float(slope), length_std=spread, penalty=penalty,
                    lc_identifiable=identifiable, lc_note=note)
@@ -249,6 +250,18 @@ def fit_one_model(prefs: np.ndarray, delta: np.ndarray, difficulty: np.ndarray, 
 def _penalties(penalty: np.ndarray) -> np.ndarray:
     """(R, 3) precisions of (theta, gamma, beta): theta only THETA_L2, the others `penalty`."""
     return np.column_stack([np.full(penalty.size, THETA_L2), penalty, penalty])
+
+
+# Under this many prompts an LC fit (three coefficients) and its bootstrap interval say little.
+MIN_PROMPTS = 10
+
+
+def few_prompts_note(n_prompts: int) -> str | None:
+    """A warning when the LC win rate and its interval come from fewer than MIN_PROMPTS prompts."""
+    if n_prompts >= MIN_PROMPTS:
+        return None
+    return (f"Fitted on {n_prompts} prompts (fewer than {MIN_PROMPTS}): the LC win rate and its interval "
+            "are not reliable; use more eval prompts.")
 
 
 def identifiability(delta: np.ndarray, spread: float, has_anchors: bool = False) -> tuple[bool, str | None]:

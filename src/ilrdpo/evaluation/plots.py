@@ -98,6 +98,12 @@ def plot_reward_winrate(rows_by_run: Rows, path: Path) -> bool:
     return _save(fig, path)
 
 
+def missed_band(rows_by_run: Rows) -> list[tuple[int, float, str]]:
+    """(iteration, length, label) of the points where alpha control missed its band."""
+    return [(r["iteration"], r["length_tokens"], "alpha control missed band")
+            for rows in rows_by_run.values() for r in rows if r.get("control_miss") and r["length_tokens"] is not None]
+
+
 def plot_length(rows_by_run: Rows, path: Path) -> bool:
     """Mean answer length per iteration; dashed where it comes from training samples."""
     if not any(_series(rows, "length_tokens")[0] for rows in rows_by_run.values()):
@@ -107,6 +113,8 @@ def plot_length(rows_by_run: Rows, path: Path) -> bool:
         sampled = any(r["source"] == "samples" for r in rows)
         _line(ax, rows, "length_tokens", "o--" if sampled else "o-", color=RUN_COLOURS(i % 10),
               label=f"{name} (training samples)" if sampled else name)
+    for x, y, text in missed_band(rows_by_run):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7, color="firebrick")
     ax.set(title="mean answer length", ylabel="tokens")
     _iteration_axis(ax)
     _legend(ax)
@@ -188,9 +196,10 @@ TRAINING_PANELS = {"loss": "loss", "rewards/accuracies": "pair accuracy", "rewar
                    "length/margin_term": "length term (logits)"}
 
 
-def plot_training(steps_by_run: dict[str, dict[int, list[dict]]], path: Path) -> bool:
+def plot_training(steps_by_run: dict[str, dict[int, list[dict]]], path: Path, note: str | None = None) -> bool:
     """Training curves per optimizer step, one global step axis across iterations (dotted lines
-    where an iteration's round starts): loss, pair accuracy, reward margin, length term."""
+    where an iteration's round starts): loss, pair accuracy, reward margin, length term; `note`
+    is printed under the panels (what an IPO loss curve means)."""
     if not any(steps for by_k in steps_by_run.values() for steps in by_k.values()):
         return False
     fig, axes = _figure(len(TRAINING_PANELS), width=4.0)
@@ -212,11 +221,14 @@ def plot_training(steps_by_run: dict[str, dict[int, list[dict]]], path: Path) ->
         ax.set_xlabel("optimizer step (all iterations)")
         ax.grid(alpha=0.3)
     _legend(axes[0])
+    if note:
+        fig.text(0.01, -0.02, note, fontsize=7, va="top", wrap=True)
     return _save(fig, path)
 
 
 def draw_all(plots_dir: Path, rows_by_run: Rows, points_by_run: dict, sources: dict[str, str],
-             lengths_by_run: dict, steps_by_run: dict | None = None) -> tuple[dict[str, Path], list[str]]:
+             lengths_by_run: dict, steps_by_run: dict | None = None,
+             training_note: str | None = None) -> tuple[dict[str, Path], list[str]]:
     """Every figure of the report; returns {file name: path} of those drawn and a line for each
     one left out for lack of data."""
     draw = {
@@ -225,7 +237,7 @@ def draw_all(plots_dir: Path, rows_by_run: Rows, points_by_run: dict, sources: d
         "reward_vs_length.png": lambda path: plot_reward_vs_length(points_by_run, sources, path),
         "length_hist.png": lambda path: plot_length_hist(lengths_by_run, path),
         "alpha.png": lambda path: plot_alpha(rows_by_run, path),
-        "training.png": lambda path: plot_training(steps_by_run or {}, path),
+        "training.png": lambda path: plot_training(steps_by_run or {}, path, training_note),
     }
     drawn, skipped = {}, []
     for file_name, plot in draw.items():

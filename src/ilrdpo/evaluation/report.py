@@ -31,10 +31,17 @@ from ilrdpo.decisions import judge_tie_tolerance
 from ilrdpo.evaluation import plots
 from ilrdpo.evaluation.compare import compare_all
 from ilrdpo.evaluation.rundata import RunData, load_runs
+from ilrdpo.evaluation.sections import (
+    control_section,
+    fmt,
+    markdown_table,
+    target_loss_note,
+    text_section,
+    training_section,
+)
 from ilrdpo.progress import console
 from ilrdpo.records import atomic_write_text
 
-TEXT_METRICS = ("distinct_1", "distinct_2", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
 # --- numbers -------------------------------------------------------------------------------------
 
 
@@ -99,7 +106,7 @@ def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any
     Win rates come from `joint` (joint_win_rates) where it has the model, else eval.json;
     eval.json is the source of the other means, and where it is absent (eval cut short, or no
     eval prompts) they are taken over the answers on disk, `source` saying which answers."""
-    rows = []
+    rows, misses = [], run.control_misses()
     for k in run.iterations:
         ev = run.evals.get(k, {})
         fitted = (joint or {}).get((run.name, k))
@@ -117,6 +124,7 @@ def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any
             "lc_identifiable": vs.get("lc_identifiable"), "lc_note": vs.get("lc_note"),
             "quality_win_rate": vs_quality.get("win_rate"),
             "pairs": ev.get("pairs/count", run.pairs_count.get(k)),
+            "control_miss": misses.get(k),
             **_sampled_numbers(ev.get("sampled") or {}),
         })
     return rows
@@ -130,10 +138,6 @@ def _sampled_numbers(sampled: dict[str, Any]) -> dict[str, Any]:
             "sampled_lc_win_rate": vs.get("lc_win_rate")}
 
 
-def _fmt(value: Any, spec: str = ".4g") -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def _win_cell(row: dict) -> str:
     if row["win_rate"] is None:
         return "–"
@@ -143,7 +147,7 @@ def _win_cell(row: dict) -> str:
 
 def _sampled(key: str, spec: str) -> Callable[[dict], str]:
     """Cell of a number that may come from training samples (marked †) rather than eval answers."""
-    return lambda r: _fmt(r[key], spec) + ("†" if r["source"] == "samples" and r[key] is not None else "")
+    return lambda r: fmt(r[key], spec) + ("†" if r["source"] == "samples" and r[key] is not None else "")
 
 
 def _lc_cell(row: dict) -> str:
@@ -157,21 +161,21 @@ def _lc_cell(row: dict) -> str:
 # (header in report.md, short header for the terminal, cell of a summary row)
 TABLE_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("iteration", "iter", lambda r: str(r["iteration"])),
-    ("alpha", "alpha", lambda r: _fmt(r["alpha"], ".3g")),
+    ("alpha", "alpha", lambda r: fmt(r["alpha"], ".3g")),
     ("mean length (tokens)", "length", _sampled("length_tokens", ".1f")),
     ("quality", "quality", _sampled("quality", ".4g")),
     ("reward", "reward", _sampled("reward", ".4g")),
     ("win rate vs initial [95% CI]", "win % [95% CI]", _win_cell),
     ("LC win rate vs initial [95% CI]", "LC win % [95% CI]", _lc_cell),
-    ("quality win rate vs initial", "q. win %", lambda r: _fmt(r["quality_win_rate"], ".1f")),
-    ("pairs", "pairs", lambda r: _fmt(r["pairs"], "d")),
+    ("quality win rate vs initial", "q. win %", lambda r: fmt(r["quality_win_rate"], ".1f")),
+    ("pairs", "pairs", lambda r: fmt(r["pairs"], "d")),
 ]
 # Shown when some model has sampled eval answers (eval.samples): the same figures over them.
 SAMPLED_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
-    ("sampled length", "s. length", lambda r: _fmt(r["sampled_length"], ".1f")),
-    ("sampled quality", "s. quality", lambda r: _fmt(r["sampled_quality"], ".4g")),
-    ("sampled win rate vs initial", "s. win %", lambda r: _fmt(r["sampled_win_rate"], ".1f")),
-    ("sampled LC win rate vs initial", "s. LC win %", lambda r: _fmt(r["sampled_lc_win_rate"], ".1f")),
+    ("sampled length", "s. length", lambda r: fmt(r["sampled_length"], ".1f")),
+    ("sampled quality", "s. quality", lambda r: fmt(r["sampled_quality"], ".4g")),
+    ("sampled win rate vs initial", "s. win %", lambda r: fmt(r["sampled_win_rate"], ".1f")),
+    ("sampled LC win rate vs initial", "s. LC win %", lambda r: fmt(r["sampled_lc_win_rate"], ".1f")),
 ]
 # Marks are not "*": a markdown line starting with "* " would turn into a bullet list.
 FOOTNOTES = {
@@ -200,13 +204,6 @@ def table_cells(runs: list[RunData], short: bool = False,
 # --- rendering -----------------------------------------------------------------------------------
 
 
-def _markdown_table(headers: list[str], cells: list[list[str]]) -> list[str]:
-    def line(values: list[str]) -> str:
-        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
-
-    return [line(headers), line(["---"] * len(headers)), *(line(row) for row in cells)]
-
-
 def _setting(run: RunData, section: str, key: str) -> Any:
     return (run.config.get(section) or {}).get(key)
 
@@ -214,14 +211,14 @@ def _setting(run: RunData, section: str, key: str) -> Any:
 def _study_section(runs: list[RunData], out_dir: Path) -> list[str]:
     """Runs that are trials of an `ilrdpo tune` study: the study, the trial's settings and objectives."""
     cells = [[run.name, _relative(Path(run.trial.get("study", "?")), out_dir), str(run.trial.get("trial", "?")),
-              ", ".join(f"{k}={_fmt(v)}" for k, v in run.trial.get("params", {}).items()),
-              ", ".join(f"{k}: {_fmt(v)}" for k, v in run.trial.get("objectives", {}).items())]
+              ", ".join(f"{k}={fmt(v)}" for k, v in run.trial.get("params", {}).items()),
+              ", ".join(f"{k}: {fmt(v)}" for k, v in run.trial.get("objectives", {}).items())]
              for run in runs if run.trial]
     if not cells:
         return []
     return ["## From a hyperparameter study", "",
             "These runs are trials of `ilrdpo tune`; the study's plots and best settings are in its folder.", "",
-            *_markdown_table(["run", "study", "trial", "settings", "objectives"], cells), ""]
+            *markdown_table(["run", "study", "trial", "settings", "objectives"], cells), ""]
 
 
 def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
@@ -230,11 +227,11 @@ def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
         control = (_setting(run, "iterations", "alpha_control") or {}).get("mode")
         last = max((k for k in run.dirs if k > 0), default=0)
         cells.append([run.name, _relative(run.path, out_dir), str(_setting(run, "loss", "type") or "–"),
-                      _fmt(_setting(run, "loss", "alpha"), "g") + (f" ({control})" if control else ""),
+                      fmt(_setting(run, "loss", "alpha"), "g") + (f" ({control})" if control else ""),
                       str(_setting(run, "iterations", "reference") or "–"),
                       f"{last} / {_setting(run, 'iterations', 'count') or '?'}"])
     headers = ["run", "folder", "loss", "alpha (control)", "reference", "iterations on disk"]
-    return ["## Runs", "", *_markdown_table(headers, cells), ""]
+    return ["## Runs", "", *markdown_table(headers, cells), ""]
 
 
 def _lc_notes(runs: list[RunData], joint: Joint) -> list[str]:
@@ -260,45 +257,6 @@ def _lc_notes(runs: list[RunData], joint: Joint) -> list[str]:
     return lines + [""]
 
 
-def _text_section(runs: list[RunData]) -> list[str]:
-    present = {m for run in runs for ev in run.evals.values() for m in (ev.get("text") or {})}
-    keys = [m for m in TEXT_METRICS if m in present]
-    if not keys:
-        return []
-    cells = [[run.name, str(k), *(_fmt((ev.get("text") or {}).get(m)) for m in keys)]
-             for run in runs for k, ev in sorted(run.evals.items()) if ev.get("text")]
-    return ["## Text metrics (eval answers)", "", *_markdown_table(["run", "iteration", *keys], cells), ""]
-
-
-def _training_section(runs: list[RunData]) -> list[str]:
-    """Per training round: loss, reward margins, lengths, alpha and how often the length term
-    saturated (|alpha * length gap| > 3 logits: those pairs' gradient is the length term's, not
-    the preference's; a large share means alpha is too big for these length gaps) and, for losses
-    with a target margin (IPO, cDPO), how many pairs it reversed (learnt shorter-first)."""
-    cells = []
-    for run in runs:
-        for k, steps in sorted(run.metrics.items()):
-            means = [_fmt(sum(s.get(key, 0.0) for s in steps) / len(steps)) for key in
-                     ("rewards/accuracies", "rewards/margins", "length/chosen", "length/rejected",
-                      "length/margin_term")]
-            shares = [[s[key] for s in steps if key in s]
-                      for key in ("length/saturated_share", "length/reversed_share")]
-            cells.append([run.name, str(k), str(len(steps)), _fmt(run.alpha.get(k)), _fmt(steps[0].get("loss")),
-                          _fmt(steps[-1].get("loss")), *means,
-                          *(_fmt(sum(v) / len(v), ".2f") if v else "-" for v in shares)])
-    if not cells:
-        return []
-    headers = ["run", "iteration", "steps", "alpha", "first loss", "last loss", "mean rewards/accuracies",
-               "mean rewards/margins", "mean length/chosen", "mean length/rejected", "mean length term",
-               "saturated share", "reversed share"]
-    return ["## Training (metrics.jsonl)", "",
-            ("saturated share: share of pairs whose length term |alpha * length gap| exceeds 3 logits "
-             "(the length term, not the preference, decides their gradient). reversed share: share of pairs "
-             "whose length term exceeds the loss's target margin (IPO: 1/2), which the loss learns the other "
-             "way round, shorter answer first; 0 for losses without one (DPO)."), "",
-            *_markdown_table(headers, cells), ""]
-
-
 def _relative(path: Path, start: Path) -> str:
     try:
         return os.path.relpath(path, start)
@@ -321,7 +279,8 @@ def draw_plots(runs: list[RunData], plots_dir: Path, joint: Joint | None = None)
         ends = sorted({with_lengths[0], with_lengths[-1]}) if with_lengths else []
         hists[name] = {f"iter {k}": by_k[k]["n_tokens"] for k in ends}
     return plots.draw_all(plots_dir, {run.name: summary_rows(run, joint) for run in runs}, points,
-                          {run.name: run.source for run in runs}, hists, {run.name: run.metrics for run in runs})
+                          {run.name: run.source for run in runs}, hists, {run.name: run.metrics for run in runs},
+                          target_loss_note(runs))
 
 
 # --- entry points --------------------------------------------------------------------------------
@@ -339,9 +298,9 @@ def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[s
               "half); the quality win rate uses the judge's own score (without a judge's length bonus, as the demo's has). The LC win rate "
               "(docs/lc.md) is one joint fit over every model shown that shares an initial model, with a "
               "95% bootstrap interval over prompts."), "",
-             *_markdown_table(headers, cells), ""]
+             *markdown_table(headers, cells), ""]
     lines += [line for note in footnotes for line in (note, "")]
-    lines += _lc_notes(runs, joint) + _text_section(runs) + _training_section(runs)
+    lines += control_section(runs) + _lc_notes(runs, joint) + text_section(runs) + training_section(runs)
     if drawn:
         lines += ["## Plots", ""]
         for file_name, path in drawn.items():
@@ -384,5 +343,7 @@ def print_tables(runs: list[RunData]) -> None:
     for note in footnotes:
         console.print(f"[dim]{escape(note)}[/dim]")
     for run in runs:
+        for k, miss in run.control_misses().items():
+            console.print(f"[yellow]{escape(run.name)} iteration {k}: {escape(miss)}[/yellow]")
         for item in run.missing:
             console.print(f"[yellow]missing[/yellow] {escape(run.name)}: {escape(item)}")

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
+from ilrdpo.alpha import control_miss
+from ilrdpo.config import AlphaControlSettings
 from ilrdpo.errors import UserInputError
 from ilrdpo.records import read_jsonl_tolerant
 from ilrdpo.rundir import ANCHOR_FILES, RunDir
@@ -40,6 +43,7 @@ class RunData:
     pairs_count: dict[int, int] = field(default_factory=dict)
     alpha: dict[int, float] = field(default_factory=dict)
     finished: dict[int, list[str]] = field(default_factory=dict)
+    trainings: dict[int, int] = field(default_factory=dict)  # 1 + alpha control's retries of round k
     missing: list[str] = field(default_factory=list)
     trial: dict[str, Any] | None = None  # trial.json of a run that `ilrdpo tune` made
 
@@ -49,6 +53,21 @@ class RunData:
             return bool((self.config.get("eval") or {}).get("prompts")
                         or (self.config.get("data") or {}).get("eval_prompts"))
         return bool(self.answers or 0 in self.evals)
+
+    def control_misses(self) -> dict[int, str]:
+        """{iteration: what alpha control missed} for rounds that stand outside its band."""
+        try:
+            control = AlphaControlSettings(**((self.config.get("iterations") or {}).get("alpha_control") or {}))
+        except (ValidationError, TypeError):
+            return {}
+        initial = ((self.evals.get(0) or {}).get("length") or {}).get("tokens_mean")
+        misses = {}
+        for k, ev in self.evals.items():
+            length = (ev.get("length") or {}).get("tokens_mean")
+            miss = control_miss(control, initial, length, self.trainings.get(k, 1)) if k and initial and length else None
+            if miss:
+                misses[k] = miss
+        return misses
 
     @property
     def source(self) -> str:
@@ -110,6 +129,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     run.alpha = {int(k): float(v) for k, v in state.get("alpha", {}).items()
                  if int(k) in dirs and v is not None}
     run.alpha.update({k: float(ev["alpha"]) for k, ev in run.evals.items() if ev.get("alpha") is not None})
+    run.trainings = {int(k): 1 + len(v) for k, v in state.get("attempts", {}).items()}
     if rundir.trial_path.exists():
         run.trial = _read_mapping(rundir.trial_path, problems)
     run.missing = _missing_items(run, bool(state)) + problems

@@ -5,7 +5,7 @@ collapsed outputs; these metrics watch for both. Each uses its library's native 
 
     bleu   corpus BLEU, 0-100 (Papineni et al. 2002; sacrebleu, Post 2018)
     chrf   corpus chrF, 0-100 (Popovic 2015; sacrebleu)
-    rouge1, rouge2, rougeL   mean F1 over pairs, 0-1 (Lin 2004; rouge_score, stemmed)
+    rouge1, rouge2, rougeL   mean F1 over pairs, 0-100 like BLEU and chrF (Lin 2004; rouge_score, stemmed)
     distinct_1, distinct_2   unique n-grams / total n-grams, 0-1 (Li et al. 2016,
                              arXiv 1510.03055), pooled over all hypotheses
 """
@@ -59,7 +59,7 @@ def text_metrics(hypotheses: Sequence[str], references: Sequence[str] | None) ->
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     pair_scores = [scorer.score(target=ref, prediction=hyp) for hyp, ref in zip(hyps, refs)]
     for key in ROUGE_TYPES:
-        metrics[key] = float(np.mean([scores[key].fmeasure for scores in pair_scores]))
+        metrics[key] = 100.0 * float(np.mean([scores[key].fmeasure for scores in pair_scores]))
     return metrics
 
 

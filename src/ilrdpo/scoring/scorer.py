@@ -80,3 +80,15 @@ def score_in_batches(scorer: Scorer, prompts: list[Prompt], responses: list[str]
             raise UserInputError(f"{name} gave {score} for prompt '{prompt_id}', answer {answer_index}; "
                                  "scores must be finite numbers")
     return scores
+
+
+def judge_record(settings: ScoringSettings) -> dict:
+    """The judge as result files record it: its settings, with the model it actually loads (the
+    embedding judge's default filled in) and a name a reader recognises."""
+    from ilrdpo.scoring.embedding import DEFAULT_MODEL
+
+    record = settings.model_dump()
+    if settings.type == "embedding_similarity":
+        record["model"] = settings.model or DEFAULT_MODEL
+    record["name"] = settings.function if settings.type == "python" else f"{settings.type} '{record['model']}'"
+    return record
