@@ -900,7 +900,7 @@ def test_control_miss_says_when_retries_are_used_up(length, trainings, expected)
 def test_the_end_of_a_run_says_what_is_written_and_why_lc_can_differ(tmp_path):
     """'report: ilrdpo report ...' read as if a report had been written: now an instruction; the
     per-iteration LC figure is explained against the report's refit; a missed band is named."""
-    from ilrdpo.evaluate import run_summary_lines
+    from ilrdpo.eval_stage import run_summary_lines
     from ilrdpo.rundir import RunDir
 
     config = build_config({"iterations": {"count": 1}, "output_dir": str(tmp_path / "run")})

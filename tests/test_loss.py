@@ -374,7 +374,7 @@ def test_pair_accuracy_counts_round_off_margins_as_not_correct():
     # the logged rewards/accuracies: policy log-probs 9.5e-6 over the reference's (beta 0.1 -> 9.5e-7)
     ref = torch.tensor([[-10.0, -12.0]], dtype=torch.float64)
     policy = torch.tensor([-10.0 + 9.5e-6, -12.0], dtype=torch.float64, requires_grad=True)
-    batch = {"lengths": torch.tensor([5.0, 5.0]), "n_tokens": torch.tensor([5, 5])}
+    batch = {"lengths": torch.tensor([5.0, 5.0]), "scored_tokens": torch.tensor([5, 5])}
     from ilrdpo.config import LossSettings
 
     stats = _micro_step(policy, batch, ref, [0], LossSettings(), 1.0, lambda losses, weight: None)

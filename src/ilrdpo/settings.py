@@ -216,8 +216,8 @@ class IterationSettings(Section):
     alpha_control: AlphaControlSettings = Field(default_factory=AlphaControlSettings)
     keep_models: int | None = Field(
         2, ge=1, description="Keep the saved models of only the last K iterations (the final one always): older "
-        "iter_T/model/ folders, and the models of attempts alpha control's retries replaced, are removed once a "
-        "later round stands. null = keep every model.")
+        "iterations' model folders, and the models of attempts alpha control's retries replaced, are removed once "
+        "a later round stands. null = keep every model.")
 
 
 class EvalSettings(Section):
