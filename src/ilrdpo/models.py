@@ -271,6 +271,22 @@ def quiet_deepspeed_detection(environ: dict | None = None) -> None:
         environ["DS_ACCELERATOR"] = "cpu"
 
 
+def _cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The floating-point weights in dtype; tensors that share storage (tied embeddings and output
+    head) stay shared, so save_pretrained still writes a tied weight once."""
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def one(value: torch.Tensor) -> torch.Tensor:
+        if not value.is_floating_point():
+            return value
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if key not in cast:
+            cast[key] = value.to(dtype)
+        return cast[key]
+
+    return {name: one(value) for name, value in weights.items()}
+
+
 def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merge_lora: bool = False,
                state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer + README.md model card, written to a staging
@@ -283,7 +299,7 @@ def save_model(model, tokenizer, out_dir: str | Path, card: dict[str, Any], merg
     staging = out_dir.with_name(out_dir.name + ".staging")
     weights = state_dict
     if dtype in HALF_DTYPES and not hasattr(model, "peft_config"):
-        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in (state_dict or model.state_dict()).items()}
+        weights = _cast_weights(state_dict or model.state_dict(), dtype)
     needed = sum(p.numel() * p.element_size() for p in model.parameters())
     with disk_writes(out_dir.parent, needed):  # a full disk leaves the model there as it was
         try:
