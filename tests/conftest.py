@@ -107,12 +107,26 @@ MODEL_FIXTURES = {"tokenizer", "tokenizer_dir", "tiny_model_dir", "tiny_model", 
 TIERS = ("slow", "smoke", "unit")
 
 
+# The longest tests, started first: pytest-xdist hands out tests in collection order, so the
+# workers finish together instead of one waiting on a demo started last (`--durations` in CI).
+LONGEST_FIRST = ("test_quick_demo_end_to_end", "test_demo_tune_quick_runs_a_study")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if any(item.get_closest_marker(tier) for tier in TIERS):
             continue
         uses_model = MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
         item.add_marker(pytest.mark.smoke if uses_model else pytest.mark.unit)
+
+    def order(item) -> tuple[int, int]:
+        name = getattr(item, "originalname", item.name)
+        if name in LONGEST_FIRST:
+            return (0, LONGEST_FIRST.index(name))
+        tier = next(tier for tier in TIERS if item.get_closest_marker(tier))
+        return (1 + TIERS.index(tier), 0)
+
+    items.sort(key=order)  # stable: slow, then smoke, then unit, each in file order
 
 
 class UnitTierViolation(BaseException):

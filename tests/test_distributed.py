@@ -5,9 +5,11 @@ single-process result."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SCORER
+from helpers import SCORER, shared_folder
 from ilrdpo import distributed
 
 PAIRS_FILE = Path(__file__).resolve().parents[1] / "examples" / "pairs.jsonl"
@@ -39,6 +41,19 @@ def launch(args: list[str], cwd: Path, processes: int = 1, fault: str | None = N
         env["ILRDPO_FAULT"] = fault
     return subprocess.run(command + ["-m", "ilrdpo", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
+
+
+def train_one_process(tmp_path_factory, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`ilrdpo train ARGS` in one plain process, into tmp_path/one: run once per test session for
+    the same arguments (several engines are compared with the same one-process run) and copied."""
+    key = hashlib.sha256("\0".join(args).encode()).hexdigest()[:16]
+
+    def build(folder: Path) -> None:
+        proc = launch(["train", *args, f"output_dir={folder / 'one'}"], folder)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    shutil.copytree(shared_folder(tmp_path_factory, f"one_process_{key}", build) / "one", tmp_path / "one")
+    return subprocess.CompletedProcess(args, 0, "", "")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -115,11 +130,11 @@ def same_run(actual: Path, expected: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path):
+def test_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, tmp_path_factory):
     """`ilrdpo train` with the global batch of the config (8 pairs a step), split 4 + 4."""
     args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
             "train.batch_size=8", "train.max_length=128", "train.learning_rate=1e-3"]
-    one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
+    one = train_one_process(tmp_path_factory, args, tmp_path)
     two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     moved = largest_gap(tmp_path / "one" / "model", tiny_model_dir)
@@ -170,14 +185,15 @@ def test_killed_in_sampling_resumes_with_another_number_of_processes(run_config,
 @pytest.mark.slow
 @pytest.mark.parametrize("batch,config", [((8, 1), "fsdp.yaml"), ((1, 4), "fsdp.yaml"), ((8, 1), "fsdp-zero2.yaml")],
                          ids=["4+4 pairs", "1 pair per micro-batch", "ZeRO-2-like"])
-def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, batch, config):
+def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_path, tmp_path_factory, batch,
+                                                          config):
     """Sharded weights, gradients and optimizer state give the single-process update; with one pair
     per micro-batch the second process runs a zero-weighted pass in lockstep."""
     batch_size, grad_accum = batch
     args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
             f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=128",
             "train.learning_rate=1e-3"]
-    one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
+    one = train_one_process(tmp_path_factory, args, tmp_path)
     two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2,
                  accelerate_config=config)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
@@ -199,13 +215,13 @@ def test_fsdp_two_processes_train_what_one_process_trains(tiny_model_dir, tmp_pa
     # DeepSpeed's bf16 mode: bfloat16 weights, activations and gradients, float32 master weights
     ("deepspeed-zero3.yaml", ["model.dtype=bfloat16"], 0.1),
 ], ids=["LoRA DDP", "LoRA FSDP", "bfloat16 FSDP", "LoRA ZeRO-2", "bfloat16 ZeRO-3"])
-def test_lora_and_bfloat16_train_under_several_processes_as_in_one(tiny_model_dir, tmp_path, engine, extra,
-                                                                     tolerance):
+def test_lora_and_bfloat16_train_under_several_processes_as_in_one(tiny_model_dir, tmp_path, tmp_path_factory,
+                                                                     engine, extra, tolerance):
     """LoRA (the reference is the adapter switched off: no second model) and bfloat16 mixed
     precision with float32 master weights, split over two processes."""
     args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
             "train.batch_size=8", "train.max_length=128", "train.learning_rate=1e-3", *extra]
-    one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
+    one = train_one_process(tmp_path_factory, args, tmp_path)
     if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (pip install 'ilrdpo[deepspeed]')")
     two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=2,
@@ -270,7 +286,8 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
     ((8, 1), "deepspeed-zero3.yaml", 2), ((1, 4), "deepspeed-zero3.yaml", 2), ((2, 2), "deepspeed-zero3.yaml", 1)],
     ids=["ZeRO-2 4+4 pairs", "ZeRO-2 1 pair per micro-batch", "ZeRO-3 4+4 pairs", "ZeRO-3 1 pair per micro-batch",
          "ZeRO-3 in one process"])
-def test_deepspeed_trains_what_one_plain_process_trains(tiny_model_dir, tmp_path, batch, config, processes):
+def test_deepspeed_trains_what_one_plain_process_trains(tiny_model_dir, tmp_path, tmp_path_factory, batch, config,
+                                                        processes):
     """ZeRO partitions optimizer state and gradients (3: weights too) and averages gradients over
     processes; ilrdpo's weighting, lockstep passes and unmanaged accumulation give the plain
     one-process update, its losses and its gradient norms (also with the engine in one process)."""
@@ -278,7 +295,7 @@ def test_deepspeed_trains_what_one_plain_process_trains(tiny_model_dir, tmp_path
     args = [f"model.name_or_path={tiny_model_dir}", "model.dtype=float32", f"data.pairs={PAIRS_FILE}",
             f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}", "train.max_length=128",
             "train.learning_rate=1e-3", "train.max_grad_norm=0.5"]
-    one = launch(["train", *args, f"output_dir={tmp_path / 'one'}"], tmp_path)
+    one = train_one_process(tmp_path_factory, args, tmp_path)
     two = launch(["train", *args, f"output_dir={tmp_path / 'two'}"], tmp_path, processes=processes,
                  accelerate_config=config, env_extra=DEEPSPEED_ENV)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]

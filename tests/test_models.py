@@ -78,12 +78,12 @@ def test_a_half_precision_model_is_saved_in_its_compute_dtype(tiny_model_dir, to
     out = save_model(model, tok, tmp_path / "model", {"title": "t"}, dtype=torch.bfloat16)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        names = set(f.keys())  # noqa: SIM118
+        names = set(f.keys())
     assert dtypes == {torch.bfloat16}
     # the tied output head stays tied: written once, as save_pretrained writes the float32 model
     float32 = save_model(model, tok, tmp_path / "float32", {"title": "t"})
     with safe_open(str(float32 / "model.safetensors"), "pt") as f:
-        assert names == set(f.keys())  # noqa: SIM118
+        assert names == set(f.keys())
     reloaded, _, _ = load_saved_policy(out, settings)
     original = dict(model.named_parameters())
     for name, param in reloaded.named_parameters():
