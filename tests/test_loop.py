@@ -47,11 +47,15 @@ EPOCHS = 2  # 4 steps per epoch: training lasts long enough to be killed in the 
 
 @pytest.fixture(scope="module")
 def prompt_files(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("prompts")
-    train, evaluation = folder / "prompts.jsonl", folder / "eval.jsonl"
-    for path, texts, prefix in ((train, TRAIN_PROMPTS, "t"), (evaluation, EVAL_PROMPTS, "e")):
-        path.write_text("".join(json.dumps({"prompt": p, "id": f"{prefix}{i}"}) + "\n" for i, p in enumerate(texts)))
-    return train, evaluation
+    """The prompt files, one pair for the session: the shared runs below name them in their
+    configs, so every xdist worker must see the same paths."""
+    def build(folder: Path) -> None:
+        for name, texts, prefix in (("prompts.jsonl", TRAIN_PROMPTS, "t"), ("eval.jsonl", EVAL_PROMPTS, "e")):
+            (folder / name).write_text("".join(json.dumps({"prompt": p, "id": f"{prefix}{i}"}) + "\n"
+                                               for i, p in enumerate(texts)))
+
+    folder = shared_folder(tmp_path_factory, "loop_prompts", build)
+    return folder / "prompts.jsonl", folder / "eval.jsonl"
 
 
 @pytest.fixture(scope="module")
