@@ -78,15 +78,16 @@ def test_alpha_neutral_needs_a_target_margin():
 def test_a_removed_key_is_one_line_saying_what_to_use(tmp_path, key):
     """Every removed key, in a file, an override or (scoring keys) eval.judge: one line naming the
     key and what replaces it, exit status 2."""
-    section, name = key.split(".")
-    path = write(tmp_path / "c.yaml", f"{section}:\n  {name}: 1\n")
+    *sections, name = key.split(".")
+    nested = "".join(f"{'  ' * depth}{part}:\n" for depth, part in enumerate(sections))
+    path = write(tmp_path / "c.yaml", f"{nested}{'  ' * len(sections)}{name}: 1\n")
     with pytest.raises(UserInputError) as info:
         load_config(path)
     assert str(info.value) == f"{path}: config key '{key}' was removed; use {REMOVED_KEYS[key][0]}"
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
     with pytest.raises(UserInputError, match=f"^command line: config key '{key}' was removed"):
         load_config(None, [f"{key}=1"])
-    if section == "scoring":
+    if sections == ["scoring"]:
         with pytest.raises(UserInputError, match=f"config key 'eval.judge.{name}' was removed"):
             load_config(None, [f"eval.judge.{name}=1"])
 
@@ -100,12 +101,18 @@ def test_a_run_directorys_old_config_loads_where_removed_keys_changed_nothing(tm
     old["scoring"].update(length_bias=0.0, length_bias_cap=128, selection_length_penalty=0.0)
     old["eval"]["perplexity"] = True
     old["train"]["packing"] = True
+    old["iterations"]["alpha_control"].update(retries=0, tolerance=0.15, response=2.0)
     path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
     config = load_config(path, recorded=True)
     assert config.experimental.perplexity and config == Config(experimental={"perplexity": True})
     old["scoring"]["length_bias"] = 0.3
     write(path, yaml.safe_dump(old))
     with pytest.raises(UserInputError, match=r"config key 'scoring.length_bias' \(0.3\) was removed; this run "):
+        load_config(path, recorded=True)
+    old["scoring"]["length_bias"] = 0.0
+    old["iterations"]["alpha_control"]["retries"] = 2  # a round trained again on the eval length
+    write(path, yaml.safe_dump(old))
+    with pytest.raises(UserInputError, match=r"'iterations.alpha_control.retries' \(2\) was removed; this run "):
         load_config(path, recorded=True)
     with pytest.raises(UserInputError, match="was removed"):
         load_config(path)  # a user's config is never migrated
@@ -117,7 +124,7 @@ def test_keys_outside_the_experimental_section_are_counted():
     keys = all_keys()
     experimental = [k for k in keys if k.startswith("experimental.")]
     assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
-    assert len(keys) - len(experimental) == 96  # with iterations.keep_models
+    assert len(keys) - len(experimental) == 93  # alpha control's retries, tolerance and response went
 
 
 def test_overrides_parse_types():

@@ -198,7 +198,27 @@ def test_quick_demo_end_to_end(tmp_path):
     # iteration 1's samples are shared: the same base model, prompts and seed
     same = [(tmp_path / arm / "iter_1" / "pairs.jsonl").read_text() for arm in ("idpo", "ilrdpo")]
     assert same[0] == same[1]
+    # the per-stage times close the output, with the threads each part used (arms x threads = cores)
+    assert "time per stage (s; threads: shared first steps " in done.stdout and "held-out set" in done.stdout
+    threads = json.loads((tmp_path / "threads.json").read_text())
+    assert threads["idpo"] * 2 <= max(threads["shared first steps"], 2)
     print(f"ilrdpo demo --quick: {elapsed:.0f} s")
+
+
+@pytest.mark.unit
+def test_stage_lines_sum_each_arms_stages_by_kind(tmp_path):
+    """iter 1 train 10 s + iter 2 train 5 s = train 15; the held-out pass and the demo's own stages as recorded."""
+    from ilrdpo.demo.arms import stage_lines
+
+    (tmp_path / "idpo").mkdir()
+    (tmp_path / "idpo" / "timings.json").write_text(json.dumps(
+        {"load scorer": 0.1, "iter 1 train": 10.0, "iter 1 eval": 2.0, "iter 2 generate": 7.0, "iter 2 train": 5.0,
+         "held-out set": 3.0}))
+    lines = stage_lines(tmp_path, ["idpo", "ilrdpo"], {"shared first steps": 20.4, "report": 1.0},
+                        {"shared first steps": 2, "idpo": 1, "ilrdpo": 1})
+    assert lines == ["time per stage (s; threads: shared first steps 2, idpo 1, ilrdpo 1)",
+                     "  shared first steps: 20", "  report: 1",
+                     "  vanilla: generate 7, train 15, eval 2, held-out set 3"]  # ilrdpo/ has no timings yet
 
 
 @pytest.mark.smoke  # one arm process
@@ -257,7 +277,7 @@ def test_demo_tune_is_the_ilrdpo_arm_searched_over_alpha(tmp_path):
     assert len(config.tune.objectives) == 2 and config.output_dir == str(tmp_path / "t")
     assert (config.loss, config.scoring, config.generation, config.train) == (arm.loss, arm.scoring, arm.generation,
                                                                              arm.train)
-    assert arm.iterations.alpha_control.retries > 0 and config.iterations.alpha_control.retries == 0  # trials keep alpha
+    assert arm.iterations.alpha_control.mode == "auto" and config.iterations.alpha_control.mode == "constant"  # trials keep alpha
 
 
 @pytest.mark.slow

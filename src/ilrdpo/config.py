@@ -144,20 +144,31 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "scoring.length_bias_cap": ("nothing (it went with scoring.length_bias)", None),
     "scoring.selection_length_penalty": ("loss.alpha (a length margin in the loss)", 0.0),
     "train.packing": ("nothing: it rarely found two pairs for one row; prefix sharing stays", None),
+    "iterations.alpha_control.retries": (
+        "nothing: alpha control now decides each round's alpha before training, from the round's sampled lengths", 0),
+    "iterations.alpha_control.tolerance": ("nothing (it went with iterations.alpha_control.retries)", None),
+    "iterations.alpha_control.response": ("nothing (it went with iterations.alpha_control.retries)", None),
 }
 MOVED_KEYS = {"loss.alpha_neutral": "experimental.alpha_neutral", "eval.perplexity": "experimental.perplexity"}
+
+
+def _holder(data: dict[str, Any], path: list[str]) -> dict[str, Any] | None:
+    """The mapping at `path` (section names) in a config mapping, or None."""
+    for name in path:
+        data = data.get(name) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
 
 
 def _removed_in(data: dict[str, Any]) -> list[tuple[str, str, Any]]:
     """(key as written, key in REMOVED_KEYS, value) of every removed key in a config mapping."""
     found = []
     for key in REMOVED_KEYS:
-        section, name = key.split(".")
-        holders = [(key, data.get(section))]
-        if section == "scoring" and isinstance(data.get("eval"), dict):
-            holders.append((f"eval.judge.{name}", data["eval"].get("judge")))
+        *path, name = key.split(".")
+        holders = [(key, _holder(data, path))]
+        if path == ["scoring"]:
+            holders.append((f"eval.judge.{name}", _holder(data, ["eval", "judge"])))
         found += [(written, key, holder[name]) for written, holder in holders
-                  if isinstance(holder, dict) and name in holder]
+                  if holder is not None and name in holder]
     return found
 
 
@@ -167,19 +178,20 @@ def refuse_removed_keys(data: dict[str, Any], source: str) -> None:
         raise UserInputError(f"{source}: config key '{written}' was removed; use {REMOVED_KEYS[key][0]}")
 
 
+def _copy_sections(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy_sections(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
 def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A run directory's config.yaml written before keys were removed: moved keys go to their new
     place, removed keys at a value that changed nothing are dropped, any other is refused."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    if isinstance(data.get("eval"), dict) and isinstance(data["eval"].get("judge"), dict):
-        data["eval"]["judge"] = dict(data["eval"]["judge"])
+    data = _copy_sections(data)
     for written, key, value in _removed_in(data):
-        parts = written.split(".")
-        holder = data[parts[0]] if len(parts) == 2 else data["eval"]["judge"]
-        del holder[parts[-1]]
+        *path, name = written.split(".")
+        del _holder(data, path)[name]
         if key in MOVED_KEYS and written == key:
-            section, name = MOVED_KEYS[key].split(".")
-            data.setdefault(section, {})[name] = value
+            section, new_name = MOVED_KEYS[key].split(".")
+            data.setdefault(section, {})[new_name] = value
         elif REMOVED_KEYS[key][1] is not None and value != REMOVED_KEYS[key][1]:
             raise UserInputError(f"{source}: config key '{written}' ({value!r}) was removed; this run directory "
                                  f"cannot be resumed with this version (use {REMOVED_KEYS[key][0]})")

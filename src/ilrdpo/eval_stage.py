@@ -279,19 +279,18 @@ def summary_line(s: dict) -> str:
     return "  ".join(parts)
 
 
-def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict], misses: dict[int, str]) -> None:
+def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict]) -> None:
     """The end of a run: where the final model is, each iteration's line, what to run next."""
     from ilrdpo.progress import console
 
-    for line in run_summary_lines(rundir, config, summaries, misses):
+    for line in run_summary_lines(rundir, config, summaries):
         console.print(line, highlight=False)
 
 
-def run_summary_lines(rundir: RunDir, config: Config, summaries: list[dict], misses: dict[int, str]) -> list[str]:
-    """The final model, each iteration's line, alpha control's misses, and the report command."""
+def run_summary_lines(rundir: RunDir, config: Config, summaries: list[dict]) -> list[str]:
+    """The final model, each iteration's line, and the report command."""
     lines = [f"final model: {rundir.file(config.iterations.count, 'model')}"]
     lines += ["  " + summary_line(summary) for summary in summaries]
-    lines += [f"  iteration {t}: {miss}" for t, miss in sorted(misses.items())]
     if any("vs_initial" in s for s in summaries):
         lines.append("  (each lc= was fitted when its iteration ended, over the iterations so far; "
                      "`ilrdpo report` fits once over all of them, so its LC win rates can differ)")

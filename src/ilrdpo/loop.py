@@ -7,12 +7,9 @@ Every stage reads its inputs from files of the run directory and writes its outp
 from __future__ import annotations
 
 import json
-import os
-
-import torch
 
 from ilrdpo import distributed, engines, interrupts, ranks
-from ilrdpo.alpha import control_miss, length_budget, next_alpha, per_unit_alpha, retry_alpha
+from ilrdpo.alpha import next_alpha, per_unit_alpha
 from ilrdpo.config import Config
 from ilrdpo.decisions import stage_seed
 from ilrdpo.errors import UserInputError
@@ -162,58 +159,11 @@ class IterativeRun:
         for name in STAGES[:-1]:  # generate, score, pair, train; then eval
             self.run_stage(t, name)
         summary = self._evaluation(t)
-        while self.retry(t) is not None:
-            self.run_stage(t, "train")
-            summary = self._evaluation(t)
         console.print(summary_line(summary))
-        if miss := self.control_miss(t):
-            console.print(f"[yellow]iteration {t}: {miss}[/yellow]")
         if ranks.is_main() and (removed := self.dir.prune_models(self.config.iterations.keep_models, t)):
             console.print(f"removed {', '.join(str(p.relative_to(self.dir.root)) for p in removed)} "
                           f"(iterations.keep_models={self.config.iterations.keep_models})")
         return summary
-
-    def control_miss(self, t: int) -> str | None:
-        if not self.eval_prompts:
-            return None
-        return control_miss(self.config.iterations.alpha_control, self._eval_length(0), self._eval_length(t),
-                            1 + len(self.state.attempts.get(t, [])))
-
-    def retry(self, t: int) -> float | None:
-        """Alpha control's retries: when round t's eval length is out of the band and attempts are
-        left, record this attempt and un-mark train and eval, so that they run again with the
-        corrected alpha setting returned (the train stage first moves the attempt's files to
-        iter_t/attempt_K/); None when the round stands."""
-        control = self.config.iterations.alpha_control
-        attempts = self.state.attempts.get(t, [])
-        if control.mode != "auto" or len(attempts) >= control.retries or t not in self.state.alpha:
-            return None
-        length, budget = self._eval_length(t), length_budget(control, self._eval_length(0))
-        tried = [(a["alpha_setting"], a["length"] / budget - 1) for a in attempts]
-        setting = self.state.alpha_setting[t]
-        alpha = retry_alpha([*tried, (setting, length / budget - 1)], control)
-        if alpha is None:
-            return None
-        console.print(f"iteration {t}: eval length {length:.1f} is {length / budget - 1:+.0%} off the budget "
-                      f"{budget:.1f}; training the round again with alpha {alpha:.4g} (was {setting:.4g})")
-        self.state.attempts[t] = [*attempts, {"alpha": self.state.alpha[t], "alpha_setting": setting,
-                                              "length": length}]
-        self.state.alpha_setting[t] = alpha
-        del self.state.alpha[t]
-        self.state.forget(t, ("train", "eval"))
-        self.state.save()
-        return alpha
-
-    def _archive_attempt(self, t: int) -> None:
-        """Move the replaced attempt's files to iter_t/attempt_K/; eval.json last, so that while it
-        is still in iter_t some of the attempt's files may be too (a resumed move finishes the job)."""
-        attempt = self.dir.attempt(t, len(self.state.attempts[t]))
-        if not ranks.is_main():
-            return
-        attempt.mkdir(exist_ok=True)
-        for name in ("model", "metrics.jsonl", "eval_answers.jsonl", "eval_samples.jsonl", "eval.json"):
-            if self.dir.file(t, name).exists():
-                os.replace(self.dir.file(t, name), attempt / name)
 
     # --- 1. generate -----------------------------------------------------------------------------
     def generate(self, t: int) -> None:
@@ -286,32 +236,34 @@ class IterativeRun:
     # --- 4. train --------------------------------------------------------------------------------
     def decide_alpha(self, t: int, pairs: list[PreferencePair], tokenizer) -> float:
         """The per-unit alpha of iteration t: decided when its train stage first starts (the
-        config's loss.alpha, or alpha control from the evaluations so far, then alpha.per_unit_alpha
-        as `ilrdpo train` does) and recorded in state.json; a resumed stage keeps it, unless --force,
-        which lets the config decide again."""
+        config's loss.alpha, or alpha control from round t's own sampled lengths against round 1's,
+        then alpha.per_unit_alpha as `ilrdpo train` does) and recorded in state.json; a resumed
+        stage keeps it, unless --force, which lets the config decide again."""
         if t in self.state.alpha and not self.force:
             return self.state.alpha[t]
-        loss = self.config.loss
-        alpha = loss.alpha
+        alpha = self.config.loss.alpha
         control = self.config.iterations.alpha_control
-        if self.state.attempts.get(t) and t in self.state.alpha_setting:
-            alpha = self.state.alpha_setting[t]  # a retry's corrected setting
-        elif control.mode == "auto" and t > 1:
+        if control.mode == "auto" and t > 1:
             previous = self.state.alpha_setting.get(t - 1, alpha)
-            lengths = [self._eval_length(k) for k in (t - 1, 0)]
-            alpha = next_alpha(previous, lengths[0], lengths[1], control)
+            sampled, initial = self._sampled_length(t), self._sampled_length(1)
+            alpha = next_alpha(previous, sampled, initial, control)
+            console.print(f"iteration {t}: alpha {previous:.4g} -> {alpha:.4g} (alpha control: this round's samples "
+                          f"{sampled:.1f} tokens on average, the first round's {initial:.1f})")
         self.state.alpha_setting[t] = alpha
         alpha = per_unit_alpha(alpha, self.config, pairs, tokenizer)
         self.state.alpha[t] = alpha
         self.state.save()
         return alpha
 
+    def _sampled_length(self, t: int) -> float:
+        """Mean token count of round t's sampled answers (candidates.jsonl)."""
+        sets = read_candidates(self.dir.file(t, "candidates.jsonl"), self.dir.redo_hint(t))
+        counts = [n for c in sets for n in c.n_tokens]
+        return sum(counts) / max(len(counts), 1)
+
     def _eval_summary(self, t: int) -> dict:
         with finished_output(self.dir.redo_hint(t)):
             return read_json_file(self.dir.file(t, "eval.json"))
-
-    def _eval_length(self, t: int) -> float:
-        return self._eval_summary(t)["length"]["tokens_mean"]
 
     def train(self, t: int) -> None:
         config = self.config
@@ -325,14 +277,7 @@ class IterativeRun:
         loss = config.loss.model_copy(update={"target_length": target})
         lora = config.model.lora is not None
         ref_logps = None
-        if self.state.attempts.get(t):
-            if self.dir.file(t, "eval.json").exists():
-                self._archive_attempt(t)
-            # same pairs, same reference: the reference log-probs of the first attempt hold
-            saved = self.dir.file(t, "ref_logps.json")
-            values = json.loads(saved.read_text()) if saved.exists() else None  # null: a reference-free loss
-            ref_logps = torch.tensor(values) if values is not None else None
-        if ref_logps is None and config.iterations.reference == "initial" and t > 1 and not lora:
+        if config.iterations.reference == "initial" and t > 1 and not lora:
             # pi_ref = pi_0 under full fine-tuning: score the pairs with pi_0 first, then free it,
             # so two models are never in memory together (reference log-probs do not depend on alpha).
             model, tokenizer = self.policy(0)
@@ -385,8 +330,7 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
             return summaries
         if config.model.push_to_hub:
             publish_final_model(run.dir, config, summaries)
-    misses = {t: miss for t in range(1, config.iterations.count + 1) if (miss := run.control_miss(t))}
-    print_run_summary(run.dir, config, summaries, misses)
+    print_run_summary(run.dir, config, summaries)
     return summaries
 
 

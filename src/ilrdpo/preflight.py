@@ -39,8 +39,6 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
     if command == "run":
         if not config.data.prompts:
             raise UserInputError("data.prompts is required for `ilrdpo run`")
-        if config.iterations.alpha_control.mode == "auto" and not config.data.eval_prompts:
-            raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
     from ilrdpo import engines  # torch: not for the model checks of `generate` and `chat`
 

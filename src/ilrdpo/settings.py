@@ -181,31 +181,18 @@ class TrainSettings(Section):
 
 
 class AlphaControlSettings(Section):
-    mode: Literal["constant", "auto"] = Field("constant", description="auto = adjust alpha to a length budget.")
-    budget: float = Field(1.0, gt=0.0, description="auto: allowed mean length, relative to the initial model "
-                          "(<= 10) or in tokens (> 10).")
+    mode: Literal["constant", "auto"] = Field(
+        "constant", description="auto = before each round's training, move alpha toward a length budget on the "
+        "round's own sampled answers (training prompts; eval prompts are not used).")
+    budget: float = Field(1.0, gt=0.0, description="auto: allowed mean sampled length, relative to the first round's "
+                          "samples (the initial model's; <= 10) or in tokens (> 10).")
     gain: float = Field(
-        0.5, gt=0.0, description="auto: after each iteration alpha is multiplied by exp(gain * over), over = mean "
-        "eval length / budget - 1 (proportional control in log space, the same up and down; nothing within 2% "
-        "of the budget; from alpha 0 it starts at max(min_alpha, 0.01)).")
+        0.5, gt=0.0, description="auto: alpha is multiplied by exp(gain * over), over = mean sampled length / budget - 1 "
+        "(nothing within 2% of the budget; from alpha 0 it starts at max(min_alpha, 0.01)).")
     step: float = Field(0.5, gt=0.0, description="auto: the bound on |gain * over|, the largest change of log alpha "
-                        "per iteration (retries: twice this).")
+                        "per round.")
     min_alpha: float = Field(0.0, ge=0.0, description="auto: lower bound.")
     max_alpha: float = Field(1.0, ge=0.0, description="auto: upper bound.")
-    retries: int = Field(
-        0, ge=0, description="auto: a round whose mean eval length is more than `tolerance` off the budget is "
-        "trained again from the same pairs and reference with alpha corrected, up to this many times; the last "
-        "attempt is kept, the others are recorded (state.json attempts, attempt_K/ in the iteration's folder). 0 = off.")
-    tolerance: float = Field(0.15, gt=0.0, description="auto with retries: the band around the budget, relative.")
-    response: float = Field(
-        2.0, gt=0.0, description="auto with retries: relative eval-length change per unit of log alpha, for the first "
-        "correction; later ones interpolate between the attempts.")
-
-    @model_validator(mode="after")
-    def _retries_need_auto(self) -> AlphaControlSettings:
-        if self.retries and self.mode != "auto":
-            raise ValueError("retries needs mode auto (they correct alpha toward the length budget)")
-        return self
 
 
 class IterationSettings(Section):

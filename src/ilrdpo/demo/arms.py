@@ -39,13 +39,12 @@ from ilrdpo.rundir import RunDir
 # Both arms train with IPO's squared loss (demo_settings), where the length term sets each pair's
 # target margin instead of only reweighting it: beta * delta is pulled to 1/2 - alpha * (|y_w| - |y_l|),
 # so a pair whose chosen answer is longer by more than 1/(2 alpha) tokens (40 at 0.0125) is learnt
-# the other way round. iLR-DPO: 0.0125 per token, then moved in proportion to the last eval length's
-# distance from the base's (gain 0.5, at most 20%); length answers alpha so steeply (5% of alpha moved
-# one round by 31 points) that a round ending more than 15% off is trained again with alpha corrected,
-# at most twice (retries). docs/demo/study.md has the search that led here, failures included.
+# the other way round. iLR-DPO: 0.0125 per token, then before each later round's training moved in
+# proportion to that round's own sampled length's distance from the first round's (gain 0.5, at most
+# 20%): alpha control steers on the training prompts' samples, never on the eval or held-out sets,
+# which stay measurements. docs/demo/study.md has the search that led here, failures included.
 RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.mode=auto", "iterations.alpha_control.step=0.2",
-          "iterations.alpha_control.gain=0.5", "iterations.alpha_control.max_alpha=0.05",
-          "iterations.alpha_control.retries=2", "iterations.alpha_control.tolerance=0.15"]
+          "iterations.alpha_control.gain=0.5", "iterations.alpha_control.max_alpha=0.05"]
 VANILLA = ["loss.alpha=0", "iterations.alpha_control.mode=constant"]
 ARMS = {"idpo": VANILLA, "ilrdpo": RECIPE}
 
@@ -81,14 +80,17 @@ def demo_settings(quick: bool) -> dict:
         "iterations": 2 if quick else 3,
         "config": {
             "data": {"system_prompt": SYSTEM_PROMPT},
+            # one batch of all 192 answers: a third of the decode steps of batches of 64 (docs/demo/speed.md)
             "generation": {"num_samples": 4, "max_new_tokens": max_new_tokens, "temperature": 0.8,
-                           "top_p": 0.95, "batch_size": 64},
+                           "top_p": 0.95, "batch_size": 192},
             "scoring": {"type": "embedding_similarity", "model": "bundled:all-minilm-l6-v2"},
             "pairing": {"strategy": "best_worst", "skip_truncated": True},
             "loss": {"type": "ipo", "beta": 0.1},
             "train": {"learning_rate": 1e-5, "epochs": 1, "batch_size": 2, "max_length": 320,
                       "warmup_ratio": 0.1, "lr_scheduler": "constant"},
-            "eval": {"greedy": True},
+            # no concise/verbose length anchors: two passes of the base model that the finding does not
+            # read (the report's LC fit is then fitted over the arms' iterates alone)
+            "eval": {"greedy": True, "length_anchors": False},
         },
     }
 
@@ -123,14 +125,14 @@ def shared_stages(pairs: bool = True) -> dict[int, list[str]]:
 
 
 def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], base_from: Path | None = None,
-             heldout_prompts: str | None = None, parallel: bool | None = None) -> None:
+             heldout_prompts: str | None = None, parallel: bool | None = None) -> dict[str, int]:
     """Every arm's iterations, then (heldout_prompts given) its iterates on the second held-out set.
 
     The first arm runs the steps every arm shares (the initial model's eval, or a copy from
     `base_from` when the eval is greedy; iteration 1's samples, scores and pairs; the initial
     model's held-out answers); the others copy them. The arms then run one process each with the
     CPU threads split between them (parallel; the default from 2 threads on, since decoding does
-    not use a second thread well), or one after the other.
+    not use a second thread well), or one after the other. Returns the CPU threads each part used.
     """
     first, *others = list(configs)
     base = RunDir(base_from) if base_from is not None else None
@@ -157,10 +159,12 @@ def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], b
         for arm, config in configs.items():
             with stage(f"arm {arm_name(arm)}", timings):
                 run_arm(config.model_dump_json(), heldout_prompts, heldout_base)
-        return
+        return {"shared first steps": threads, **{arm: threads for arm in configs}}
+    per_arm = max(1, threads // len(configs))  # arms x threads = the threads torch was given (every core)
     with stage(f"arms in parallel ({', '.join(map(arm_name, configs))})", timings):
         run_parallel({arm: (config.model_dump_json(), heldout_prompts, heldout_base) for arm, config in configs.items()},
-                     out, max(1, threads // len(configs)))
+                     out, per_arm)
+    return {"shared first steps": threads, **{arm: per_arm for arm in configs}}
 
 
 def run_arm(config_json: str, heldout_prompts: str | None, heldout_base: Path | None) -> None:
@@ -176,8 +180,12 @@ def run_arm(config_json: str, heldout_prompts: str | None, heldout_base: Path | 
     keep = config.iterations.keep_models
     run_iterations(config.model_copy(update={"iterations": config.iterations.model_copy(update={"keep_models": None})}),
                    scorer=demo_judge(config))
-    evaluate_heldout([Path(config.output_dir)], heldout_prompts, base=heldout_base)
-    RunDir(config.output_dir).prune_models(keep, config.iterations.count)
+    rundir = RunDir(config.output_dir)
+    timings = json.loads(rundir.timings_path.read_text()) if rundir.timings_path.exists() else {}
+    with stage("held-out set", timings):
+        evaluate_heldout([Path(config.output_dir)], heldout_prompts, base=heldout_base)
+    rundir.timings_path.write_text(json.dumps(timings, indent=1))
+    rundir.prune_models(keep, config.iterations.count)
 
 
 def _arm_process(args: tuple, log_path: str, threads: int) -> None:
@@ -245,6 +253,25 @@ def run_parallel(arms: dict[str, tuple], out: Path, threads: int) -> None:
         raise RuntimeError(f"arm {arm} failed (exit status {process.exitcode}); its log: {logs[arm]}")
 
 
+STAGE_KINDS = ("generate", "score", "pair", "train", "eval", "held-out set")
+
+
+def stage_lines(out: Path, arms: list[str], timings: dict[str, float], threads: dict[str, int]) -> list[str]:
+    """The demo's per-stage wall times: its own stages, then each arm's summed by stage kind
+    (iterations together; the arms' first-round sampling and scoring ran in the shared steps)."""
+    lines = [f"time per stage (s; threads: {', '.join(f'{k} {v}' for k, v in threads.items())})"]
+    lines += [f"  {name}: {seconds:.0f}" for name, seconds in timings.items()]
+    for arm in arms:
+        path = RunDir(out / arm).timings_path
+        if not path.exists():
+            continue
+        recorded = json.loads(path.read_text())
+        by_kind = {kind: sum(v for k, v in recorded.items() if k == kind or k.endswith(f" {kind}"))
+                   for kind in STAGE_KINDS}
+        lines.append(f"  {arm_name(arm)}: " + ", ".join(f"{kind} {v:.0f}" for kind, v in by_kind.items() if v))
+    return lines
+
+
 def quick_note() -> str:
     """What the quick demo's size can and cannot show."""
     quick, full = demo_settings(True), demo_settings(False)
@@ -276,16 +303,19 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     n_heldout = {**demo_settings(quick), **(sizes or {})}["n_heldout"]
     heldout_prompts = _subset(bundled_prompts("heldout"), n_heldout, out / "data") if heldout else None
     timings: dict[str, float] = {}
-    run_arms(configs, out, timings, base_from, heldout_prompts, parallel)
+    threads = run_arms(configs, out, timings, base_from, heldout_prompts, parallel)
     run_dirs, names = [out / arm for arm in configs], [arm_name(arm) for arm in configs]
     with stage("report", timings):
         report = write_report(run_dirs, out, names=names)
         extra = [*demo_notes(configs, quick), *(heldout_section(run_dirs, names) if heldout else [])]
         report.write_text(report.read_text() + "\n" + "\n".join(extra))
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    (out / "threads.json").write_text(json.dumps(threads, indent=1))
     print_tables(load_runs(run_dirs, names))
     if quick:
         console.print(f"[yellow]{quick_note()}[/yellow]")
+    for line in stage_lines(out, list(configs), timings, threads):
+        console.print(line, highlight=False, markup=False)
     console.print(f"report: {report}  (total {sum(timings.values()):.0f} s)")
     return report
 
@@ -303,7 +333,7 @@ def tune_config(out: str | Path, *, quick: bool = False, model: str | None = Non
     """The demo's iLR-DPO arm as a study over alpha: one iteration per trial, 30 eval prompts."""
     sizes = {**TUNE_SIZES, "n_eval": 10} if quick else TUNE_SIZES
     config = demo_configs(Path(out), quick=quick, model=model, seed=seed, overrides=overrides,
-                          arms={"tune": [*RECIPE, "iterations.alpha_control.retries=0"]},  # trials keep their alpha
+                          arms={"tune": [*RECIPE, "iterations.alpha_control.mode=constant"]},  # trials keep their alpha
                           sizes=sizes)["tune"]
     return config.model_copy(update={"tune": TuneSettings(**TUNE), "output_dir": str(Path(out))})
 

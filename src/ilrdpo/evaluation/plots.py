@@ -98,12 +98,6 @@ def plot_reward_winrate(rows_by_run: Rows, path: Path) -> bool:
     return _save(fig, path)
 
 
-def missed_band(rows_by_run: Rows) -> list[tuple[int, float, str]]:
-    """(iteration, length, label) of the points where alpha control missed its band."""
-    return [(r["iteration"], r["length_tokens"], "alpha control missed band")
-            for rows in rows_by_run.values() for r in rows if r.get("control_miss") and r["length_tokens"] is not None]
-
-
 def plot_length(rows_by_run: Rows, path: Path) -> bool:
     """Mean answer length per iteration; dashed where it comes from training samples."""
     if not any(_series(rows, "length_tokens")[0] for rows in rows_by_run.values()):
@@ -113,8 +107,6 @@ def plot_length(rows_by_run: Rows, path: Path) -> bool:
         sampled = any(r["source"] == "samples" for r in rows)
         _line(ax, rows, "length_tokens", "o--" if sampled else "o-", color=RUN_COLOURS(i % 10),
               label=f"{name} (training samples)" if sampled else name)
-    for x, y, text in missed_band(rows_by_run):
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7, color="firebrick")
     ax.set(title="mean answer length", ylabel="tokens")
     _iteration_axis(ax)
     _legend(ax)

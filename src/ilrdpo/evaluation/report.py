@@ -32,7 +32,6 @@ from ilrdpo.evaluation import plots
 from ilrdpo.evaluation.compare import compare_all
 from ilrdpo.evaluation.rundata import RunData, load_runs
 from ilrdpo.evaluation.sections import (
-    control_section,
     fmt,
     markdown_table,
     target_loss_note,
@@ -106,7 +105,7 @@ def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any
     Win rates come from `joint` (joint_win_rates) where it has the model, else eval.json;
     eval.json is the source of the other means, and where it is absent (eval cut short, or no
     eval prompts) they are taken over the answers on disk, `source` saying which answers."""
-    rows, misses = [], run.control_misses()
+    rows = []
     for k in run.iterations:
         ev = run.evals.get(k, {})
         fitted = (joint or {}).get((run.name, k))
@@ -124,7 +123,6 @@ def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any
             "lc_identifiable": vs.get("lc_identifiable"), "lc_note": vs.get("lc_note"),
             "quality_win_rate": vs_quality.get("win_rate"),
             "pairs": ev.get("pairs/count", run.pairs_count.get(k)),
-            "control_miss": misses.get(k),
             **_sampled_numbers(ev.get("sampled") or {}),
         })
     return rows
@@ -300,7 +298,7 @@ def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[s
               "95% bootstrap interval over prompts."), "",
              *markdown_table(headers, cells), ""]
     lines += [line for note in footnotes for line in (note, "")]
-    lines += control_section(runs) + _lc_notes(runs, joint) + text_section(runs) + training_section(runs)
+    lines += _lc_notes(runs, joint) + text_section(runs) + training_section(runs)
     if drawn:
         lines += ["## Plots", ""]
         for file_name, path in drawn.items():
@@ -343,7 +341,5 @@ def print_tables(runs: list[RunData]) -> None:
     for note in footnotes:
         console.print(f"[dim]{escape(note)}[/dim]")
     for run in runs:
-        for k, miss in run.control_misses().items():
-            console.print(f"[yellow]{escape(run.name)} iteration {k}: {escape(miss)}[/yellow]")
         for item in run.missing:
             console.print(f"[yellow]missing[/yellow] {escape(run.name)}: {escape(item)}")

@@ -14,10 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 
-from ilrdpo.alpha import control_miss
-from ilrdpo.config import AlphaControlSettings
 from ilrdpo.errors import UserInputError
 from ilrdpo.records import read_jsonl_tolerant
 from ilrdpo.rundir import ANCHOR_FILES, RunDir
@@ -53,21 +50,6 @@ class RunData:
             return bool((self.config.get("eval") or {}).get("prompts")
                         or (self.config.get("data") or {}).get("eval_prompts"))
         return bool(self.answers or 0 in self.evals)
-
-    def control_misses(self) -> dict[int, str]:
-        """{iteration: what alpha control missed} for rounds that stand outside its band."""
-        try:
-            control = AlphaControlSettings(**((self.config.get("iterations") or {}).get("alpha_control") or {}))
-        except (ValidationError, TypeError):
-            return {}
-        initial = ((self.evals.get(0) or {}).get("length") or {}).get("tokens_mean")
-        misses = {}
-        for k, ev in self.evals.items():
-            length = (ev.get("length") or {}).get("tokens_mean")
-            miss = control_miss(control, initial, length, self.trainings.get(k, 1)) if k and initial and length else None
-            if miss:
-                misses[k] = miss
-        return misses
 
     @property
     def source(self) -> str:

@@ -22,15 +22,6 @@ def markdown_table(headers: list[str], cells: list[list[str]]) -> list[str]:
     return [line(headers), line(["---"] * len(headers)), *(line(row) for row in cells)]
 
 
-def control_section(runs: list[RunData]) -> list[str]:
-    """Rounds that alpha control left outside its length band (retries used up, or alpha stuck)."""
-    items = [f"- {run.name}, iteration {k}: {miss}" for run in runs for k, miss in run.control_misses().items()]
-    if not items:
-        return []
-    return ["## Alpha control", "", ("These rounds stand outside the length band alpha control aims for; their "
-                                     "lengths are not what the settings asked for."), "", *items, ""]
-
-
 def text_section(runs: list[RunData]) -> list[str]:
     present = {m for run in runs for ev in run.evals.values() for m in (ev.get("text") or {})}
     keys = [m for m in TEXT_METRICS if m in present]
