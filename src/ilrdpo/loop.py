@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from ilrdpo import distributed, engines, interrupts, ranks
 from ilrdpo.alpha import next_alpha, per_unit_alpha
 from ilrdpo.config import Config
@@ -17,7 +19,7 @@ from ilrdpo.eval_stage import evaluate_iteration, print_run_summary, summary_lin
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
-from ilrdpo.loss_types import method_name
+from ilrdpo.loss_types import REFERENCE_FREE, method_name
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
 from ilrdpo.pairing import base_targets, pair_all, pairing_census
 from ilrdpo.preflight import check_config
@@ -36,6 +38,7 @@ from ilrdpo.records import (
 )
 from ilrdpo.resume import after, apply_redo, check_redo, check_resume, input_hashes, no_pairs_message
 from ilrdpo.rundir import STAGES, RunDir
+from ilrdpo.sampled_reference import SAMPLE_LOGPS, read_sample_logps, sampled_reference_logps, write_sample_logps
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.tracking import RunTracker
 from ilrdpo.train import autocast, pair_reference_logps, train_round
@@ -174,14 +177,25 @@ class IterativeRun:
             samples = generate_answers(
                 model, tokenizer, self.prompts, gen, self.config.data, num_samples=gen.num_samples,
                 seed=stage_seed(self.config.seed, t, "generate"), progress_file=partial,
-                source=str(self.config.data.prompts), description=f"iter {t} sampling")
+                source=str(self.config.data.prompts), description=f"iter {t} sampling",
+                keep_logps=True)  # the reference log-probs when the sampler is the reference
         sets = [CandidateSet(prompt=p.prompt, id=p.id, responses=[s.text for s in samples[p.id]],
                              n_tokens=[s.n_tokens for s in samples[p.id]],
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,
                              target_length=p.target_length) for p in self.prompts]
         if ranks.is_main():
+            write_sample_logps(self.dir.file(t, SAMPLE_LOGPS), self.prompts, samples)  # where decoding kept them
             write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
         distributed.remove_progress(partial)
+
+    def sampler_is_reference(self) -> bool:
+        """Round t samples from pi_{t-1}, its reference (iterations.reference previous): the train
+        stage takes the reference log-probs kept while sampling (ilrdpo.sampled_reference), where the
+        loss uses plain sums of log-probs and the model is scored in float32 as it decoded."""
+        config = self.config
+        return (config.iterations.reference == "previous" and config.model.lora is None
+                and config.loss.type not in REFERENCE_FREE and config.loss.type != "ld_dpo"
+                and self.compute_dtype == torch.float32)
 
     # --- 2. score --------------------------------------------------------------------------------
     def score(self, t: int) -> None:
@@ -276,7 +290,7 @@ class IterativeRun:
         target = None if config.loss.target_length == "base" else config.loss.target_length
         loss = config.loss.model_copy(update={"target_length": target})
         lora = config.model.lora is not None
-        ref_logps = None
+        ref_logps = self._sampled_reference(t, pairs, loss)
         if config.iterations.reference == "initial" and t > 1 and not lora:
             # pi_ref = pi_0 under full fine-tuning: score the pairs with pi_0 first, then free it,
             # so two models are never in memory together (reference log-probs do not depend on alpha).
@@ -304,6 +318,19 @@ class IterativeRun:
         # trained in place: the model in memory is now pi_t, unless the engine sharded it for
         # training (then the next stage loads the saved one whole)
         self.model_iteration = t if self.engine.release(model) else -1
+
+    def _sampled_reference(self, t: int, pairs: list[PreferencePair], loss) -> torch.Tensor | None:
+        """Round t's reference log-probs from its samples (sample_logps.jsonl), the pairs whose
+        tokens differ forwarded; None where the generate stage kept none."""
+        sampled = read_sample_logps(self.dir.file(t, SAMPLE_LOGPS)) if self.sampler_is_reference() else {}
+        if not sampled:
+            return None
+        model, tokenizer = self.policy(t - 1)
+        ref_logps, forwarded = sampled_reference_logps(model, tokenizer, pairs, sampled, loss, self.config.train,
+                                                       self.config.data, compute_dtype=self.compute_dtype)
+        console.print(f"iteration {t}: reference log-probs of {len(pairs) - forwarded} of {len(pairs)} pairs taken "
+                      f"while sampling, {forwarded} by a forward pass")
+        return ref_logps
 
     # --- 5. evaluate -----------------------------------------------------------------------------
     def evaluate(self, t: int) -> dict:

@@ -34,8 +34,10 @@ from ilrdpo.errors import DiskFullError, UserInputError, disk_writes
 from ilrdpo.records import atomic_write_text, read_json_file
 
 # The stages of an iteration in order, and the files each one writes in iter_T/.
+# Each sampled answer's token ids and log-prob under the sampler (ilrdpo.sampled_reference).
+SAMPLE_LOGPS_FILE = "sample_logps.jsonl"
 STAGE_FILES: dict[str, tuple[str, ...]] = {
-    "generate": ("candidates.jsonl",),
+    "generate": ("candidates.jsonl", SAMPLE_LOGPS_FILE),
     "score": ("candidates.jsonl",),
     "pair": ("pairs.jsonl",),
     "train": ("metrics.jsonl", "ref_logps.json", "model"),

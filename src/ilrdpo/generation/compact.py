@@ -109,10 +109,13 @@ def sample_tokens(scores: torch.Tensor, settings: GenerationSettings) -> torch.T
 
 @torch.no_grad()
 def decode_compact(model, ids: torch.Tensor, mask: torch.Tensor, settings: GenerationSettings,
-                   num_samples: int, eos_ids: list[int], greedy: bool) -> list[list[int]]:
+                   num_samples: int, eos_ids: list[int], greedy: bool,
+                   logps: list[list[float]] | None = None) -> list[list[int]]:
     """New token ids (EOS included when emitted) for each of the B*N rows, prompt-major order.
 
-    ids, mask: (B, T) left-padded prompts, each prompt once.
+    ids, mask: (B, T) left-padded prompts, each prompt once. logps: a list to fill with each row's
+    log-prob of every new token under the model itself (log-softmax of its logits: temperature 1,
+    no top-p or penalties), the reference log-probs of a round whose sampler is its reference.
     """
     sample = not greedy and settings.temperature > 0
     penalties = _penalties(settings)
@@ -131,13 +134,19 @@ def decode_compact(model, ids: torch.Tensor, mask: torch.Tensor, settings: Gener
     alive = torch.arange(seqs.shape[0], device=ids.device)  # row index of each row in the batch
     done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=ids.device)  # finished, still in the batch
     new_tokens: list[list[int]] = [[] for _ in range(seqs.shape[0])]
+    if logps is not None:
+        logps[:] = [[] for _ in range(seqs.shape[0])]
 
     for step in range(settings.max_new_tokens):
         scores = penalties(seqs, logits.float()) if penalties else logits  # (r, V)
         chosen = sample_tokens(scores, settings) if sample else scores.argmax(-1)  # (r,)
-        for row, token, finished in zip(alive.tolist(), chosen.tolist(), done.tolist()):
+        token_logps = (torch.log_softmax(logits.float(), -1).gather(-1, chosen[:, None]).squeeze(-1).tolist()
+                       if logps is not None else None)  # (r,)
+        for i, (row, token, finished) in enumerate(zip(alive.tolist(), chosen.tolist(), done.tolist())):
             if not finished:
                 new_tokens[row].append(token)
+                if token_logps is not None:
+                    logps[row].append(token_logps[i])
         done |= torch.isin(chosen, eos)
         if step == settings.max_new_tokens - 1 or done.all():
             break

@@ -33,6 +33,11 @@ class Sample:
     # re-encoding is not the identity (a byte-level tokenizer's odd bytes re-encode longer).
     n_tokens: int
     truncated: bool  # cut by max_new_tokens before EOS
+    # With keep_logps (the compacting loop): the prompt's and the answer's token ids as decoded (EOS
+    # included when emitted) and the answer's log-prob under the sampling model (temperature 1).
+    prompt_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+    logp: float | None = None
 
 
 def _generation_config(model, tokenizer, settings: GenerationSettings, greedy: bool):
@@ -82,8 +87,9 @@ def _decode(tokenizer, new_ids: torch.Tensor, eos_ids: list[int]) -> list[Sample
 
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
-                num_samples: int, greedy: bool = False) -> list[list[Sample]]:
-    """transformers generate; the N samples of a prompt are N rows of one batch (KV cache on)."""
+                num_samples: int, greedy: bool = False, keep_logps: bool = False) -> list[list[Sample]]:
+    """transformers generate; the N samples of a prompt are N rows of one batch (KV cache on).
+    keep_logps is not supported here: the samples carry none (the train stage then forwards)."""
     device = next(model.parameters()).device
     config = _generation_config(model, tokenizer, settings, greedy)
     # The compiled static-cache step is specialised to the cache's shape: prompt widths rounded up
@@ -101,8 +107,9 @@ def generate_hf(model, tokenizer, prompt_ids: list[list[int]], settings: Generat
 
 @torch.no_grad()
 def generate_compact(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
-                     num_samples: int, greedy: bool = False) -> list[list[Sample]]:
-    """Finished rows leave the batch; each prompt is prefilled once for its N samples."""
+                     num_samples: int, greedy: bool = False, keep_logps: bool = False) -> list[list[Sample]]:
+    """Finished rows leave the batch; each prompt is prefilled once for its N samples. keep_logps:
+    each sample also carries its token ids and log-prob (Sample)."""
     from ilrdpo.generation.compact import decode_compact
 
     device = next(model.parameters()).device
@@ -110,21 +117,27 @@ def generate_compact(model, tokenizer, prompt_ids: list[list[int]], settings: Ge
     ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id, device)
     was_training = model.training
     model.eval()
-    rows = decode_compact(model, ids, mask, settings, num_samples, eos_ids, greedy)
+    logps: list[list[float]] | None = [] if keep_logps else None
+    rows = decode_compact(model, ids, mask, settings, num_samples, eos_ids, greedy, logps)
     model.train(was_training)
     width = settings.max_new_tokens
     padded = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])  # (R, new)
     samples = _decode(tokenizer, padded, eos_ids)
+    if logps is not None:
+        for i, sample in enumerate(samples):
+            sample.prompt_ids, sample.token_ids = prompt_ids[i // num_samples], rows[i]
+            sample.logp = sum(logps[i])
     return [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(prompt_ids))]
 
 
-def _auto(model, tokenizer, prompt_ids, settings, num_samples, greedy=False) -> list[list[Sample]]:
+def _auto(model, tokenizer, prompt_ids, settings, num_samples, greedy=False, keep_logps=False) -> list[list[Sample]]:
     """GPU: transformers' compiled static-cache generate. CPU: the compacting loop
     (benchmarks/generation_throughput.py, SmolLM2-135M, one thread, 64 new tokens: 28.4 / 37.2 /
     63.2 / 113.8 new tokens/s at 4 / 8 / 16 / 64 rows against 22.0 / 20.8 / 35.7 / 56.3 for one
     batched generate)."""
     on_gpu = next(model.parameters()).device.type == "cuda"
-    return (generate_hf if on_gpu else generate_compact)(model, tokenizer, prompt_ids, settings, num_samples, greedy)
+    return (generate_hf if on_gpu else generate_compact)(model, tokenizer, prompt_ids, settings, num_samples, greedy,
+                                                          keep_logps)
 
 
 BACKENDS = {"auto": _auto, "hf": generate_hf, "compact": generate_compact}
@@ -182,9 +195,11 @@ def encode_prompts(tokenizer, prompts: list[Prompt], data: DataSettings, max_new
 
 def generate_answers(model, tokenizer, prompts: list[Prompt], settings: GenerationSettings, data: DataSettings,
                      *, num_samples: int, seed: int, greedy: bool = False, progress_file: str | Path | None = None,
-                     source: str = "prompts", description: str = "generating") -> dict[str, list[Sample]]:
+                     source: str = "prompts", description: str = "generating",
+                     keep_logps: bool = False) -> dict[str, list[Sample]]:
     """{prompt id: N samples}. With progress_file, each finished batch is appended there and a
-    rerun reuses it, so a killed run loses at most the batch in flight."""
+    rerun reuses it, so a killed run loses at most the batch in flight. keep_logps: samples carry
+    their token ids and log-prob under `model` where the backend can (Sample)."""
     prompt_ids = encode_prompts(tokenizer, prompts, data, settings.max_new_tokens, context_length(model), source)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompt_ids[i]), i))
     per_batch = max(1, settings.batch_size // num_samples)
@@ -203,7 +218,8 @@ def generate_answers(model, tokenizer, prompts: list[Prompt], settings: Generati
             decoder = decoder if decoder is not None else generation_model(model)
             torch.manual_seed(seed * 1_000_003 + k)
             with autocast_off(decoder, model):
-                results = backend(decoder, tokenizer, [prompt_ids[i] for i in batch], settings, num_samples, greedy)
+                results = backend(decoder, tokenizer, [prompt_ids[i] for i in batch], settings, num_samples, greedy,
+                                  keep_logps and decoder is model)
             for i, samples in zip(batch, results):
                 done[prompts[i].id] = samples
                 if progress_file:
