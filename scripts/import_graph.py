@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, set[str]]] = [
                                         "distributed", "tracking", "hub", "evaluation"}),
     ("models: models and what runs them", {"models", "batching", "scoring", "generation"}),
     ("engines: parallel training", {"engines", "zero", "checkpoint", "guard"}),
-    ("stages: the loop's stages and the library functions", {"train", "eval_stage", "evaluate", "preflight", "loop",
+    ("stages: the loop's stages and the library functions", {"train", "sampled_reference", "eval_stage", "evaluate",
+                                                             "preflight", "loop",
                                                              "offline", "tuning", "best_of", "chat"}),
     ("commands", {"api", "cli", "cli_args", "demo", "__main__", PACKAGE}),
 ]
