@@ -38,6 +38,8 @@ os.environ.setdefault("ILRDPO_QUIET", "1")
 
 QWEN_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
             "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": True}
+# A two-layer Qwen2 on the same tokenizer: the 0.5b code path in seconds on a CPU (scripts/gpu_checks.sh --dry-run).
+QWEN_TINY = {**QWEN_05B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
 def build_model(args):
@@ -50,7 +52,8 @@ def build_model(args):
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **QWEN_05B)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **(QWEN_05B if args.size == "0.5b" else QWEN_TINY))
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -140,9 +143,10 @@ def measure(rows: int, model, tokenizer, all_prompts, args) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["135m", "0.5b"], default="135m")
+    parser.add_argument("--size", choices=["135m", "0.5b", "tiny"], default="135m",
+                        help="0.5b, tiny (2 layers, hidden 64): random weights on --tokenizer's vocabulary")
     parser.add_argument("--model", default="bundled:smollm2-135m-instruct", help="--size 135m: the model")
-    parser.add_argument("--tokenizer", help="--size 0.5b: a tokenizer folder (its vocabulary sizes the model)")
+    parser.add_argument("--tokenizer", help="--size 0.5b / tiny: a tokenizer folder (its vocabulary sizes the model)")
     parser.add_argument("--num-samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="16,64")
