@@ -362,8 +362,27 @@ def worker_ilrdpo(a, rows) -> dict:
     computed = sum(int(n) for n in meter.forward_tokens)
     if a.prefix_sharing == "off" and computed != result["all_tokens"]:
         raise RuntimeError(f"token counts differ: metrics.jsonl {result['all_tokens']}, hook {computed}")
-    result.update(digest=digest, truncated=truncated, n_params=sum(p.numel() for p in model.parameters()))
+    result.update(digest=digest, truncated=truncated, n_params=sum(p.numel() for p in model.parameters()),
+                  guard_s=guard_seconds(model, a.device))
     return result
+
+
+def guard_seconds(model, device: str) -> float:
+    """Median time of the divergence guard's check after an optimizer step (DivergenceGuard.check
+    on this model's trainable weights: its norm, a pass over every weight and a host sync, and
+    the rules' arithmetic), timed apart from the steps, which run it too."""
+    import torch
+    from ilrdpo.guard import DivergenceGuard
+
+    guard = DivergenceGuard([p for p in model.parameters() if p.requires_grad])
+    times = []
+    for step in range(1, 8):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        guard.check(step, loss=0.69, grad_norm=1.0, loss_at_reference=0.69)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def worker_trl(a, rows) -> dict:
@@ -494,6 +513,9 @@ def main(argv=None):
                   f"{r['setup_and_ref_s']:.1f} s, process {r['process_s']:.1f} s")
             print(f"{'':>6}  model {flops / 1e12:.3f} TFLOP/s (6 x {r['n_params'] / 1e6:.0f}M parameters x "
                   f"tokens/s){mfu}")
+            if "guard_s" in r:
+                print(f"{'':>6}  divergence guard {1e3 * r['guard_s']:.2f} ms a step "
+                      f"({100 * r['guard_s'] / r['step_median_s']:.1f}% of the median step)")
     print(f"memory method: {next(iter(results.values()))['memory_method']}")
     if len({r["digest"] for r in results.values()}) > 1:
         raise SystemExit("the systems did not train on identical token sequences: "
