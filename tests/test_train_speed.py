@@ -3,6 +3,8 @@
 - host syncs: a micro-batch brings its metrics and its loss's finiteness to the host in one
   transfer (on a GPU every `.item()` waits for the device), with the values `.item()` gives;
 - fused AdamW (one kernel for all tensors, on CPU and CUDA): the same update as the for-each path;
+- the log-prob head keeps its logits in the compute dtype for backward (bfloat16 on a GPU: half
+  the bytes of cross_entropy's float32 log-softmax), with cross_entropy's values and gradients;
 - the log-prob head recomputed per chunk in backward: no vocabulary-wide logits saved for the
   backward pass, and the same log-probs and gradients as keeping them.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ilrdpo.config import LossSettings
 from ilrdpo.engines import Engine
@@ -181,3 +184,45 @@ def test_the_recomputed_head_keeps_no_vocabulary_wide_logits_and_gives_the_kept_
     torch.testing.assert_close(logps, kept_logps, rtol=0, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, kept_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    total = 0
+
+    def keep(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        out = fn()
+    return out, total
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_target_logps_are_cross_entropys_and_keep_the_logits_in_their_own_dtype(dtype):
+    """logprobs._token_logps against the cross_entropy it replaced (-cross_entropy of the float32
+    logits): the same values and logit gradients to float32 round-off; what it keeps for backward
+    is the logits in their dtype plus one float per row, half of cross_entropy's under bfloat16."""
+    from ilrdpo.logprobs import _token_logps
+
+    generator = torch.Generator().manual_seed(0)
+    start = (4 * torch.randn(37, 1000, generator=generator)).to(dtype)  # (n, V)
+    targets = torch.randint(0, 1000, (37,), generator=generator)
+    grad = torch.randn(37, generator=generator)
+    results = {}
+    for name, fn in {"new": _token_logps, "old": lambda x, t: -F.cross_entropy(x.float(), t, reduction="none")}.items():
+        logits = start.clone().requires_grad_()
+        logps, kept = saved_bytes(lambda: fn(logits, targets))
+        logps.backward(grad)
+        results[name] = logps.detach(), logits.grad, kept
+    (new, new_grad, new_kept), (old, old_grad, old_kept) = results["new"], results["old"]
+    assert new.dtype == old.dtype == torch.float32 and new_grad.dtype == dtype
+    torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(new_grad, old_grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-7)
+    logits_bytes = start.numel() * start.element_size()
+    assert new_kept < logits_bytes + 37 * 16  # the logits, the targets and the log-normaliser
+    assert old_kept >= 37 * 1000 * 4  # cross_entropy's float32 log-softmax
+    if dtype == torch.bfloat16:
+        assert new_kept < 0.6 * old_kept
