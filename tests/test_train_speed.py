@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ilrdpo.config import LossSettings
-from ilrdpo.engines import Engine
+from ilrdpo.engines import Engine, local_norm
 from ilrdpo.loss import length_reversed, pair_accuracy, preference_loss
 from ilrdpo.train import SATURATED_LOGITS, STATS, _fused_ok, _micro_step, loss_at_reference
 
@@ -129,6 +129,24 @@ def test_fused_adamw_takes_the_for_each_paths_steps():
         assert not torch.equal(fused_p, before)
         torch.testing.assert_close(fused_p, foreach_p, rtol=1e-6, atol=1e-7)
     assert not _fused_ok([torch.nn.Parameter(torch.zeros(2, device="meta"))])
+
+
+@pytest.mark.unit
+def test_the_guards_weight_norm_copies_no_half_precision_weight(monkeypatch):
+    """engines.local_norm, after every step: float32 weights give the norm of the plain formula
+    exactly, bfloat16 ones its value over their float32 copies, which it no longer makes."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(300, 200, generator=generator), torch.randn(77, generator=generator)]
+    plain = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w) for w in weights])))
+    assert local_norm([torch.nn.Parameter(w) for w in weights]) == pytest.approx(plain, rel=1e-6)
+    assert local_norm(weights) == float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(weights))))
+    half = [w.bfloat16() for w in weights]
+    copies = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([w.float() for w in half]))))
+    casts = []
+    original = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: casts.append(self.shape) or original(self, *a, **k))
+    assert local_norm(half) == pytest.approx(copies, rel=1e-6)
+    assert casts == []
 
 
 # --- the head: recomputed per chunk in backward, no vocabulary-wide logits kept ----------------------

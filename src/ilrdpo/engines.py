@@ -45,9 +45,11 @@ FLOAT16_REFUSED = ("config key 'model.dtype': float16 is not supported under FSD
 
 
 def local_norm(params: list[torch.Tensor]) -> float:
-    """The L2 norm of whole params together."""
+    """The L2 norm of whole params together, accumulated in float32 without float32 copies of
+    half-precision weights (the divergence guard takes it after every step)."""
     with torch.no_grad():
-        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach().float() for p in params]))))
+        norms = torch._foreach_norm([p.detach() for p in params], 2, dtype=torch.float32)
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def sharded_norm(params: list[torch.Tensor]) -> float:
