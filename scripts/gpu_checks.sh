@@ -25,19 +25,23 @@
 #   --only NAMES     run only these checks (comma-separated names from the list above)
 #   --dry-run        CPU only, tiny shapes, through the same scripts and code paths where CUDA is not
 #                    required (pytest --collect-only for the two pytest checks): about 45 s of CPU
-#                    time (2.5 min wall on 2 cores shared with other work). tests/test_gpu_checks.py runs it in CI, so this script cannot rot.
+#                    time (2.5 min wall on 2 cores shared with other work). tests/test_gpu_checks.py
+#                    runs it in CI, so this script cannot rot.
 #
 # Exit status: 0 every check passed; 1 setup failed (no GPU, a wheel that does not install, no
 # tokenizer) and nothing ran; 2 bad usage; otherwise the sum of the failed checks' values: train 4,
-# generation 8, profile 16, weights 32, iteration 64, zero 128. A check fails when its command fails, runs past
-# its time limit (each has its own, so one hang cannot take the others' time) or prints no result line.
+# generation 8, profile 16, weights 32, iteration 64, zero 128. A check fails when its command
+# fails, runs past its time limit (each has its own, so one hang cannot take the others' time) or
+# prints no result line.
 #
 # A GPU machine without internet (nothing can be downloaded there): bring, in folders git ignores,
 #   .whl/            wheels of what the machine's Python lacks, made on a machine with a registry:
 #                      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#                        -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 pydantic \
-#                        pydantic-core annotated-types typing-inspection gguf hjson
+#                        -d .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+#                        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+#                        typing-inspection==0.4.5 gguf==0.19.0 hjson==3.1.0
+#                    (the versions of the project's .venv, 2026-12-07: `pip freeze` there gives them)
 #                    and for `zero`: pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 #                    (one version of each; they are installed with --no-deps --no-index into a side
 #                    folder, $SITE or /tmp/site, never into the machine's Python)
