@@ -379,6 +379,7 @@ def guard_seconds(model, device: str) -> float:
     on this model's trainable weights: its norm, a pass over every weight and a host sync, and
     the rules' arithmetic), timed apart from the steps, which run it too."""
     import torch
+
     from ilrdpo.guard import DivergenceGuard
 
     guard = DivergenceGuard([p for p in model.parameters() if p.requires_grad])

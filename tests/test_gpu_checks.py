@@ -18,7 +18,7 @@ CHECKS = ("train", "generation", "profile", "weights", "iteration", "zero")
 
 def run_checks(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 600):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout,
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout, check=False,
                           cwd=ROOT)
 
 

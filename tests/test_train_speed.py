@@ -232,7 +232,7 @@ def test_target_logps_are_cross_entropys_and_keep_the_logits_in_their_own_dtype(
     results = {}
     for name, fn in {"new": _token_logps, "old": lambda x, t: -F.cross_entropy(x.float(), t, reduction="none")}.items():
         logits = start.clone().requires_grad_()
-        logps, kept = saved_bytes(lambda: fn(logits, targets))
+        logps, kept = saved_bytes(lambda fn=fn, logits=logits: fn(logits, targets))
         logps.backward(grad)
         results[name] = logps.detach(), logits.grad, kept
     (new, new_grad, new_kept), (old, old_grad, old_kept) = results["new"], results["old"]
