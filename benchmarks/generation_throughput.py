@@ -111,6 +111,11 @@ def measure(rows: int, model, tokenizer, all_prompts, args) -> dict[str, float]:
 
     for backend in [auto] + [b for b in BACKENDS if b not in ("auto", auto)]:
         report(f"ilrdpo {backend}" + (" (auto)" if backend == auto else ""), *timed(lambda b=backend: ours(b)))
+    if args.profile:  # one more run of the auto backend, after the timed one: its top operators
+        from step_profile import profiled_call  # beside this script
+
+        for line in profiled_call(lambda: ours(auto), device.type, unit=f"run of batch {rows}"):
+            print(f"  batch {rows:4d}  ilrdpo {auto} {line}")
 
     prompt_ids = encode_prompts(tokenizer, prompts, data, args.max_new_tokens, None)
     config = _generation_config(model, tokenizer, settings, greedy=False)
@@ -153,6 +158,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-generate-batch", action="store_true", help="skip continuous batching")
+    parser.add_argument("--profile", action="store_true", help="after the timed runs, profile one more run of "
+                        "ilrdpo's auto backend: its top operators by device (CPU) time (step_profile.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler over the timed optimizer steps of
 train_throughput.py's ilrdpo worker (`--profile`), summarised as the operators that take the most
-device time (CUDA) or CPU time (CPU) per step.
+device time (CUDA) or CPU time (CPU) per step; and the same summary of one call
+(generation_throughput.py `--profile`: one sampling run).
 
 The profiler follows the optimizer: a global optimizer step hook advances its schedule, so it
 skips the setup, the reference pass and the warmup steps and records exactly the timed steps.
@@ -39,8 +40,8 @@ def profiled_steps(warmup: int, steps: int, device: str) -> Iterator[list[str]]:
     lines.extend(summary(prof, device, steps))
 
 
-def summary(prof, device: str, steps: int) -> list[str]:
-    """The top operators by self time on the device (CUDA) or the CPU, per step."""
+def summary(prof, device: str, steps: int, unit: str = "step") -> list[str]:
+    """The top operators by self time on the device (CUDA) or the CPU, per step (or per `unit`)."""
     events = prof.key_averages()
     on_device = device == "cuda"
 
@@ -52,10 +53,18 @@ def summary(prof, device: str, steps: int) -> list[str]:
     total = sum(self_us(e) for e in events)
     cpu_total = sum(e.self_cpu_time_total for e in events)
     where = "device" if on_device else "CPU"
-    lines = [f"profile: {steps} steps; self {where} time {total / 1e3 / steps:.1f} ms a step"
-             + (f", self CPU time {cpu_total / 1e3 / steps:.1f} ms a step" if on_device else "")]
+    lines = [f"profile: {steps} {unit}s; self {where} time {total / 1e3 / steps:.1f} ms a {unit}"
+             + (f", self CPU time {cpu_total / 1e3 / steps:.1f} ms a {unit}" if on_device else "")]
     for event in sorted(events, key=self_us, reverse=True)[:TOP]:
         share = 100 * self_us(event) / total if total else 0.0
-        lines.append(f"profile: {self_us(event) / 1e3 / steps:8.2f} ms a step {share:5.1f}%  {event.key[:70]} "
-                     f"({event.count // steps} calls a step)")
+        lines.append(f"profile: {self_us(event) / 1e3 / steps:8.2f} ms a {unit} {share:5.1f}%  {event.key[:70]} "
+                     f"({event.count // steps} calls a {unit})")
     return lines
+
+
+def profiled_call(fn, device: str, unit: str) -> list[str]:
+    """The summary lines of one call of fn (e.g. one generation run, after its untimed first run)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    return summary(prof, device, 1, unit)

@@ -5,7 +5,8 @@
 #               tokens/s, peak memory and MFU of both, the divergence guard's cost, then
 #               `ilrdpo/trl throughput=X.XXx peak_memory=Y.YYx`
 #   generation  sampling against one plain batched `generate`, 0.5B shape, batch 64 (16 prompts x
-#               4 samples), 128 new tokens; `ilrdpo/generate generation=X.XXx (batch 64)`
+#               4 samples), 128 new tokens; `ilrdpo/generate generation=X.XXx (batch 64)`; then
+#               the top operators by GPU time of one more sampling run (profiled apart)
 #   profile     where ilrdpo's training step spends its time at that shape: the top operators by
 #               GPU time a step (torch.profiler over 3 steps, benchmarks/step_profile.py)
 #   weights     bf16 full fine-tuning moves the weights; compiled static-cache generation = the
@@ -140,13 +141,14 @@ check() {  # check NAME LIMIT_S RESULT_PATTERN COMMAND...: its log, its result l
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 ZERO_TEST="tests/test_distributed.py::test_deepspeed_trains_what_one_plain_process_trains[ZeRO-3 in one process]"
 TRAIN_LINES="tokens/s=|TFLOP/s|divergence guard|ilrdpo/trl "
-GENERATION_LINES="against:|ilrdpo/generate generation="
+GENERATION_LINES="against:|profile:|ilrdpo/generate generation="
 ITERATION_LINES="peak GPU memory|one iteration in"
 if [ $DRY = 1 ]; then
     check train 180 "$TRAIN_LINES" "$PY" benchmarks/train_throughput.py --size tiny --device cpu --batch 2 \
         --steps 1 --warmup 1 --threads 1
     check generation 120 "$GENERATION_LINES" "$PY" benchmarks/generation_throughput.py --size tiny \
-        --tokenizer "$TOKENIZER" --batch-sizes 8 --num-samples 4 --max-new-tokens 8 --no-generate-batch --threads 1
+        --tokenizer "$TOKENIZER" --batch-sizes 8 --num-samples 4 --max-new-tokens 8 --no-generate-batch --threads 1 \
+        --profile
     check profile 120 "profile:" "$PY" benchmarks/train_throughput.py --size tiny --device cpu --batch 2 \
         --steps 1 --warmup 1 --threads 1 --systems ilrdpo --profile
     check weights 120 "tests? collected" "${PYTEST[@]}" --collect-only tests/gpu
@@ -158,7 +160,7 @@ else  # limits: the 2026-11-28 H200 times (train ~80, generation ~80, weights 41
     check train 130 "$TRAIN_LINES" "$PY" benchmarks/train_throughput.py --size 0.5b --device cuda --batch 16 \
         --steps 10 --warmup 3
     check generation 110 "$GENERATION_LINES" "$PY" benchmarks/generation_throughput.py --size 0.5b \
-        --tokenizer "$TOKENIZER" --batch-sizes 64 --num-samples 4 --max-new-tokens 128 --no-generate-batch
+        --tokenizer "$TOKENIZER" --batch-sizes 64 --num-samples 4 --max-new-tokens 128 --no-generate-batch --profile
     check profile 60 "profile:" "$PY" benchmarks/train_throughput.py --size 0.5b --device cuda --batch 16 \
         --steps 3 --warmup 2 --systems ilrdpo --profile
     check weights 70 "bf16 autocast|answers equal|passed|failed" "${PYTEST[@]}" -s tests/gpu

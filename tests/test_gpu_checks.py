@@ -37,7 +37,7 @@ def test_the_dry_run_passes_and_writes_every_log_and_result_line(tokenizer_dir, 
         assert f"== {name}: ok in " in summary, name
     expected = ["2 tests collected", "1 test collected",  # tests/gpu; the ZeRO-3 test by its id
                 "ilrdpo: tokens/s=", "trl: tokens/s=", "TFLOP/s", "divergence guard", "ilrdpo/trl throughput=",
-                "ilrdpo (auto) against:", "ilrdpo/generate generation=",
+                "ilrdpo (auto) against:", "ilrdpo/generate generation=", "ilrdpo compact profile: 1 run of batch 8s;",
                 "profile: 1 steps; self CPU time", "aten::mm",
                 "one iteration in", "result: every check passed"]
     for line in expected:
