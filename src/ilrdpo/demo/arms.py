@@ -315,7 +315,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, model: str |
     if quick:
         console.print(f"[yellow]{quick_note()}[/yellow]")
     for line in stage_lines(out, list(configs), timings, threads):
-        console.print(line, highlight=False, markup=False)
+        console.print(line, highlight=False, markup=False, soft_wrap=True)  # one line each, however narrow
     console.print(f"report: {report}  (total {sum(timings.values()):.0f} s)")
     return report
 
