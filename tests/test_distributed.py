@@ -236,33 +236,33 @@ def first_round_steps(one_process_run: Path) -> int:
     return len((one_process_run / "iter_1" / "metrics.jsonl").read_text().splitlines())
 
 
+def finished(out: Path) -> dict[str, list[str]]:
+    return json.loads((out / "state.json").read_text())["finished"]
+
+
+# Each test below kills one run more than once, each time under another launcher, and resumes it to
+# the uninterrupted single-process result: a kill and the next launch's resume are one property each.
+
+
 @pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_single_process_result(run_config, one_process_run, tmp_path):
-    """Two processes sample, score and pair iteration 1 (killed in its training: the main process
-    writes the metrics), then resume it and run iteration 2 whole: what one process gives, said
-    once."""
+    """Two processes sample, score and pair iteration 1 and are killed in its training (the main
+    process writes the metrics); two processes resume it, say it once, and the second process dies
+    after its first sampled batch of iteration 2; one process finishes the run, reusing that
+    process's progress file: what one process gives."""
     out = tmp_path / "killed"
-    crashed = launch(["run", str(run_config), f"output_dir={out}"], tmp_path, processes=2,
-                     fault="metrics.partial.jsonl:3")
+    args = ["run", str(run_config), f"output_dir={out}"]
+    crashed = launch(args, tmp_path, processes=2, fault="metrics.partial.jsonl:3")
     assert crashed.returncode != 0
-    state = json.loads((out / "state.json").read_text())
-    assert "train" not in state["finished"]["1"] and "pairs" in state["finished"]["1"]
-    resumed = launch(["run", str(run_config), f"output_dir={out}"], tmp_path, processes=2)
+    assert "pair" in finished(out)["1"] and "train" not in finished(out)["1"], crashed.stderr[-3000:]
+    crashed = launch(args, tmp_path, processes=2, fault="generation.partial.jsonl.rank1:1")
+    assert crashed.returncode != 0
+    assert "eval" in finished(out)["1"] and "generate" not in finished(out).get("2", []), crashed.stderr[-3000:]
+    assert (out / "iter_2" / "generation.partial.jsonl.rank1").is_file()
+    said = [line.split(":")[0].split("  ")[0] for line in crashed.stderr.splitlines() if line.startswith("iter 1 ")]
+    assert sorted(said) == ["iter 1", "iter 1 eval", "iter 1 train"], said  # one voice: each line once
+    resumed = launch(args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    same_run(out, one_process_run)
-    assert resumed.stderr.count("final model:") == 1  # one voice
-
-
-@pytest.mark.slow
-def test_killed_in_sampling_resumes_with_another_number_of_processes(run_config, one_process_run, tmp_path):
-    """The second process dies after its first sampled batch; one process finishes the run,
-    reusing that process's progress file."""
-    out = tmp_path / "sampling"
-    crashed = launch(["run", str(run_config), f"output_dir={out}"], tmp_path, processes=2,
-                     fault="generation.partial.jsonl.rank1:1")
-    assert crashed.returncode != 0
-    assert (out / "iter_1" / "generation.partial.jsonl.rank1").is_file()
-    assert launch(["run", str(run_config), f"output_dir={out}"], tmp_path).returncode == 0
     same_run(out, one_process_run)
 
 
@@ -277,8 +277,7 @@ def test_killed_fsdp_run_resumes_in_one_process_from_its_checkpoint(run_config, 
     crashed = launch(args, tmp_path, processes=2, accelerate_config="fsdp.yaml",
                      fault=f"metrics.partial.jsonl:{first_round_steps(one_process_run) + 3}")
     assert crashed.returncode != 0
-    state = json.loads((out / "state.json").read_text())
-    assert "eval" in state["finished"]["1"] and "train" not in state["finished"]["2"], crashed.stderr[-3000:]
+    assert "eval" in finished(out)["1"] and "train" not in finished(out)["2"], crashed.stderr[-3000:]
     assert (out / "iter_2" / "checkpoint" / "state.pt").is_file()
     resumed = launch(args, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -294,13 +293,11 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("crash,resume", [("deepspeed-zero2.yaml", None), (None, "deepspeed-zero3.yaml")],
-                         ids=["killed under ZeRO-2, resumed in one process", "killed in one process, resumed under ZeRO-3"])
-def test_a_killed_deepspeed_round_resumes_across_engines(run_config, one_process_run, tmp_path, crash, resume):
-    """Checkpoints hold whole weights and AdamW moments: a round killed under ZeRO resumes in one
-    process, and a single-process checkpoint resumes under ZeRO, to the uninterrupted result. Resumed
-    under ZeRO-3, iteration 2 runs whole there (weights partitioned for training, the saved model
-    gathered whole for sampling and evaluation)."""
+def test_a_killed_deepspeed_round_resumes_across_engines(run_config, one_process_run, tmp_path):
+    """Checkpoints hold whole weights and AdamW moments: a round killed under ZeRO-2 (iteration 1)
+    resumes in one process, and that process's checkpoint, killed in iteration 2, resumes under
+    ZeRO-3 (weights partitioned for training, the saved model gathered whole for evaluation), to
+    the uninterrupted result."""
     out = tmp_path / "resumed"
     args = ["run", str(run_config), f"output_dir={out}", "train.save_steps=1"]
 
@@ -308,11 +305,16 @@ def test_a_killed_deepspeed_round_resumes_across_engines(run_config, one_process
         return launch(args, tmp_path, processes=2 if config else 1, fault=fault, accelerate_config=config,
                       env_extra=DEEPSPEED_ENV)
 
-    crashed = go(crash, fault="metrics.partial.jsonl:3")
+    crashed = go("deepspeed-zero2.yaml", fault="metrics.partial.jsonl:3")
     assert crashed.returncode != 0
-    assert (out / "iter_1").is_dir(), crashed.stderr[-3000:]
-    assert (out / "iter_1" / "checkpoint" / "state.pt").is_file()
-    resumed = go(resume)
+    assert (out / "iter_1" / "checkpoint" / "state.pt").is_file(), crashed.stderr[-3000:]
+    # resumed: the metrics file rewritten up to step 2 (one write), the round's other lines, then 3 of iteration 2
+    crashed = go(None, fault=f"metrics.partial.jsonl:{1 + first_round_steps(one_process_run) - 2 + 3}")
+    assert crashed.returncode != 0
+    assert "resuming training from the checkpoint at step 2" in crashed.stderr + crashed.stdout
+    assert "eval" in finished(out)["1"] and "train" not in finished(out)["2"], crashed.stderr[-3000:]
+    assert (out / "iter_2" / "checkpoint" / "state.pt").is_file()
+    resumed = go("deepspeed-zero3.yaml")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming training from the checkpoint at step 2" in resumed.stderr + resumed.stdout
     same_run(out, one_process_run)
