@@ -76,20 +76,39 @@ def ensure_reference(venv: Path) -> Path:
     return python
 
 
-def _series(rng, base, difficulty, quality, mean_log_ratio, sd_log_ratio, length_bias):
+def _series(rng, base, difficulty, quality, mean_log_ratio, sd_log_ratio, length_bias, judge="spread"):
     """Lengths (chars) and soft preferences of one generator against the baseline.
 
-    logit = quality + difficulty_x + length_bias * tanh(delta / std(delta)) + N(0, 1) judge noise;
-    the judge's probability of preferring the model is the sigmoid of it (a soft label, as the
-    weighted_alpaca_eval_gpt4_turbo annotator gives)."""
+    logit = quality + difficulty_x + length_bias * L + N(0, 1) judge noise, the judge's probability
+    of preferring the model being the sigmoid of it (a soft label, as the weighted_alpaca_eval_gpt4_turbo
+    annotator gives). L = tanh(delta / std(delta)) for judge "spread" (the GLM's own feature) and
+    tanh(log(len / len_baseline)) for judge "ratio" (a judge whose taste for length does not depend
+    on the model's spread: the extreme-length scenarios, where the GLM is then only an approximation)."""
     lengths = np.maximum(1, np.round(base * np.exp(rng.normal(mean_log_ratio, sd_log_ratio, base.size))))
     delta = lengths - base
-    logit = quality + difficulty + length_bias * np.tanh(delta / delta.std(ddof=1)) + rng.normal(0, 1, base.size)
+    feature = np.tanh(delta / delta.std(ddof=1)) if judge == "spread" else np.tanh(np.log(lengths / base))
+    logit = quality + difficulty + length_bias * feature + rng.normal(0, 1, base.size)
     return 1.0 / (1.0 + np.exp(-logit)), lengths
 
 
+EXTREME_RATIOS = (0.03, 0.10, 0.25, 0.50, 2.0, 4.0)  # issue 32: extreme model's mean length / baseline's
+ORDINARY = 10  # ordinary models fitted jointly with each extreme one
+
+
+def extreme_specs(rng) -> dict[str, tuple]:
+    """One scenario per extreme length ratio: that model (quality drawn like the others) and
+    ORDINARY leaderboard-like models, judged by a "ratio" judge (see _series)."""
+    specs = {}
+    for ratio in EXTREME_RATIOS:
+        models = [(f"x{ratio:g}", rng.normal(-0.5, 1.0), float(np.log(ratio)), 0.5)]
+        models += [(f"o{i}", rng.normal(-0.7, 1.0), rng.normal(0.0, 0.3), rng.uniform(0.3, 0.6)) for i in range(ORDINARY)]
+        specs[f"{ratio:.0%} of baseline length, +{ORDINARY} ordinary"] = (1.5, models, "ratio")
+    return specs
+
+
 def scenarios(seed: int) -> dict[str, dict]:
-    """The five annotation sets of issue 10, each with its own baseline, anchors and models."""
+    """The five annotation sets of issue 10 and the six extreme-length ones of issue 32, each with
+    its own baseline, anchors and models."""
     rng = np.random.default_rng(seed)
     specs = {  # name: (length bias of the judge, [(model, quality, mean log ratio, sd log ratio)])
         "length-biased judge, no quality gap": (1.5, [("short", 0.0, -0.4, 0.5), ("same", 0.0, 0.0, 0.5),
@@ -101,14 +120,19 @@ def scenarios(seed: int) -> dict[str, dict]:
         "leaderboard, 50 models jointly": (1.2, [(f"m{i:02d}", rng.normal(-0.7, 1.0), rng.normal(0.0, 0.45),
                                                   rng.uniform(0.3, 0.6)) for i in range(50)]),
     }
-    sets = {}
-    for name, (bias, models) in specs.items():
-        base = np.round(np.exp(rng.normal(7.3, 0.6, P)))  # ~1500 characters
-        difficulty = rng.normal(0.0, 1.0, P)
-        anchors = {a: _series(rng, base, difficulty, 0.0, ratio, 0.3, bias) for a, ratio in ANCHORS.items()}
-        sets[name] = {"base": base, "difficulty": difficulty, "anchors": anchors,
-                      "models": {m: _series(rng, base, difficulty, q, mu, sd, bias) for m, q, mu, sd in models}}
+    sets = {name: _annotation_set(rng, bias, models, "spread") for name, (bias, models) in specs.items()}
+    rng = np.random.default_rng([seed, 32])  # its own stream: the five sets above stay as they were
+    sets.update({name: _annotation_set(rng, *spec) for name, spec in extreme_specs(rng).items()})
     return sets
+
+
+def _annotation_set(rng, bias: float, models: list[tuple], judge: str) -> dict:
+    """A baseline (~1500 characters), its difficulty, its two gamed variants and the models."""
+    base = np.round(np.exp(rng.normal(7.3, 0.6, P)))
+    difficulty = rng.normal(0.0, 1.0, P)
+    anchors = {a: _series(rng, base, difficulty, 0.0, ratio, 0.3, bias, judge) for a, ratio in ANCHORS.items()}
+    return {"base": base, "difficulty": difficulty, "anchors": anchors,
+            "models": {m: _series(rng, base, difficulty, q, mu, sd, bias, judge) for m, q, mu, sd in models}}
 
 
 def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
@@ -171,7 +195,7 @@ def main() -> None:
     print(f"{'seed':>4} {'scenario':<36} {'model':<10} {'longer':>6} {'raw':>6} {'AE':>6} {'AE|our d':>8} "
           f"{'ours [95% CI]':>22} {'ours-AE':>7} {'no anchors':>10}")
     for r in rows:
-        if r["scenario"].startswith("leaderboard") and not args.all_rows and int(r["model"][1:]) >= 8:
+        if not args.all_rows and (r["model"][0] == "o" or r["model"][0] == "m" and int(r["model"][1:]) >= 8):
             continue
         ci = f"[{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]"
         print(f"{r['seed']:>4} {r['scenario']:<36} {r['model']:<10} {r['longer']:>6.0%} {r['raw']:>6.1f} "
