@@ -57,7 +57,8 @@ for task in job["tasks"]:
     ann = pd.DataFrame({"preference": 1.0 + np.array(task["prefs"]), "output_1": ["x" * int(n) for n in base],
                         "output_2": ["y" * int(n) for n in task["len"]], "index": np.arange(len(base)),
                         "generator_1": "baseline", "generator_2": task["model"], "annotator": "judge"})
-    metrics = glm.get_length_controlled_winrate(ann, save_weights_dir=None, is_warn_extreme_changes=False)
+    metrics = glm.get_length_controlled_winrate(ann, glm_name=task["glm"], save_weights_dir=None,
+                                                is_warn_extreme_changes=False)
     out[task["key"]] = float(metrics["length_controlled_winrate"])
 json.dump(out, sys.stdout)
 '''
@@ -136,25 +137,32 @@ def _annotation_set(rng, bias: float, models: list[tuple], judge: str) -> dict:
 
 
 def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
-    """One row per (scenario, model): raw, alpaca-eval LC with the true and with our difficulty, ours."""
+    """One row per (scenario, model or anchor): raw, alpaca-eval's LC (glm length_controlled_v1,
+    with the gamed rows) with the true and with our difficulty, ours; and alpaca-eval without the
+    gamed rows (length_controlled_noreg) against ours without anchors. An anchor is scored as
+    alpaca-eval scores its gamed variants: a model whose fit also holds every gamed row."""
     rows, jobs = [], []
     for name, s in scenarios(seed).items():
         models, anchors = s["models"], s["anchors"]
-        ours = joint_lc({m: p for m, (p, _) in models.items()}, {m: n for m, (_, n) in models.items()},
-                        s["base"], anchors=anchors, n_boot=n_boot, seed=seed)
-        bare = joint_lc({m: p for m, (p, _) in models.items()}, {m: n for m, (_, n) in models.items()},
-                        s["base"], n_boot=0, seed=seed)  # the same fit without length anchors
-        prefs = np.array([p for p, _ in models.values()] + [p for p, _ in anchors.values()])
-        lengths = np.array([n for _, n in models.values()] + [n for _, n in anchors.values()])
-        our_d, _ = instruction_difficulty(prefs, scaled_tanh(lengths - s["base"])[0][0], list(range(len(models))), seed)
+        prefs_of = {m: p for m, (p, _) in models.items()}
+        lengths_of = {m: n for m, (_, n) in models.items()}
+        ours = joint_lc(prefs_of, lengths_of, s["base"], anchors=anchors, n_boot=n_boot, seed=seed, score_anchors=True)
+        bare = joint_lc(prefs_of, lengths_of, s["base"], n_boot=0, seed=seed)  # the same fit without length anchors
+        series = {**models, **anchors}
+        prefs = np.array([p for p, _ in series.values()])
+        lengths = np.array([n for _, n in series.values()])
+        our_d, _ = instruction_difficulty(prefs, scaled_tanh(lengths - s["base"])[0][0], list(range(len(series))), seed)
         tasks = []
-        for i, (m, (p, n)) in enumerate(models.items()):
-            for label, d in (("true", s["difficulty"]), ("ours", our_d[i])):
+        for i, (m, (p, n)) in enumerate(series.items()):
+            runs = [("true", s["difficulty"], "length_controlled_v1"), ("ours", our_d[i], "length_controlled_v1")]
+            if m in models:
+                runs.append(("noreg", s["difficulty"], "length_controlled_noreg"))
+            for label, d, glm_name in runs:
                 tasks.append({"key": f"{m}|{label}", "model": m, "prefs": p.tolist(), "len": n.tolist(),
-                              "difficulty": d.tolist()})
-            rows.append({"seed": seed, "scenario": name, "model": m, "raw": 100 * p.mean(),
+                              "difficulty": d.tolist(), "glm": glm_name})
+            rows.append({"seed": seed, "scenario": name, "model": m, "anchor": m in anchors, "raw": 100 * p.mean(),
                          "longer": float(np.mean(n > s["base"])), "ours": ours[m].lc_win_rate, "ci": ours[m].lc_ci,
-                         "no_anchors": bare[m].lc_win_rate})
+                         "no_anchors": bare[m].lc_win_rate if m in models else None})
         jobs.append({"base_len": s["base"].tolist(),
                      "anchors": {a: {"prefs": p.tolist(), "len": n.tolist()} for a, (p, n) in anchors.items()},
                      "tasks": tasks})
@@ -169,18 +177,22 @@ def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
     for row in rows:
         ref = reference[names.index(row["scenario"])]
         row["ae"], row["ae_our_d"] = ref[f"{row['model']}|true"], ref[f"{row['model']}|ours"]
+        row["ae_noreg"] = ref.get(f"{row['model']}|noreg")
     return rows
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean and max |ours - AE| and |ours - AE|our d| per scenario and overall."""
+    """Per scenario and overall: mean and max |ours - AE| (models and anchors), the same with
+    alpaca-eval given our difficulty, and |ours without anchors - AE without gamed rows| (models)."""
     out = {}
     for name in [*dict.fromkeys(r["scenario"] for r in rows), "all"]:
         sel = [r for r in rows if name in ("all", r["scenario"])]
         gap = np.array([abs(r["ours"] - r["ae"]) for r in sel])
         gap_d = np.array([abs(r["ours"] - r["ae_our_d"]) for r in sel])
+        gap_bare = np.array([abs(r["no_anchors"] - r["ae_noreg"]) for r in sel if not r["anchor"]])
         out[name] = {"n": len(sel), "mean": float(gap.mean()), "max": float(gap.max()),
-                     "mean_same_d": float(gap_d.mean()), "max_same_d": float(gap_d.max())}
+                     "mean_same_d": float(gap_d.mean()), "max_same_d": float(gap_d.max()),
+                     "mean_bare": float(gap_bare.mean()), "max_bare": float(gap_bare.max())}
     return out
 
 
@@ -188,22 +200,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--venv", type=Path, default=Path("/tmp/aevenv"))
-    parser.add_argument("--all-rows", action="store_true", help="print every leaderboard model, not 8")
+    parser.add_argument("--all-rows", action="store_true", help="print every model, not only the first 8 and the extreme ones")
     args = parser.parse_args()
     python = ensure_reference(args.venv)
     rows = [row for seed in args.seeds for row in compare(seed, python)]
-    print(f"{'seed':>4} {'scenario':<36} {'model':<10} {'longer':>6} {'raw':>6} {'AE':>6} {'AE|our d':>8} "
-          f"{'ours [95% CI]':>22} {'ours-AE':>7} {'no anchors':>10}")
+    print(f"{'seed':>4} {'scenario':<38} {'model':<10} {'longer':>6} {'raw':>6} {'AE':>6} {'AE|our d':>8} "
+          f"{'ours [95% CI]':>22} {'ours-AE':>7} {'AE noreg':>8} {'no anchors':>10}")
     for r in rows:
         if not args.all_rows and (r["model"][0] == "o" or r["model"][0] == "m" and int(r["model"][1:]) >= 8):
             continue
         ci = f"[{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]"
-        print(f"{r['seed']:>4} {r['scenario']:<36} {r['model']:<10} {r['longer']:>6.0%} {r['raw']:>6.1f} "
-              f"{r['ae']:>6.1f} {r['ae_our_d']:>8.1f} {r['ours']:>7.1f} {ci:>14} {r['ours'] - r['ae']:>+7.2f} {r['no_anchors']:>10.1f}")
-    print(f"\n{'|ours - AE| (points)':<36} {'n':>4} {'mean':>6} {'max':>6} {'mean|same d':>12} {'max|same d':>11}")
+        bare = "" if r["anchor"] else f"{r['ae_noreg']:>8.1f} {r['no_anchors']:>10.1f}"
+        print(f"{r['seed']:>4} {r['scenario']:<38} {r['model']:<10} {r['longer']:>6.0%} {r['raw']:>6.1f} "
+              f"{r['ae']:>6.1f} {r['ae_our_d']:>8.1f} {r['ours']:>7.1f} {ci:>14} {r['ours'] - r['ae']:>+7.2f} {bare}")
+    print("\n|ours - AE| in points; models and anchors, over the seeds. Without anchors: ours without anchor rows"
+          "\nagainst alpaca-eval's length_controlled_noreg (no gamed rows), models only.")
+    print(f"{'scenario':<38} {'n':>4} {'mean':>6} {'worst':>6} {'mean|same d':>12} {'worst|same d':>12} "
+          f"{'mean|no anchors':>15} {'worst|no anchors':>16}")
     for name, s in summarise(rows).items():
-        print(f"{name:<36} {s['n']:>4} {s['mean']:>6.2f} {s['max']:>6.2f} {s['mean_same_d']:>12.2f} "
-              f"{s['max_same_d']:>11.2f}")
+        print(f"{name:<38} {s['n']:>4} {s['mean']:>6.2f} {s['max']:>6.2f} {s['mean_same_d']:>12.2f} "
+              f"{s['max_same_d']:>12.2f} {s['mean_bare']:>15.2f} {s['max_bare']:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -140,11 +140,14 @@ def lc_win_rate_multi(
     *,
     anchors: dict[str, tuple[Sequence[float], Sequence[int]]] | None = None,
     seed: int = 0,
+    score_anchors: bool = False,
 ) -> dict[str, float]:
     """LC win rates (percent) of several models judged against one baseline on the same
     prompts, fitted jointly by `joint_lc` (no bootstrap; call joint_lc for intervals).
 
-    Returns {model name: LC win rate in percent}.
+    anchors: the baseline's gamed variants (AlpacaEval's df_gamed rows); a name may also be a
+    model (it is then scored as AlpacaEval scores its gamed variants). Returns {model name: LC win
+    rate in percent}, with the anchors too when score_anchors.
     """
     if set(preferences_by_model) != set(lengths_by_model):
         raise ValueError("preferences_by_model and lengths_by_model must name the same models")
@@ -153,7 +156,7 @@ def lc_win_rate_multi(
     for name, (prefs, lengths) in (anchors or {}).items():
         _check_inputs(prefs, lengths, baseline_lengths)
     fits = joint_lc(preferences_by_model, lengths_by_model, baseline_lengths, anchors=anchors,
-                    n_boot=0, seed=seed)
+                    n_boot=0, seed=seed, score_anchors=score_anchors)
     return {name: fit.lc_win_rate for name, fit in fits.items()}
 
 
