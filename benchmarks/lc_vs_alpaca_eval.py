@@ -34,6 +34,14 @@ from ilrdpo.evaluation.lc import instruction_difficulty, joint_lc, scaled_tanh
 P = 805  # AlpacaEval's instruction count
 REFERENCE_PACKAGES = ["alpaca-eval==0.6.6", "scikit-learn==1.5.2", "pandas==2.2.3", "numpy<2.1"]
 ANCHORS = {"concise": -0.7, "verbose": 0.45}  # mean log length ratio of the gamed baseline variants
+V1 = "np.tanh(std_delta_len) + instruction_difficulty + not_gamed_baseline.astype(float) - 1"
+# alpaca-eval's v1 fit moved one step at a time towards ours (--ablation): an L2 penalty instead of L1, then
+# theta (the not_gamed_baseline column, scaled by 100) penalised 100x less, i.e. almost free as ours
+ABLATIONS = {
+    "l2": {"formula": V1, "regularize_to_baseline_lambda": 0.2, "kwargs": {"n_splits": 5, "penalty": "l2"}},
+    "l2free": {"formula": V1.replace("not_gamed_baseline.astype(float)", "I(100 * not_gamed_baseline.astype(float))"),
+               "regularize_to_baseline_lambda": 0.2, "kwargs": {"n_splits": 5, "penalty": "l2"}},
+}
 
 DRIVER = r'''
 import json, sys, tempfile, warnings
@@ -58,7 +66,7 @@ for task in job["tasks"]:
                         "output_2": ["y" * int(n) for n in task["len"]], "index": np.arange(len(base)),
                         "generator_1": "baseline", "generator_2": task["model"], "annotator": "judge"})
     metrics = glm.get_length_controlled_winrate(ann, glm_name=task["glm"], save_weights_dir=None,
-                                                is_warn_extreme_changes=False)
+                                                is_warn_extreme_changes=False, glm_info=task.get("glm_info"))
     out[task["key"]] = float(metrics["length_controlled_winrate"])
 json.dump(out, sys.stdout)
 '''
@@ -136,7 +144,7 @@ def _annotation_set(rng, bias: float, models: list[tuple], judge: str) -> dict:
             "models": {m: _series(rng, base, difficulty, q, mu, sd, bias, judge) for m, q, mu, sd in models}}
 
 
-def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
+def compare(seed: int, python: Path, n_boot: int = 200, ablation: bool = False) -> list[dict]:
     """One row per (scenario, model or anchor): raw, alpaca-eval's LC (glm length_controlled_v1,
     with the gamed rows) with the true and with our difficulty, ours; and alpaca-eval without the
     gamed rows (length_controlled_noreg) against ours without anchors. An anchor is scored as
@@ -157,9 +165,11 @@ def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
             runs = [("true", s["difficulty"], "length_controlled_v1"), ("ours", our_d[i], "length_controlled_v1")]
             if m in models:
                 runs.append(("noreg", s["difficulty"], "length_controlled_noreg"))
+            if ablation:
+                runs += [(label, our_d[i], "length_controlled_v1") for label in ABLATIONS]
             for label, d, glm_name in runs:
                 tasks.append({"key": f"{m}|{label}", "model": m, "prefs": p.tolist(), "len": n.tolist(),
-                              "difficulty": d.tolist(), "glm": glm_name})
+                              "difficulty": d.tolist(), "glm": glm_name, "glm_info": ABLATIONS.get(label)})
             rows.append({"seed": seed, "scenario": name, "model": m, "anchor": m in anchors, "raw": 100 * p.mean(),
                          "longer": float(np.mean(n > s["base"])), "ours": ours[m].lc_win_rate, "ci": ours[m].lc_ci,
                          "no_anchors": bare[m].lc_win_rate if m in models else None})
@@ -178,7 +188,25 @@ def compare(seed: int, python: Path, n_boot: int = 200) -> list[dict]:
         ref = reference[names.index(row["scenario"])]
         row["ae"], row["ae_our_d"] = ref[f"{row['model']}|true"], ref[f"{row['model']}|ours"]
         row["ae_noreg"] = ref.get(f"{row['model']}|noreg")
+        row.update({f"ae_{label}": ref[f"{row['model']}|{label}"] for label in ABLATIONS if ablation})
     return rows
+
+
+def ablation_table(rows: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per scenario, the (mean, max) absolute LC change of each remaining difference, taken in turn
+    from alpaca-eval's v1 fit to ours: its published difficulty -> ours; L1 -> L2; theta penalised ->
+    almost free; the rest (CV folds by prompt, solver); and, for the models, no gamed rows at all
+    (ours without anchors against ours)."""
+    steps = {"difficulty": ("ae", "ae_our_d"), "L1 -> L2": ("ae_our_d", "ae_l2"),
+             "theta free": ("ae_l2", "ae_l2free"), "rest": ("ae_l2free", "ours"), "no anchors": ("ours", "no_anchors")}
+    out = {}
+    for name in [*dict.fromkeys(r["scenario"] for r in rows), "all"]:
+        sel = [r for r in rows if name in ("all", r["scenario"])]
+        out[name] = {}
+        for step, (a, b) in steps.items():
+            change = np.array([abs(r[b] - r[a]) for r in sel if r[b] is not None])
+            out[name][step] = (float(change.mean()), float(change.max()))
+    return out
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -201,9 +229,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--venv", type=Path, default=Path("/tmp/aevenv"))
     parser.add_argument("--all-rows", action="store_true", help="print every model, not only the first 8 and the extreme ones")
+    parser.add_argument("--ablation", action="store_true", help="also print the LC change of each remaining difference")
     args = parser.parse_args()
     python = ensure_reference(args.venv)
-    rows = [row for seed in args.seeds for row in compare(seed, python)]
+    rows = [row for seed in args.seeds for row in compare(seed, python, ablation=args.ablation)]
     print(f"{'seed':>4} {'scenario':<38} {'model':<10} {'longer':>6} {'raw':>6} {'AE':>6} {'AE|our d':>8} "
           f"{'ours [95% CI]':>22} {'ours-AE':>7} {'AE noreg':>8} {'no anchors':>10}")
     for r in rows:
@@ -220,6 +249,13 @@ def main() -> None:
     for name, s in summarise(rows).items():
         print(f"{name:<38} {s['n']:>4} {s['mean']:>6.2f} {s['max']:>6.2f} {s['mean_same_d']:>12.2f} "
               f"{s['max_same_d']:>12.2f} {s['mean_bare']:>15.2f} {s['max_bare']:>16.2f}")
+    if args.ablation:
+        table = ablation_table(rows)
+        steps = list(next(iter(table.values())))
+        print("\nLC change of each difference, alpaca-eval's v1 fit moved to ours one step at a time: mean / max points")
+        print(f"{'scenario':<38} " + " ".join(f"{step:>13}" for step in steps))
+        for name, effects in table.items():
+            print(f"{name:<38} " + " ".join(f"{m:>6.2f}/{x:<6.2f}" for m, x in effects.values()))
 
 
 if __name__ == "__main__":
