@@ -96,3 +96,28 @@ def test_stage_two_at_3_percent_length_matches_an_independent_optimiser():
     ref = minimize(loss, np.zeros(3), jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "maxiter": 1000}).x
     assert [fit.theta, fit.gamma, fit.difficulty_slope] == pytest.approx(list(ref), abs=1e-5)
     assert fit.lc_win_rate == pytest.approx(100 * _sigmoid(ref[0] + ref[2] * difficulty).mean(), abs=1e-4)
+
+
+def test_the_report_says_how_the_anchors_entered_the_fit():
+    """The report's results paragraph names the anchors and their AlpacaEval weight (0.2 over
+    two: 0.1 each) when the run has them, and says the slope is unpinned when it has none."""
+    from pathlib import Path
+
+    from ilrdpo.evaluation.report import anchor_sentence, joint_win_rates
+    from ilrdpo.evaluation.rundata import RunData
+
+    rng = np.random.default_rng(4)
+
+    def answers(shift, scale):
+        return [{"id": f"p{i}", "response": f"a{i}", "n_tokens": 10, "n_chars": int(100 * scale + rng.integers(0, 50)),
+                 "reward": float(shift + rng.normal()), "quality": float(shift + rng.normal())} for i in range(30)]
+
+    def run(anchors):
+        return RunData(name="r", path=Path("r"), config={"data": {"eval_prompts": "e.jsonl"}},
+                       answers={0: answers(0, 1), 1: answers(0.3, 0.5)}, evals={0: {}, 1: {}},
+                       dirs={0: Path("r/0"), 1: Path("r/1")}, anchors=anchors)
+
+    with_anchors = anchor_sentence(joint_win_rates([run({"concise": answers(-0.5, 0.4), "verbose": answers(0.5, 2)})]))
+    assert "(concise, verbose:" in with_anchors and "weight 0.1 each" in with_anchors
+    assert "No length anchors" in anchor_sentence(joint_win_rates([run({})]))
+    assert anchor_sentence({}) == ""
