@@ -36,7 +36,7 @@ REFERENCE_PACKAGES = ["alpaca-eval==0.6.6", "scikit-learn==1.5.2", "pandas==2.2.
 ANCHORS = {"concise": -0.7, "verbose": 0.45}  # mean log length ratio of the gamed baseline variants
 V1 = "np.tanh(std_delta_len) + instruction_difficulty + not_gamed_baseline.astype(float) - 1"
 # alpaca-eval's v1 fit moved one step at a time towards ours (--ablation): an L2 penalty instead of L1, then
-# theta (the not_gamed_baseline column, scaled by 100) penalised 100x less, i.e. almost free as ours
+# theta almost free as ours (the not_gamed_baseline column scaled by 100: its L2 penalty 10^4 times weaker)
 ABLATIONS = {
     "l2": {"formula": V1, "regularize_to_baseline_lambda": 0.2, "kwargs": {"n_splits": 5, "penalty": "l2"}},
     "l2free": {"formula": V1.replace("not_gamed_baseline.astype(float)", "I(100 * not_gamed_baseline.astype(float))"),
