@@ -19,6 +19,7 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.eval_stage import evaluate_iteration, print_run_summary, summary_line
 from ilrdpo.faults import fault_point
 from ilrdpo.generation import generate_answers
+from ilrdpo.generation.server import sample_round
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss_types import method_name
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
@@ -217,14 +218,18 @@ class IterativeRun:
 
     # --- 1. generate -----------------------------------------------------------------------------
     def generate(self, t: int) -> None:
-        model, tokenizer = self.policy(t - 1)
         gen = self.config.generation
         partial = self.dir.partial(t, "generate")
-        with autocast(next(model.parameters()).device, self.compute_dtype):
-            samples = generate_answers(
-                model, tokenizer, self.prompts, gen, self.config.data, num_samples=gen.num_samples,
-                seed=stage_seed(self.config.seed, t, "generate"), progress_file=partial,
-                source=str(self.config.data.prompts), description=f"iter {t} sampling")
+        seed = stage_seed(self.config.seed, t, "generate")
+        if gen.backend == "server":  # the policy stays on disk: the server loads it
+            samples = sample_round(self.config, self.dir, t, self.prompts, seed=seed, progress_file=partial,
+                                   description=f"iter {t} sampling")
+        else:
+            model, tokenizer = self.policy(t - 1)
+            with autocast(next(model.parameters()).device, self.compute_dtype):
+                samples = generate_answers(
+                    model, tokenizer, self.prompts, gen, self.config.data, num_samples=gen.num_samples, seed=seed,
+                    progress_file=partial, source=str(self.config.data.prompts), description=f"iter {t} sampling")
         sets = [CandidateSet(prompt=p.prompt, id=p.id, responses=[s.text for s in samples[p.id]],
                              n_tokens=[s.n_tokens for s in samples[p.id]],
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,

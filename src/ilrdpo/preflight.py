@@ -42,6 +42,7 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         if config.iterations.alpha_control.mode == "auto" and not config.data.eval_prompts:
             raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
+        check_server(config)
     from ilrdpo import engines  # torch: not for the model checks of `generate` and `chat`
 
     engines.launched().check_config(config.model.dtype, config.train.max_grad_norm)
@@ -64,6 +65,24 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
 
 
 # --- generation and pairing ----------------------------------------------------------------------
+
+
+def check_server(config: Config) -> None:
+    """backend server: the weights each round samples from must be the ones it trained."""
+    gen, model = config.generation, config.model
+    if gen.backend != "server":
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserInputError("config key 'generation.backend': server runs `ilrdpo run` in one process; launch it "
+                             "without accelerate/torchrun (the server takes the sampling GPUs)")
+    if gen.server.url is not None and model.lora is None and config.iterations.count > 1:
+        raise UserInputError("config key 'generation.server.url': a server you run keeps its weights, so rounds "
+                             "after the first would not sample from the model they train; use "
+                             "generation.server.command (started per round on its model) or model.lora (each "
+                             "round's adapter loaded into the server)")
+    if gen.server.command is not None and model.lora is not None and not model.merge_lora:
+        raise UserInputError("config key 'generation.server.command': with model.lora the server loads each round's "
+                             "merged weights; set model.merge_lora: true")
 
 
 def check_sampling(config: Config) -> None:
