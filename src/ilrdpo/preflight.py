@@ -305,6 +305,9 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
     elif settings.type == "embedding_similarity":
         if settings.model and not settings.model.startswith("bundled:"):
             local_model_folder(settings.model, f"{key}.model")
+    elif settings.type == "remote":
+        if not settings.url:
+            raise UserInputError(f"config key '{key}.url' is required for {key}.type remote")
     elif settings.type == "python":
         if not settings.function:
             raise UserInputError(f"config key '{key}.function' is required for {key}.type python")
