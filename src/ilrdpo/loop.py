@@ -218,12 +218,9 @@ class IterativeRun:
 
     # --- 1. generate -----------------------------------------------------------------------------
     def generate(self, t: int) -> None:
-        gen = self.config.generation
-        partial = self.dir.partial(t, "generate")
-        seed = stage_seed(self.config.seed, t, "generate")
+        gen, partial, seed = self.config.generation, self.dir.partial(t, "generate"), stage_seed(self.config.seed, t, "generate")
         if gen.backend == "server":  # the policy stays on disk: the server loads it
-            samples = sample_round(self.config, self.dir, t, self.prompts, seed=seed, progress_file=partial,
-                                   description=f"iter {t} sampling")
+            samples = sample_round(self.config, self.dir, t, self.prompts, seed=seed, progress_file=partial)
         else:
             model, tokenizer = self.policy(t - 1)
             with autocast(next(model.parameters()).device, self.compute_dtype):

@@ -158,8 +158,8 @@ def round_model(config, rundir, previous: int) -> tuple[str, str | None]:
     return str(saved / "merged"), None
 
 
-def sample_round(config, rundir, t: int, prompts: list[Prompt], *, seed: int, progress_file: Path,
-                 description: str) -> dict[str, list[Sample]]:
+def sample_round(config, rundir, t: int, prompts: list[Prompt], *, seed: int,
+                 progress_file: Path) -> dict[str, list[Sample]]:
     """Round t's answers from iteration t-1's model through the configured server."""
     from ilrdpo.models import load_tokenizer, resolve_model_path
     from ilrdpo.serving.client import api_key
@@ -177,7 +177,7 @@ def sample_round(config, rundir, t: int, prompts: list[Prompt], *, seed: int, pr
         sampler = ServerSampler(client, name, gen, stop_token_ids(base, tokenizer), greedy=False)
         return sample_from_server(sampler, tokenizer, prompts, config.data, context=_context(base, config),
                                   num_samples=gen.num_samples, seed=seed, progress_file=progress_file,
-                                  source=str(config.data.prompts), description=description)
+                                  source=str(config.data.prompts), description=f"iter {t} sampling")
 
     if server.url is not None:
         return run(server.url, "generation.server.url")
