@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import call_main, read_jsonl, shared_folder
+from helpers import call_main, console_script, read_jsonl, shared_folder
 from helpers.http_server import LocalServer, ok
 from ilrdpo.config import DataSettings, GenerationSettings, load_config
 from ilrdpo.errors import UserInputError
@@ -29,7 +29,7 @@ from ilrdpo.preflight import check_server
 from ilrdpo.records import Prompt
 from ilrdpo.serving import client as client_module
 from ilrdpo.serving.client import Client, ServerError
-from ilrdpo.serving.process import free_port, started_server
+from ilrdpo.serving.process import direct_argv, free_port, render_command, started_server
 
 TESTS = Path(__file__).resolve().parent
 SCORER = TESTS / "helpers" / "scorer.py"
@@ -100,6 +100,16 @@ def test_api_key_is_sent_as_a_bearer_token_and_an_unset_variable_is_one_line(mon
     with pytest.raises(UserInputError, match="'generation.server.api_key_env': environment variable ILRDPO_TEST_KEY "
                                              "is not set"):
         client_module.api_key("ILRDPO_TEST_KEY", "generation.server.api_key_env")
+
+
+@pytest.mark.unit
+def test_a_command_without_shell_syntax_runs_without_a_shell():
+    """So that the server is ilrdpo's own child and gets the parent-death signal (a shell that
+    forks it would leave it running after a SIGKILL of the run)."""
+    template = "CUDA_VISIBLE_DEVICES=1 vllm serve {model} --port {port}"
+    assert direct_argv(template, render_command(template, "/runs/my run/iter_1/model", 8001)) == (
+        ["vllm", "serve", "/runs/my run/iter_1/model", "--port", "8001"], {"CUDA_VISIBLE_DEVICES": "1"})
+    assert direct_argv("a {model} {port} && b", "a m 1 && b") == (None, {})
 
 
 # --- config and preflight (unit) -----------------------------------------------------------------
@@ -207,12 +217,11 @@ def run_config(model: Path, out: Path, prompts: Path, **generation) -> dict:
     }
 
 
-def write_run(tmp_path: Path, model: Path, **generation) -> tuple[Path, Path]:
+def write_run(tmp_path: Path, model: Path, iterations: int = 2, **generation) -> tuple[Path, Path]:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "id": f"t{i}"}) + "\n" for i, p in enumerate(PROMPTS)))
     config = run_config(model, tmp_path / "run", prompts, **generation)
-    if "url" in generation.get("server", {}):
-        config["iterations"]["count"] = 1
+    config["iterations"]["count"] = iterations
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     return tmp_path / "config.yaml", tmp_path / "run"
 
@@ -265,7 +274,7 @@ def test_a_server_killed_mid_stage_gives_retries_then_a_line_and_the_stage_resum
         served_model_dir, tmp_path, monkeypatch, capsys):
     port = free_port()
     command = SERVE.format(model=served_model_dir, port=port).split()
-    config, out = write_run(tmp_path, served_model_dir, batch_size=2,
+    config, out = write_run(tmp_path, served_model_dir, iterations=1, batch_size=2,
                             server={"url": f"http://127.0.0.1:{port}/v1", "timeout": 60})
     monkeypatch.setattr(client_module, "RETRY_DELAYS_S", FAST)
     progress = out / "iter_1" / "generation.partial.jsonl"
@@ -304,4 +313,39 @@ def test_a_server_killed_mid_stage_gives_retries_then_a_line_and_the_stage_resum
         server.wait(30)
     asked = (tmp_path / "second.log").read_text().count("POST /v1/completions")
     assert asked == 2 * (len(PROMPTS) - len(kept))  # `transformers serve` ignores n: one request per answer
+    assert [c["id"] for c in read_jsonl(out / "iter_1" / "candidates.jsonl")] == [f"t{i}" for i in range(4)]
+
+
+@pytest.mark.slow
+@needs_serve
+def test_sigkill_mid_stage_takes_the_server_down_and_the_stage_resumes(served_model_dir, tmp_path, monkeypatch):
+    config, out = write_run(tmp_path, served_model_dir, iterations=1, batch_size=2, server={"command": SERVE})
+    env = {**os.environ, "ILRDPO_WAIT": "generation.partial.jsonl:2"}
+    process = subprocess.Popen([*console_script(), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in process.stderr:  # held after the second finished prompt, inside the stage
+            if "waiting after write 2 of generation.partial.jsonl" in line:
+                break
+        else:
+            pytest.fail(f"the run ended before its second prompt (status {process.wait()})")
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    port = (out / "iter_1" / "server.log").read_text().splitlines()[0].split("--port ")[1].split()[0]
+    gone = Client(f"http://127.0.0.1:{port}", 2, delays=(0.5,) * 40)  # the kernel's SIGTERM stops the server
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            gone.get("/v1/models", retry=False)
+        except ServerError:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the server on port {port} outlived the killed run")
+    assert len(read_jsonl(out / "iter_1" / "generation.partial.jsonl")) == 2
+    assert call_main(monkeypatch, ["run", "--config", str(config)]) == 0
+    log = (out / "iter_1" / "server.log").read_text()
+    assert log.count("POST /v1/completions") == 2 * 2 + 2 * 2  # two prompts before the kill, two after
     assert [c["id"] for c in read_jsonl(out / "iter_1" / "candidates.jsonl")] == [f"t{i}" for i in range(4)]
