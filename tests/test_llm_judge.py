@@ -96,3 +96,37 @@ def test_faults_are_one_line(tmp_path, monkeypatch):
             pytest.raises(ServerError, match=r"/v1/chat/completions: the answer holds no choices"):
         PairwiseJudge(Client(server.url, 5), None, tmp_path / "d.jsonl").judge(PROMPTS[:1], ANSWERS[:1], BASELINE[:1])
     assert label_probability({"choices": [{"message": {"content": "m"}}]}) == 0.0
+
+
+@pytest.mark.smoke
+def test_a_run_with_an_llm_judge_reports_its_win_rates_and_a_rerun_asks_nothing(tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    import yaml
+
+    from helpers import SCORER, call_main
+
+    for name, texts in (("p.jsonl", ["Name a colour.", "Say hello.", "What is 2 + 2?"]),
+                        ("e.jsonl", ["What is ice?", "Name a planet.", "Why is the sky blue?"])):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": t, "id": f"{name[0]}{i}"}) + "\n"
+                                             for i, t in enumerate(texts)))
+    with LocalServer(length_judge()) as server:
+        config = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+                  "data": {"prompts": str(tmp_path / "p.jsonl"), "eval_prompts": str(tmp_path / "e.jsonl")},
+                  "generation": {"num_samples": 2, "max_new_tokens": 6, "temperature": 1.0, "batch_size": 4},
+                  "scoring": {"type": "python", "function": f"{SCORER}:char_count"},
+                  "pairing": {"skip_truncated": False},
+                  "train": {"batch_size": 2, "learning_rate": 1e-3, "max_length": 64},
+                  "iterations": {"count": 1},
+                  "eval": {"length_anchors": False, "judge": {"type": "llm", "url": server.url, "model": "judge"}},
+                  "output_dir": str(tmp_path / "run")}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        assert call_main(monkeypatch, ["run", "--config", str(tmp_path / "c.yaml")]) == 0
+        asked = len(server.requests)
+        result = json.loads((tmp_path / "run" / "iter_1" / "eval.json").read_text())["vs_initial_llm"]
+        # the same evaluation again: every annotation comes from the cache
+        written = (tmp_path / "run" / "iter_1" / "eval.json").stat().st_mtime_ns
+        assert call_main(monkeypatch, ["run", "--config", str(tmp_path / "c.yaml"), "--redo", "1:eval"]) == 0
+        assert (tmp_path / "run" / "iter_1" / "eval.json").stat().st_mtime_ns != written
+        assert len(server.requests) == asked == 3
+    assert result["judged"] == 3 and result["unparseable"] == 0 and 0 <= result["win_rate"] <= 100
+    assert "lc_win_rate" in result and (tmp_path / "run" / "iter_1" / "llm_judge.jsonl").exists()

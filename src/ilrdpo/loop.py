@@ -98,7 +98,8 @@ class IterativeRun:
                           "prompts: their win rates are not held-out figures[/yellow]")
         with stage("load scorer", self.timings):
             self.scorer = self.given_scorer or build_scorer(self.config.scoring)
-            self.judge = self.scorer if self.config.eval.judge is None else build_scorer(self.config.eval.judge)
+            judge = self.config.eval.judge  # an llm judge compares pairs besides the scorer's values
+            self.judge = self.scorer if judge is None or judge.type == "llm" else build_scorer(judge)
 
     # models: loaded from disk at the start of each iteration, so a resumed run and an
     # uninterrupted one start every iteration from identical weights.

@@ -191,7 +191,7 @@ def check_hub_models(settings: dict[str, Any]) -> None:
 
     names = [("model.name_or_path", value("model", "name_or_path"))] + \
         [(".".join(keys) + ".model", value(*keys, "model")) for keys in (("scoring",), ("eval", "judge"))
-         if value(*keys, "type") != "python"]
+         if value(*keys, "type") not in ("python", "llm")]  # llm: a served name, no model here
     for key, name in names:
         if isinstance(name, str) and name and not name.startswith("bundled:") and not Path(name).expanduser().exists():
             local_model_folder(name, key)
@@ -305,9 +305,12 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
     elif settings.type == "embedding_similarity":
         if settings.model and not settings.model.startswith("bundled:"):
             local_model_folder(settings.model, f"{key}.model")
-    elif settings.type == "remote":
+    elif settings.type in ("remote", "llm"):
+        if settings.type == "llm" and key != "eval.judge":
+            raise UserInputError(f"config key '{key}.type': llm judges pairs of answers; it is an eval.judge only "
+                                 "(training needs a score per answer)")
         if not settings.url:
-            raise UserInputError(f"config key '{key}.url' is required for {key}.type remote")
+            raise UserInputError(f"config key '{key}.url' is required for {key}.type {settings.type}")
     elif settings.type == "python":
         if not settings.function:
             raise UserInputError(f"config key '{key}.function' is required for {key}.type python")

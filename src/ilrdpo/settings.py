@@ -123,16 +123,18 @@ class GenerationSettings(Section):
 
 
 class ScoringSettings(Section):
-    type: Literal["reward_model", "embedding_similarity", "python", "remote"] = Field(
-        "embedding_similarity", description="How answers are scored; remote = a reward model behind `url` (README: "
-        "Reward and judging through a server).")
+    type: Literal["reward_model", "embedding_similarity", "python", "remote", "llm"] = Field(
+        "embedding_similarity", description="How answers are scored; remote = a reward model behind `url`; llm "
+        "(eval.judge only) = a chat model behind `url` judging each answer against the initial model's in "
+        "AlpacaEval's pairwise protocol: eval.json vs_initial_llm (README: Reward and judging through a server).")
     model: str | None = Field(
         None, description="Reward model (reward_model) or sentence-transformers model "
         "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'. remote: the served reward model's "
         "name, whose tokenizer's chat template renders each (prompt, answer) before it is sent.",
     )
     url: str | None = Field(None, description="remote: the scoring endpoint, e.g. vLLM's http://host:8000/pooling "
-                            "(or /classify) serving a sequence-classification reward model.")
+                            "(or /classify) serving a sequence-classification reward model; llm: the chat "
+                            "server, http://host:port (its /v1/chat/completions).")
     api_key_env: str | None = Field(None, description="remote: environment variable holding the API key (sent as a "
                                     "bearer token, never written).")
     compare_to: Literal["reference", "prompt"] = Field(

@@ -47,6 +47,7 @@ USER = """Here is an instruction and the outputs of two models, each with its mo
 Which model gave the better output, judged by accuracy, helpfulness and relevance to the instruction? \
 Answer with the model identifier alone, m or M, and nothing else."""
 LABELS = ("m", "M")
+TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -135,3 +136,26 @@ class PairwiseJudge:
         with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
             prefs = list(pool.map(lambda args: self.preference(*args, seed), zip(prompts, answers, baselines)))
         return Judgement(prefs, sum(p is None for p in prefs))
+
+
+def build_pairwise_judge(settings, cache: Path) -> PairwiseJudge:
+    """eval.judge's LLM judge: settings.url (the chat server), settings.model (the name requests
+    carry), settings.api_key_env; annotations cached in `cache`."""
+    from ilrdpo.serving.client import api_key
+
+    client = Client(settings.url, TIMEOUT_S, api_key(settings.api_key_env, "eval.judge.api_key_env"),
+                    what="eval.judge.url")
+    return PairwiseJudge(client, settings.model, cache)
+
+
+def win_rates_from(result: Judgement, model_lengths: list[int], baseline_lengths: list[int], seed: int = 0) -> dict:
+    """Raw and LC win rates over the parsed judgements (evaluation.winrate.win_rates), plus
+    `judged` and `unparseable` counts."""
+    from ilrdpo.evaluation.winrate import win_rates
+
+    kept = [i for i, p in enumerate(result.preferences) if p is not None]
+    counts = {"judged": len(kept), "unparseable": result.unparseable}
+    if not kept:
+        return counts
+    return {**win_rates([result.preferences[i] for i in kept], [model_lengths[i] for i in kept],
+                        [baseline_lengths[i] for i in kept], seed=seed), **counts}
