@@ -24,7 +24,7 @@ from helpers.http_server import LocalServer, ok
 from ilrdpo.config import DataSettings, GenerationSettings, load_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.generation import generate_answers
-from ilrdpo.generation.server import ServerSampler, sample_from_server
+from ilrdpo.generation.server import ServerSampler, load_adapter, sample_from_server
 from ilrdpo.preflight import check_server
 from ilrdpo.records import Prompt
 from ilrdpo.serving import client as client_module
@@ -186,6 +186,27 @@ def test_sampler_reports_an_answer_without_choices_in_one_line(tokenizer):
         with pytest.raises(ServerError, match=r"/v1/completions: the answer holds no choices with text"):
             sample_from_server(sampler, tokenizer, [Prompt(prompt="Hi", id="a")], DataSettings(), context=None,
                                num_samples=1, seed=0, progress_file=None)
+
+
+@pytest.mark.unit
+def test_a_rounds_lora_adapter_is_loaded_into_a_running_server():
+    """vLLM's runtime LoRA loading: the adapter's path under a name the round's requests carry; an
+    adapter already loaded (a resumed round) is fine, any other refusal is one line."""
+    def vllm(path, body):
+        if body["lora_path"] == "/runs/r/iter_1/model":
+            return 200, "Success: LoRA adapter added successfully."  # vLLM answers in plain text
+        if body["lora_path"] == "/runs/r/iter_2/model":
+            return 400, json.dumps({"message": f"The lora adapter '{body['lora_name']}' has already been loaded."})
+        return 400, json.dumps({"message": "LoRA is not enabled (--enable-lora)"})
+
+    with LocalServer(vllm) as server:
+        client = Client(server.url, 5)
+        name = load_adapter(client, "/runs/r/iter_1/model", 1)
+        assert server.requests[0][:2] == ("/v1/load_lora_adapter", {"lora_name": name,
+                                                                   "lora_path": "/runs/r/iter_1/model"})
+        assert load_adapter(client, "/runs/r/iter_2/model", 2).startswith("ilrdpo-iter2-")
+        with pytest.raises(ServerError, match=r"HTTP 400: LoRA is not enabled \(--enable-lora\)$"):
+            load_adapter(client, "/elsewhere", 3)
 
 
 # --- a real server: `transformers serve` on the tiny model ----------------------------------------

@@ -124,6 +124,7 @@ def sample_from_server(sampler: ServerSampler, tokenizer, prompts: list[Prompt],
     with progress_bar(description, len(prompts) * num_samples, done=len(done) * num_samples) as bar:
         futures = {pool.submit(sampler.answers, payloads[i], num_samples, (seed * 1_000_003 + i) % 2**31,
                                tokenizer): i for i in todo}
+        failed = True
         try:
             for future in concurrent.futures.as_completed(futures):
                 samples = future.result()
@@ -134,8 +135,9 @@ def sample_from_server(sampler: ServerSampler, tokenizer, prompts: list[Prompt],
                                                 {"id": prompt.id, "samples": [s.__dict__ for s in samples]})
                 new_tokens += sum(s.n_tokens for s in samples)
                 bar.advance(num_samples, tokens_per_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            failed = False
+        finally:  # on an error or an interrupt, requests in flight are not waited for
+            pool.shutdown(wait=not failed, cancel_futures=True)
     return done
 
 
@@ -173,7 +175,7 @@ def sample_round(config, rundir, t: int, prompts: list[Prompt], *, seed: int,
 
     def run(url: str, what: str) -> dict[str, list[Sample]]:
         client = Client(url, server.timeout, key, what=what)
-        name = _load_adapter(client, adapter, t - 1) if adapter else served_model(client)
+        name = load_adapter(client, adapter, t - 1) if adapter else served_model(client)
         sampler = ServerSampler(client, name, gen, stop_token_ids(base, tokenizer), greedy=False)
         return sample_from_server(sampler, tokenizer, prompts, config.data, context=_context(base, config),
                                   num_samples=gen.num_samples, seed=seed, progress_file=progress_file,
@@ -185,7 +187,7 @@ def sample_round(config, rundir, t: int, prompts: list[Prompt], *, seed: int,
         return run(url, "generation.server.command")
 
 
-def _load_adapter(client: Client, adapter: str, iteration: int) -> str:
+def load_adapter(client: Client, adapter: str, iteration: int) -> str:
     """vLLM's runtime LoRA loading (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, --enable-lora): the
     adapter folder's path must be readable by the server; an adapter already loaded is fine."""
     name = f"ilrdpo-iter{iteration}-{hashlib.sha1(adapter.encode()).hexdigest()[:8]}"
