@@ -79,14 +79,14 @@ class ServerSampler:
             body["stop_token_ids"] = self.stop_ids
         return body
 
-    def answers(self, prompt: str | list[int], n: int, seed: int, tokenizer) -> list[Sample]:
+    def answers(self, prompt: str | list[int], n: int, seed: int) -> list[tuple[str, bool]]:
+        """(text, cut by max_tokens) of n answers."""
         choices = self._choices(prompt, n if self.takes_n else 1, seed)
         if len(choices) < n:
             self.takes_n = False
             for j in range(len(choices), n):
                 choices += self._choices(prompt, 1, seed + j)
-        return [Sample(text=c["text"].strip(), n_tokens=count_tokens(tokenizer, c["text"].strip()),
-                       truncated=c.get("finish_reason") == "length") for c in choices[:n]]
+        return [(c["text"].strip(), c.get("finish_reason") == "length") for c in choices[:n]]
 
     def _choices(self, prompt: str | list[int], n: int, seed: int) -> list[dict[str, Any]]:
         answer = self.client.post("/v1/completions", self.body(prompt, n, seed))
@@ -122,12 +122,13 @@ def sample_from_server(sampler: ServerSampler, tokenizer, prompts: list[Prompt],
     pool = concurrent.futures.ThreadPoolExecutor(in_flight)
     start, new_tokens = time.perf_counter(), 0
     with progress_bar(description, len(prompts) * num_samples, done=len(done) * num_samples) as bar:
-        futures = {pool.submit(sampler.answers, payloads[i], num_samples, (seed * 1_000_003 + i) % 2**31,
-                               tokenizer): i for i in todo}
+        futures = {pool.submit(sampler.answers, payloads[i], num_samples, (seed * 1_000_003 + i) % 2**31): i
+                   for i in todo}
         failed = True
         try:
             for future in concurrent.futures.as_completed(futures):
-                samples = future.result()
+                # lengths counted here, in one thread: a tokenizer is not shared between threads
+                samples = [Sample(text, count_tokens(tokenizer, text), cut) for text, cut in future.result()]
                 prompt = prompts[futures[future]]
                 done[prompt.id] = samples
                 if progress_file:
