@@ -1,12 +1,16 @@
 """The project's joint LC win rate against alpaca-eval 0.6.6's own GLM, on generated annotation sets.
 
-    .venv/bin/python benchmarks/lc_vs_alpaca_eval.py [--seeds 0 1 2] [--venv /tmp/aevenv]
+    .venv/bin/python benchmarks/lc_vs_alpaca_eval.py [--seeds 0 1 2] [--venv /tmp/aevenv] [--ablation] [--all-rows]
 
 Creates the reference environment if it is missing (a separate venv with alpaca-eval==0.6.6 and
 the scikit-learn / pandas of its release time, installed from the package index), generates
 AlpacaEval-shaped annotation sets (805 prompts, a shared baseline, the baseline's concise and
-verbose variants as length anchors, soft judge preferences), and prints per model: the raw win
-rate, alpaca-eval's `get_length_controlled_winrate` (glm "length_controlled_v1") and ours.
+verbose variants as length anchors, soft judge preferences; five sets of issue 10 and six with one
+model at 3% to 400% of the baseline's length among ordinary ones), and prints per model and per
+anchor (scored as alpaca-eval scores its gamed variants): the raw win rate, alpaca-eval's
+`get_length_controlled_winrate` (glm "length_controlled_v1") and ours, then the mean and worst gap
+per scenario; ours without anchors is compared with alpaca-eval's "length_controlled_noreg".
+--ablation adds the LC change of each remaining difference (docs/lc.md).
 
 alpaca-eval downloads df_gamed.csv (the gamed-baseline rows and the instruction difficulty)
 from the Hugging Face hub inside `_get_featurized_data`. The driver below replaces the module's
