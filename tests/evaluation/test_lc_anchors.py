@@ -121,3 +121,23 @@ def test_the_report_says_how_the_anchors_entered_the_fit():
     assert "(concise, verbose:" in with_anchors and "weight 0.1 each" in with_anchors
     assert "No length anchors" in anchor_sentence(joint_win_rates([run({})]))
     assert anchor_sentence({}) == ""
+
+
+def test_alpacaevals_names_for_its_gamed_variants_make_them_anchors():
+    """Results laid out as AlpacaEval's leaderboard lays them out (gpt4_1106_preview_concise and
+    _verbose among the models) fit with those two as anchors unless anchors={} says otherwise;
+    at 3% of the baseline's length that moves a short model's LC by points."""
+    (prefs, lengths), anchors, base, _, truth = _evaluation(3, 0.03)
+    named = {f"gpt4_1106_preview_{a}": series for a, series in anchors.items()}
+    preferences = {"short": prefs, **{a: s[0] for a, s in named.items()}}
+    lengths_by = {"short": lengths, **{a: s[1] for a, s in named.items()}}
+    found = lc_win_rate_multi(preferences, lengths_by, base)
+    given = lc_win_rate_multi(preferences, lengths_by, base, anchors=named)
+    without = lc_win_rate_multi(preferences, lengths_by, base, anchors={})
+    assert found == pytest.approx(given, abs=1e-9)
+    assert abs(found["short"] - without["short"]) > 1.0
+    assert abs(found["short"] - truth) < abs(without["short"] - truth)
+    # one name of the pair alone, or two pairs, is no convention: no anchors are guessed
+    del preferences["gpt4_1106_preview_verbose"], lengths_by["gpt4_1106_preview_verbose"]
+    assert lc_win_rate_multi(preferences, lengths_by, base) == pytest.approx(
+        lc_win_rate_multi(preferences, lengths_by, base, anchors={}), abs=1e-9)
