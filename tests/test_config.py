@@ -117,7 +117,7 @@ def test_keys_outside_the_experimental_section_are_counted():
     keys = all_keys()
     experimental = [k for k in keys if k.startswith("experimental.")]
     assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
-    assert len(keys) - len(experimental) == 96  # with iterations.keep_models
+    assert len(keys) - len(experimental) == 104  # with generation.server.*, scoring.url and api_key_env (eval.judge too)
 
 
 def test_overrides_parse_types():
