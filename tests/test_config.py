@@ -124,7 +124,7 @@ def test_keys_outside_the_experimental_section_are_counted():
     keys = all_keys()
     experimental = [k for k in keys if k.startswith("experimental.")]
     assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
-    assert len(keys) - len(experimental) == 93  # alpha control's retries, tolerance and response went
+    assert len(keys) - len(experimental) == 101  # with generation.server.*, scoring.url and api_key_env; without alpha control's retries, tolerance, response
 
 
 def test_overrides_parse_types():

@@ -31,6 +31,7 @@ from ilrdpo.settings import (
     PairingSettings,
     ScoringSettings,
     SearchDimension,
+    ServerSettings,
     TrainSettings,
     TuneSettings,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "PairingSettings",
     "ScoringSettings",
     "SearchDimension",
+    "ServerSettings",
     "TrainSettings",
     "TuneSettings",
     "all_keys",

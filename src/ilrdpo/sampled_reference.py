@@ -31,7 +31,7 @@ def _key(prompt, response: str) -> str:
 def write_sample_logps(path: Path, prompts: list[Prompt], samples: dict) -> bool:
     """iter_t/sample_logps.jsonl: per prompt, each answer's prompt ids, token ids and log-prob;
     False (nothing written) when the samples carry none (a backend that cannot keep them)."""
-    if any(s.logp is None for p in prompts for s in samples[p.id]):
+    if any(getattr(s, "logp", None) is None for p in prompts for s in samples[p.id]):
         return False
     write_jsonl(path, [{"id": p.id, "prompt": p.prompt,
                         "answers": [{"response": s.text, "prompt_ids": s.prompt_ids, "token_ids": s.token_ids,
