@@ -100,7 +100,7 @@ def make_config(tiny_model_dir, tmp_path_factory):
             "pairing": {"skip_truncated": False},
             "train": {"batch_size": 2, "learning_rate": 1e-3, "epochs": 2, "warmup_ratio": 0.0, "max_length": 128,
                       "save_steps": 1},
-            "iterations": {"count": 1}, "eval": {"greedy": False, "max_new_tokens": 4},
+            "iterations": {"count": 1}, "eval": {},
             "output_dir": str(out), "seed": 0})
 
     return make

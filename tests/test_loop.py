@@ -74,7 +74,6 @@ def raw_config(tiny_model_dir, prompt_files):
             "train": {"batch_size": 2, "learning_rate": 1e-3, "epochs": EPOCHS, "warmup_ratio": 0.0,
                       "max_length": 128},
             "iterations": {"count": 2},
-            "eval": {"greedy": False, "max_new_tokens": 4},
             "output_dir": str(output_dir),
             "seed": 0,
         }
@@ -250,9 +249,9 @@ def test_rerun_keeps_the_initial_models_evaluation(base_run, raw_config, tmp_pat
 @pytest.mark.parametrize("override,key", [
     ("generation.temperature=0.5", "generation.temperature"),
     ("scoring.tie_tolerance=0.1", "scoring.tie_tolerance"),
-    ("pairing.min_margin=1.0", "pairing.min_margin"),
+    ("pairing.strategy=all", "pairing.strategy"),
     ("loss.beta=0.2", "loss.beta"),
-    ("eval.max_new_tokens=3", "eval.max_new_tokens"),
+    ("eval.samples=1", "eval.samples"),
     ("seed=1", "seed"),
 ])
 def test_config_change_under_finished_work_is_refused(base_run, raw_config, override, key, tmp_path):
@@ -307,8 +306,8 @@ def finished_through(stages_by_iteration: dict[int, int]) -> dict[int, list[str]
     ("loss.alpha=0.1", {1: 3}, False),
     ("loss.alpha=0.1", {1: 4}, True),
     ("iterations.alpha_control.mode=auto", {1: 4}, True),
-    ("eval.greedy=false", {1: 4}, False),
-    ("eval.greedy=false", {1: 5}, True),
+    ("eval.samples=2", {1: 4}, False),
+    ("eval.samples=2", {1: 5}, True),
     # iteration 2 was sampled from pi_1, so it depends on everything that trained pi_1
     ("train.learning_rate=0.1", {1: 5, 2: 1}, True),
     # keys no stage reads
@@ -329,7 +328,7 @@ def test_check_resume_by_stage(override, finished, refused):
 
 def test_eval_change_after_the_initial_evaluation_is_refused(raw_config, tmp_path):
     """The scorer fails on training prompts, so the run stops after iteration 1's generation with
-    iteration 0's eval answers on disk. Resuming with another eval.max_new_tokens must be refused;
+    iteration 0's eval answers on disk. Resuming with another eval.samples must be refused;
     accepting it runs into the scorer's RuntimeError again."""
     raw = raw_config(tmp_path / "run")
     raw["scoring"]["function"] = f"{SCORER}:fails_on_training_prompts"
@@ -337,8 +336,8 @@ def test_eval_change_after_the_initial_evaluation_is_refused(raw_config, tmp_pat
         run_iterations(build_config(raw))
     assert (tmp_path / "run" / "iter_0" / "eval_answers.jsonl").is_file()
     assert json.loads((tmp_path / "run" / "state.json").read_text())["finished"]["1"] == ["generate"]
-    with pytest.raises(UserInputError, match="eval.max_new_tokens"):
-        run_iterations(build_config(raw, ["eval.max_new_tokens=3"]))
+    with pytest.raises(UserInputError, match="eval.samples"):
+        run_iterations(build_config(raw, ["eval.samples=1"]))
 
 
 # --- reference = initial ------------------------------------------------------------------------
@@ -426,7 +425,7 @@ def test_neutral_alpha_is_zero_when_chosen_answers_are_shorter():
 
 def test_alpha_control_raises_alpha_while_answers_are_over_budget(raw_config, tmp_path):
     """budget 0.5 x the initial model's mean eval length: the tiny model's answers run to
-    eval.max_new_tokens at every iterate, so each iteration is far over budget and alpha grows by
+    generation.max_new_tokens at every iterate, so each iteration is far over budget and alpha grows by
     exp(min(step, gain x over)): 0.04 -> 0.04 x e^0.5 with gain 1 and over >= 0.5. Lengths are in characters, so the logged
     length/margin_term = alpha * (mean chars chosen - mean chars rejected) shows the alpha each
     round actually trained with."""
@@ -473,7 +472,7 @@ def test_retry_alpha_by_hand(attempts, expected):
 
 def retry_run(raw_config, out: Path, loss_type: str = "sigmoid", **control) -> Path:
     """One iteration whose eval is ~100% over a budget of 0.5 x the initial length (the tiny model's
-    answers run to eval.max_new_tokens whatever alpha), so every attempt misses the band."""
+    answers run to generation.max_new_tokens whatever alpha), so every attempt misses the band."""
     raw = raw_config(out)
     raw["iterations"] = {"count": 1, "alpha_control": {"mode": "auto", "budget": 0.5, "step": 0.5, **control}}
     raw["loss"] = {"type": loss_type, "alpha": 0.04, "length_unit": "chars"}
@@ -721,18 +720,23 @@ def test_one_tracker_run_with_a_global_step_across_iterations(raw_config, tmp_pa
     assert {"eval/lc_win_rate_vs_initial", "eval/quality", "train/length/saturated_share"} <= set(acc.Tags()["scalars"])
 
 
+@pytest.mark.unit
 def test_wandb_project_and_run_name(monkeypatch, tmp_path):
-    """W&B gets the project from train.project, else $WANDB_PROJECT, else 'ilrdpo' (accelerate's
-    WandBTracker passes its run_name to wandb.init as the project) and the run name separately."""
+    """W&B gets the project from $WANDB_PROJECT, else 'ilrdpo' (accelerate's WandBTracker passes
+    its run_name to wandb.init as the project), and the run name from $WANDB_NAME, else the output
+    folder's name (`ilrdpo train`'s caller may name it)."""
     from ilrdpo.tracking import tracker_arguments
 
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
-    assert tracker_arguments("wandb", tmp_path / "out", None, None) == {"run_name": "ilrdpo", "name": "out"}
+    monkeypatch.delenv("WANDB_NAME", raising=False)
+    assert tracker_arguments("wandb", tmp_path / "out") == {"run_name": "ilrdpo", "name": "out"}
     monkeypatch.setenv("WANDB_PROJECT", "mine")
-    assert tracker_arguments("wandb", tmp_path / "out", None, "r1") == {"run_name": "mine", "name": "r1"}
-    assert tracker_arguments("wandb", tmp_path / "out", "p", None)["run_name"] == "p"
-    assert tracker_arguments("tensorboard", tmp_path / "out", "p", None) == {"run_name": "out",
-                                                                             "logging_dir": tmp_path / "out" / "logs"}
+    assert tracker_arguments("wandb", tmp_path / "out", "r1") == {"run_name": "mine", "name": "r1"}
+    monkeypatch.setenv("WANDB_NAME", "named")
+    assert tracker_arguments("wandb", tmp_path / "out")["name"] == "named"
+    monkeypatch.delenv("WANDB_NAME")
+    assert tracker_arguments("tensorboard", tmp_path / "out") == {"run_name": "out",
+                                                                  "logging_dir": tmp_path / "out" / "logs"}
 
 
 def test_eval_perplexity_under_the_initial_model(raw_config, tmp_path, tiny_model_dir, tokenizer):

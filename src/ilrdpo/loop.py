@@ -61,7 +61,7 @@ class IterativeRun:
         self.dir = RunDir(config.output_dir)
         self.prompts = read_prompts(config.data.prompts, config.data.max_examples)
         self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
-        self.judge_settings = config.eval.judge or config.scoring
+        self.judge_settings = config.judge_scorer()
         self.compute_dtype = resolve_dtype(config.model.dtype)
         self.engine = engines.launched()  # the training stage's parallel engine
         self.timings: dict[str, float] = {}
@@ -97,7 +97,7 @@ class IterativeRun:
                           "prompts: their win rates are not held-out figures[/yellow]")
         with stage("load scorer", self.timings):
             self.scorer = self.given_scorer or build_scorer(self.config.scoring)
-            self.judge = self.scorer if self.config.eval.judge is None else build_scorer(self.config.eval.judge)
+            self.judge = self.scorer if self.config.eval.judge is None else build_scorer(self.judge_settings)
 
     # models: loaded from disk at the start of each iteration, so a resumed run and an
     # uninterrupted one start every iteration from identical weights.
@@ -115,8 +115,7 @@ class IterativeRun:
     def run(self, until: tuple[int, str] | None = None) -> list[dict]:
         """Every iteration, or only up to and including stage until = (t, name)."""
         train = self.config.train
-        self.tracker = RunTracker(train.report_to, self.dir.root, hyperparameters(self.config),
-                                  project=train.project, run_name=train.run_name)
+        self.tracker = RunTracker(train.report_to, self.dir.root, hyperparameters(self.config))
         try:
             summaries = [self._evaluation(0)] if self.eval_prompts else []
             for t in range(1, self.config.iterations.count + 1):

@@ -52,7 +52,6 @@ def _build_run(root: Path, model_dir: Path, with_eval: bool) -> Path:
         "scoring": {"type": "python", "function": f"{root / 'scorer.py'}:score"},
         "generation": {"max_new_tokens": 8, "num_samples": 2, "temperature": 1.0},
         "pairing": {"skip_truncated": False},
-        "eval": {"greedy": False},
         "train": {"batch_size": 4, "max_length": 256},
         "iterations": {"count": 2},
         "output_dir": str(root / "run"),

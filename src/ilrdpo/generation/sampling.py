@@ -49,8 +49,7 @@ def _generation_config(model, tokenizer, settings: GenerationSettings, greedy: b
         if sample else {}
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, do_sample=sample, **sampling,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        repetition_penalty=settings.repetition_penalty,
+        no_repeat_ngram_size=0, repetition_penalty=1.0,
         eos_token_id=sorted(e for e in eos if e is not None), pad_token_id=tokenizer.pad_token_id,
     )
     if next(model.parameters()).device.type == "cuda":
