@@ -10,7 +10,8 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.pairing import pairing_census
 from ilrdpo.records import CandidateSet
 from ilrdpo.resume import check_resume, drop_from, first_reader, no_pairs_message, parse_redo
-from ilrdpo.rundir import RunState, next_number
+from ilrdpo.rundir import next_number
+from ilrdpo.runstate import RunState
 
 pytestmark = pytest.mark.unit
 

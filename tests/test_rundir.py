@@ -90,7 +90,7 @@ def test_debris_of_killed_writers_is_removed_on_the_next_start(tmp_path):
 
 
 def test_resume_line_names_what_is_reused_and_what_restarts(tmp_path):
-    from ilrdpo.rundir import RunState
+    from ilrdpo.runstate import RunState
 
     state = RunState(tmp_path / "state.json")
     assert state.resume_line() is None  # a fresh run directory says nothing

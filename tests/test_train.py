@@ -460,9 +460,10 @@ def first_step_gradients(model_dir, tokenizer, loss: LossSettings, lora: bool = 
     """(metrics of step 1, {name: gradient}) of a one-step round whose learning rate is ~0, so the
     gradients of that step can be read off a hook on the optimizer. prefix_sharing on / off: the
     layout forced for this round (batching.PREFIX_SHARING)."""
-    from ilrdpo import batching
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     from transformers import AutoModelForCausalLM
+
+    from ilrdpo import batching
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if lora:

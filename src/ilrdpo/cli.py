@@ -128,7 +128,7 @@ def evaluate(
         if name is not None:  # first: before torch loads, an unreachable hub is said in seconds
             check_model_option(name, option)
     from ilrdpo.evaluate import evaluate_models, load_judge_settings, print_evaluation
-    from ilrdpo.records import atomic_write_text
+    from ilrdpo.files import atomic_write_text
 
     _join_processes()
     judge_settings = load_judge_settings(judge)

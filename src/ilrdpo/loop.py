@@ -18,6 +18,7 @@ from ilrdpo.decisions import stage_seed
 from ilrdpo.errors import UserInputError
 from ilrdpo.eval_stage import evaluate_iteration, print_run_summary, summary_line
 from ilrdpo.faults import fault_point
+from ilrdpo.files import atomic_write_text, finished_output, read_finished_jsonl, read_json_file, write_jsonl
 from ilrdpo.generation import generate_answers
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss_types import method_name
@@ -25,18 +26,7 @@ from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
 from ilrdpo.pairing import base_targets, pair_all, pairing_census
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
-from ilrdpo.records import (
-    CandidateSet,
-    PreferencePair,
-    atomic_write_text,
-    finished_output,
-    read_candidates,
-    read_finished_jsonl,
-    read_json_file,
-    read_pairs,
-    read_prompts,
-    write_jsonl,
-)
+from ilrdpo.records import CandidateSet, PreferencePair, read_candidates, read_pairs, read_prompts
 from ilrdpo.resume import after, apply_redo, check_redo, check_resume, input_hashes, no_pairs_message
 from ilrdpo.rundir import STAGES, RunDir
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
@@ -306,8 +296,9 @@ class IterativeRun:
         return alpha
 
     def _eval_summary(self, t: int) -> dict:
+        """eval.json of iteration t with the alpha it trained with (state.json's, its one home)."""
         with finished_output(self.dir.redo_hint(t)):
-            return read_json_file(self.dir.file(t, "eval.json"))
+            return {**read_json_file(self.dir.file(t, "eval.json")), "alpha": self.state.alpha.get(t) if t else None}
 
     def _eval_length(self, t: int) -> float:
         return self._eval_summary(t)["length"]["tokens_mean"]
@@ -363,8 +354,7 @@ class IterativeRun:
     def evaluate(self, t: int) -> dict:
         return evaluate_iteration(
             t, rundir=self.dir, config=self.config, prompts=self.eval_prompts, judge=self.judge,
-            judge_settings=self.judge_settings, policy=self.policy, compute_dtype=self.compute_dtype,
-            alpha=self.state.alpha.get(t) if t else None)
+            judge_settings=self.judge_settings, policy=self.policy, compute_dtype=self.compute_dtype)
 
 
 
@@ -376,9 +366,7 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
     until: (t, stage) to stop after that stage (the demo's shared first steps).
     redo: (t, stage) to compute again from, with everything after it (replaced files kept in replaced/)."""
     run = IterativeRun(config, force, scorer, redo)
-    with interrupts.where(), run.dir.locked("ilrdpo run"):
-        run.open()
-        run.dir.announce()
+    with interrupts.where(), run.dir.opened("ilrdpo run", run.open):
         summaries = run.run(until)
         if until is not None:
             return summaries

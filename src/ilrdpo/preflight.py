@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
+from ilrdpo.files import read_json_file
 from ilrdpo.hub import BUNDLED, go_offline, hub_reachable
-from ilrdpo.records import read_json_file, read_pairs, read_prompts
+from ilrdpo.records import read_pairs, read_prompts
 
 Command = Literal["run", "train"]
 

@@ -16,7 +16,8 @@ from ilrdpo import ranks
 from ilrdpo.config import Config, GenerationSettings
 from ilrdpo.errors import UserInputError
 from ilrdpo.progress import console
-from ilrdpo.rundir import STAGES, RunDir, RunState
+from ilrdpo.rundir import STAGES, RunDir
+from ilrdpo.runstate import RunState
 
 # The config keys each stage reads (tests/test_loop_stages.py records what each stage reads and
 # fails on a key missing here). A finished stage depends on its own keys and every earlier

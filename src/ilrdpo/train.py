@@ -50,10 +50,11 @@ from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import TokenizedPair, length_grouped_batches, tokenize_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.faults import fault_point
+from ilrdpo.files import append_jsonl, read_jsonl_tolerant, write_jsonl
 from ilrdpo.guard import DivergenceGuard
 from ilrdpo.loss import LOSSES, REFERENCE_FREE, length_reversed, pair_accuracy, preference_loss
 from ilrdpo.progress import console, progress_bar
-from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
+from ilrdpo.records import PreferencePair
 from ilrdpo.tracking import RunTracker
 
 

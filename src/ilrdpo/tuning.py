@@ -23,8 +23,8 @@ import yaml
 
 from ilrdpo.config import Config, SearchDimension, build_config, config_to_yaml
 from ilrdpo.errors import IlrdpoError, UserInputError
+from ilrdpo.files import atomic_write_text
 from ilrdpo.progress import console
-from ilrdpo.records import atomic_write_text
 from ilrdpo.resume import stage_dependencies
 from ilrdpo.rundir import RunDir
 from ilrdpo.scoring import Scorer
@@ -103,9 +103,7 @@ def prepare_shared(config: Config, folder: Path, scorer: Scorer | None = None) -
     from ilrdpo.loop import IterativeRun
 
     run = IterativeRun(config.model_copy(update={"output_dir": str(folder)}), scorer=scorer)
-    with run.dir.locked("ilrdpo tune (shared first round)"):
-        run.open()
-        run.dir.announce()
+    with run.dir.opened("ilrdpo tune (shared first round)", run.open):
         if run.eval_prompts:
             run.run_stage(0, "eval")
         run.run_stage(1, "generate")

@@ -23,7 +23,8 @@ from ilrdpo.config import Config
 from ilrdpo.demo.judge import demo_judge
 from ilrdpo.eval_stage import answer_prompts, judge_answers
 from ilrdpo.evaluation.compare import summarize
-from ilrdpo.records import atomic_write_text, read_prompts, write_jsonl
+from ilrdpo.files import atomic_write_text, write_jsonl
+from ilrdpo.records import read_prompts
 from ilrdpo.rundir import RunDir
 
 
