@@ -198,12 +198,11 @@ def test_finished_progress_file_samples_nothing(tiny_model, tokenizer, tmp_path)
     assert calls == []
 
 
-def test_prompt_longer_than_the_context_names_the_prompt(tokenizer):
-    """data.on_long_prompt=error: a prompt that does not fit is an error naming it."""
+def test_prompt_with_no_room_left_names_the_prompt(tokenizer):
+    """max_new_tokens alone fills the context: no end of the prompt fits, an error naming it."""
     prompt = Prompt(prompt="word " * 600, id="too-long")
     with pytest.raises(UserInputError, match=r"prompt 'too-long' is \d+ tokens.*context of 512"):
-        encode_prompts(tokenizer, [prompt], DATA.model_copy(update={"on_long_prompt": "error"}), max_new_tokens=8,
-                       context=512)
+        encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=512, context=512)
 
 
 def test_prompt_longer_than_the_context_keeps_its_end(tiny_model, tokenizer, capfd):
@@ -223,9 +222,7 @@ def test_context_check_boundary(tokenizer):
     prompt = Prompt(prompt="Hi", id="hi")
     n = len(chat_ids(tokenizer, "Hi"))
     assert encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=8, context=n + 8) == [chat_ids(tokenizer, "Hi")]
-    with pytest.raises(UserInputError, match="prompt 'hi'"):
-        encode_prompts(tokenizer, [prompt], DATA.model_copy(update={"on_long_prompt": "error"}), max_new_tokens=8,
-                       context=n + 7)
+    assert encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=8, context=n + 7) == [chat_ids(tokenizer, "Hi")[1:]]
 
 
 def test_top_k_zero_samples_from_the_whole_vocabulary(tiny_model, tokenizer):

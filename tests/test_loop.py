@@ -296,7 +296,7 @@ def finished_through(stages_by_iteration: dict[int, int]) -> dict[int, list[str]
 @pytest.mark.parametrize("override,finished,refused", [
     # iteration 1 generated only: sampling settings are fixed, later stages' are not
     ("generation.top_p=0.9", {1: 1}, True),
-    ("data.on_long_prompt=error", {1: 1}, True),  # generation reads it: samples made under the old value
+    ("data.system_prompt=Be brief.", {1: 1}, True),  # generation reads it: samples made under the old value
     ("scoring.tie_tolerance=0.1", {1: 1}, False),
     ("pairing.strategy=all", {1: 2}, False),
     ("pairing.strategy=all", {1: 3}, True),

@@ -155,6 +155,8 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
                            False),
     "model.attn_implementation": ("nothing: transformers chooses the attention (sdpa where it can)", ANY_VALUE),
     "data.pairs_split": ("data.pairs: NAME:SPLIT", "train"),
+    "data.on_long_prompt": ("nothing: a prompt longer than the context keeps its end, counted in a warning",
+                            "truncate"),
     "generation.no_repeat_ngram_size": ("nothing: answers are sampled as the model gives them", 0),
     "generation.repetition_penalty": ("nothing: answers are sampled as the model gives them", 1.0),
     "pairing.min_margin": ("scoring.tie_tolerance (reward differences within it make no pair)", 0.0),

@@ -25,7 +25,7 @@ from ilrdpo.runstate import RunState
 # file's content counts as the key that names it plus ".sha256".
 STAGE_SECTIONS = {
     "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
-                 "data.system_prompt", "data.on_long_prompt", "generation", "seed"),
+                 "data.system_prompt", "generation", "seed"),
     "score": ("scoring",),
     "pair": ("pairing", "loss.target_length"),  # 'base' puts each prompt's target into its pairs
     "train": ("loss", "train", "iterations.reference", "iterations.alpha_control", "experimental.alpha_neutral"),

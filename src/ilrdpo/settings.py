@@ -65,9 +65,6 @@ class DataSettings(Section):
     )
     system_prompt: str | None = Field(None, description="System message prepended to string prompts.")
     max_examples: int | None = Field(None, gt=0, description="Use only the first N prompts or pairs.")
-    on_long_prompt: Literal["truncate", "error"] = Field(
-        "truncate", description="A prompt that leaves no room for max_new_tokens in the model's context: keep its "
-        "end (counted in a warning), or stop with an error naming it.")
 
 
 class GenerationSettings(Section):
