@@ -105,7 +105,7 @@ def old_run_config() -> dict:
     old = Config().model_dump(mode="json")
     old["loss"].update(no_reversal=False, alpha_relative=False, alpha_neutral=False)
     old["scoring"].update(length_bias=0.0, length_bias_cap=128, selection_length_penalty=0.0)
-    old["eval"].update(perplexity=True, greedy=True, max_new_tokens=None)
+    old["eval"].update(perplexity=True, greedy=True, max_new_tokens=None, baseline="previous")
     old["train"].update(packing=True, run_name=None, project=None, logits_chunk=1024, prefix_sharing="auto")
     old["model"].update(allow_pickle=False, attn_implementation=None)
     old["data"].update(pairs_split="train", on_long_prompt="truncate")
@@ -188,7 +188,7 @@ def test_keys_outside_the_experimental_section_are_counted():
     keys = all_keys()
     experimental = [k for k in keys if k.startswith("experimental.")]
     assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
-    assert len(keys) - len(experimental) == 78
+    assert len(keys) - len(experimental) == 77
 
 
 def test_overrides_parse_types():

@@ -215,7 +215,6 @@ class IterationSettings(Section):
 
 class EvalSettings(Section):
     judge: JudgeSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
-    baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
     samples: int = Field(
         0, ge=0, le=64, description="Also this many sampled answers per eval prompt (the generation settings, the "
         "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
