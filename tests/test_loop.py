@@ -751,6 +751,7 @@ def test_eval_perplexity_under_the_initial_model(raw_config, tmp_path, tiny_mode
     run_iterations(build_config(raw))
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     prompts = {row["id"]: row["prompt"] for row in read_jsonl(Path(raw["data"]["eval_prompts"]))}
+    checked = 0
     for t in (0, 1):
         total, count = 0.0, 0
         for row in read_jsonl(tmp_path / "run" / f"iter_{t}" / "eval_answers.jsonl"):
@@ -765,7 +766,10 @@ def test_eval_perplexity_under_the_initial_model(raw_config, tmp_path, tiny_mode
             count += len(answer)
         result = json.loads((tmp_path / "run" / f"iter_{t}" / "eval.json").read_text())
         assert result["perplexity_tokens"] == count and result["perplexity_windowed"] == 0
-        assert result["perplexity_initial"] == pytest.approx(math.exp(-total / count), rel=1e-4)
+        if count:  # the random initial model's greedy answers may decode to no text at all
+            assert result["perplexity_initial"] == pytest.approx(math.exp(-total / count), rel=1e-4)
+            checked += 1
+    assert checked
 
 
 def _mean(values) -> float:
