@@ -784,7 +784,7 @@ def test_sampled_eval_next_to_greedy(raw_config, tmp_path):
     from ilrdpo.evaluation.report import write_report
 
     raw = raw_config(tmp_path / "run")
-    raw["eval"].update(greedy=True, samples=3)
+    raw["eval"] = {"samples": 3}
     run_iterations(build_config(raw))
     run = tmp_path / "run"
     rows = {t: read_jsonl(run / f"iter_{t}" / "eval_samples.jsonl") for t in (0, 1, 2)}
@@ -814,7 +814,7 @@ def test_a_base_eval_shared_from_another_seed_draws_its_own_samples(raw_config, 
     completes iteration 0's eval.json."""
 
     source = raw_config(tmp_path / "seed0")
-    source["eval"].update(greedy=True, samples=2)
+    source["eval"] = {"samples": 2}
     source["iterations"]["count"] = 1
     run_iterations(build_config(source), until=(1, "generate"))
     target = {**raw_config(tmp_path / "seed1"), "seed": 1, "eval": source["eval"], "iterations": {"count": 1}}
@@ -836,8 +836,8 @@ def test_a_base_eval_shared_from_another_seed_draws_its_own_samples(raw_config, 
 def test_following_the_no_pairs_hint_finishes_the_run(raw_config, tmp_path, monkeypatch):
     """Near-greedy sampling makes the tiny model end at once: pairing stops with the measured
     cause first and a command; that command, run as printed, redoes from the stage it names
-    (the sampled initial evaluation reads the temperature too) and the run finishes, the
-    replaced files kept in replaced/001/."""
+    (sampling: the greedy initial evaluation does not read the temperature) and the run finishes,
+    the replaced files kept in replaced/001/."""
     from ilrdpo import cli
 
     out = tmp_path / "run"
@@ -848,13 +848,13 @@ def test_following_the_no_pairs_hint_finishes_the_run(raw_config, tmp_path, monk
     message = str(error.value)
     assert "no preference pairs in iteration 1: 16 of 16 answers are empty" in message
     command = message.split(": ilrdpo run ", 1)[1]
-    assert command == f"{out}/config.yaml --redo 0:eval generation.temperature=1.0"
+    assert command == f"{out}/config.yaml --redo 1:generate generation.temperature=1.0"
     monkeypatch.setattr("sys.argv", ["ilrdpo", "run", *command.split()])
     cli.main()
     state = json.loads((out / "state.json").read_text())
     assert state["finished"]["2"] == STAGES
     assert (out / "replaced" / "001" / "iter_1" / "candidates.jsonl").is_file()
-    assert (out / "replaced" / "001" / "iter_0" / "eval.json").is_file()
+    assert not (out / "replaced" / "001" / "iter_0").exists()  # the initial evaluation stands
     assert "generation.temperature=1.0" not in (out / "replaced" / "001" / "config.yaml").read_text()
     assert load_config(out / "config.yaml").generation.temperature == 1.0
 
