@@ -38,6 +38,8 @@ os.environ.setdefault("ILRDPO_QUIET", "1")
 
 QWEN_05B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
             "num_key_value_heads": 2, "max_position_embeddings": 4096, "tie_word_embeddings": True}
+# A two-layer Qwen2 on the same tokenizer: the 0.5b code path in seconds on a CPU (scripts/gpu_checks.sh --dry-run).
+QWEN_TINY = {**QWEN_05B, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
 def build_model(args):
@@ -50,7 +52,8 @@ def build_model(args):
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **QWEN_05B)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **(QWEN_05B if args.size == "0.5b" else QWEN_TINY))
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -108,6 +111,11 @@ def measure(rows: int, model, tokenizer, all_prompts, args) -> dict[str, float]:
 
     for backend in [auto] + [b for b in BACKENDS if b not in ("auto", auto)]:
         report(f"ilrdpo {backend}" + (" (auto)" if backend == auto else ""), *timed(lambda b=backend: ours(b)))
+    if args.profile:  # one more run of the auto backend, after the timed one: its top operators
+        from step_profile import profiled_call  # beside this script
+
+        for line in profiled_call(lambda: ours(auto), device.type, unit=f"run of batch {rows}"):
+            print(f"  batch {rows:4d}  ilrdpo {auto} {line}")
 
     prompt_ids = encode_prompts(tokenizer, prompts, data, args.max_new_tokens, None)
     config = _generation_config(model, tokenizer, settings, greedy=False)
@@ -140,15 +148,18 @@ def measure(rows: int, model, tokenizer, all_prompts, args) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=["135m", "0.5b"], default="135m")
+    parser.add_argument("--size", choices=["135m", "0.5b", "tiny"], default="135m",
+                        help="0.5b, tiny (2 layers, hidden 64): random weights on --tokenizer's vocabulary")
     parser.add_argument("--model", default="bundled:smollm2-135m-instruct", help="--size 135m: the model")
-    parser.add_argument("--tokenizer", help="--size 0.5b: a tokenizer folder (its vocabulary sizes the model)")
+    parser.add_argument("--tokenizer", help="--size 0.5b / tiny: a tokenizer folder (its vocabulary sizes the model)")
     parser.add_argument("--num-samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", default="16,64")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-generate-batch", action="store_true", help="skip continuous batching")
+    parser.add_argument("--profile", action="store_true", help="after the timed runs, profile one more run of "
+                        "ilrdpo's auto backend: its top operators by device (CPU) time (step_profile.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,6 +23,11 @@ from pathlib import Path
 
 import torch
 
+POLICY = {"hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2}
+REWARD = {"hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16, "num_key_value_heads": 8}
+# --tiny: both models this narrow, the same code path in seconds on a CPU (scripts/gpu_checks.sh --dry-run)
+TINY = ({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2},) * 2
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +37,7 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--layers", type=int, default=24, help="policy layers (fewer only to try the script on a CPU)")
+    parser.add_argument("--tiny", action="store_true", help="width 64 for both models (to try the script on a CPU)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
@@ -46,12 +52,11 @@ def main() -> None:
               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
               "max_position_embeddings": 4096, "tie_word_embeddings": True}
     torch.manual_seed(0)
-    policy = Qwen2ForCausalLM(Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=args.layers,
-                                          num_attention_heads=14, num_key_value_heads=2, **common))
+    policy_shape, reward_shape = TINY if args.tiny else (POLICY, REWARD)
+    policy = Qwen2ForCausalLM(Qwen2Config(**policy_shape, num_hidden_layers=args.layers, **common))
     policy.save_pretrained(out / "policy")
-    reward = Qwen2ForSequenceClassification(Qwen2Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=min(8, args.layers),
-                                                        num_attention_heads=16, num_key_value_heads=8, num_labels=1,
-                                                        **common))
+    reward = Qwen2ForSequenceClassification(Qwen2Config(**reward_shape, num_hidden_layers=min(8, args.layers),
+                                                        num_labels=1, **common))
     reward.save_pretrained(out / "reward")
     for folder in ("policy", "reward"):
         tokenizer.save_pretrained(out / folder)

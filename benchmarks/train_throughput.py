@@ -42,6 +42,7 @@ they differ. Lengths are drawn so that no pair exceeds max_length (no truncation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -99,6 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's dense bfloat16 peak for model FLOP/s utilisation on CUDA "
                    "(default: H100/H200 SXM, 989)")
+    p.add_argument("--profile", action="store_true",
+                   help="ilrdpo only: torch.profiler over the timed steps, the top operators by device "
+                   "(CPU) time a step (benchmarks/step_profile.py); its throughput is not comparable")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -326,6 +330,8 @@ def summarise(a, meter: Meter, step_end_times: list[float], step_tokens: list[in
 
 
 def worker_ilrdpo(a, rows) -> dict:
+    from step_profile import profiled_steps  # beside this script; imports torch, as the workers do
+
     from ilrdpo import batching
     from ilrdpo.config import DataSettings, LossSettings, TrainSettings
     from ilrdpo.data import tokenize_pairs
@@ -354,7 +360,8 @@ def worker_ilrdpo(a, rows) -> dict:
     meter = Meter(model, a.device)
     out = Path(a.workdir) / "ilrdpo_out"
     t_call = time.perf_counter()
-    train_round(model, tok, pairs, loss=loss, train=train, data=data, output_dir=out, seed=a.seed)
+    with profiled_steps(a.warmup, a.steps, a.device) if a.profile else contextlib.nullcontext([]) as profile_lines:
+        train_round(model, tok, pairs, loss=loss, train=train, data=data, output_dir=out, seed=a.seed)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     # train_round's own count of each step's pairs' tokens (2*prompt + chosen + rejected); the
     # driver checks their total against the data, and the hook's positions against it below.
@@ -364,8 +371,28 @@ def worker_ilrdpo(a, rows) -> dict:
     computed = sum(int(n) for n in meter.forward_tokens)
     if a.prefix_sharing == "off" and computed != result["all_tokens"]:
         raise RuntimeError(f"token counts differ: metrics.jsonl {result['all_tokens']}, hook {computed}")
-    result.update(digest=digest, truncated=truncated, n_params=sum(p.numel() for p in model.parameters()))
+    result.update(digest=digest, truncated=truncated, n_params=sum(p.numel() for p in model.parameters()),
+                  guard_s=guard_seconds(model, a.device), profile=profile_lines)
     return result
+
+
+def guard_seconds(model, device: str) -> float:
+    """Median time of the divergence guard's check after an optimizer step (DivergenceGuard.check
+    on this model's trainable weights: its norm, a pass over every weight and a host sync, and
+    the rules' arithmetic), timed apart from the steps, which run it too."""
+    import torch
+
+    from ilrdpo.guard import DivergenceGuard
+
+    guard = DivergenceGuard([p for p in model.parameters() if p.requires_grad])
+    times = []
+    for step in range(1, 8):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        guard.check(step, loss=0.69, grad_norm=1.0, loss_at_reference=0.69)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def worker_trl(a, rows) -> dict:
@@ -469,6 +496,10 @@ def main(argv=None):
         base += ["--prefix-sharing", a.prefix_sharing]
         if a.max_tokens_per_batch:
             base += ["--max-tokens-per-batch", str(a.max_tokens_per_batch)]
+        if a.profile:
+            if systems != ["ilrdpo"]:
+                raise SystemExit("--profile profiles ilrdpo alone: add --systems ilrdpo")
+            base += ["--profile"]
         for name in systems:
             t0 = time.perf_counter()
             proc = subprocess.run(base + ["--worker", name], env=env, capture_output=True, text=True,
@@ -496,6 +527,11 @@ def main(argv=None):
                   f"{r['setup_and_ref_s']:.1f} s, process {r['process_s']:.1f} s")
             print(f"{'':>6}  model {flops / 1e12:.3f} TFLOP/s (6 x {r['n_params'] / 1e6:.0f}M parameters x "
                   f"tokens/s){mfu}")
+            if "guard_s" in r:
+                print(f"{'':>6}  divergence guard {1e3 * r['guard_s']:.2f} ms a step "
+                      f"({100 * r['guard_s'] / r['step_median_s']:.1f}% of the median step)")
+            for line in r.get("profile", []):
+                print(f"{'':>6}  {line}")
     print(f"memory method: {next(iter(results.values()))['memory_method']}")
     if len({r["digest"] for r in results.values()}) > 1:
         raise SystemExit("the systems did not train on identical token sequences: "

@@ -377,5 +377,5 @@ def test_pair_accuracy_counts_round_off_margins_as_not_correct():
     batch = {"lengths": torch.tensor([5.0, 5.0]), "scored_tokens": torch.tensor([5, 5])}
     from ilrdpo.config import LossSettings
 
-    stats = _micro_step(policy, batch, ref, [0], LossSettings(), 1.0, lambda losses, weight: None)
+    stats = _micro_step(policy, batch, ref, [0], LossSettings(), 1.0, lambda losses, weight, finite: None)
     assert stats["rewards/accuracies"] == 0.0

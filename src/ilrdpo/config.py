@@ -33,6 +33,7 @@ from ilrdpo.settings import (
     PairingSettings,
     ScoringSettings,
     SearchDimension,
+    ServerSettings,
     TrainSettings,
     TuneSettings,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "PairingSettings",
     "ScoringSettings",
     "SearchDimension",
+    "ServerSettings",
     "TrainSettings",
     "TuneSettings",
     "all_keys",
@@ -166,8 +168,7 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "train.logits_chunk": ("nothing: the log-prob head runs in chunks of 1024 answer positions", ANY_VALUE),
     "train.prefix_sharing": ("nothing: the layout measured faster on the device is chosen (benchmarks/README.md)",
                              ANY_VALUE),
-    "eval.baseline": ("nothing: it was read nowhere; eval.json compares with both the initial and the previous "
-                      "iterate", ANY_VALUE),
+    "eval.baseline": ("nothing: eval.json compares with both the initial and the previous iterate", ANY_VALUE),
     "eval.greedy": ("eval.samples for sampled eval answers (the eval answers are greedy)", True),
     "eval.max_new_tokens": ("generation.max_new_tokens", None),
     "eval.judge.compare_to": ("scoring.compare_to (the judge compares as the scoring section says)", AS_SCORING),

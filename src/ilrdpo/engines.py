@@ -45,9 +45,11 @@ FLOAT16_REFUSED = ("config key 'model.dtype': float16 is not supported under FSD
 
 
 def local_norm(params: list[torch.Tensor]) -> float:
-    """The L2 norm of whole params together."""
+    """The L2 norm of whole params together, accumulated in float32 without float32 copies of
+    half-precision weights (the divergence guard takes it after every step)."""
     with torch.no_grad():
-        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach().float() for p in params]))))
+        norms = torch._foreach_norm([p.detach() for p in params], 2, dtype=torch.float32)
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def sharded_norm(params: list[torch.Tensor]) -> float:
@@ -108,12 +110,15 @@ class Engine:
     def forward(self, model, fn, *args):
         return fn(*args)
 
-    def backward(self, losses: torch.Tensor, weight: float, scaler: torch.amp.GradScaler) -> None:
+    def backward(self, losses: torch.Tensor, weight: float, scaler: torch.amp.GradScaler,
+                 finite: bool | None = None) -> None:
         """The backward of a micro-batch's weighted mean loss. A non-finite loss stops the round
         before the step (DivergenceGuard.check_loss), so it never reaches the weights; replicas skip
         its backward, a sharded process still runs a zero-weighted one, since the others'
-        collectives wait for its own."""
-        finite = bool(torch.isfinite(losses).all())
+        collectives wait for its own. finite: whether every loss is finite, where the caller has
+        it on the host already (one device sync fewer); None: checked here."""
+        if finite is None:
+            finite = bool(torch.isfinite(losses).all())
         if not finite and not self.sharded:
             return
         loss = losses.mean() * weight if finite else losses.nan_to_num(0.0, 0.0, 0.0).mean() * 0.0

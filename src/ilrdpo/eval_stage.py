@@ -139,6 +139,8 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
             for style, name in ANCHOR_FILES.items():
                 cached_answers(rundir.file(0, name), lambda style=style: answer(0, style))
         result.update(_compare_with_baselines(t, rows, rundir, config, prompts, judge_settings))
+        if t > 0 and config.eval.judge is not None and config.eval.judge.type == "llm" and ranks.is_main():
+            result["vs_initial_llm"] = llm_comparison(t, rows, rundir, config, prompts)
         if config.eval.samples:
             result["sampled"] = _sampled_evaluation(t, rundir, config, prompts, judge, judge_settings, gen, policy,
                                                     compute_dtype)
@@ -237,6 +239,23 @@ def _compare_with_baselines(t: int, rows, rundir: RunDir, config: Config, prompt
     return evaluate_answers(rows, prompts, {"initial": answers[0], "previous": answers[t - 1]}, tie,
                             other_models={f"model_{k}": answers[k] for k in range(1, t)},
                             anchors={"initial": anchors} if anchors else None, length_unit=unit)
+
+
+def llm_comparison(t: int, rows: list[dict[str, Any]], rundir: RunDir, config: Config,
+                   prompts: list[Prompt]) -> dict:
+    """pi_t's eval answers against pi_0's, judged pairwise by eval.judge's LLM (scoring.llm_judge;
+    annotations cached in iter_t/llm_judge.jsonl): raw and LC win rates (lengths in characters)
+    over the parsed judgements, with the count of unparseable ones."""
+    from ilrdpo.scoring.llm_judge import build_pairwise_judge, win_rates_from
+
+    initial = {r["id"]: r for r in read_finished_jsonl(rundir.file(0, "eval_answers.jsonl"), rundir.redo_hint(0))}
+    by_id = {p.id: p for p in prompts}
+    kept = [r for r in rows if r["id"] in initial and r["id"] in by_id]
+    judge = build_pairwise_judge(config.eval.judge, rundir.file(t, "llm_judge.jsonl"))
+    result = judge.judge([by_id[r["id"]] for r in kept], [r["response"] for r in kept],
+                         [initial[r["id"]]["response"] for r in kept], seed=config.seed)
+    return win_rates_from(result, [r["n_chars"] for r in kept], [initial[r["id"]]["n_chars"] for r in kept],
+                          seed=config.seed)
 
 
 def tie_tolerance(config: Config) -> float:

@@ -1,16 +1,16 @@
 """Sequence log-probabilities of answer tokens: exact, padding-safe and memory-efficient.
 
 The answer tokens are few next to the prompt and padding, and the vocabulary is large, so the
-output head runs only at answer positions, in chunks, with the log-softmax in float32. When the
-answer positions' float32 logits would exceed head_memory_budget (512 MiB on CPU, a tenth of a
-GPU's memory), each chunk is recomputed in the backward pass instead of stored, so peak memory
-for the head is one chunk's logits; never the float32 (batch, seq, vocab) log-softmax.
+output head runs only at answer positions, in chunks, with the log-softmax in float32; backward
+keeps each chunk's logits in the compute dtype (bfloat16 on a GPU), not a float32 log-softmax.
+When the answer positions' float32 logits would exceed head_memory_budget (512 MiB on CPU, a
+tenth of a GPU's memory), each chunk is recomputed in the backward pass instead of stored, so
+peak memory for the head is one chunk's logits; never the float32 (batch, seq, vocab) log-softmax.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
@@ -48,9 +48,28 @@ def head_memory_budget(device: torch.device) -> int:
     return HEAD_MEMORY_BUDGET
 
 
+class _TargetLogps(torch.autograd.Function):
+    """log softmax(logits)[target] per row, in float32, keeping for backward the logits in their
+    own dtype and the (n,) float32 log-normaliser: under bfloat16 autocast half the bytes of the
+    float32 log-softmax that cross_entropy keeps, for the same arithmetic (the softmax is rebuilt
+    from the same logits in backward)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        log_norm = torch.logsumexp(logits.float(), dim=-1)  # (n,)
+        ctx.save_for_backward(logits, targets, log_norm)
+        return logits.gather(-1, targets[:, None])[:, 0].float() - log_norm  # (n,)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, targets, log_norm = ctx.saved_tensors
+        grad_logits = torch.exp(logits.float() - log_norm[:, None]).mul_(-grad[:, None])  # (n, V) = -g softmax
+        grad_logits.scatter_add_(-1, targets[:, None], grad[:, None])  # + g at the target
+        return grad_logits.to(logits.dtype), None
+
+
 def _token_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    # log softmax(logits)[target] = -cross_entropy: one fused kernel, no (n, V) log-softmax kept.
-    return -F.cross_entropy(logits.float(), targets, reduction="none")  # (n,)
+    return _TargetLogps.apply(logits, targets)  # (n,)
 
 
 def _head_token_logps(head: torch.nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:

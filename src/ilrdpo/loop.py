@@ -20,6 +20,7 @@ from ilrdpo.eval_stage import evaluate_iteration, print_run_summary, summary_lin
 from ilrdpo.faults import fault_point
 from ilrdpo.files import atomic_write_text, finished_output, read_finished_jsonl, read_json_file, write_jsonl
 from ilrdpo.generation import generate_answers
+from ilrdpo.generation.server import sample_round
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss_types import method_name
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
@@ -87,7 +88,8 @@ class IterativeRun:
                           "prompts: their win rates are not held-out figures[/yellow]")
         with stage("load scorer", self.timings):
             self.scorer = self.given_scorer or build_scorer(self.config.scoring)
-            self.judge = self.scorer if self.config.eval.judge is None else build_scorer(self.judge_settings)
+            judge = self.config.eval.judge  # an llm judge compares pairs besides the scorer's values
+            self.judge = self.scorer if judge is None or judge.type == "llm" else build_scorer(self.judge_settings)
 
     # models: loaded from disk at the start of each iteration, so a resumed run and an
     # uninterrupted one start every iteration from identical weights.
@@ -206,14 +208,15 @@ class IterativeRun:
 
     # --- 1. generate -----------------------------------------------------------------------------
     def generate(self, t: int) -> None:
-        model, tokenizer = self.policy(t - 1)
-        gen = self.config.generation
-        partial = self.dir.partial(t, "generate")
-        with autocast(next(model.parameters()).device, self.compute_dtype):
-            samples = generate_answers(
-                model, tokenizer, self.prompts, gen, self.config.data, num_samples=gen.num_samples,
-                seed=stage_seed(self.config.seed, t, "generate"), progress_file=partial,
-                source=str(self.config.data.prompts), description=f"iter {t} sampling")
+        gen, partial, seed = self.config.generation, self.dir.partial(t, "generate"), stage_seed(self.config.seed, t, "generate")
+        if gen.backend == "server":  # the policy stays on disk: the server loads it
+            samples = sample_round(self.config, self.dir, t, self.prompts, seed=seed, progress_file=partial)
+        else:
+            model, tokenizer = self.policy(t - 1)
+            with autocast(next(model.parameters()).device, self.compute_dtype):
+                samples = generate_answers(
+                    model, tokenizer, self.prompts, gen, self.config.data, num_samples=gen.num_samples, seed=seed,
+                    progress_file=partial, source=str(self.config.data.prompts), description=f"iter {t} sampling")
         sets = [CandidateSet(prompt=p.prompt, id=p.id, responses=[s.text for s in samples[p.id]],
                              n_tokens=[s.n_tokens for s in samples[p.id]],
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,

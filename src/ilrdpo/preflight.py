@@ -43,6 +43,7 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         if config.iterations.alpha_control.mode == "auto" and not config.data.eval_prompts:
             raise UserInputError("iterations.alpha_control.mode=auto needs eval prompts (data.eval_prompts)")
         check_sampling(config)
+        check_server(config)
     from ilrdpo import engines  # torch: not for the model checks of `generate` and `chat`
 
     engines.launched().check_config(config.model.dtype, config.train.max_grad_norm)
@@ -65,6 +66,24 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
 
 
 # --- generation and pairing ----------------------------------------------------------------------
+
+
+def check_server(config: Config) -> None:
+    """backend server: the weights each round samples from must be the ones it trained."""
+    gen, model = config.generation, config.model
+    if gen.backend != "server":
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserInputError("config key 'generation.backend': server runs `ilrdpo run` in one process; launch it "
+                             "without accelerate/torchrun (the server takes the sampling GPUs)")
+    if gen.server.url is not None and model.lora is None and config.iterations.count > 1:
+        raise UserInputError("config key 'generation.server.url': a server you run keeps its weights, so rounds "
+                             "after the first would not sample from the model they train; use "
+                             "generation.server.command (started per round on its model) or model.lora (each "
+                             "round's adapter loaded into the server)")
+    if gen.server.command is not None and model.lora is not None and not model.merge_lora:
+        raise UserInputError("config key 'generation.server.command': with model.lora the server loads each round's "
+                             "merged weights; set model.merge_lora: true")
 
 
 def check_sampling(config: Config) -> None:
@@ -173,7 +192,7 @@ def check_hub_models(settings: dict[str, Any]) -> None:
 
     names = [("model.name_or_path", value("model", "name_or_path"))] + \
         [(".".join(keys) + ".model", value(*keys, "model")) for keys in (("scoring",), ("eval", "judge"))
-         if value(*keys, "type") != "python"]
+         if value(*keys, "type") not in ("python", "llm")]  # llm: a served name, no model here
     for key, name in names:
         if isinstance(name, str) and name and not name.startswith("bundled:") and not Path(name).expanduser().exists():
             local_model_folder(name, key)
@@ -284,6 +303,12 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
     elif settings.type == "embedding_similarity":
         if settings.model and not settings.model.startswith("bundled:"):
             local_model_folder(settings.model, f"{key}.model")
+    elif settings.type in ("remote", "llm"):
+        if settings.type == "llm" and key != "eval.judge":
+            raise UserInputError(f"config key '{key}.type': llm judges pairs of answers; it is an eval.judge only "
+                                 "(training needs a score per answer)")
+        if not settings.url:
+            raise UserInputError(f"config key '{key}.url' is required for {key}.type {settings.type}")
     elif settings.type == "python":
         if not settings.function:
             raise UserInputError(f"config key '{key}.function' is required for {key}.type python")

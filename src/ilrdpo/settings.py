@@ -7,6 +7,7 @@ in ilrdpo.config.REMOVED_KEYS.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -67,26 +68,63 @@ class DataSettings(Section):
     max_examples: int | None = Field(None, gt=0, description="Use only the first N prompts or pairs.")
 
 
+class ServerSettings(Section):
+    command: str | None = Field(
+        None, description="backend server: a command that serves the round's model on an OpenAI-compatible API, "
+        "started per round and stopped before training, e.g. 'vllm serve {model} --port {port}'; {model} is the "
+        "round's model folder, {port} a free port (README: Sampling through a server).")
+    url: str | None = Field(
+        None, description="backend server: a server you run (http://host:port). It must serve the initial model; "
+        "with model.lora each round's adapter is loaded through /v1/load_lora_adapter (vLLM); full fine-tuning "
+        "over several iterations needs `command` (a fixed server would not sample on-policy).")
+    timeout: float = Field(600.0, gt=0.0, description="backend server: seconds to wait for one answer, and for a "
+                           "started command to answer at all.")
+    api_key_env: str | None = Field(None, description="backend server: environment variable holding the server's "
+                                    "API key (sent as a bearer token, never written).")
+
+
 class GenerationSettings(Section):
     num_samples: int = Field(4, ge=1, description="Answers sampled per prompt (N).")
     max_new_tokens: int = Field(128, ge=1, description="Longest answer in tokens.")
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
-    batch_size: int = Field(64, ge=1, description="Sequences decoded together.")
-    backend: Literal["auto", "hf", "compact"] = Field(
+    batch_size: int = Field(64, ge=1, description="Sequences decoded together (backend server: answers asked "
+                            "for at once).")
+    backend: Literal["auto", "hf", "compact", "server"] = Field(
         "auto", description="hf = transformers generate (static cache on GPU); compact = finished rows "
-        "leave the batch, prompts prefilled once per N samples; auto = hf on GPU, compact on CPU.")
+        "leave the batch, prompts prefilled once per N samples; auto = hf on GPU, compact on CPU; server = the "
+        "sampling stage through an OpenAI-compatible server (generation.server; evaluation stays in-process).")
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @model_validator(mode="after")
+    def _server_named(self) -> GenerationSettings:
+        server = self.server
+        if self.backend != "server":
+            return self
+        if (server.command is None) == (server.url is None):
+            raise ValueError("backend server needs one of generation.server.command (a server started per round) "
+                             "or generation.server.url (a server you run)")
+        if server.command is not None and not {"{model}", "{port}"} <= set(re.findall(r"{\w*}", server.command)):
+            raise ValueError("generation.server.command must hold {model} and {port}")
+        return self
 
 
 class ScoringSettings(Section):
-    type: Literal["reward_model", "embedding_similarity", "python"] = Field(
-        "embedding_similarity", description="How answers are scored."
-    )
+    type: Literal["reward_model", "embedding_similarity", "python", "remote", "llm"] = Field(
+        "embedding_similarity", description="How answers are scored; remote = a reward model behind `url`; llm "
+        "(eval.judge only) = a chat model behind `url` judging each answer against the initial model's in "
+        "AlpacaEval's pairwise protocol: eval.json vs_initial_llm (README: Reward and judging through a server).")
     model: str | None = Field(
         None, description="Reward model (reward_model) or sentence-transformers model "
-        "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'.",
+        "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'. remote: the served reward model's "
+        "name, whose tokenizer's chat template renders each (prompt, answer) before it is sent.",
     )
+    url: str | None = Field(None, description="remote: the scoring endpoint, e.g. vLLM's http://host:8000/pooling "
+                            "(or /classify) serving a sequence-classification reward model; llm: the chat "
+                            "server, http://host:port (its /v1/chat/completions).")
+    api_key_env: str | None = Field(None, description="remote: environment variable holding the API key (sent as a "
+                                    "bearer token, never written).")
     compare_to: Literal["reference", "prompt"] = Field(
         "reference", description="embedding_similarity: compare the answer with the prompt's reference answer, or "
         "with the prompt itself (the document to summarise, the conversation's last user turn).")
@@ -104,10 +142,12 @@ class JudgeSettings(Section):
     """The scorer that judges evaluation answers, where it differs from the scoring section: the
     rest (compare_to, batch_size, tie_tolerance) is the scoring section's."""
 
-    type: Literal["reward_model", "embedding_similarity", "python"] = Field(
-        "embedding_similarity", description="How eval answers are judged (as scoring.type).")
+    type: Literal["reward_model", "embedding_similarity", "python", "remote", "llm"] = Field(
+        "embedding_similarity", description="How eval answers are judged (as scoring.type; llm: eval.judge only).")
     model: str | None = Field(None, description="The judge's model (as scoring.model).")
     function: str | None = Field(None, description="The judge's python function (as scoring.function).")
+    url: str | None = Field(None, description="The judge's server (as scoring.url).")
+    api_key_env: str | None = Field(None, description="The judge's API key variable (as scoring.api_key_env).")
 
 
 class PairingSettings(Section):

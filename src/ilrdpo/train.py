@@ -358,7 +358,9 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewar
 
 def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps: torch.Tensor | None,
                 indices: list[int], loss: LossSettings, weight: float, backward) -> dict[str, float]:
-    """Loss and backward of one micro-batch; returns its metrics (means over its pairs)."""
+    """Loss and backward of one micro-batch; returns its metrics (means over its pairs). One host
+    sync: the metrics and the loss's finiteness come to the host in one transfer (on a GPU each
+    `.item()` waits for the device), which then decides the backward (Engine.backward)."""
     n = len(indices)
     lengths, scored = batch["lengths"], batch["scored_tokens"]
     ref = ref_logps[indices].to(policy.device) if ref_logps is not None else None  # (B, 2)
@@ -369,25 +371,28 @@ def _micro_step(policy: torch.Tensor, batch: dict[str, torch.Tensor], ref_logps:
         target_length=target, label_smoothing=loss.label_smoothing, simpo_gamma=loss.simpo_gamma,
         chosen_scored_tokens=scored[:n], rejected_scored_tokens=scored[n:],
     )
-    backward(out.losses, weight)
-    return {
-        "loss": out.losses.mean().item(),
-        "rewards/chosen": out.chosen_rewards.mean().item(),
-        "rewards/rejected": out.rejected_rewards.mean().item(),
-        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
-        "rewards/accuracies": pair_accuracy(out.chosen_rewards, out.rejected_rewards).mean().item(),
-        "logps/chosen": policy[:n].mean().item(),
-        "logps/rejected": policy[n:].mean().item(),
-        "length/chosen": lengths[:n].mean().item(),
-        "length/rejected": lengths[n:].mean().item(),
-        "length/margin_term": out.length_term.mean().item(),
+    means = {
+        "loss": out.losses.mean(),
+        "rewards/chosen": out.chosen_rewards.mean(),
+        "rewards/rejected": out.rejected_rewards.mean(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+        "rewards/accuracies": pair_accuracy(out.chosen_rewards, out.rejected_rewards).mean(),
+        "logps/chosen": policy[:n].mean(),
+        "logps/rejected": policy[n:].mean(),
+        "length/chosen": lengths[:n].mean(),
+        "length/rejected": lengths[n:].mean(),
+        "length/margin_term": out.length_term.mean(),
         # pairs whose length term alone puts the loss in the sigmoid's flat tails (|term| > 3 logits)
-        "length/saturated_share": (out.length_term.abs() > SATURATED_LOGITS).float().mean().item(),
+        "length/saturated_share": (out.length_term.abs() > SATURATED_LOGITS).float().mean(),
         # pairs the loss learns the other way round (IPO, cDPO: the length term exceeds the target margin)
-        "length/reversed_share": length_reversed(out.length_term, loss.type,
-                                                 loss.label_smoothing).float().mean().item(),
+        "length/reversed_share": length_reversed(out.length_term, loss.type, loss.label_smoothing).float().mean(),
         # the loss these pairs have where the policy equals the reference (their log-ratio margin 0):
         # the scale of a healthy loss for the divergence guard; with a target margin (IPO) it grows
         # with each pair's length term
-        "loss/at_reference": loss_at_reference(out.length_term, loss).mean().item(),
+        "loss/at_reference": loss_at_reference(out.length_term, loss).mean(),
     }
+    # float64 holds every float32 mean exactly: the values are those .item() gives one by one
+    values = torch.stack([m.detach().to(torch.float64) for m in means.values()]
+                         + [torch.isfinite(out.losses).all().to(torch.float64)]).tolist()  # (len(STATS) + 1,)
+    backward(out.losses, weight, finite=values[-1] == 1.0)
+    return dict(zip(means, values[:-1]))

@@ -126,7 +126,9 @@ def _auto(model, tokenizer, prompt_ids, settings, num_samples, greedy=False) -> 
     return (generate_hf if on_gpu else generate_compact)(model, tokenizer, prompt_ids, settings, num_samples, greedy)
 
 
-BACKENDS = {"auto": _auto, "hf": generate_hf, "compact": generate_compact}
+# server: the sampling stage of `ilrdpo run` goes through a server (generation/server.py); evaluation
+# and chat, which hold the model in memory anyway, decode in-process as auto does
+BACKENDS = {"auto": _auto, "hf": generate_hf, "compact": generate_compact, "server": _auto}
 
 
 def generation_model(model):

@@ -16,6 +16,15 @@ from ilrdpo.progress import console
 from ilrdpo.records import Prompt
 
 
+def conversation_text(tokenizer, prompt: Prompt, response: str) -> str:
+    """Prompt and answer as the reward model reads them: its chat template, else prompt, newline, answer."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = as_messages(prompt.prompt) + [{"role": "assistant", "content": response}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    text = prompt.prompt if isinstance(prompt.prompt, str) else "\n".join(m["content"] for m in prompt.prompt)
+    return f"{text}\n{response}"
+
+
 class RewardModelScorer:
     def __init__(self, settings: ScoringSettings, device: torch.device) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -39,11 +48,7 @@ class RewardModelScorer:
         self.truncated = 0  # texts cut to max_length so far
 
     def _text(self, prompt: Prompt, response: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = as_messages(prompt.prompt) + [{"role": "assistant", "content": response}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        text = prompt.prompt if isinstance(prompt.prompt, str) else "\n".join(m["content"] for m in prompt.prompt)
-        return f"{text}\n{response}"
+        return conversation_text(self.tokenizer, prompt, response)
 
     @torch.no_grad()
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:

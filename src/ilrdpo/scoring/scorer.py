@@ -2,7 +2,8 @@
 
 - reward_model: an AutoModelForSequenceClassification reward model;
 - embedding_similarity: cosine similarity to the prompt's reference answer;
-- python: a user function named in the config (and only then imported and run).
+- python: a user function named in the config (and only then imported and run);
+- remote: a reward model behind an HTTP endpoint (vLLM's pooling API: scoring/remote.py).
 
 The reward the pipeline optimises is the scorer's value; a scorer that also has
 `length_bonus(n_tokens) -> list[float]` (the demo's judge, which simulates a verbosity bias) has
@@ -43,7 +44,13 @@ def _python(settings: ScoringSettings, device: torch.device) -> Scorer:
     return PythonScorer(settings)
 
 
-SCORERS = {"reward_model": _reward_model, "embedding_similarity": _embedding, "python": _python}
+def _remote(settings: ScoringSettings, device: torch.device) -> Scorer:
+    from ilrdpo.scoring.remote import RemoteScorer
+
+    return RemoteScorer(settings)
+
+
+SCORERS = {"reward_model": _reward_model, "embedding_similarity": _embedding, "python": _python, "remote": _remote}
 
 
 def build_scorer(settings: ScoringSettings, device: torch.device | None = None) -> Scorer:
