@@ -139,7 +139,7 @@ check() {  # check NAME LIMIT_S RESULT_PATTERN COMMAND...: its log, its result l
 }
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
-ZERO_TEST="tests/test_distributed.py::test_deepspeed_trains_what_one_plain_process_trains[ZeRO-3 in one process]"
+ZERO_TEST="tests/test_distributed.py::test_engines_train_what_one_plain_process_trains[ZeRO-3 in one process]"
 TRAIN_LINES="tokens/s=|TFLOP/s|divergence guard|ilrdpo/trl "
 GENERATION_LINES="against:|profile:|ilrdpo/generate generation="
 ITERATION_LINES="peak GPU memory|one iteration in"

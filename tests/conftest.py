@@ -107,8 +107,9 @@ MODEL_FIXTURES = {"tokenizer", "tokenizer_dir", "tiny_model_dir", "tiny_model", 
 TIERS = ("slow", "smoke", "unit")
 
 
-# The longest tests, started first: pytest-xdist hands out tests in collection order, so the
-# workers finish together instead of one waiting on a demo started last (`--durations` in CI).
+# The longest tests, started first: pytest-xdist hands out tests in collection order (`--dist
+# worksteal`: each worker a half, an idle worker takes the tail of another's queue), so the workers
+# finish together instead of one waiting on a demo started last (`--durations` in CI).
 LONGEST_FIRST = ("test_quick_demo_end_to_end", "test_demo_tune_quick_runs_a_study")
 
 

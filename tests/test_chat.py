@@ -27,8 +27,14 @@ def chat(args: list[str], stdin: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_piped_chat_keeps_history_saves_and_resets(tiny_model_dir, tmp_path):
-    proc = chat(["--model", str(tiny_model_dir), "--max-new-tokens", "5"],
+def test_piped_best_of_chat_keeps_history_saves_resets_and_shows_every_candidate(tiny_model_dir, tmp_path):
+    """One console-script process through a pipe: history, /save, /reset, /quit, and best-of-3 with
+    --verbose showing each reply's candidates with their scores, the kept one the best."""
+    (tmp_path / "s.py").write_text("def score(prompts, completions, **kwargs):\n"
+                                   "    return [float(len(c)) for c in completions]\n")
+    (tmp_path / "scorer.yaml").write_text(f"type: python\nfunction: {tmp_path / 's.py'}:score\n")
+    proc = chat(["--model", str(tiny_model_dir), "--best-of", "3", "--scorer", str(tmp_path / "scorer.yaml"),
+                 "--verbose", "--max-new-tokens", "6", "--temperature", "1.0"],
                 "Hello there\nHow are you?\n/save first.json\n/reset\nAgain\n/save second.json\n/quit\nignored\n",
                 tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -38,22 +44,12 @@ def test_piped_chat_keeps_history_saves_and_resets(tiny_model_dir, tmp_path):
     second = json.loads((tmp_path / "second.json").read_text())
     assert [m["content"] for m in second if m["role"] == "user"] == ["Again"]  # /reset forgot the rest
     assert "(history cleared)" in proc.stdout and "ignored" not in json.dumps(second)
-
-
-@pytest.mark.slow
-def test_best_of_shows_every_candidate_with_its_score(tiny_model_dir, tmp_path):
-    (tmp_path / "s.py").write_text("def score(prompts, completions, **kwargs):\n"
-                                   "    return [float(len(c)) for c in completions]\n")
-    (tmp_path / "scorer.yaml").write_text(f"type: python\nfunction: {tmp_path / 's.py'}:score\n")
-    proc = chat(["--model", str(tiny_model_dir), "--best-of", "3", "--scorer", str(tmp_path / "scorer.yaml"),
-                 "--verbose", "--max-new-tokens", "6", "--temperature", "1.0"], "Tell me something\n", tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    candidates = [line for line in lines if line.startswith(("  * [", "    ["))]
-    assert len(candidates) == 3
-    scores = [float(line.split("[")[1].split(",")[0]) for line in candidates]
-    kept = next(line for line in candidates if line.startswith("  * ["))
-    assert float(kept.split("[")[1].split(",")[0]) == max(scores)  # the longest answer wins under this scorer
+    candidates = [line for line in proc.stdout.splitlines() if line.startswith(("  * [", "    ["))]
+    assert len(candidates) == 3 * 3  # three replies
+    for reply in (candidates[:3], candidates[3:6], candidates[6:]):
+        scores = [float(line.split("[")[1].split(",")[0]) for line in reply]
+        kept = [line for line in reply if line.startswith("  * [")]
+        assert len(kept) == 1 and float(kept[0].split("[")[1].split(",")[0]) == max(scores)  # the longest wins
 
 
 def chat_in_process(model_dir: Path, lines: str, **options) -> tuple[list[dict], str]:

@@ -1,8 +1,10 @@
 """Ctrl-C and SIGTERM (ilrdpo.interrupts): one line, the shell's exit status, files that resume.
 
 A real `ilrdpo run` subprocess on the tiny Llama is held inside a chosen stage (ILRDPO_WAIT, after a
-write of that stage: ilrdpo.faults) and sent SIGINT or SIGTERM there; the same config then runs to
-the end in this process and must give the files of one uninterrupted run (the module's reference).
+write of that stage: ilrdpo.faults) and sent SIGINT or SIGTERM there; the same command, launched
+again, resumes that stage and is stopped in the next one, and so on through every stage; the last
+resume runs to the end in this process and must give the files of one uninterrupted run (the
+module's reference).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from ilrdpo.config import build_config
 from ilrdpo.loop import run_iterations
 from ilrdpo.rundir import STAGES
 
-# iteration 1's stages, each held after a write it makes (counted from the process's start)
+# iteration 1's stages, each held after a write it makes (counted from the process's start, which
+# resumes the stage before: iteration 0's evaluation is done by then, so eval_answers.jsonl's first
+# write is iteration 1's)
 WAIT_IN = {"generate": "generation.partial.jsonl:2", "score": "scores.partial.jsonl:1", "pair": "pairs.jsonl:1",
-           "train": "metrics.partial.jsonl:2", "eval": "eval_answers.jsonl:2"}
+           "train": "metrics.partial.jsonl:2", "eval": "eval_answers.jsonl:1"}
 COMPARED = ["iter_0/eval_answers.jsonl", "iter_1/candidates.jsonl", "iter_1/pairs.jsonl", "iter_1/ref_logps.json",
             "iter_1/model/model.safetensors", "iter_1/eval_answers.jsonl"]
 
@@ -68,9 +72,9 @@ def reference(raw_config, tmp_path_factory) -> Path:
     return folder / "run"
 
 
-def interrupt_in(command: list[str], wait: str, signum: int, log: Path) -> tuple[int, list[str]]:
+def interrupt_in(command: list[str], wait: str, signum: int, log: Path) -> tuple[int, list[str], list[str]]:
     """Start command held after the write `wait`, send signum there; (exit status, stderr lines
-    after the hold)."""
+    before the hold, after it)."""
     with log.open("w") as handle:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=handle, env=env(ILRDPO_WAIT=wait))
     try:
@@ -86,32 +90,38 @@ def interrupt_in(command: list[str], wait: str, signum: int, log: Path) -> tuple
             process.kill()
     lines = log.read_text().splitlines()
     held = next(i for i, line in enumerate(lines) if line.startswith("waiting after write"))
-    return process.returncode, lines[held + 1:]
+    return process.returncode, lines[:held], lines[held + 1:]
 
 
-@pytest.mark.slow  # a CLI subprocess per case
+def resumed_line(stage: str) -> str:
+    """What a run says when it resumes a run stopped in iteration 1's `stage`."""
+    before = STAGES[:STAGES.index(stage)]
+    reused = "iteration 0 eval" + (f"; iteration 1 {', '.join(before)}" if before else "")
+    return (f"resuming: reusing finished {reused}; restarting iteration 1 {stage} (keeping its finished batches "
+            "or checkpoint, if any)")
+
+
+@pytest.mark.slow  # a CLI subprocess per stage
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, reference, tmp_path, capsys, stage,
-                                                             signum):
+def test_a_signal_in_any_stage_stops_in_one_line_and_resumes(raw_config, reference, tmp_path, capsys, signum):
+    """The signal in each stage of iteration 1 in turn, each launch resuming the stage the one
+    before was stopped in: the shell's status, one line, the stage started and not finished, and
+    the files of the uninterrupted run at the end."""
     out = tmp_path / "run"
     raw = raw_config(out)
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(raw))
-    status, after = interrupt_in([*console_script(), "run", str(config_path)], WAIT_IN[stage], signum,
-                                 tmp_path / "run.log")
-
-    assert status == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
-    assert after == [f"stopped in iteration 1, stage {stage}; rerun the same command to resume"]
-    state = json.loads((out / "state.json").read_text())
-    assert stage in state["started"]["1"] and stage not in state["finished"].get("1", [])
+    for previous, stage in zip([None, *STAGES], STAGES):
+        status, said, after = interrupt_in([*console_script(), "run", str(config_path)], WAIT_IN[stage], signum,
+                                           tmp_path / f"{stage}.log")
+        assert status == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stage
+        assert after == [f"stopped in iteration 1, stage {stage}; rerun the same command to resume"]
+        state = json.loads((out / "state.json").read_text())
+        assert stage in state["started"]["1"] and stage not in state["finished"].get("1", [])
+        assert previous is None or resumed_line(previous) in said, (previous, said)
 
     run_iterations(build_config(raw))  # the same command, resumed (in this process)
-    before = STAGES[:STAGES.index(stage)]
-    reused = "iteration 0 eval" + (f"; iteration 1 {', '.join(before)}" if before else "")
-    assert (f"resuming: reusing finished {reused}; restarting iteration 1 {stage} (keeping its finished batches "
-            "or checkpoint, if any)"
-            in capsys.readouterr().err.splitlines())
+    assert resumed_line(STAGES[-1]) in capsys.readouterr().err.splitlines()
     for name in COMPARED:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert not list(out.rglob("*.partial.jsonl")) and not list(out.rglob(".*.tmp"))

@@ -1,8 +1,9 @@
 """The joint LC against alpaca-eval 0.6.6's own GLM (benchmarks/lc_vs_alpaca_eval.py, seed 0).
 
 Needs the reference venv (/tmp/aevenv with alpaca-eval 0.6.6, or ILRDPO_AE_VENV); running the
-benchmark script once creates it. Skipped with the reason when it is missing. Bounds are issue
-10's target (mean 1.5, worst 5 points); measured on this seed: mean 0.07, worst 0.93.
+benchmark script once creates it. Skipped with the reason when it is missing. Bounds: issue 10's
+(mean 1.5 points) and issue 32's (worst under 2 points in every scenario, the extreme-length ones
+included, models and anchors); measured on this seed: mean 0.14, worst 1.24.
 """
 
 import importlib.util
@@ -34,8 +35,7 @@ def test_joint_lc_agrees_with_alpaca_eval():
     spec.loader.exec_module(bench)
     rows = bench.compare(seed=0, python=python, n_boot=50)
     summary = bench.summarise(rows)
-    assert len(rows) == 58
+    assert len(rows) == 58 + 5 * 2 + 6 * (11 + 2)  # models, then the anchors of each set scored as models
     assert summary["all"]["mean"] <= 1.5, summary
-    assert summary["all"]["max"] <= 5.0, summary
-    for name, s in summary.items():  # every scenario of issue 10, not only the 50-model one
-        assert s["max"] <= 5.0, (name, s)
+    for name, s in summary.items():  # every scenario, not only the 50-model one
+        assert s["max"] < 2.0, (name, s)

@@ -290,25 +290,38 @@ def identifiability(delta: np.ndarray, spread: float, has_anchors: bool = False)
 def joint_lc(preferences_by_model: dict[str, np.ndarray], lengths_by_model: dict[str, np.ndarray],
              baseline_lengths: np.ndarray, *, anchors: dict[str, tuple] | None = None,
              anchor_weight: float = ANCHOR_WEIGHT, n_boot: int = 200, seed: int = 0,
-             level: float = 0.95) -> dict[str, JointLC]:
+             level: float = 0.95, score_anchors: bool = False) -> dict[str, JointLC]:
     """LC win rate of every model, fitted jointly (module docstring), with a bootstrap interval.
 
     preferences_by_model / lengths_by_model: {name: (P,)} on the same prompts in the same order;
-    anchors: {name: (preferences, lengths)} of baseline variants judged against the baseline.
-    n_boot = 0 skips the interval (lc_ci None). Seeded: same inputs, same numbers.
+    anchors: {name: (preferences, lengths)} of baseline variants judged against the baseline. As
+    AlpacaEval's gamed variants, an anchor is also a model of its own: a name in both is scored
+    from its own rows plus every anchor's (its own included), and with score_anchors every anchor
+    gets an LC entry that way. n_boot = 0 skips the interval (lc_ci None). Seeded: same inputs,
+    same numbers.
     """
     anchors = anchors or {}
-    names = list(preferences_by_model)
+    models = dict(preferences_by_model)
+    lengths_of = dict(lengths_by_model)
+    for a in set(anchors) & set(models):
+        if not (np.array_equal(anchors[a][0], models[a]) and np.array_equal(anchors[a][1], lengths_of[a])):
+            raise ValueError(f"anchor {a!r} is also a model but with other preferences or lengths")
+    extra = [a for a in anchors if a not in models]  # anchors that are not also models
+    for a in extra:
+        models[a], lengths_of[a] = anchors[a]
+    names = list(models)  # every series once: the models, then the other anchors
+    scored = names if score_anchors else list(preferences_by_model)
     base = np.asarray(baseline_lengths, dtype=float)
-    prefs = np.array([preferences_by_model[n] for n in names] + [a[0] for a in anchors.values()], dtype=float)
-    lengths = np.array([lengths_by_model[n] for n in names] + [a[1] for a in anchors.values()], dtype=float)
-    delta = lengths - base  # (S, P)
+    prefs = np.array([models[n] for n in names], dtype=float)
+    delta = np.array([lengths_of[n] for n in names], dtype=float) - base  # (S, P)
     features, _ = scaled_tanh(delta)
-    difficulty, _ = instruction_difficulty(prefs, features[0], list(range(len(names))), seed)
-    M, P = len(names), base.size
+    index = {n: i for i, n in enumerate(names)}
+    difficulty, _ = instruction_difficulty(prefs, features[0], [index[n] for n in scored], seed)
+    rows = [index[a] for a in anchors]  # anchor rows of every fit
+    P = base.size
     counts = None
     if n_boot > 0:
         counts = np.random.default_rng(seed).multinomial(P, np.full(P, 1.0 / P), size=n_boot).astype(float)
-    return {name: fit_one_model(prefs[m], delta[m], difficulty[m], prefs[M:], delta[M:],
+    return {name: fit_one_model(prefs[index[name]], delta[index[name]], difficulty[k], prefs[rows], delta[rows],
                                 anchor_weight=anchor_weight, counts=counts, level=level, seed=seed)
-            for m, name in enumerate(names)}
+            for k, name in enumerate(scored)}

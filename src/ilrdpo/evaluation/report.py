@@ -30,6 +30,7 @@ from rich.table import Table
 from ilrdpo.decisions import judge_tie_tolerance
 from ilrdpo.evaluation import plots
 from ilrdpo.evaluation.compare import compare_all
+from ilrdpo.evaluation.lc import ANCHOR_WEIGHT
 from ilrdpo.evaluation.rundata import RunData, load_runs
 from ilrdpo.evaluation.sections import (
     control_section,
@@ -234,6 +235,20 @@ def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
     return ["## Runs", "", *markdown_table(headers, cells), ""]
 
 
+def anchor_sentence(joint: Joint) -> str:
+    """How the joint LC fits used length anchors, in one sentence ("" without a joint fit)."""
+    if not joint:
+        return ""
+    used = sorted({a for fits in joint.values() for fit in fits.values() for a in fit.get("lc_anchors") or ()})
+    if not used:
+        return ("No length anchors (eval.length_anchors off): the length slope of a model longer or shorter "
+                "than the initial one on nearly every prompt rests on the regularisation (‡).")
+    return (f"The length anchors ({', '.join(used)}: the initial model told to be so) enter every fit as "
+            "AlpacaEval 2.0's gamed baselines do: rows without the quality term, weight "
+            f"{ANCHOR_WEIGHT / len(used):g} each per prompt, length feature scaled by their own spread; they pin "
+            "the length slope of models much shorter or longer than the initial one.")
+
+
 def _lc_notes(runs: list[RunData], joint: Joint) -> list[str]:
     """Each distinct lc_note once, followed by the runs, iterations and comparisons it applies to
     (vs_initial from the joint fit where there is one, the rest from eval.json)."""
@@ -297,7 +312,7 @@ def render_markdown(runs: list[RunData], drawn: dict[str, Path], skipped: list[s
               "prompts on which the judge's reward prefers model k over the initial model (ties count "
               "half); the quality win rate uses the judge's own score (without a judge's length bonus, as the demo's has). The LC win rate "
               "(docs/lc.md) is one joint fit over every model shown that shares an initial model, with a "
-              "95% bootstrap interval over prompts."), "",
+              "95% bootstrap interval over prompts. " + anchor_sentence(joint)).rstrip(), "",
              *markdown_table(headers, cells), ""]
     lines += [line for note in footnotes for line in (note, "")]
     lines += control_section(runs) + _lc_notes(runs, joint) + text_section(runs) + training_section(runs)

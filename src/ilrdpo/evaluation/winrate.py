@@ -140,21 +140,40 @@ def lc_win_rate_multi(
     *,
     anchors: dict[str, tuple[Sequence[float], Sequence[int]]] | None = None,
     seed: int = 0,
+    score_anchors: bool = False,
 ) -> dict[str, float]:
     """LC win rates (percent) of several models judged against one baseline on the same
     prompts, fitted jointly by `joint_lc` (no bootstrap; call joint_lc for intervals).
 
-    Returns {model name: LC win rate in percent}.
+    anchors: the baseline's gamed variants (AlpacaEval's df_gamed rows); a name may also be a
+    model (it is then scored as AlpacaEval scores its gamed variants). Left out (None), the
+    models are searched for AlpacaEval's own naming of those variants (`NAME_concise` beside
+    `NAME_verbose`, see `named_anchors`); pass {} to fit without anchors. Returns {model name: LC
+    win rate in percent}, with the anchors too when score_anchors.
     """
     if set(preferences_by_model) != set(lengths_by_model):
         raise ValueError("preferences_by_model and lengths_by_model must name the same models")
     for name, prefs in preferences_by_model.items():
         _check_inputs(prefs, lengths_by_model[name], baseline_lengths)
-    for name, (prefs, lengths) in (anchors or {}).items():
+    if anchors is None:
+        anchors = named_anchors(preferences_by_model, lengths_by_model)
+    for name, (prefs, lengths) in anchors.items():
         _check_inputs(prefs, lengths, baseline_lengths)
     fits = joint_lc(preferences_by_model, lengths_by_model, baseline_lengths, anchors=anchors,
-                    n_boot=0, seed=seed)
+                    n_boot=0, seed=seed, score_anchors=score_anchors)
     return {name: fit.lc_win_rate for name, fit in fits.items()}
+
+
+def named_anchors(preferences_by_model: dict[str, Sequence[float]],
+                  lengths_by_model: dict[str, Sequence[int]]) -> dict[str, tuple]:
+    """The models named as AlpacaEval names its baseline's gamed variants: a pair
+    `NAME_concise` and `NAME_verbose` (one pair: with several, none is taken), as anchors."""
+    stems = [name[: -len("_concise")] for name in preferences_by_model
+             if name.endswith("_concise") and f"{name[: -len('_concise')]}_verbose" in preferences_by_model]
+    if len(stems) != 1:
+        return {}
+    names = (f"{stems[0]}_concise", f"{stems[0]}_verbose")
+    return {a: (preferences_by_model[a], lengths_by_model[a]) for a in names}
 
 
 def _check_inputs(preferences, model_lengths, baseline_lengths) -> np.ndarray:
