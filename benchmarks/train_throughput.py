@@ -93,7 +93,7 @@ def parse_args(argv=None):
                    "(default: torch's own choice, one per core)")
     p.add_argument("--systems", default="ilrdpo,trl", help="comma-separated, run in this order")
     p.add_argument("--prefix-sharing", choices=["auto", "on", "off"], default="auto",
-                   help="ilrdpo's train.prefix_sharing (auto: on on CPU, off on CUDA)")
+                   help="ilrdpo's prefix sharing (auto: ilrdpo.batching.PREFIX_SHARING, on on CPU, off on CUDA)")
     p.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="ilrdpo's train.max_tokens_per_batch (default: micro-batches of --batch pairs)")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -332,6 +332,7 @@ def summarise(a, meter: Meter, step_end_times: list[float], step_tokens: list[in
 def worker_ilrdpo(a, rows) -> dict:
     from step_profile import profiled_steps  # beside this script; imports torch, as the workers do
 
+    from ilrdpo import batching
     from ilrdpo.config import DataSettings, LossSettings, TrainSettings
     from ilrdpo.data import tokenize_pairs
     from ilrdpo.records import PreferencePair
@@ -343,8 +344,9 @@ def worker_ilrdpo(a, rows) -> dict:
     train = TrainSettings(learning_rate=a.lr, epochs=1.0, batch_size=a.batch, grad_accum=1,
                           max_length=a.max_length, warmup_ratio=0.0, lr_scheduler="constant",
                           weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False,
-                          prefix_sharing=a.prefix_sharing,
                           max_tokens_per_batch=a.max_tokens_per_batch)
+    if a.prefix_sharing != "auto":  # the layout to measure, on this device
+        batching.PREFIX_SHARING[a.device] = a.prefix_sharing == "on"
     data = DataSettings(use_chat_template=False)
     # The same call train_round makes, for the identity check only (not timed, before the model).
     examples = tokenize_pairs(tok, pairs, max_length=train.max_length,

@@ -21,8 +21,9 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 LAYERS: list[tuple[str, set[str]]] = [
     ("base: imports nothing of ilrdpo", {"errors", "faults", "ranks", "progress", "loss", "loss_types", "logprobs",
                                         "interrupts", "decisions"}),
-    ("data: settings, records, files", {"settings", "config", "records", "data", "pairing", "alpha", "rundir", "resume",
-                                        "distributed", "tracking", "hub", "evaluation", "serving"}),
+    ("data: settings, records, files", {"settings", "config", "files", "records", "data", "pairing", "alpha", "rundir",
+                                        "runstate", "resume", "distributed", "tracking", "hub", "evaluation",
+                                        "serving"}),
     ("models: models and what runs them", {"models", "batching", "scoring", "generation"}),
     ("engines: parallel training", {"engines", "zero", "checkpoint", "guard"}),
     ("stages: the loop's stages and the library functions", {"train", "sampled_reference", "eval_stage", "evaluate",

@@ -211,9 +211,11 @@ def test_version_prints_and_exits_0(monkeypatch, capsys):
 
 
 @pytest.mark.smoke
-def test_pickle_checkpoint_loads_when_allowed(tiny_model_dir, tmp_path):
-    """The refusal is a choice the user can undo: with model.allow_pickle the same folder loads
-    and computes what the safetensors original computes."""
+def test_pickle_checkpoint_loads_once_converted_as_the_refusal_says(tiny_model_dir, tmp_path):
+    """The refusal says how to undo it: the conversion it names gives a folder that loads and
+    computes what the safetensors original computes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from ilrdpo.config import ModelSettings
     from ilrdpo.errors import UserInputError
     from ilrdpo.models import load_policy
@@ -223,8 +225,10 @@ def test_pickle_checkpoint_loads_when_allowed(tiny_model_dir, tmp_path):
     _pickle_only(folder, tiny_model_dir)
     with pytest.raises(UserInputError, match="only a pickle checkpoint"):
         load_policy(ModelSettings(name_or_path=str(folder), dtype="float32"), torch.device("cpu"))
-    pickled, _, _ = load_policy(ModelSettings(name_or_path=str(folder), dtype="float32", allow_pickle=True),
-                                torch.device("cpu"))
+    converted = tmp_path / "converted"
+    AutoModelForCausalLM.from_pretrained(folder, use_safetensors=False).save_pretrained(converted)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(converted)
+    pickled, _, _ = load_policy(ModelSettings(name_or_path=str(converted), dtype="float32"), torch.device("cpu"))
     original, _, _ = load_policy(ModelSettings(name_or_path=str(tiny_model_dir), dtype="float32"),
                                  torch.device("cpu"))
     ids = torch.tensor([[1, 2, 3, 4]])

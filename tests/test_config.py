@@ -73,35 +73,54 @@ def test_alpha_neutral_needs_a_target_margin():
     assert load_config(None, ["experimental.alpha_neutral=true", "loss.label_smoothing=0.1"]).experimental.alpha_neutral
 
 
+def nested(key: str, value) -> dict:
+    """{"a": {"b": value}} for key "a.b"."""
+    *parents, name = key.split(".")
+    data = {name: value}
+    for part in reversed(parents):
+        data = {part: data}
+    return data
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("key", sorted(REMOVED_KEYS))
 def test_a_removed_key_is_one_line_saying_what_to_use(tmp_path, key):
     """Every removed key, in a file, an override or (scoring keys) eval.judge: one line naming the
     key and what replaces it, exit status 2."""
-    *sections, name = key.split(".")
-    nested = "".join(f"{'  ' * depth}{part}:\n" for depth, part in enumerate(sections))
-    path = write(tmp_path / "c.yaml", f"{nested}{'  ' * len(sections)}{name}: 1\n")
+    path = write(tmp_path / "c.yaml", yaml.safe_dump(nested(key, 1)))
     with pytest.raises(UserInputError) as info:
         load_config(path)
     assert str(info.value) == f"{path}: config key '{key}' was removed; use {REMOVED_KEYS[key][0]}"
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
     with pytest.raises(UserInputError, match=f"^command line: config key '{key}' was removed"):
         load_config(None, [f"{key}=1"])
-    if sections == ["scoring"]:
-        with pytest.raises(UserInputError, match=f"config key 'eval.judge.{name}' was removed"):
-            load_config(None, [f"eval.judge.{name}=1"])
+    if key.startswith("scoring."):
+        with pytest.raises(UserInputError, match=f"config key 'eval.judge.{key.split('.')[1]}' was removed"):
+            load_config(None, [f"eval.judge.{key.split('.')[1]}=1"])
+
+
+def old_run_config() -> dict:
+    """config.yaml of a run made before the keys went: every key written out, removed ones at the
+    values they had by default."""
+    old = Config().model_dump(mode="json")
+    old["loss"].update(no_reversal=False, alpha_relative=False, alpha_neutral=False)
+    old["scoring"].update(length_bias=0.0, length_bias_cap=128, selection_length_penalty=0.0)
+    old["eval"].update(perplexity=True, greedy=True, max_new_tokens=None, baseline="previous")
+    old["train"].update(packing=True, run_name=None, project=None, logits_chunk=1024, prefix_sharing="auto")
+    old["model"].update(allow_pickle=False, attn_implementation=None)
+    old["data"].update(pairs_split="train", on_long_prompt="truncate")
+    old["generation"].update(no_repeat_ngram_size=0, repetition_penalty=1.0)
+    old["pairing"]["min_margin"] = 0.0
+    old["tune"].update(sampler="auto", prune=True)
+    old["iterations"]["alpha_control"].update(retries=0, tolerance=0.15, response=2.0)
+    return old
 
 
 @pytest.mark.unit
 def test_a_run_directorys_old_config_loads_where_removed_keys_changed_nothing(tmp_path):
     """config.yaml of a run made before the keys went (every key written out): moved keys move,
     removed keys at their inert value drop; one that changed the run is refused in one line."""
-    old = Config().model_dump(mode="json")
-    old["loss"].update(no_reversal=False, alpha_relative=False, alpha_neutral=False)
-    old["scoring"].update(length_bias=0.0, length_bias_cap=128, selection_length_penalty=0.0)
-    old["eval"]["perplexity"] = True
-    old["train"]["packing"] = True
-    old["iterations"]["alpha_control"].update(retries=0, tolerance=0.15, response=2.0)
+    old = old_run_config()
     path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
     config = load_config(path, recorded=True)
     assert config.experimental.perplexity and config == Config(experimental={"perplexity": True})
@@ -119,12 +138,66 @@ def test_a_run_directorys_old_config_loads_where_removed_keys_changed_nothing(tm
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("key,value,loads", [
+    ("eval.greedy", False, False), ("generation.repetition_penalty", 1.2, False), ("pairing.min_margin", 0.5, False),
+    ("train.prefix_sharing", "on", True), ("tune.sampler", "tpe", True), ("eval.max_new_tokens", 64, False),
+])
+def test_an_old_run_loads_only_where_the_removed_key_changed_nothing(tmp_path, key, value, loads):
+    """A removed key that shaped the recorded run (sampled eval answers, a repetition penalty, a
+    pairing margin) refuses the resume; a speed or search switch at any value loads."""
+    old = old_run_config()
+    section, name = key.split(".")
+    old[section][name] = value
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    if loads:
+        assert load_config(path, recorded=True) == Config(experimental={"perplexity": True})
+    else:
+        with pytest.raises(UserInputError, match=rf"config key '{key}' \({value!r}\) was removed; this run"):
+            load_config(path, recorded=True)
+
+
+@pytest.mark.unit
+def test_the_judges_removed_copies_of_scoring_keys_load_where_they_matched_the_scoring_section(tmp_path):
+    """An old run's eval.judge held its own compare_to, batch_size and tie_tolerance; where they
+    equal the scoring section's (the judge judges as before) the run loads; a judge tolerance of
+    its own refuses the resume, and `ilrdpo report` still refits such a run with the recorded one."""
+    from ilrdpo.decisions import judge_tie_tolerance
+
+    old = old_run_config()
+    old["scoring"]["tie_tolerance"] = 0.1
+    old["eval"]["judge"] = {**Config().scoring.model_dump(mode="json"), "type": "python", "function": "m:f",
+                            "tie_tolerance": 0.1, "batch_size": 7}
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    config = load_config(path, recorded=True)
+    assert config.judge_scorer().tie_tolerance == 0.1 and config.judge_scorer().function == "m:f"
+    old["eval"]["judge"]["tie_tolerance"] = 0.0
+    write(path, yaml.safe_dump(old))
+    with pytest.raises(UserInputError, match=r"'eval.judge.tie_tolerance' \(0.0\) was removed; this run"):
+        load_config(path, recorded=True)
+    assert judge_tie_tolerance(old["eval"]["judge"], old["scoring"]) == 0.0
+
+
+@pytest.mark.unit
+def test_the_judge_uses_the_scoring_sections_batch_size_comparison_and_ties():
+    """eval.judge names only what differs (type, model, function); one home for the rest."""
+    config = load_config(None, ["scoring.tie_tolerance=0.2", "scoring.batch_size=5", "eval.judge.type=python",
+                                "eval.judge.function=m.py:f"])
+    judge = config.judge_scorer()
+    assert (judge.type, judge.function, judge.tie_tolerance, judge.batch_size) == ("python", "m.py:f", 0.2, 5)
+    assert config.scoring.type == "embedding_similarity"
+    assert load_config(None).judge_scorer() == load_config(None).scoring
+
+
+@pytest.mark.unit
 def test_keys_outside_the_experimental_section_are_counted():
     """The configuration's size (issue 28): 106 dotted keys before, the count of all_keys() now."""
     keys = all_keys()
     experimental = [k for k in keys if k.startswith("experimental.")]
     assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
-    assert len(keys) - len(experimental) == 101  # with generation.server.*, scoring.url and api_key_env; without alpha control's retries, tolerance, response
+    # 96 (87 without iterations.alpha_control.*) before the removals, 104 with the server keys; now with
+    # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
+    # iterations.alpha_control.retries / tolerance / response
+    assert len(keys) - len(experimental) == 82
 
 
 def test_overrides_parse_types():
@@ -205,7 +278,7 @@ def test_build_config_source_in_message():
 def test_field_docs_cover_every_key():
     keys = {key for key, _, _ in field_docs()}
     assert {"model.name_or_path", "model.lora.r", "loss.alpha", "loss.target_length", "train.max_length",
-            "iterations.alpha_control.mode", "eval.judge.*", "seed"} <= keys
+            "iterations.alpha_control.mode", "eval.judge.type", "seed"} <= keys
     assert all(doc for key, _, doc in field_docs() if not key.endswith("*"))
 
 

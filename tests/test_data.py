@@ -310,7 +310,7 @@ def test_load_pairs_saved_dataset_folder(tmp_path):
     check_rows(load_pairs(str(tmp_path / "single")))
     DatasetDict({"train": Dataset.from_list(ROWS[:1]), "test": Dataset.from_list(ROWS[1:])}).save_to_disk(
         str(tmp_path / "dict"))
-    assert [p.chosen for p in load_pairs(str(tmp_path / "dict"), split="test")] == ["4"]
+    assert [p.chosen for p in load_pairs(f"{tmp_path / 'dict'}:test")] == ["4"]
     assert [p.chosen for p in load_pairs(str(tmp_path / "dict"))] == ["Paris."]
 
 
@@ -331,3 +331,18 @@ def test_load_pairs_missing_jsonl_says_file_not_found(tmp_path):
     missing = tmp_path / "typo.jsonl"
     with pytest.raises(UserInputError, match="file not found"):
         load_pairs(str(missing))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("source,expected", [
+    ("trl-lib/ultrafeedback_binarized", ("trl-lib/ultrafeedback_binarized", "train")),
+    ("HuggingFaceH4/ultrafeedback_binarized:train_prefs", ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs")),
+    ("org/name:train[:100]", ("org/name", "train[:100]")),
+    ("pairs.jsonl", ("pairs.jsonl", "train")),
+    ("folder:", ("folder:", "train")),
+])
+def test_a_pairs_source_names_its_split_after_a_colon(source, expected):
+    """data.pairs NAME:SPLIT (data.pairs_split went): the split of a hub dataset or saved folder."""
+    from ilrdpo.data import dataset_split
+
+    assert dataset_split(source) == expected

@@ -204,7 +204,6 @@ scoring: {{type: python, function: "{SCORER}:char_count", batch_size: 2}}
 pairing: {{skip_truncated: false}}
 train: {{batch_size: 2, learning_rate: 1.0e-3, epochs: 2, warmup_ratio: 0.0, max_length: 128}}
 iterations: {{count: 2}}
-eval: {{greedy: false, max_new_tokens: 4}}
 seed: 0
 """)
     proc = launch(["run", str(folder / "run.yaml"), f"output_dir={folder / 'one'}"], folder)

@@ -100,7 +100,7 @@ def make_config(tiny_model_dir, tmp_path_factory):
             "pairing": {"skip_truncated": False},
             "train": {"batch_size": 2, "learning_rate": 1e-3, "epochs": 2, "warmup_ratio": 0.0, "max_length": 128,
                       "save_steps": 1},
-            "iterations": {"count": 1}, "eval": {"greedy": False, "max_new_tokens": 4},
+            "iterations": {"count": 1}, "eval": {},
             "output_dir": str(out), "seed": 0})
 
     return make
@@ -203,7 +203,7 @@ def test_disk_full_in_a_text_write_keeps_the_old_file(point, tmp_path, monkeypat
     """atomic_write_text (state.json) and append_jsonl (a progress file): one DiskFullError line
     naming the folder and the space; the file holds what it held before, no temp file is left."""
     from ilrdpo.errors import DiskFullError
-    from ilrdpo.records import append_jsonl, atomic_write_text
+    from ilrdpo.files import append_jsonl, atomic_write_text
 
     path = tmp_path / point
     path.write_text('{"a": 1}\n')
@@ -346,7 +346,7 @@ def test_a_progress_file_torn_at_any_byte_of_its_last_line_resumes(tmp_path):
     """Cut after every byte of the last line (inside its 3-byte characters included): the torn
     tail is dropped, the file cut back to its whole lines, and appending the row again gives the
     file an unbroken run writes."""
-    from ilrdpo.records import append_jsonl, recover_jsonl
+    from ilrdpo.files import append_jsonl, recover_jsonl
 
     whole, head = jsonl_bytes(ROWS), jsonl_bytes(ROWS[:1])
     path = tmp_path / "generation.partial.jsonl"

@@ -198,12 +198,11 @@ def test_finished_progress_file_samples_nothing(tiny_model, tokenizer, tmp_path)
     assert calls == []
 
 
-def test_prompt_longer_than_the_context_names_the_prompt(tokenizer):
-    """data.on_long_prompt=error: a prompt that does not fit is an error naming it."""
+def test_prompt_with_no_room_left_names_the_prompt(tokenizer):
+    """max_new_tokens alone fills the context: no end of the prompt fits, an error naming it."""
     prompt = Prompt(prompt="word " * 600, id="too-long")
     with pytest.raises(UserInputError, match=r"prompt 'too-long' is \d+ tokens.*context of 512"):
-        encode_prompts(tokenizer, [prompt], DATA.model_copy(update={"on_long_prompt": "error"}), max_new_tokens=8,
-                       context=512)
+        encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=512, context=512)
 
 
 def test_prompt_longer_than_the_context_keeps_its_end(tiny_model, tokenizer, capfd):
@@ -223,9 +222,7 @@ def test_context_check_boundary(tokenizer):
     prompt = Prompt(prompt="Hi", id="hi")
     n = len(chat_ids(tokenizer, "Hi"))
     assert encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=8, context=n + 8) == [chat_ids(tokenizer, "Hi")]
-    with pytest.raises(UserInputError, match="prompt 'hi'"):
-        encode_prompts(tokenizer, [prompt], DATA.model_copy(update={"on_long_prompt": "error"}), max_new_tokens=8,
-                       context=n + 7)
+    assert encode_prompts(tokenizer, [prompt], DATA, max_new_tokens=8, context=n + 7) == [chat_ids(tokenizer, "Hi")[1:]]
 
 
 def test_top_k_zero_samples_from_the_whole_vocabulary(tiny_model, tokenizer):
@@ -277,15 +274,14 @@ def eos_prone(model, tokenizer, boost: float, every: int = 1):
     return lambda: [h.remove() for h in handles]
 
 
-@pytest.mark.parametrize("processors", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}])
-def test_compact_greedy_equals_transformers_generate(tiny_model, tokenizer, processors):
+def test_compact_greedy_equals_transformers_generate(tiny_model, tokenizer):
     """Greedy decoding is deterministic, so dropping finished rows and sharing the prefill must
     not change a single token: same Samples as model.generate, with answers of mixed lengths."""
     remove = eos_prone(tiny_model, tokenizer, boost=50.0, every=3)
     try:
-        hf = generate(tiny_model, tokenizer, greedy=True, num_samples=1, max_new_tokens=12, **processors)
+        hf = generate(tiny_model, tokenizer, greedy=True, num_samples=1, max_new_tokens=12)
         compact = generate(tiny_model, tokenizer, greedy=True, num_samples=1, max_new_tokens=12,
-                           backend="compact", **processors)
+                           backend="compact")
     finally:
         remove()
     assert compact == hf

@@ -70,4 +70,5 @@ def test_the_bottom_modules_import_nothing_of_the_project():
     graph = _graph()
     edges = graph.imports()
     assert [e.target for e in edges if e.source == "ilrdpo.ranks"] == []
-    assert {e.target for e in edges if e.source == "ilrdpo.records"} <= {"ilrdpo.errors", "ilrdpo.faults"}
+    assert {e.target for e in edges if e.source == "ilrdpo.files"} <= {"ilrdpo.errors", "ilrdpo.faults"}
+    assert {e.target for e in edges if e.source == "ilrdpo.records"} <= {"ilrdpo.errors", "ilrdpo.files"}

@@ -58,7 +58,7 @@ def raw_config(tiny_model_dir, tmp_path_factory):
                 "pairing": {"skip_truncated": False},
                 "train": {"batch_size": 1, "learning_rate": 1e-3, "epochs": 1, "warmup_ratio": 0.0,
                           "max_length": 128},
-                "iterations": {"count": 1}, "eval": {"greedy": False, "max_new_tokens": 4},
+                "iterations": {"count": 1}, "eval": {},
                 "output_dir": str(output_dir), "seed": 0}
 
     return make

@@ -213,8 +213,7 @@ def test_every_key_a_stage_reads_is_in_its_stage_sections(tiny_model_dir, tmp_pa
     read must be one of the stage's dependencies (resume.stage_dependencies, from STAGE_SECTIONS),
     or changing it under finished work would not be refused on resume. (loss.target_length, read
     by pairing with 'base', and loss.length_unit, read by the evaluation's length summary, were
-    missing once; data.on_long_prompt is read only for a prompt too long for the context: the
-    resume test in test_loop.py covers it.)"""
+    missing once.)"""
     eval_prompts = tmp_path / "eval.jsonl"
     eval_prompts.write_text("".join(json.dumps({"prompt": p, "id": f"e{i}"}) + "\n" for i, p in enumerate(
         ["Name a fruit.", "What is two plus two?"])))

@@ -82,20 +82,16 @@ def test_best_random_skips_answers_tied_with_the_best():
             == ["answer 2"]
 
 
-def test_all_gives_every_pair_with_margin_at_least_min_margin():
-    """Rewards 3, 2, 0.5, 0 with min_margin 1: margins 1, 2.5, 3, 1.5, 2 pass, 0.5 (0.5 vs 0)
-    does not; a margin exactly at min_margin is kept."""
+def test_all_gives_every_pair_with_margin_beyond_the_tie_tolerance():
+    """Rewards 3, 2, 0.5, 0 with tie_tolerance 1: margins 2.5, 3, 1.5, 2 pass, 0.5 (0.5 vs 0)
+    does not, and a margin exactly at the tolerance (3 vs 2) is a tie (scoring.tie_tolerance, the
+    one threshold since pairing.min_margin went)."""
     c = cands([3.0, 2.0, 0.5, 0.0])
-    pairs = make_pairs(c, PairingSettings(strategy="all", min_margin=1.0))
+    pairs = make_pairs(c, PairingSettings(strategy="all"), tie_tolerance=1.0)
     assert sorted((p.chosen_reward, p.rejected_reward) for p in pairs) == \
-        [(2.0, 0.0), (2.0, 0.5), (3.0, 0.0), (3.0, 0.5), (3.0, 2.0)]
+        [(2.0, 0.0), (2.0, 0.5), (3.0, 0.0), (3.0, 0.5)]
     assert all(p.margin == p.chosen_reward - p.rejected_reward for p in pairs)
 
-
-def test_min_margin_drops_a_best_worst_pair():
-    c = cands([0.5, 0.3])
-    assert make_pairs(c, PairingSettings(min_margin=0.25)) == []
-    assert len(make_pairs(c, PairingSettings(min_margin=0.2))) == 1
 
 
 def test_tie_tolerance_treats_close_rewards_as_ties():

@@ -7,16 +7,8 @@ import json
 import pytest
 
 from ilrdpo.errors import UserInputError
-from ilrdpo.records import (
-    CandidateSet,
-    PreferencePair,
-    Prompt,
-    append_jsonl,
-    read_jsonl_tolerant,
-    read_pairs,
-    read_prompts,
-    write_jsonl,
-)
+from ilrdpo.files import append_jsonl, read_jsonl_tolerant, write_jsonl
+from ilrdpo.records import CandidateSet, PreferencePair, Prompt, read_pairs, read_prompts
 
 GOOD = {"prompt": "Q?", "chosen": "A.", "rejected": "B."}
 ASSISTANT = [{"role": "assistant", "content": "A."}]

@@ -10,7 +10,8 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.pairing import pairing_census
 from ilrdpo.records import CandidateSet
 from ilrdpo.resume import check_resume, drop_from, first_reader, no_pairs_message, parse_redo
-from ilrdpo.rundir import RunState, next_number
+from ilrdpo.rundir import next_number
+from ilrdpo.runstate import RunState
 
 pytestmark = pytest.mark.unit
 
@@ -42,21 +43,20 @@ def test_a_sampling_change_names_the_generate_stage_and_the_redo(override):
     assert "--redo 1:generate" in str(error.value)
 
 
-def test_max_new_tokens_reaches_the_initial_evaluation_only_when_eval_has_no_own_limit():
+def test_max_new_tokens_reaches_the_initial_evaluation_and_sampling_keys_only_with_eval_samples():
     finished = STOPPED_AT_PAIRING
     assert first_reader("generation.max_new_tokens", finished, build_config({})) == (0, "eval")
-    pinned = build_config({}, ["eval.max_new_tokens=64"])
-    assert first_reader("generation.max_new_tokens", finished, pinned) == (1, "generate")
-    sampled_eval = build_config({}, ["eval.greedy=false"])
+    assert first_reader("generation.temperature", finished, build_config({})) == (1, "generate")
+    sampled_eval = build_config({}, ["eval.samples=2"])
     assert first_reader("generation.temperature", finished, sampled_eval) == (0, "eval")
     with pytest.raises(UserInputError, match=r"--redo 0:eval"):
         check_resume(build_config({}), build_config({}, ["generation.max_new_tokens=32"]), finished, force=False)
 
 
 def test_the_redo_point_is_the_earliest_any_change_reaches():
-    old, new = build_config({}), build_config({}, ["loss.beta=0.2", "pairing.min_margin=0.5"])
+    old, new = build_config({}), build_config({}, ["loss.beta=0.2", "pairing.strategy=all"])
     finished = {0: ["eval"], 1: ["generate", "score", "pair", "train", "eval"]}
-    with pytest.raises(UserInputError, match=r"pairing.min_margin.*--redo 1:pair"):
+    with pytest.raises(UserInputError, match=r"pairing.strategy.*--redo 1:pair"):
         check_resume(old, new, finished, force=False)
     # with the changed stages dropped (what --redo 1:pair keeps), nothing is refused
     check_resume(old, new, {0: ["eval"], 1: ["generate", "score"]}, force=False)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -90,7 +91,7 @@ def test_debris_of_killed_writers_is_removed_on_the_next_start(tmp_path):
 
 
 def test_resume_line_names_what_is_reused_and_what_restarts(tmp_path):
-    from ilrdpo.rundir import RunState
+    from ilrdpo.runstate import RunState
 
     state = RunState(tmp_path / "state.json")
     assert state.resume_line() is None  # a fresh run directory says nothing
@@ -98,3 +99,25 @@ def test_resume_line_names_what_is_reused_and_what_restarts(tmp_path):
     state.started = {0: ["eval"], 1: ["generate", "score", "pair"]}
     assert state.resume_line() == ("resuming: reusing finished iteration 0 eval; iteration 1 generate, score; "
                                    "restarting iteration 1 pair (keeping its finished batches or checkpoint, if any)")
+
+
+def test_opened_runs_the_checks_before_naming_the_holder(tmp_path):
+    """RunDir.opened, the one way run, train and tune take a directory: a check that refuses leaves
+    no lock file and no holder behind; the holder is written into the lock only after the checks."""
+    from ilrdpo.errors import UserInputError
+    from ilrdpo.rundir import RunDir
+
+    folder = tmp_path / "run"
+    rundir = RunDir(folder)
+
+    def refuse():
+        raise UserInputError("refused")
+
+    with pytest.raises(UserInputError, match="refused"), rundir.opened("ilrdpo run", refuse):
+        pass
+    assert not (folder / "lock").exists()
+    during_checks = []
+    with rundir.opened("ilrdpo train", lambda: during_checks.append((folder / "lock").read_text())):
+        holder = (folder / "lock").read_text()
+    assert during_checks == [""] and "ilrdpo train" in holder and f"pid {os.getpid()}" in holder
+    assert not (folder / "lock").exists()

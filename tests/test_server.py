@@ -119,7 +119,6 @@ def test_a_command_without_shell_syntax_runs_without_a_shell():
 @pytest.mark.parametrize("overrides, message", [
     ([], "needs one of generation.server.command"),
     (["generation.server.command=vllm serve {model}"], "must hold {model} and {port}"),
-    (["generation.server.url=http://h:8000", "generation.no_repeat_ngram_size=3"], "no_repeat_ngram_size"),
 ])
 def test_server_settings_are_checked_in_one_line(overrides, message):
     with pytest.raises(UserInputError, match=message):

@@ -455,11 +455,15 @@ def test_metrics_reach_tensorboard_through_accelerate(tiny_model, tokenizer, tmp
 # --- prefix sharing and token-budget micro-batches -----------------------------------------------
 
 
-def first_step_gradients(model_dir, tokenizer, loss: LossSettings, lora: bool = False, **train_overrides):
+def first_step_gradients(model_dir, tokenizer, loss: LossSettings, lora: bool = False, prefix_sharing: str = "auto",
+                         **train_overrides):
     """(metrics of step 1, {name: gradient}) of a one-step round whose learning rate is ~0, so the
-    gradients of that step can be read off a hook on the optimizer."""
+    gradients of that step can be read off a hook on the optimizer. prefix_sharing on / off: the
+    layout forced for this round (batching.PREFIX_SHARING)."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
     from transformers import AutoModelForCausalLM
+
+    from ilrdpo import batching
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if lora:
@@ -479,12 +483,16 @@ def first_step_gradients(model_dir, tokenizer, loss: LossSettings, lora: bool = 
 
     settings = train_settings(epochs=1, learning_rate=1e-12, max_grad_norm=1e9, **train_overrides)
     handle = register_optimizer_step_pre_hook(keep)
+    measured = dict(batching.PREFIX_SHARING)
+    if prefix_sharing != "auto":
+        batching.PREFIX_SHARING["cpu"] = prefix_sharing == "on"
     try:
         with tempfile.TemporaryDirectory() as out:
             train_round(model, tokenizer, PAIRS, loss=loss, train=settings, data=DataSettings(), output_dir=out)
             first = read_metrics(Path(out) / "metrics.jsonl")[0]
     finally:
         handle.remove()
+        batching.PREFIX_SHARING.update(measured)
     return first, grads
 
 

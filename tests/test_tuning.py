@@ -31,10 +31,10 @@ def study_config(tiny_model_dir, tmp_path):
             "generation": {"num_samples": 2, "max_new_tokens": 6, "temperature": 1.0},
             "scoring": {"type": "python", "function": f"{SCORER}:char_count"}, "pairing": {"skip_truncated": False},
             "train": {"max_length": 64, "batch_size": 2, "warmup_ratio": 0.0}, "iterations": {"count": 1},
-            "eval": {"length_anchors": False, "greedy": False, "max_new_tokens": 6},
+            "eval": {"length_anchors": False},
             "tune": {"space": {"train.learning_rate": {"type": "log_uniform", "low": 1e-5, "high": 1e-2},
                                "loss.alpha": {"type": "uniform", "low": 0.0, "high": 0.2}},
-                     "objectives": [f"{OBJECTIVE}:maximize"], "sampler": "tpe", "prune": False, **tune},
+                     "objectives": [f"{OBJECTIVE}:maximize"], **tune},
             "output_dir": str(tmp_path / "study"), "seed": 0})
     return make
 
@@ -80,8 +80,7 @@ def test_study_runs_resumes_and_shares_the_first_round(study_config, tmp_path, m
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(study_config, tmp_path):
     """learning rates of 0.05-0.1 on the tiny model diverge (weight-drift rule): failed trials,
     with the error on the trial; the others complete."""
-    config = study_config(space={"train.learning_rate": {"type": "categorical", "choices": [0.1, 1e-4]}},
-                          sampler="tpe")
+    config = study_config(space={"train.learning_rate": {"type": "categorical", "choices": [0.1, 1e-4]}})
     study = tune(config, trials=4)
     states = {t.params["train.learning_rate"]: t.state for t in study.trials}
     assert states.get(0.1, optuna.trial.TrialState.FAIL) == optuna.trial.TrialState.FAIL
@@ -91,7 +90,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(study_config, tmp_pa
 
 
 def test_two_objectives_give_a_pareto_set(study_config, tmp_path):
-    config = study_config(objectives=[f"{OBJECTIVE}:maximize", "length.tokens_mean:minimize"], sampler="auto")
+    config = study_config(objectives=[f"{OBJECTIVE}:maximize", "length.tokens_mean:minimize"])
     study = tune(config, trials=3)
     assert len(study.directions) == 2
     pareto = sorted((tmp_path / "study" / "pareto").glob("trial_*.yaml"))

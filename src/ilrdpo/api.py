@@ -26,7 +26,8 @@ from typing import Any
 
 from ilrdpo import engines, ranks
 from ilrdpo.config import Config, build_config, load_config
-from ilrdpo.records import PreferencePair, Prompt, pair_from_row, prompt_from_row, write_jsonl
+from ilrdpo.files import write_jsonl
+from ilrdpo.records import PreferencePair, Prompt, pair_from_row, prompt_from_row
 from ilrdpo.rundir import RunDir
 from ilrdpo.train import TrainResult
 

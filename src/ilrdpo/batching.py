@@ -1,7 +1,7 @@
 """How a round's pairs become micro-batches and log-probs, for the reference pass and the
-training steps alike: [chosen; rejected] rows, or with train.prefix_sharing one row per pair
-(prompt computed once, logprobs.shared_prefix_logps); with train.max_tokens_per_batch each step's pairs re-split into micro-batches of at most that
-many positions."""
+training steps alike: [chosen; rejected] rows, or where prefix sharing wins (PREFIX_SHARING) one
+row per pair (prompt computed once, logprobs.shared_prefix_logps); with train.max_tokens_per_batch
+each step's pairs re-split into micro-batches of at most that many positions."""
 
 from __future__ import annotations
 
@@ -21,9 +21,18 @@ def autocast(device: torch.device, compute_dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-def shares_prefix(train: TrainSettings, device: torch.device) -> bool:
-    """train.prefix_sharing resolved for this device: auto is on where it was measured to win (CPU)."""
-    return train.prefix_sharing == "on" or (train.prefix_sharing == "auto" and device.type == "cpu")
+# One row per pair (prompt computed once) where it was measured to win: on CPU it is faster and
+# smaller (benchmarks/README.md); on CUDA the two-row layout stays until a measurement says
+# otherwise. Same log-probs and gradients either way (tests/test_train.py); the benchmark and the
+# tests set an entry to compare the layouts.
+PREFIX_SHARING = {"cpu": True, "cuda": False}
+# Answer positions per chunk of the log-prob head (bounds the (positions, vocabulary) logits).
+LOGITS_CHUNK = 1024
+
+
+def shares_prefix(device: torch.device) -> bool:
+    """Whether pairs share their prompt's row on this device (PREFIX_SHARING)."""
+    return PREFIX_SHARING.get(device.type, False)
 
 
 def collate(model, examples: list[TokenizedPair], pad_id: int, shared_prefix: bool) -> dict[str, torch.Tensor]:
@@ -44,7 +53,7 @@ def micro_batches(examples: list[TokenizedPair], batches: list[list[int]], train
                                  train.max_tokens_per_batch)
 
 
-def batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chunk: int) -> torch.Tensor:
+def batch_logps(model, batch: dict[str, torch.Tensor], loss: LossSettings, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
     """(2B,) log-probs of a collated batch's answers, chosen first (LD-DPO: its weighted form)."""
     if "segments" in batch:
         ld_alpha = loss.ld_alpha if loss.type == "ld_dpo" else None

@@ -19,9 +19,10 @@ from typing import Any
 from ilrdpo.config import DataSettings, GenerationSettings, ModelSettings, ScoringSettings
 from ilrdpo.data import answer_length
 from ilrdpo.errors import UserInputError
+from ilrdpo.files import write_jsonl
 from ilrdpo.generation import generate_answers
 from ilrdpo.progress import console
-from ilrdpo.records import Prompt, read_prompts, write_jsonl
+from ilrdpo.records import Prompt, read_prompts
 
 
 @dataclass

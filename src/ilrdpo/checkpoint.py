@@ -26,8 +26,7 @@ def round_fingerprint(pairs: list[PreferencePair], loss: LossSettings, train: Tr
     shapes the updates (save_steps, trackers and the batching switches, which change only round-off,
     excluded)."""
     settings = {"loss": loss.model_dump(), "seed": seed,
-                "train": train.model_dump(exclude={"save_steps", "report_to", "run_name", "project",
-                                                   "prefix_sharing", "max_tokens_per_batch"}),
+                "train": train.model_dump(exclude={"save_steps", "report_to", "max_tokens_per_batch"}),
                 "pairs": [json.dumps(p.__dict__, sort_keys=True, ensure_ascii=False) for p in pairs]}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 

@@ -128,7 +128,7 @@ def evaluate(
         if name is not None:  # first: before torch loads, an unreachable hub is said in seconds
             check_model_option(name, option)
     from ilrdpo.evaluate import evaluate_models, load_judge_settings, print_evaluation
-    from ilrdpo.records import atomic_write_text
+    from ilrdpo.files import atomic_write_text
 
     _join_processes()
     judge_settings = load_judge_settings(judge)
@@ -175,7 +175,6 @@ def generate(
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     seed: int = SEED,
-    on_long_prompt: str = typer.Option("truncate", "--on-long-prompt", help="truncate (keep the end) or error"),
 ) -> None:
     """N answers per prompt from a trained model; --best-of N keeps the best under a scorer and a target length."""
     from ilrdpo.preflight import check_model_option
@@ -189,11 +188,9 @@ def generate(
     if best_of is not None and num_samples not in (NUM_SAMPLES, best_of):
         raise UserInputError(f"options '--num-samples' {num_samples} and '--best-of' {best_of}: --best-of N samples "
                              "N answers; give one of them")
-    if on_long_prompt not in ("truncate", "error"):
-        raise UserInputError(f"option '--on-long-prompt': '{on_long_prompt}' is not truncate or error")
     generate_file(model, prompts, out, num_samples=best_of or num_samples, best_of=best_of is not None, seed=seed,
                   generation=_generation(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
-                  data=DataSettings(on_long_prompt=on_long_prompt, system_prompt=system_prompt),
+                  data=DataSettings(system_prompt=system_prompt),
                   scorer=load_judge_settings(scorer) if scorer else None,
                   rerank=_rerank(target_length, length_unit, length_weight))
 

@@ -6,6 +6,7 @@ An unknown key anywhere is an error that names it; a removed key is an error tha
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ilrdpo.settings import (
     ExperimentalSettings,
     GenerationSettings,
     IterationSettings,
+    JudgeSettings,
     LoraSettings,
     LossSettings,
     ModelSettings,
@@ -46,6 +48,7 @@ __all__ = [
     "ExperimentalSettings",
     "GenerationSettings",
     "IterationSettings",
+    "JudgeSettings",
     "LoraSettings",
     "LossSettings",
     "ModelSettings",
@@ -123,17 +126,21 @@ TRL_ALIASES = {
     "max_length": "train.max_length", "max_prompt_length": "train.max_prompt_length",
     "warmup_ratio": "train.warmup_ratio", "lr_scheduler_type": "train.lr_scheduler",
     "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
-    "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to", "run_name": "train.run_name",
+    "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to",
     "save_steps": "train.save_steps", "beta": "loss.beta", "loss_type": "loss.type",
     "label_smoothing": "loss.label_smoothing", "ld_alpha": "loss.ld_alpha", "simpo_gamma": "loss.simpo_gamma",
     "model_name_or_path": "model.name_or_path", "push_to_hub": "model.push_to_hub",
     "hub_model_id": "model.push_to_hub",
 }
 
+# REMOVED_KEYS inert values: a removed key that changed nothing at any value, or at the value the
+# scoring section holds under the same name (the judge's own copies of scoring keys).
+ANY_VALUE = "any value"
+AS_SCORING = "the scoring section's value"
 
 # Keys that existed once: a config using one gets one line saying what to use instead.
 # key -> (what to use, the value at which it changed nothing: a run directory's recorded config
-# holding that value still loads; None = inert at any value). Scoring keys count for eval.judge too.
+# holding that value still loads). Scoring keys count for eval.judge too.
 REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "loss.no_reversal": (
         "nothing: capping the length term lost the length in the demo's study (docs/demo/study.md)", False),
@@ -143,60 +150,81 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "eval.perplexity": ("experimental.perplexity", False),
     "scoring.length_bias": (
         "a scorer of your own (scoring.type python); the simulated verbosity bias is the demo's judge now", 0.0),
-    "scoring.length_bias_cap": ("nothing (it went with scoring.length_bias)", None),
+    "scoring.length_bias_cap": ("nothing (it went with scoring.length_bias)", ANY_VALUE),
     "scoring.selection_length_penalty": ("loss.alpha (a length margin in the loss)", 0.0),
-    "train.packing": ("nothing: it rarely found two pairs for one row; prefix sharing stays", None),
+    "train.packing": ("nothing: it rarely found two pairs for one row; prefix sharing stays", ANY_VALUE),
+    "model.allow_pickle": ("a safetensors copy of the checkpoint (the refusal of a pickle says how to make one)",
+                           False),
+    "model.attn_implementation": ("nothing: transformers chooses the attention (sdpa where it can)", ANY_VALUE),
+    "data.pairs_split": ("data.pairs: NAME:SPLIT", "train"),
+    "data.on_long_prompt": ("nothing: a prompt longer than the context keeps its end, counted in a warning",
+                            "truncate"),
+    "generation.no_repeat_ngram_size": ("nothing: answers are sampled as the model gives them", 0),
+    "generation.repetition_penalty": ("nothing: answers are sampled as the model gives them", 1.0),
+    "pairing.min_margin": ("scoring.tie_tolerance (reward differences within it make no pair)", 0.0),
+    "train.run_name": ("$WANDB_NAME (default: the run directory's name)", ANY_VALUE),
+    "run_name": ("$WANDB_NAME (default: the run directory's name)", ANY_VALUE),
+    "train.project": ("$WANDB_PROJECT", ANY_VALUE),
+    "train.logits_chunk": ("nothing: the log-prob head runs in chunks of 1024 answer positions", ANY_VALUE),
+    "train.prefix_sharing": ("nothing: the layout measured faster on the device is chosen (benchmarks/README.md)",
+                             ANY_VALUE),
+    "eval.baseline": ("nothing: eval.json compares with both the initial and the previous iterate", ANY_VALUE),
+    "eval.greedy": ("eval.samples for sampled eval answers (the eval answers are greedy)", True),
+    "eval.max_new_tokens": ("generation.max_new_tokens", None),
+    "eval.judge.compare_to": ("scoring.compare_to (the judge compares as the scoring section says)", AS_SCORING),
+    "eval.judge.batch_size": ("scoring.batch_size (the judge scores in batches of that size)", ANY_VALUE),
+    "eval.judge.tie_tolerance": ("scoring.tie_tolerance (one tolerance for pairing and judging)", AS_SCORING),
+    "tune.sampler": ("nothing: the sampler follows from the objectives and trials (GP, TPE or NSGA-II)",
+                     ANY_VALUE),
+    "tune.prune": ("nothing: a one-objective study prunes between iterations", ANY_VALUE),
     "iterations.alpha_control.retries": (
         "nothing: alpha control now decides each round's alpha before training, from the round's sampled lengths", 0),
-    "iterations.alpha_control.tolerance": ("nothing (it went with iterations.alpha_control.retries)", None),
-    "iterations.alpha_control.response": ("nothing (it went with iterations.alpha_control.retries)", None),
+    "iterations.alpha_control.tolerance": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
+    "iterations.alpha_control.response": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
 }
 MOVED_KEYS = {"loss.alpha_neutral": "experimental.alpha_neutral", "eval.perplexity": "experimental.perplexity"}
 
 
-def _holder(data: dict[str, Any], path: list[str]) -> dict[str, Any] | None:
-    """The mapping at `path` (section names) in a config mapping, or None."""
-    for name in path:
-        data = data.get(name) if isinstance(data, dict) else None
-    return data if isinstance(data, dict) else None
-
-
-def _removed_in(data: dict[str, Any]) -> list[tuple[str, str, Any]]:
-    """(key as written, key in REMOVED_KEYS, value) of every removed key in a config mapping."""
+def _removed_in(data: dict[str, Any]) -> list[tuple[list[str], str, Any]]:
+    """(path as written, key in REMOVED_KEYS, value) of every removed key in a config mapping;
+    a removed scoring key also counts under eval.judge."""
     found = []
     for key in REMOVED_KEYS:
-        *path, name = key.split(".")
-        holders = [(key, _holder(data, path))]
-        if path == ["scoring"]:
-            holders.append((f"eval.judge.{name}", _holder(data, ["eval", "judge"])))
-        found += [(written, key, holder[name]) for written, holder in holders
-                  if holder is not None and name in holder]
+        parts = key.split(".")
+        paths = [parts] + ([["eval", "judge", parts[1]]] if parts[0] == "scoring" else [])
+        for path in paths:
+            holder: Any = data
+            for part in path[:-1]:
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            if isinstance(holder, dict) and path[-1] in holder:
+                found.append((path, key, holder[path[-1]]))
     return found
 
 
 def refuse_removed_keys(data: dict[str, Any], source: str) -> None:
     """One line naming the first removed key a config sets, and what to use instead."""
-    for written, key, _ in _removed_in(data):
-        raise UserInputError(f"{source}: config key '{written}' was removed; use {REMOVED_KEYS[key][0]}")
-
-
-def _copy_sections(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _copy_sections(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for path, key, _ in _removed_in(data):
+        raise UserInputError(f"{source}: config key '{'.'.join(path)}' was removed; use {REMOVED_KEYS[key][0]}")
 
 
 def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A run directory's config.yaml written before keys were removed: moved keys go to their new
     place, removed keys at a value that changed nothing are dropped, any other is refused."""
-    data = _copy_sections(data)
-    for written, key, value in _removed_in(data):
-        *path, name = written.split(".")
-        del _holder(data, path)[name]
-        if key in MOVED_KEYS and written == key:
-            section, new_name = MOVED_KEYS[key].split(".")
-            data.setdefault(section, {})[new_name] = value
-        elif REMOVED_KEYS[key][1] is not None and value != REMOVED_KEYS[key][1]:
-            raise UserInputError(f"{source}: config key '{written}' ({value!r}) was removed; this run directory "
-                                 f"cannot be resumed with this version (use {REMOVED_KEYS[key][0]})")
+    data = copy.deepcopy(data)
+    for path, key, value in _removed_in(data):
+        holder = data
+        for part in path[:-1]:
+            holder = holder[part]
+        del holder[path[-1]]
+        inert = REMOVED_KEYS[key][1]
+        if inert == AS_SCORING:
+            inert = (data.get("scoring") or {}).get(path[-1], ScoringSettings.model_fields[path[-1]].default)
+        if key in MOVED_KEYS and path == key.split("."):
+            section, name = MOVED_KEYS[key].split(".")
+            data.setdefault(section, {})[name] = value
+        elif inert != ANY_VALUE and value != inert:
+            raise UserInputError(f"{source}: config key '{'.'.join(path)}' ({value!r}) was removed; this run "
+                                 f"directory cannot be resumed with this version (use {REMOVED_KEYS[key][0]})")
     return data
 
 
@@ -209,7 +237,7 @@ def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str
             keys += all_keys(annotation, f"{prefix}{name}.")
             continue
         keys.append(f"{prefix}{name}")
-        nested = {"lora": LoraSettings, "judge": ScoringSettings}.get(name)
+        nested = {"lora": LoraSettings, "judge": JudgeSettings}.get(name)
         if nested is not None:
             keys += all_keys(nested, f"{prefix}{name}.")
     return keys
@@ -334,7 +362,7 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
         if name == "lora":
             rows.extend(field_docs(LoraSettings, key + "."))
         if name == "judge":
-            rows.append((key + ".*", "", "same keys as the scoring section"))
+            rows.extend(field_docs(JudgeSettings, key + "."))
     if not prefix:
         rows += [(alias, "", f"TRL's DPOConfig name, accepted for {target}") for alias, target in TRL_ALIASES.items()]
     return rows

@@ -22,8 +22,20 @@ from ilrdpo.records import PreferencePair, PromptText, pair_from_row, read_pairs
 DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_pairs(source: str, split: str = "train", limit: int | None = None) -> list[PreferencePair]:
-    """Preference pairs from a JSONL file, a saved dataset folder, a data file, or a hub name."""
+def dataset_split(source: str) -> tuple[str, str]:
+    """(dataset, split) of a data.pairs value: `NAME:SPLIT` names a split (a hub name or a saved
+    dataset folder, e.g. HuggingFaceH4/ultrafeedback_binarized:train_prefs); default train."""
+    folder, slash, last = source.rpartition("/")
+    name, sep, split = last.partition(":")  # the split may hold a colon itself: train[:100]
+    if sep and name and split and not Path(source).exists():
+        return folder + slash + name, split
+    return source, "train"
+
+
+def load_pairs(source: str, limit: int | None = None) -> list[PreferencePair]:
+    """Preference pairs from a JSONL file, a saved dataset folder, a data file, or a hub name
+    (with a split: dataset_split)."""
+    source, split = dataset_split(source)
     path = Path(source)
     if path.suffix == ".jsonl" or (path.suffix in DATASET_SUFFIXES and not path.exists()):
         if path.suffix != ".jsonl":

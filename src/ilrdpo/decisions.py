@@ -26,7 +26,8 @@ def stage_seed(seed: int, t: int, stage: str) -> int:
 
 
 def judge_tie_tolerance(judge: Mapping[str, Any] | None, scoring: Mapping[str, Any] | None) -> float:
-    """Judged rewards within this of each other are a tie (half a win): the eval.judge section's
-    tie_tolerance, or the scoring section's when no judge is set (sections as dumped: config.yaml,
-    or model_dump())."""
-    return float(((judge or scoring) or {}).get("tie_tolerance") or 0.0)
+    """Judged rewards within this of each other are a tie (half a win): scoring.tie_tolerance
+    (sections as dumped: config.yaml, or model_dump()). A run recorded while the judge had a
+    tie_tolerance of its own (eval.judge.tie_tolerance, removed) keeps the one it was judged with."""
+    recorded = (judge or {}).get("tie_tolerance")
+    return float(recorded if recorded is not None else (scoring or {}).get("tie_tolerance") or 0.0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ilrdpo.files import append_jsonl, read_jsonl_tolerant, recover_jsonl
 from ilrdpo.ranks import (  # noqa: F401  (re-exported: the stages' view of the processes)
     all_sum,
     barrier,
@@ -40,7 +41,6 @@ from ilrdpo.ranks import (  # noqa: F401  (re-exported: the stages' view of the 
     rank_files,
     world_size,
 )
-from ilrdpo.records import append_jsonl, read_jsonl_tolerant, recover_jsonl
 
 
 def read_progress(path: str | Path) -> list[dict[str, Any]]:

@@ -22,8 +22,9 @@ from ilrdpo.config import Config, DataSettings, GenerationSettings, ScoringSetti
 from ilrdpo.data import encode_prompt
 from ilrdpo.decisions import judge_tie_tolerance, stage_seed
 from ilrdpo.evaluation.compare import compare_all, evaluate_answers, per_prompt_means, summarize
+from ilrdpo.files import atomic_write_text, read_finished_jsonl, write_jsonl
 from ilrdpo.generation import generate_answers
-from ilrdpo.records import Prompt, atomic_write_text, read_finished_jsonl, write_jsonl
+from ilrdpo.records import Prompt
 from ilrdpo.rundir import ANCHOR_FILES, SAMPLES_FILE, RunDir
 from ilrdpo.scoring import Scorer, score_in_batches, shaped_rewards
 
@@ -115,23 +116,21 @@ Policy = Callable[[int], tuple[Any, Any]]  # iteration -> (model, tokenizer)
 
 
 def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[Prompt], judge: Scorer,
-                       judge_settings: ScoringSettings, policy: Policy, compute_dtype: torch.dtype,
-                       alpha: float | None) -> dict:
-    """iter_t/eval.json: pi_t's answers to the eval prompts (greedy by default), judged, against
+                       judge_settings: ScoringSettings, policy: Policy, compute_dtype: torch.dtype) -> dict:
+    """iter_t/eval.json: pi_t's greedy answers to the eval prompts, judged, against
     pi_0 and pi_{t-1}, with the sampling and pairing figures of round t. At t = 0 also the
     initial model's length anchors, when eval.length_anchors is on."""
-    result: dict = {"iteration": t, "alpha": alpha}
+    result: dict = {"iteration": t}  # the alpha it trained with is state.json's (RunState.alpha)
     if t > 0:
         result.update(generation_stats(rundir, t))
     if prompts:
-        gen = config.generation.model_copy(update={"max_new_tokens": config.eval.max_new_tokens
-                                                   or config.generation.max_new_tokens})
+        gen = config.generation
 
         def answer(k: int, style: str | None = None) -> list[dict[str, Any]]:
             model, tokenizer = policy(k)
             styled, data = anchor_inputs(prompts, config.data, style) if style else (prompts, config.data)
             with autocast(next(model.parameters()).device, compute_dtype):
-                rows = answer_prompts(model, tokenizer, styled, gen, data, greedy=config.eval.greedy,
+                rows = answer_prompts(model, tokenizer, styled, gen, data, greedy=True,
                                       seed=stage_seed(config.seed, k, "eval"), description=f"iter {k} eval" + (f" ({style})" if style else ""))
             return judge_answers(judge, prompts, rows, judge_settings)
 

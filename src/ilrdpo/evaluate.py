@@ -24,7 +24,8 @@ from ilrdpo.config import (
 from ilrdpo.errors import UserInputError
 from ilrdpo.eval_stage import answer_anchors, answer_prompts, judge_answers
 from ilrdpo.evaluation.compare import compare_all, summarize
-from ilrdpo.records import read_prompts, write_jsonl
+from ilrdpo.files import write_jsonl
+from ilrdpo.records import read_prompts
 
 
 def load_judge_settings(path: str | None) -> ScoringSettings:

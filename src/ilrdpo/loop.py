@@ -17,6 +17,7 @@ from ilrdpo.decisions import stage_seed
 from ilrdpo.errors import UserInputError
 from ilrdpo.eval_stage import evaluate_iteration, print_run_summary, summary_line
 from ilrdpo.faults import fault_point
+from ilrdpo.files import atomic_write_text, finished_output, read_finished_jsonl, read_json_file, write_jsonl
 from ilrdpo.generation import generate_answers
 from ilrdpo.generation.server import sample_round
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
@@ -25,18 +26,7 @@ from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
 from ilrdpo.pairing import base_targets, pair_all, pairing_census
 from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
-from ilrdpo.records import (
-    CandidateSet,
-    PreferencePair,
-    atomic_write_text,
-    finished_output,
-    read_candidates,
-    read_finished_jsonl,
-    read_json_file,
-    read_pairs,
-    read_prompts,
-    write_jsonl,
-)
+from ilrdpo.records import CandidateSet, PreferencePair, read_candidates, read_pairs, read_prompts
 from ilrdpo.resume import after, apply_redo, check_redo, check_resume, input_hashes, no_pairs_message
 from ilrdpo.rundir import STAGES, RunDir
 from ilrdpo.sampled_reference import SAMPLE_LOGPS, read_sample_logps, sampled_reference_logps, write_sample_logps
@@ -62,7 +52,7 @@ class IterativeRun:
         self.dir = RunDir(config.output_dir)
         self.prompts = read_prompts(config.data.prompts, config.data.max_examples)
         self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
-        self.judge_settings = config.eval.judge or config.scoring
+        self.judge_settings = config.judge_scorer()
         self.compute_dtype = resolve_dtype(config.model.dtype)
         self.engine = engines.launched()  # the training stage's parallel engine
         self.timings: dict[str, float] = {}
@@ -99,7 +89,7 @@ class IterativeRun:
         with stage("load scorer", self.timings):
             self.scorer = self.given_scorer or build_scorer(self.config.scoring)
             judge = self.config.eval.judge  # an llm judge compares pairs besides the scorer's values
-            self.judge = self.scorer if judge is None or judge.type == "llm" else build_scorer(judge)
+            self.judge = self.scorer if judge is None or judge.type == "llm" else build_scorer(self.judge_settings)
 
     # models: loaded from disk at the start of each iteration, so a resumed run and an
     # uninterrupted one start every iteration from identical weights.
@@ -117,8 +107,7 @@ class IterativeRun:
     def run(self, until: tuple[int, str] | None = None) -> list[dict]:
         """Every iteration, or only up to and including stage until = (t, name)."""
         train = self.config.train
-        self.tracker = RunTracker(train.report_to, self.dir.root, hyperparameters(self.config),
-                                  project=train.project, run_name=train.run_name)
+        self.tracker = RunTracker(train.report_to, self.dir.root, hyperparameters(self.config))
         try:
             summaries = [self._evaluation(0)] if self.eval_prompts else []
             for t in range(1, self.config.iterations.count + 1):
@@ -279,8 +268,9 @@ class IterativeRun:
         return sum(counts) / max(len(counts), 1)
 
     def _eval_summary(self, t: int) -> dict:
+        """eval.json of iteration t with the alpha it trained with (state.json's, its one home)."""
         with finished_output(self.dir.redo_hint(t)):
-            return read_json_file(self.dir.file(t, "eval.json"))
+            return {**read_json_file(self.dir.file(t, "eval.json")), "alpha": self.state.alpha.get(t) if t else None}
 
     def train(self, t: int) -> None:
         config = self.config
@@ -339,8 +329,7 @@ class IterativeRun:
     def evaluate(self, t: int) -> dict:
         return evaluate_iteration(
             t, rundir=self.dir, config=self.config, prompts=self.eval_prompts, judge=self.judge,
-            judge_settings=self.judge_settings, policy=self.policy, compute_dtype=self.compute_dtype,
-            alpha=self.state.alpha.get(t) if t else None)
+            judge_settings=self.judge_settings, policy=self.policy, compute_dtype=self.compute_dtype)
 
 
 
@@ -352,9 +341,7 @@ def run_iterations(config: Config, force: bool = False, scorer: Scorer | None = 
     until: (t, stage) to stop after that stage (the demo's shared first steps).
     redo: (t, stage) to compute again from, with everything after it (replaced files kept in replaced/)."""
     run = IterativeRun(config, force, scorer, redo)
-    with interrupts.where(), run.dir.locked("ilrdpo run"):
-        run.open()
-        run.dir.announce()
+    with interrupts.where(), run.dir.opened("ilrdpo run", run.open):
         summaries = run.run(until)
         if until is not None:
             return summaries

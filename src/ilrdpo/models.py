@@ -183,19 +183,20 @@ def check_safetensors(path: Path) -> None:
                              f"header says {end_max}); {fix}")
 
 
-def check_checkpoint(folder: Path, allow_pickle: bool) -> None:
-    """A local model folder: every safetensors file sound; a pickle-only folder refused unless
-    allowed, because unpickling a checkpoint can run any code it carries."""
+def check_checkpoint(folder: Path) -> None:
+    """A local model folder: every safetensors file sound; a pickle-only folder refused, because
+    unpickling a checkpoint can run any code it carries (the message says how to convert it)."""
     safetensors = sorted(folder.glob("*.safetensors"))
     for path in safetensors:
         check_safetensors(path)
-    if safetensors or allow_pickle:
+    if safetensors:
         return
     pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
     if pickles:
         raise UserInputError(
             f"{folder}: only a pickle checkpoint ({pickles[0]}), which can run arbitrary code when loaded; "
-            f"convert it to safetensors, or set model.allow_pickle: true if you trust its source")
+            "if you trust its source, convert it to safetensors once (transformers: AutoModelForCausalLM"
+            ".from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder), and the tokenizer alike)")
 
 
 def load_tokenizer(path: str, settings: ModelSettings):
@@ -220,13 +221,10 @@ def load_policy(settings: ModelSettings, device: torch.device | None = None, tra
     path = resolve_model_path(settings)
     tokenizer = load_tokenizer(path, settings)
     if Path(path).is_dir():
-        check_checkpoint(Path(path), settings.allow_pickle)
+        check_checkpoint(Path(path))
     kwargs: dict[str, Any] = {"dtype": weight_dtype(settings, trainable), "revision": settings.revision,
                               "trust_remote_code": settings.trust_remote_code,
-                              # safetensors only, unless pickle is allowed: then whatever the folder has
-                              "use_safetensors": None if settings.allow_pickle else True}
-    if settings.attn_implementation:
-        kwargs["attn_implementation"] = settings.attn_implementation
+                              "use_safetensors": True}  # never a pickle checkpoint
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a bad repo id, custom code not allowed

@@ -28,14 +28,16 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
     """
     check_config(config, "train")
     rundir = RunDir(config.output_dir)
-    pairs = load_pairs(config.data.pairs, config.data.pairs_split, config.data.max_examples)
+    pairs = load_pairs(config.data.pairs, config.data.max_examples)
     model_dir = rundir.root / "model"
     engine = engines.launched()
-    with interrupts.where("the training round"), rundir.locked("ilrdpo train"):
+
+    def no_model_there() -> None:
         if model_dir.exists() and not overwrite:
             raise UserInputError(f"{model_dir}: a trained model is already there; pass --overwrite to replace "
                                  "it, or choose another output_dir")
-        rundir.announce()
+
+    with interrupts.where("the training round"), rundir.opened("ilrdpo train", no_model_there):
         rundir.remove_debris()
         rundir.record_config(config)
         with stage("load model"):

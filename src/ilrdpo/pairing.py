@@ -1,8 +1,8 @@
 """Turn the scored N answers of each prompt into (chosen, rejected) pairs.
 
 Strategies (pairing.strategy): best_worst (the iLR-DPO default), best_random (best against a
-seeded random lower-scored answer), all (every ordered pair with margin >= min_margin).
-Pairs with identical texts or tied rewards carry no preference and are dropped; empty answers
+seeded random lower-scored answer), all (every ordered pair).
+Pairs with identical texts or tied rewards (within scoring.tie_tolerance) carry no preference and are dropped; empty answers
 never enter a pair; answers cut by max_new_tokens are left out when pairing.skip_truncated is on
 (and otherwise trained without an EOS).
 """
@@ -57,7 +57,7 @@ def make_pairs(candidates: CandidateSet, settings: PairingSettings, *, seed: int
         margin = keys[chosen] - keys[rejected]
         if candidates.responses[chosen] == candidates.responses[rejected]:
             continue
-        if margin <= tie_tolerance or margin < settings.min_margin:
+        if margin <= tie_tolerance:
             continue
         pairs.append(PreferencePair(
             prompt=candidates.prompt, chosen=candidates.responses[chosen],
@@ -78,7 +78,7 @@ def pairing_census(candidate_sets: list[CandidateSet], settings: PairingSettings
                    tie_tolerance: float = 0.0) -> dict[str, int]:
     """Why pairing found what it found: answers cut at max_new_tokens and empty ones, and prompts
     by the first reason they gave no pair (fewer than two usable answers, all usable answers
-    identical, all rewards tied within tie_tolerance or under min_margin)."""
+    identical, all rewards tied within tie_tolerance)."""
     census = {"prompts": len(candidate_sets), "answers": 0, "cut": 0, "empty": 0,
               "too_few": 0, "identical": 0, "tied": 0, "paired": 0}
     for c in candidate_sets:

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from ilrdpo.config import Config, ModelSettings, ScoringSettings, load_config
 from ilrdpo.errors import UserInputError
+from ilrdpo.files import read_json_file
 from ilrdpo.hub import BUNDLED, go_offline, hub_reachable
-from ilrdpo.records import read_json_file, read_pairs, read_prompts
+from ilrdpo.records import read_pairs, read_prompts
 
 Command = Literal["run", "train"]
 
@@ -59,7 +60,7 @@ def check_config(config: Config, command: Command, scorer_given: bool = False) -
         if not scorer_given:
             check_scorer(config.scoring, "scoring")
         if config.eval.judge is not None:
-            check_scorer(config.eval.judge, "eval.judge")
+            check_scorer(config.judge_scorer(), "eval.judge")
 
 
 # --- generation and pairing ----------------------------------------------------------------------
@@ -222,7 +223,7 @@ def check_model(model: ModelSettings) -> dict[str, Any] | None:
     check_model_code(config, config_path, model.trust_remote_code)
     from ilrdpo.models import check_checkpoint
 
-    check_checkpoint(folder, model.allow_pickle)
+    check_checkpoint(folder)
     return {**config, "_path": str(config_path)}
 
 
@@ -258,12 +259,9 @@ def check_context(config: Config, model_config: dict[str, Any], command: Command
     if config.train.max_length > context:
         raise UserInputError(f"config key 'train.max_length': {config.train.max_length} is beyond {where}; "
                              f"set train.max_length <= {context}")
-    if command == "run":
-        for name, value in (("generation.max_new_tokens", config.generation.max_new_tokens),
-                            ("eval.max_new_tokens", config.eval.max_new_tokens)):
-            if value is not None and value >= context:
-                raise UserInputError(f"config key '{name}': {value} leaves no room for the prompt in {where}; "
-                                     f"set it below {context}")
+    if command == "run" and config.generation.max_new_tokens >= context:
+        raise UserInputError(f"config key 'generation.max_new_tokens': {config.generation.max_new_tokens} leaves no "
+                             f"room for the prompt in {where}; set it below {context}")
 
 
 # --- input files ---------------------------------------------------------------------------------
@@ -286,7 +284,7 @@ def check_prompt_files(config: Config) -> None:
     read_prompts(config.data.prompts, config.data.max_examples, uniform_target=True,
                  reference_for=_needs_reference(config.scoring, "scoring"))
     if config.data.eval_prompts:
-        judge, key = (config.eval.judge, "eval.judge") if config.eval.judge else (config.scoring, "scoring")
+        judge, key = config.judge_scorer(), ("eval.judge" if config.eval.judge else "scoring")
         read_prompts(config.data.eval_prompts, reference_for=_needs_reference(judge, key))
 
 
@@ -299,7 +297,7 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
         if folder is not None:
             from ilrdpo.models import check_checkpoint
 
-            check_checkpoint(folder, allow_pickle=False)
+            check_checkpoint(folder)
     elif settings.type == "embedding_similarity":
         if settings.model and not settings.model.startswith("bundled:"):
             local_model_folder(settings.model, f"{key}.model")
@@ -332,7 +330,7 @@ def check_model_option(name: str, option: str) -> None:
     if folder is not None and (folder / "config.json").is_file():
         from ilrdpo.models import check_checkpoint
 
-        check_checkpoint(folder, allow_pickle=False)
+        check_checkpoint(folder)
 
 
 def check_evaluate(model: str, prompts: str, judge: ScoringSettings, baseline: str | None, out: str | None) -> None:

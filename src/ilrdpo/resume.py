@@ -16,7 +16,8 @@ from ilrdpo import ranks
 from ilrdpo.config import Config, GenerationSettings
 from ilrdpo.errors import UserInputError
 from ilrdpo.progress import console
-from ilrdpo.rundir import STAGES, RunDir, RunState
+from ilrdpo.rundir import STAGES, RunDir
+from ilrdpo.runstate import RunState
 
 # The config keys each stage reads (tests/test_loop_stages.py records what each stage reads and
 # fails on a key missing here). A finished stage depends on its own keys and every earlier
@@ -24,7 +25,7 @@ from ilrdpo.rundir import STAGES, RunDir, RunState
 # file's content counts as the key that names it plus ".sha256".
 STAGE_SECTIONS = {
     "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
-                 "data.system_prompt", "data.on_long_prompt", "generation", "seed"),
+                 "data.system_prompt", "generation", "seed"),
     "score": ("scoring",),
     "pair": ("pairing", "loss.target_length"),  # 'base' puts each prompt's target into its pairs
     "train": ("loss", "train", "iterations.reference", "iterations.alpha_control", "experimental.alpha_neutral"),
@@ -32,24 +33,21 @@ STAGE_SECTIONS = {
 }
 assert list(STAGE_SECTIONS) == STAGES
 # Keys that change how a stage runs, never what it computes.
-NEUTRAL_KEYS = {"train.save_steps", "train.report_to", "train.run_name", "train.project",
-                "iterations.keep_models"}
+NEUTRAL_KEYS = {"train.save_steps", "train.report_to", "iterations.keep_models"}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 
 
 def initial_eval_dependencies(config: Config | None = None) -> tuple[str, ...]:
     """What iteration 0's evaluation (the initial model's eval answers, judged) reads: the model,
     the eval set and its formatting, the judge, and the generation keys its decoding uses: never
-    num_samples; not max_new_tokens when eval.max_new_tokens is set; not the sampling keys when
-    the eval is greedy and draws no samples."""
+    num_samples; not the sampling keys when the eval draws no samples (its answers are greedy)."""
     config = config or Config()
     skip = {"num_samples"}
-    if config.eval.max_new_tokens is not None:
-        skip.add("max_new_tokens")
-    if config.eval.greedy and not config.eval.samples:
+    if not config.eval.samples:
         skip.update(SAMPLING_KEYS)
     generation = tuple(f"generation.{k}" for k in GenerationSettings.model_fields if k not in skip)
-    judge = ("scoring",) if config.eval.judge is None else ()
+    # a judge of its own still scores with the scoring section's comparison and ties
+    judge = ("scoring",) if config.eval.judge is None else ("scoring.compare_to", "scoring.tie_tolerance")
     return ("model", "data.use_chat_template", "data.system_prompt", "seed", *generation, *judge,
             *STAGE_SECTIONS["eval"])
 
@@ -216,8 +214,7 @@ def no_pairs_message(census: dict[str, int], config: Config, t: int, touched: di
         "identical": (census["identical"], f"{census['identical']} of {census['prompts']} prompts got identical answers",
                       hotter),
         "tied": (census["tied"], (f"{census['tied']} of {census['prompts']} prompts got tied rewards (within "
-                                  f"scoring.tie_tolerance={config.scoring.tie_tolerance} or under pairing.min_margin="
-                                  f"{config.pairing.min_margin})"), f"generation.num_samples={gen.num_samples * 2}"),
+                                  f"scoring.tie_tolerance={config.scoring.tie_tolerance})"), f"generation.num_samples={gen.num_samples * 2}"),
     }
     ranked = sorted(causes.values(), key=lambda c: -c[0])
     said = "; ".join(text for count, text, _ in ranked if count) or f"{n} answers, no usable pair"

@@ -49,10 +49,6 @@ class ModelSettings(Section):
     lora: LoraSettings | None = Field(None, description="LoRA adapter settings; null = full fine-tuning.")
     merge_lora: bool = Field(False, description="Also save merged weights (model/merged) after a LoRA run.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you set it.")
-    allow_pickle: bool = Field(
-        False, description="Load a pickle checkpoint (pytorch_model.bin), which can run code when loaded. "
-        "Off: only safetensors are loaded.")
-    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
     push_to_hub: str | None = Field(
         None, description="Hub repository (org/name) to upload the trained model to: `ilrdpo train`'s model, or the "
         "final iteration's model of `ilrdpo run`, with a model card carrying base_model, datasets and the eval table.")
@@ -65,15 +61,11 @@ class DataSettings(Section):
         None, description="Preference pairs for `ilrdpo train`: a JSONL file, a local dataset "
         "folder or data file (json/parquet/csv), or a hub dataset name.",
     )
-    pairs_split: str = Field("train", description="Split of a Hugging Face dataset to read.")
     use_chat_template: bool = Field(
         True, description="Format prompts with the tokenizer's chat template (generation prompt added)."
     )
     system_prompt: str | None = Field(None, description="System message prepended to string prompts.")
     max_examples: int | None = Field(None, gt=0, description="Use only the first N prompts or pairs.")
-    on_long_prompt: Literal["truncate", "error"] = Field(
-        "truncate", description="A prompt that leaves no room for max_new_tokens in the model's context: keep its "
-        "end (counted in a warning), or stop with an error naming it.")
 
 
 class ServerSettings(Section):
@@ -97,8 +89,6 @@ class GenerationSettings(Section):
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size; 0 = off.")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="transformers repetition penalty.")
     batch_size: int = Field(64, ge=1, description="Sequences decoded together (backend server: answers asked "
                             "for at once).")
     backend: Literal["auto", "hf", "compact", "server"] = Field(
@@ -117,8 +107,6 @@ class GenerationSettings(Section):
                              "or generation.server.url (a server you run)")
         if server.command is not None and not {"{model}", "{port}"} <= set(re.findall(r"{\w*}", server.command)):
             raise ValueError("generation.server.command must hold {model} and {port}")
-        if self.no_repeat_ngram_size:
-            raise ValueError("no_repeat_ngram_size is not an OpenAI-API parameter; set it to 0 with backend server")
         return self
 
 
@@ -146,14 +134,26 @@ class ScoringSettings(Section):
         "messages; kwargs id, reference, target_length). Runs only when named here.",
     )
     batch_size: int = Field(32, ge=1, description="Answers scored together.")
-    tie_tolerance: float = Field(0.0, ge=0.0, description="Reward differences within this are ties: never paired (scoring), counted as half a win (eval.judge, or scoring when no judge is set).")
+    tie_tolerance: float = Field(0.0, ge=0.0, description="Reward differences within this are ties: such answers are "
+                                 "never paired, and a judged tie counts as half a win.")
+
+
+class JudgeSettings(Section):
+    """The scorer that judges evaluation answers, where it differs from the scoring section: the
+    rest (compare_to, batch_size, tie_tolerance) is the scoring section's."""
+
+    type: Literal["reward_model", "embedding_similarity", "python", "remote", "llm"] = Field(
+        "embedding_similarity", description="How eval answers are judged (as scoring.type; llm: eval.judge only).")
+    model: str | None = Field(None, description="The judge's model (as scoring.model).")
+    function: str | None = Field(None, description="The judge's python function (as scoring.function).")
+    url: str | None = Field(None, description="The judge's server (as scoring.url).")
+    api_key_env: str | None = Field(None, description="The judge's API key variable (as scoring.api_key_env).")
 
 
 class PairingSettings(Section):
     strategy: Literal["best_worst", "best_random", "all"] = Field(
         "best_worst", description="Which candidates become (chosen, rejected) pairs."
     )
-    min_margin: float = Field(0.0, ge=0.0, description="Drop pairs whose reward margin is below this.")
     skip_truncated: bool = Field(
         True, description="Leave answers cut by max_new_tokens out of pairs (a source of length bias)."
     )
@@ -199,13 +199,6 @@ class TrainSettings(Section):
         default_factory=list, description="Also log metrics to these trackers (through accelerate): one tracker "
         "run per `ilrdpo run`, train/ metrics at a global step across iterations, eval/ per iteration."
     )
-    run_name: str | None = Field(None, description="Tracker run name; default the output folder's name.")
-    project: str | None = Field(None, description="W&B project; default $WANDB_PROJECT, else 'ilrdpo'.")
-    logits_chunk: int = Field(1024, ge=1, description="Answer positions per chunk of the log-prob head.")
-    prefix_sharing: Literal["auto", "on", "off"] = Field(
-        "auto", description="Compute each prompt once for both answers (one row prompt+chosen+rejected with a "
-        "mask that keeps the answers apart); same log-probs as two rows. auto = on on CPU, off on CUDA; "
-        "used where the attention takes a 4D mask (sdpa, eager).")
     max_tokens_per_batch: int | None = Field(
         None, ge=1, description="Split each optimizer step's batch_size x grad_accum pairs into micro-batches "
         "of at most this many positions (padding included); same gradient. Default: micro-batches of batch_size.")
@@ -248,15 +241,12 @@ class IterationSettings(Section):
 
 
 class EvalSettings(Section):
-    judge: ScoringSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
-    baseline: Literal["initial", "previous"] = Field("initial", description="Main win-rate baseline.")
-    greedy: bool = Field(True, description="Evaluate greedy answers (else sample with the seed).")
+    judge: JudgeSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
     samples: int = Field(
         0, ge=0, le=64, description="Also this many sampled answers per eval prompt (the generation settings, the "
         "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
         "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
         "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Default generation.max_new_tokens.")
     length_anchors: bool = Field(
         True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "
         "and told to be verbose; judged against the base answers, they pin down the LC fit's length "
@@ -305,10 +295,6 @@ class TuneSettings(Section):
         default_factory=lambda: ["vs_initial_quality.lc_win_rate:maximize"],
         description="'eval.json key:maximize|minimize', one or several (several = a Pareto front), read from the last "
         "iteration's eval.json, e.g. vs_initial.lc_win_rate, quality_mean, length.tokens_mean.")
-    sampler: Literal["auto", "gp", "tpe", "nsga2"] = Field(
-        "auto", description="auto = Gaussian-process BO for one objective and up to 30 trials, TPE beyond, NSGA-II "
-        "for several objectives.")
-    prune: bool = Field(True, description="Stop poor trials after an iteration (one objective only; median rule).")
 
 
 class Config(Section):
@@ -325,6 +311,13 @@ class Config(Section):
     experimental: ExperimentalSettings = Field(default_factory=ExperimentalSettings)
     output_dir: str = Field("runs/default", description="Run directory.")
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+
+    def judge_scorer(self) -> ScoringSettings:
+        """The scorer that judges eval answers: the scoring section, with eval.judge's type, model
+        and function where a judge is set (one home for its batch size, comparison and ties)."""
+        if self.eval.judge is None:
+            return self.scoring
+        return self.scoring.model_copy(update=self.eval.judge.model_dump())
 
     @model_validator(mode="after")
     def _alpha_neutral_needs_a_target(self) -> Config:

@@ -3,8 +3,8 @@
 One tracker run per `ilrdpo run` (or `ilrdpo train`): training metrics under `train/` with a
 global step that continues across iterations (iteration t's step s is logged at the steps of
 iterations 1..t-1 plus s), and each iteration's evaluation under `eval/` at the global step where
-its training ended (iteration 0 at step 0). W&B: project `train.project`, else $WANDB_PROJECT,
-else "ilrdpo"; run name `train.run_name`, else the output folder's name. TensorBoard writes to
+its training ended (iteration 0 at step 0). W&B: project $WANDB_PROJECT, else "ilrdpo"; run
+name the output folder's name (as W&B's own variables do, $WANDB_NAME overrides it). TensorBoard writes to
 OUTPUT_DIR/logs. Only the main process logs.
 """
 
@@ -30,19 +30,19 @@ EVAL_METRICS = {
 }
 
 
-def tracker_arguments(name: str, output_dir: Path, project: str | None, run_name: str | None) -> dict[str, Any]:
+def tracker_arguments(name: str, output_dir: Path, run_name: str | None = None) -> dict[str, Any]:
     """The keyword arguments of accelerate's tracker class for `name`."""
-    run_name = run_name or Path(output_dir).name
+    run_name = run_name or os.environ.get("WANDB_NAME") or Path(output_dir).name
     if name == "tensorboard":
         return {"run_name": run_name, "logging_dir": Path(output_dir) / "logs"}
     # accelerate passes extra keywords to wandb.init; its run_name is wandb's project
-    return {"run_name": project or os.environ.get("WANDB_PROJECT") or "ilrdpo", "name": run_name}
+    return {"run_name": os.environ.get("WANDB_PROJECT") or "ilrdpo", "name": run_name}
 
 
 class RunTracker:
     """The trackers of train.report_to for one run; a no-op without any (or off the main process)."""
 
-    def __init__(self, report_to: list[str], output_dir: Path, hparams: dict, *, project: str | None = None,
+    def __init__(self, report_to: list[str], output_dir: Path, hparams: dict, *,
                  run_name: str | None = None) -> None:
         self.trackers: list = []
         if not report_to or not ranks.is_main():
@@ -51,7 +51,7 @@ class RunTracker:
 
         classes = {"tensorboard": TensorBoardTracker, "wandb": WandBTracker}
         for name in report_to:
-            tracker = classes[name](**tracker_arguments(name, output_dir, project, run_name))
+            tracker = classes[name](**tracker_arguments(name, output_dir, run_name))
             tracker.start()
             # hparams must be scalars for TensorBoard
             tracker.store_init_configuration({k: v for k, v in hparams.items()

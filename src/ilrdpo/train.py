@@ -5,7 +5,7 @@ Order of work:
   2. reference log-probs, once, with the model as it is now (or its adapter disabled), before
      any update: pi_ref is this round's starting point, so no second model is held in memory;
   3. length-grouped micro-batches (ilrdpo.batching), chosen and rejected rows in one forward pass; with
-     train.prefix_sharing one row per pair (prompt computed once, logprobs.shared_prefix_logps);
+     prefix sharing (batching.PREFIX_SHARING) one row per pair (prompt computed once, logprobs.shared_prefix_logps);
      with train.max_tokens_per_batch each step's pairs re-split into micro-batches of at most
      that many positions, each micro-batch's loss weighted by its share of the step's pairs;
   4. AdamW, warmup then decay, gradient accumulation, clipping, run by this process's parallel
@@ -50,10 +50,11 @@ from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import TokenizedPair, length_grouped_batches, tokenize_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.faults import fault_point
+from ilrdpo.files import append_jsonl, read_jsonl_tolerant, write_jsonl
 from ilrdpo.guard import DivergenceGuard
 from ilrdpo.loss import LOSSES, REFERENCE_FREE, length_reversed, pair_accuracy, preference_loss
 from ilrdpo.progress import console, progress_bar
-from ilrdpo.records import PreferencePair, append_jsonl, read_jsonl_tolerant, write_jsonl
+from ilrdpo.records import PreferencePair
 from ilrdpo.tracking import RunTracker
 
 
@@ -75,7 +76,7 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
     """(P, 2) reference log-probs [chosen, rejected] of every pair under the current weights."""
     device, compute_dtype = device_and_dtype(model, compute_dtype)
     out = torch.zeros(len(examples), 2)
-    shared_prefix = shares_prefix(train, device)
+    shared_prefix = shares_prefix(device)
     batches = length_grouped_batches([e.row_tokens for e in examples], train.batch_size * 2, seed=0)
     batches = [b for group in batches for b in micro_batches(examples, [group], train, shared_prefix)]
     was_training = model.training
@@ -85,7 +86,7 @@ def reference_logps(model, examples: list[TokenizedPair], pad_id: int, loss: Los
         for indices in [batches[k] for k in ranks.mine(len(batches))]:  # batch k to process k % W
             batch = to_device(collate(model, [examples[i] for i in indices], pad_id, shared_prefix), device)
             with autocast(device, compute_dtype):
-                logps = batch_logps(model, batch, loss, train.logits_chunk).cpu()  # whole weights: no engine yet
+                logps = batch_logps(model, batch, loss).cpu()  # whole weights: no engine yet
             out[indices, 0], out[indices, 1] = logps[:len(indices)], logps[len(indices):]
             bar.advance(len(indices))
     model.train(was_training)
@@ -243,8 +244,7 @@ def _tracking(tracker: RunTracker | None, train: TrainSettings, output_dir: Path
     if tracker is not None:
         yield tracker
         return
-    own = RunTracker(train.report_to, output_dir, hparams or {}, project=train.project,
-                     run_name=run_name or train.run_name)
+    own = RunTracker(train.report_to, output_dir, hparams or {}, run_name=run_name)
     try:
         yield own
     finally:
@@ -317,7 +317,7 @@ class RoundSteps:
         every one, weighted by the step's global pair count; the step's metrics (means over its
         pairs) and token count, summed over processes, and its gradients, reduced by the engine."""
         setup, train, engine = self.setup, self.train, self.setup.engine
-        shared_prefix = shares_prefix(train, self.device)
+        shared_prefix = shares_prefix(self.device)
         group = setup.schedule[(step - 1) * train.grad_accum:step * train.grad_accum]
         group = micro_batches(setup.examples, group, train, shared_prefix)
         n_in_step = sum(len(ix) for ix in group)
@@ -332,8 +332,7 @@ class RoundSteps:
             batch = to_device(collate(self.model, [setup.examples[i] for i in indices], self.pad_id, shared_prefix),
                               self.device)
             with autocast(self.device, self.compute_dtype):
-                policy = engine.forward(self.model, batch_logps, self.model, batch, self.loss,
-                                        train.logits_chunk)  # (2B,)
+                policy = engine.forward(self.model, batch_logps, self.model, batch, self.loss)  # (2B,)
             stats = _micro_step(policy, batch, self.ref_logps, indices, self.loss, weight, backward)
             if share:
                 for key in STATS:

@@ -23,8 +23,8 @@ import yaml
 
 from ilrdpo.config import Config, SearchDimension, build_config, config_to_yaml
 from ilrdpo.errors import IlrdpoError, UserInputError
+from ilrdpo.files import atomic_write_text
 from ilrdpo.progress import console
-from ilrdpo.records import atomic_write_text
 from ilrdpo.resume import stage_dependencies
 from ilrdpo.rundir import RunDir
 from ilrdpo.scoring import Scorer
@@ -103,9 +103,7 @@ def prepare_shared(config: Config, folder: Path, scorer: Scorer | None = None) -
     from ilrdpo.loop import IterativeRun
 
     run = IterativeRun(config.model_copy(update={"output_dir": str(folder)}), scorer=scorer)
-    with run.dir.locked("ilrdpo tune (shared first round)"):
-        run.open()
-        run.dir.announce()
+    with run.dir.opened("ilrdpo tune (shared first round)", run.open):
         if run.eval_prompts:
             run.run_stage(0, "eval")
         run.run_stage(1, "generate")
@@ -114,11 +112,11 @@ def prepare_shared(config: Config, folder: Path, scorer: Scorer | None = None) -
 
 
 def make_sampler(config: Config, n_objectives: int, n_trials: int):
+    """Gaussian-process BO for one objective and up to 30 trials, TPE beyond, NSGA-II for several
+    objectives; seeded with the run's seed."""
     import optuna
 
-    kind = config.tune.sampler
-    if kind == "auto":
-        kind = "nsga2" if n_objectives > 1 else ("gp" if n_trials <= 30 else "tpe")
+    kind = "nsga2" if n_objectives > 1 else ("gp" if n_trials <= 30 else "tpe")
     seed = config.seed
     return {"gp": lambda: optuna.samplers.GPSampler(seed=seed),
             "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
@@ -145,7 +143,7 @@ def tune(config: Config, *, trials: int, storage: str | None = None, study_name:
     study = optuna.create_study(
         storage=rdb, study_name=study_name, load_if_exists=resume,
         directions=[d for _, d in objectives], sampler=make_sampler(config, len(objectives), trials),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if single and config.tune.prune else None)
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if single else None)
     shared = prepare_shared(config, out / "shared", scorer) if shareable(space) else None
     if shared is None:
         console.print("[yellow]the search space reaches sampling or scoring: every trial samples on its own[/yellow]")
@@ -172,7 +170,7 @@ def _objective(trial, config: Config, space, objectives, shared: RunDir | None, 
         for t in range(1, config.iterations.count + 1):
             summary = run_iterations(config.model_copy(update={"iterations": config.iterations.model_copy(
                 update={"count": t})}), scorer=scorer)[-1]
-            if len(objectives) == 1:
+            if len(objectives) == 1 and t < config.iterations.count:  # a finished trial is kept
                 trial.report(metric(summary, objectives[0][0]), t)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after iteration {t}")

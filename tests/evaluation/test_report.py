@@ -52,7 +52,6 @@ def _build_run(root: Path, model_dir: Path, with_eval: bool) -> Path:
         "scoring": {"type": "python", "function": f"{root / 'scorer.py'}:score"},
         "generation": {"max_new_tokens": 8, "num_samples": 2, "temperature": 1.0},
         "pairing": {"skip_truncated": False},
-        "eval": {"greedy": False},
         "train": {"batch_size": 4, "max_length": 256},
         "iterations": {"count": 2},
         "output_dir": str(root / "run"),
@@ -134,7 +133,8 @@ def test_summary_rows_are_the_eval_json_values(run_dir):
         assert row["win_rate_ci"] == ev["vs_initial"]["win_rate_ci"]
         assert row["lc_win_rate"] == ev["vs_initial"]["lc_win_rate"]
         assert row["quality_win_rate"] == ev["vs_initial_quality"]["win_rate"]
-        assert row["pairs"] == ev["pairs/count"] and row["alpha"] == ev["alpha"]
+        state = json.loads((run_dir / "state.json").read_text())
+        assert row["pairs"] == ev["pairs/count"] and row["alpha"] == state["alpha"][str(row["iteration"])]
 
 
 def test_write_report_tables_and_plots(run_dir, tmp_path):
@@ -184,11 +184,14 @@ def test_two_runs_share_one_table(run_dir, tmp_path):
     other = _copy_run(run_dir, tmp_path / "ilr")
     for k in (1, 2):
         ev = _eval(other, k)
-        ev.update(reward_mean=10.0 + k, quality_mean=9.0 + k, alpha=0.05 * k)
+        ev.update(reward_mean=10.0 + k, quality_mean=9.0 + k, alpha=0.5)  # a stale copy: state.json's counts
         ev["length"]["tokens_mean"] = 7.0 - k
         ev["vs_initial"].update(win_rate=60.0 + k, win_rate_ci=[40.0, 80.0], lc_win_rate=70.0 + k,
                                 lc_identifiable=True, lc_note=None)
         (other / f"iter_{k}" / "eval.json").write_text(json.dumps(ev))
+    state = json.loads((other / "state.json").read_text())
+    state["alpha"] = {"1": 0.05, "2": 0.1}
+    (other / "state.json").write_text(json.dumps(state))
     text = write_report([run_dir, other], tmp_path / "out", names=["vanilla DPO", "iLR-DPO"]).read_text()
     assert text.count("## Results per iteration") == 1
     table = _results_table(text)

@@ -90,7 +90,7 @@ def demo_settings(quick: bool) -> dict:
                       "warmup_ratio": 0.1, "lr_scheduler": "constant"},
             # no concise/verbose length anchors: two passes of the base model that the finding does not
             # read (the report's LC fit is then fitted over the arms' iterates alone)
-            "eval": {"greedy": True, "length_anchors": False},
+            "eval": {"length_anchors": False},
         },
     }
 
@@ -129,14 +129,14 @@ def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], b
     """Every arm's iterations, then (heldout_prompts given) its iterates on the second held-out set.
 
     The first arm runs the steps every arm shares (the initial model's eval, or a copy from
-    `base_from` when the eval is greedy; iteration 1's samples, scores and pairs; the initial
+    `base_from` (the eval is greedy); iteration 1's samples, scores and pairs; the initial
     model's held-out answers); the others copy them. The arms then run one process each with the
     CPU threads split between them (parallel; the default from 2 threads on, since decoding does
     not use a second thread well), or one after the other. Returns the CPU threads each part used.
     """
     first, *others = list(configs)
     base = RunDir(base_from) if base_from is not None else None
-    if base is not None and configs[first].eval.greedy and base.file(0, "eval.json").exists() \
+    if base is not None and base.file(0, "eval.json").exists() \
             and not RunDir(out / first).state_path.exists():
         # greedy answers of the initial model do not depend on the seed; its sampled ones do
         RunDir(out / first).adopt(base, {0: ["eval"]}, same_seed=False)
@@ -152,7 +152,7 @@ def run_arms(configs: dict[str, Config], out: Path, timings: dict[str, float], b
         if heldout_prompts is not None:
             from ilrdpo.demo.heldout import evaluate_heldout
 
-            shared = base_from if base_from is not None and configs[first].eval.greedy else None
+            shared = base_from
             evaluate_heldout([out / first], heldout_prompts, base=shared, iterations=[0])
             heldout_base = out / first
     if not parallel:

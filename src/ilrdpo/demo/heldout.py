@@ -23,7 +23,8 @@ from ilrdpo.config import Config
 from ilrdpo.demo.judge import demo_judge
 from ilrdpo.eval_stage import answer_prompts, judge_answers
 from ilrdpo.evaluation.compare import summarize
-from ilrdpo.records import atomic_write_text, read_prompts, write_jsonl
+from ilrdpo.files import atomic_write_text, write_jsonl
+from ilrdpo.records import read_prompts
 from ilrdpo.rundir import RunDir
 
 
@@ -51,10 +52,9 @@ def evaluate_heldout(run_dirs: list[Path], prompts_path: str, *, base: Path | No
     for run_dir in map(Path, run_dirs):
         rundir = RunDir(run_dir)
         config = rundir.recorded_config()
-        judge_settings = config.eval.judge or config.scoring
+        judge_settings = config.judge_scorer()
         scorer = scorer or demo_judge(config)
-        gen = config.generation.model_copy(update={"max_new_tokens": config.eval.max_new_tokens
-                                                   or config.generation.max_new_tokens})
+        gen = config.generation
         done = [k for k in sorted(rundir.iterations()) if k == 0 or rundir.file(k, "model").exists()]
         results[str(run_dir)] = {}
         for k in [k for k in done if iterations is None or k in iterations]:
@@ -65,7 +65,7 @@ def evaluate_heldout(run_dirs: list[Path], prompts_path: str, *, base: Path | No
                 shutil.copy2(first_base.heldout(0), out)
             if not out.exists():
                 model, tokenizer = _model(rundir, config, k)
-                rows = answer_prompts(model, tokenizer, prompts, gen, config.data, greedy=config.eval.greedy,
+                rows = answer_prompts(model, tokenizer, prompts, gen, config.data, greedy=True,
                                       seed=config.seed, description=f"{run_dir.name} iter {k} held-out")
                 del model
                 rows = judge_answers(scorer, prompts, rows, judge_settings)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ilrdpo.evaluation.compare import per_prompt_means
-from ilrdpo.records import atomic_write_text, read_jsonl_tolerant
+from ilrdpo.files import atomic_write_text, read_jsonl_tolerant
 from ilrdpo.rundir import SAMPLES_FILE, RunDir
 
 SETS = {"eval": "bundled eval prompts", "heldout": "second held-out set",

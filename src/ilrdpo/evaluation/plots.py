@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ilrdpo.records import atomic_write_bytes
+from ilrdpo.files import atomic_write_bytes
 
 Rows = dict[str, list[dict]]  # run name -> summary rows (see report.summary_rows)
 RUN_COLOURS = colormaps["tab10"]

@@ -39,8 +39,8 @@ from ilrdpo.evaluation.sections import (
     text_section,
     training_section,
 )
+from ilrdpo.files import atomic_write_text
 from ilrdpo.progress import console
-from ilrdpo.records import atomic_write_text
 
 # --- numbers -------------------------------------------------------------------------------------
 

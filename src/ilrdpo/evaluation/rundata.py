@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ilrdpo.errors import UserInputError
-from ilrdpo.records import read_jsonl_tolerant
+from ilrdpo.files import read_jsonl_tolerant
 from ilrdpo.rundir import ANCHOR_FILES, RunDir
 
 # Files of iteration k >= 1 and the stage (state.json name) that writes each.
@@ -106,11 +106,10 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     if 0 in dirs:
         run.anchors = {style: rows for style, file_name in ANCHOR_FILES.items()
                        if (rows := read_jsonl_tolerant(rundir.file(0, file_name)))}
-    # state.json also holds the alpha planned for the next, not yet run, iteration: keep only
-    # iterations on disk, and let eval.json (what the iteration really used) have the last word.
-    run.alpha = {int(k): float(v) for k, v in state.get("alpha", {}).items()
-                 if int(k) in dirs and v is not None}
-    run.alpha.update({k: float(ev["alpha"]) for k, ev in run.evals.items() if ev.get("alpha") is not None})
+    # The alpha each iteration trained with: state.json's (its one home); eval.json held a copy in
+    # runs written before, read only where state.json has none.
+    run.alpha = {k: float(ev["alpha"]) for k, ev in run.evals.items() if ev.get("alpha") is not None}
+    run.alpha.update({int(k): float(v) for k, v in state.get("alpha", {}).items() if int(k) in dirs and v is not None})
     run.trainings = {int(k): 1 + len(v) for k, v in state.get("attempts", {}).items()}
     if rundir.trial_path.exists():
         run.trial = _read_mapping(rundir.trial_path, problems)
@@ -136,7 +135,7 @@ def _missing_items(run: RunData, has_state: bool) -> list[str]:
     if not run.config:
         items.append("config.yaml: settings and the planned number of iterations are unknown")
     if not has_state:
-        items.append("state.json: finished stages unknown; alpha read from eval.json only")
+        items.append("state.json: finished stages and alpha unknown (alpha from eval.json where an older run wrote it there)")
     if not run.has_eval_prompts:
         items.append("eval prompts: none configured, so no eval answers and no win rates; length, "
                      "reward and quality come from the training samples (†)")

@@ -4,8 +4,7 @@
 samples costs 64 rows for max(len) steps. Here finished rows leave the batch (and the KV cache)
 once an eighth of it has finished (each drop copies the cache), and the prompt is prefilled once
 and its cache repeated N times. Same sampling distribution as `generate`: the same logits
-processors, in the same order (repetition penalty, no-repeat n-grams, then temperature, top-k,
-top-p), sampling from the global torch generator, greedy = argmax. `sample_tokens` applies top-k
+warpers, in the same order (temperature, top-k, top-p), sampling from the global torch generator, greedy = argmax. `sample_tokens` applies top-k
 and top-p over the 256 most likely tokens instead of sorting the whole vocabulary every step (the
 sort and the full-vocabulary multinomial were 40% of a CPU decoding step at 64 rows); rows whose
 nucleus does not fit in that slice take transformers' warpers on the full vocabulary. The
@@ -22,18 +21,6 @@ import inspect
 import torch
 
 from ilrdpo.config import GenerationSettings
-
-
-def _penalties(settings: GenerationSettings):
-    """The processors that look at the tokens so far (before the sampling warpers)."""
-    from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
-
-    chain = LogitsProcessorList()
-    if settings.repetition_penalty != 1.0:
-        chain.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-    if settings.no_repeat_ngram_size > 0:
-        chain.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
-    return chain
 
 
 def warpers(settings: GenerationSettings):
@@ -118,7 +105,6 @@ def decode_compact(model, ids: torch.Tensor, mask: torch.Tensor, settings: Gener
     no top-p or penalties), the reference log-probs of a round whose sampler is its reference.
     """
     sample = not greedy and settings.temperature > 0
-    penalties = _penalties(settings)
     # transformers 5.2x renamed the forward's past_key_values argument to cache.
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     eos = torch.tensor(eos_ids, device=ids.device)
@@ -129,17 +115,16 @@ def decode_compact(model, ids: torch.Tensor, mask: torch.Tensor, settings: Gener
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_repeat_interleave(num_samples)
     logits = out.logits[:, -1].repeat_interleave(num_samples, 0)  # (R, V)
-    seqs = ids.repeat_interleave(num_samples, 0)  # (R, T): the penalties see prompt + answer
     mask = mask.repeat_interleave(num_samples, 0)
-    alive = torch.arange(seqs.shape[0], device=ids.device)  # row index of each row in the batch
-    done = torch.zeros(seqs.shape[0], dtype=torch.bool, device=ids.device)  # finished, still in the batch
-    new_tokens: list[list[int]] = [[] for _ in range(seqs.shape[0])]
+    rows = ids.shape[0] * num_samples
+    alive = torch.arange(rows, device=ids.device)  # row index of each row in the batch
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)  # finished, still in the batch
+    new_tokens: list[list[int]] = [[] for _ in range(rows)]
     if logps is not None:
-        logps[:] = [[] for _ in range(seqs.shape[0])]
+        logps[:] = [[] for _ in range(rows)]
 
     for step in range(settings.max_new_tokens):
-        scores = penalties(seqs, logits.float()) if penalties else logits  # (r, V)
-        chosen = sample_tokens(scores, settings) if sample else scores.argmax(-1)  # (r,)
+        chosen = sample_tokens(logits, settings) if sample else logits.argmax(-1)  # (r,)
         token_logps = (torch.log_softmax(logits.float(), -1).gather(-1, chosen[:, None]).squeeze(-1).tolist()
                        if logps is not None else None)  # (r,)
         for i, (row, token, finished) in enumerate(zip(alive.tolist(), chosen.tolist(), done.tolist())):
@@ -154,9 +139,7 @@ def decode_compact(model, ids: torch.Tensor, mask: torch.Tensor, settings: Gener
         if done.sum() * 8 >= len(done):
             index = (~done).nonzero().squeeze(-1)
             cache.batch_select_indices(index)
-            alive, seqs, mask, chosen, done = alive[index], seqs[index], mask[index], chosen[index], done[index]
-        if penalties:
-            seqs = torch.cat([seqs, chosen[:, None]], dim=-1)
+            alive, mask, chosen, done = alive[index], mask[index], chosen[index], done[index]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         out = model(input_ids=chosen[:, None], attention_mask=mask,
                     position_ids=mask.sum(-1, keepdim=True) - 1, use_cache=True, **{cache_arg: cache})

@@ -54,8 +54,7 @@ def _generation_config(model, tokenizer, settings: GenerationSettings, greedy: b
         if sample else {}
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, do_sample=sample, **sampling,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        repetition_penalty=settings.repetition_penalty,
+        no_repeat_ngram_size=0, repetition_penalty=1.0,
         eos_token_id=sorted(e for e in eos if e is not None), pad_token_id=tokenizer.pad_token_id,
     )
     if next(model.parameters()).device.type == "cuda":
@@ -177,13 +176,13 @@ def context_length(model) -> int | None:
 def encode_prompts(tokenizer, prompts: list[Prompt], data: DataSettings, max_new_tokens: int,
                    context: int | None, source: str = "prompts") -> list[list[int]]:
     """Prompt ids. A prompt that leaves no room for the answer keeps its end (the instruction and
-    the generation prompt sit there), counted in one warning; with data.on_long_prompt=error it
-    is an error naming it."""
+    the generation prompt sit there), counted in one warning; where max_new_tokens alone fills the
+    context it is an error naming it."""
     encoded, cut = [], 0
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt.prompt, data.use_chat_template, data.system_prompt)
         if context is not None and len(ids) + max_new_tokens > context:
-            if data.on_long_prompt == "error" or max_new_tokens >= context:
+            if max_new_tokens >= context:
                 raise UserInputError(
                     f"{source}: prompt '{prompt.id}' is {len(ids)} tokens; with max_new_tokens="
                     f"{max_new_tokens} it exceeds the model's context of {context} tokens")

@@ -69,12 +69,10 @@ class ServerSampler:
                                 "temperature": 0.0 if self.greedy else s.temperature, "n": n, "seed": seed}
         if not self.greedy and s.top_p < 1.0:
             body["top_p"] = s.top_p
-        # OpenAI's API has no top-k, repetition penalty or stop ids: vLLM's and SGLang's extensions,
+        # OpenAI's API has no top-k or stop ids: vLLM's and SGLang's extensions,
         # sent only where they change something (a strict server refuses unknown fields)
         if not self.greedy and s.top_k:
             body["top_k"] = s.top_k
-        if s.repetition_penalty != 1.0:
-            body["repetition_penalty"] = s.repetition_penalty
         if self.stop_ids:
             body["stop_token_ids"] = self.stop_ids
         return body

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ilrdpo.records import Prompt, append_jsonl, read_jsonl_tolerant
+from ilrdpo.files import append_jsonl, read_jsonl_tolerant
+from ilrdpo.records import Prompt
 from ilrdpo.serving.client import Client, ServerError
 
 SYSTEM = ("You are a careful assistant that compares the answers of two large language models to the same "
