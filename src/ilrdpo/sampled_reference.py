@@ -19,7 +19,8 @@ import torch
 
 from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import tokenize_pairs
-from ilrdpo.records import PreferencePair, Prompt, write_jsonl
+from ilrdpo.files import write_jsonl
+from ilrdpo.records import PreferencePair, Prompt
 from ilrdpo.rundir import SAMPLE_LOGPS_FILE as SAMPLE_LOGPS
 from ilrdpo.train import reference_logps
 
