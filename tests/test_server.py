@@ -366,6 +366,9 @@ def test_sigkill_mid_stage_takes_the_server_down_and_the_stage_resumes(served_mo
         pytest.fail(f"the server on port {port} outlived the killed run")
     assert len(read_jsonl(out / "iter_1" / "generation.partial.jsonl")) == 2
     assert call_main(monkeypatch, ["run", "--config", str(config)]) == 0
-    log = (out / "iter_1" / "server.log").read_text()
-    assert log.count("POST /v1/completions") == 2 * 2 + 2 * 2  # two prompts before the kill, two after
+    first, resumed = (out / "iter_1" / "server.log").read_text().split("\n$ ")  # one start each, appended
+    # two prompts finished before the kill (a third may have been asked while the writer was held);
+    # the resumed stage asks only for the two prompts not in the progress file
+    assert first.count("POST /v1/completions") >= 2 * 2
+    assert resumed.count("POST /v1/completions") == 2 * 2
     assert [c["id"] for c in read_jsonl(out / "iter_1" / "candidates.jsonl")] == [f"t{i}" for i in range(4)]
