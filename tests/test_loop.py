@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import DESIGN_METRICS, console_script, crash_after, read_jsonl, shared_folder
+from helpers import DESIGN_METRICS, console_script, read_jsonl, shared_folder
 from ilrdpo.alpha import neutral_alpha, next_alpha
 from ilrdpo.config import AlphaControlSettings, build_config, load_config
 from ilrdpo.data import collate_pairs, tokenize_pairs

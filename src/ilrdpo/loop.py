@@ -28,8 +28,8 @@ from ilrdpo.preflight import check_config
 from ilrdpo.progress import console, progress_bar, stage
 from ilrdpo.records import CandidateSet, PreferencePair, read_candidates, read_pairs, read_prompts
 from ilrdpo.resume import after, apply_redo, check_redo, check_resume, input_hashes, no_pairs_message
-from ilrdpo.rundir import STAGES, RunDir
-from ilrdpo.sampled_reference import SAMPLE_LOGPS, read_sample_logps, sampled_reference_logps, write_sample_logps
+from ilrdpo.rundir import SAMPLE_LOGPS_FILE, STAGES, RunDir
+from ilrdpo.sampled_reference import read_sample_logps, sampled_reference_logps, write_sample_logps
 from ilrdpo.scoring import Scorer, build_scorer, score_in_batches, shaped_rewards
 from ilrdpo.tracking import RunTracker
 from ilrdpo.train import autocast, pair_reference_logps, train_round
@@ -176,7 +176,7 @@ class IterativeRun:
                              truncated=[s.truncated for s in samples[p.id]], reference=p.reference,
                              target_length=p.target_length) for p in self.prompts]
         if ranks.is_main():
-            write_sample_logps(self.dir.file(t, SAMPLE_LOGPS), self.prompts, samples)  # where decoding kept them
+            write_sample_logps(self.dir.file(t, SAMPLE_LOGPS_FILE), self.prompts, samples)  # where decoding kept them
             write_jsonl(self.dir.file(t, "candidates.jsonl"), sets)
         distributed.remove_progress(partial)
 
@@ -315,7 +315,7 @@ class IterativeRun:
     def _sampled_reference(self, t: int, pairs: list[PreferencePair], loss) -> torch.Tensor | None:
         """Round t's reference log-probs from its samples (sample_logps.jsonl), the pairs whose
         tokens differ forwarded; None where the generate stage kept none."""
-        sampled = read_sample_logps(self.dir.file(t, SAMPLE_LOGPS)) if self.sampler_is_reference() else {}
+        sampled = read_sample_logps(self.dir.file(t, SAMPLE_LOGPS_FILE)) if self.sampler_is_reference() else {}
         if not sampled:
             return None
         model, tokenizer = self.policy(t - 1)

@@ -21,7 +21,6 @@ from ilrdpo.config import DataSettings, LossSettings, TrainSettings
 from ilrdpo.data import tokenize_pairs
 from ilrdpo.files import write_jsonl
 from ilrdpo.records import PreferencePair, Prompt
-from ilrdpo.rundir import SAMPLE_LOGPS_FILE as SAMPLE_LOGPS
 from ilrdpo.train import reference_logps
 
 
