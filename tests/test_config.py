@@ -196,8 +196,8 @@ def test_keys_outside_the_experimental_section_are_counted():
     assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
     # 96 (87 without iterations.alpha_control.*) before the removals, 104 with the server keys; now with
     # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
-    # iterations.alpha_control.retries / tolerance / response
-    assert len(keys) - len(experimental) == 82
+    # iterations.alpha_control.retries / tolerance / response / gain / min_alpha
+    assert len(keys) - len(experimental) == 80
 
 
 def test_overrides_parse_types():

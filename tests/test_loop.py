@@ -372,7 +372,7 @@ def test_reference_initial_is_the_initial_model(raw_config, tiny_model_dir, toke
 
 # --- alpha control ------------------------------------------------------------------------------
 
-AUTO = AlphaControlSettings(mode="auto", budget=1.0, gain=0.5, step=0.5, min_alpha=0.0, max_alpha=1.0)
+AUTO = AlphaControlSettings(mode="auto", budget=1.0, step=0.5, max_alpha=1.0)
 
 
 @pytest.mark.unit
@@ -382,8 +382,8 @@ AUTO = AlphaControlSettings(mode="auto", budget=1.0, gain=0.5, step=0.5, min_alp
     # log-space proportional, the same both ways: 20% over / under, 0.1 * exp(+-0.5 * 0.2)
     (0.1, 12.0, 10.0, AUTO, 0.1 * math.exp(0.1)),
     (0.1, 8.0, 10.0, AUTO, 0.1 * math.exp(-0.1)),
-    # |log change| bounded by step (0.5): 100% under with gain 2 gives exp(-0.5)
-    (0.1, 0.0, 10.0, AUTO.model_copy(update={"gain": 2.0}), 0.1 * math.exp(-0.5)),
+    # |log change| bounded by step: 100% under (0.5 x -1) with step 0.2 gives exp(-0.2)
+    (0.1, 0.0, 10.0, AUTO.model_copy(update={"step": 0.2}), 0.1 * math.exp(-0.2)),
     # within 2%: unchanged
     (0.1, 10.15, 10.0, AUTO, 0.1),
     (0.1, 9.85, 10.0, AUTO, 0.1),
@@ -393,12 +393,11 @@ AUTO = AlphaControlSettings(mode="auto", budget=1.0, gain=0.5, step=0.5, min_alp
     # a small alpha takes the plain step, not the start value: 0.004 * exp(0.1)
     (0.004, 12.0, 10.0, AUTO, 0.004 * math.exp(0.1)),
     # budget > 10 is tokens: 60 vs 50 is 20% over, whatever the initial length
-    (0.1, 60.0, 1000.0, AlphaControlSettings(mode="auto", budget=50.0, gain=0.5), 0.1 * math.exp(0.1)),
+    (0.1, 60.0, 1000.0, AlphaControlSettings(mode="auto", budget=50.0), 0.1 * math.exp(0.1)),
     # relative budget 0.5: 8 vs 0.5 x 8 = 4 is 100% over, a full step exp(0.5)
-    (0.04, 8.0, 8.0, AlphaControlSettings(mode="auto", budget=0.5, gain=0.5), 0.04 * math.exp(0.5)),
-    # clamped to max_alpha and min_alpha
+    (0.04, 8.0, 8.0, AlphaControlSettings(mode="auto", budget=0.5), 0.04 * math.exp(0.5)),
+    # clamped to max_alpha
     (0.9, 20.0, 10.0, AUTO, 1.0),
-    (0.1, 5.0, 10.0, AUTO.model_copy(update={"min_alpha": 0.09}), 0.09),
 ])
 def test_next_alpha_by_hand(alpha, mean_length, initial_length, control, expected):
     assert next_alpha(alpha, mean_length, initial_length, control) == pytest.approx(expected)
@@ -426,12 +425,12 @@ def test_neutral_alpha_is_zero_when_chosen_answers_are_shorter():
 def test_alpha_control_raises_alpha_while_answers_are_over_budget(raw_config, tmp_path):
     """budget 0.5 x the first round's mean sampled length: the tiny model's samples run to
     max_new_tokens in every round, so round 2's own samples (drawn from pi_1, before its training)
-    are far over budget and alpha grows by exp(min(step, gain x over)): 0.04 -> 0.04 x e^0.5 with
-    gain 1 and over >= 0.5. No eval prompts: the law reads the training prompts' samples only.
+    are far over budget and alpha grows by exp(min(step, 0.5 x over)): 0.04 -> 0.04 x e^0.25 with
+    step 0.25 and over >= 0.5. No eval prompts: the law reads the training prompts' samples only.
     Lengths are in characters, so the logged length/margin_term = alpha * (mean chars chosen - mean
     chars rejected) shows the alpha each round actually trained with."""
     raw = raw_config(tmp_path / "run")
-    raw["iterations"]["alpha_control"] = {"mode": "auto", "budget": 0.5, "step": 0.5, "gain": 1.0}
+    raw["iterations"]["alpha_control"] = {"mode": "auto", "budget": 0.5, "step": 0.25}
     raw["loss"] = {"alpha": 0.04, "length_unit": "chars"}
     raw["train"]["epochs"] = 1
     raw["data"]["max_examples"] = 4
@@ -443,7 +442,7 @@ def test_alpha_control_raises_alpha_while_answers_are_over_budget(raw_config, tm
                for k in (1, 2)]
     assert lengths[1] / lengths[0] >= 0.75, lengths  # >= 50% over 0.5 x the first round's: a full step
     alpha = json.loads((out / "state.json").read_text())["alpha"]
-    second = 0.04 * math.exp(0.5)
+    second = 0.04 * math.exp(0.25)
     assert alpha == pytest.approx({"1": 0.04, "2": second})  # decided when each train stage starts
     for k, used in ((1, 0.04), (2, second)):
         assert "alpha" not in json.loads((out / f"iter_{k}" / "eval.json").read_text())  # state.json's alone

@@ -21,6 +21,7 @@ from ilrdpo.records import PreferencePair
 # From alpha = 0 a multiplicative law cannot move: it starts here (only there: a per-token alpha
 # for IPO is a few thousandths, and a floor would jump it several times over).
 START_ALPHA = 0.01
+GAIN = 0.5  # log alpha moves by half the relative excess over the budget, up to control.step
 
 
 def length_budget(control: AlphaControlSettings, initial_length: float) -> float:
@@ -30,7 +31,7 @@ def length_budget(control: AlphaControlSettings, initial_length: float) -> float
 
 def next_alpha(alpha: float, sampled_length: float, initial_length: float, control: AlphaControlSettings) -> float:
     """Alpha control's one law (mode auto): round t's alpha from round t-1's, multiplied by
-    exp(gain * over), over = mean length of round t's own samples (drawn from pi_{t-1}, before
+    exp(GAIN * over), over = mean length of round t's own samples (drawn from pi_{t-1}, before
     training) / budget - 1, the change of log alpha bounded by control.step; unchanged within 2% of
     the budget. The budget is relative to round 1's samples (pi_0's) on the same prompts, so the
     law steers on training prompts only: eval and held-out lengths stay measurements."""
@@ -39,10 +40,10 @@ def next_alpha(alpha: float, sampled_length: float, initial_length: float, contr
     over = sampled_length / max(length_budget(control, initial_length), 1e-9) - 1
     if abs(over) > 0.02:
         if alpha > 0:
-            alpha = alpha * math.exp(max(-control.step, min(control.step, control.gain * over)))
+            alpha = alpha * math.exp(max(-control.step, min(control.step, GAIN * over)))
         elif over > 0:
-            alpha = max(control.min_alpha, START_ALPHA)
-    return min(max(alpha, control.min_alpha), control.max_alpha)
+            alpha = START_ALPHA
+    return min(alpha, control.max_alpha)
 
 
 def cost_gaps(pairs: list[PreferencePair], tokenizer, length_unit: str,

@@ -219,12 +219,9 @@ class AlphaControlSettings(Section):
         "round's own sampled answers (training prompts; eval prompts are not used).")
     budget: float = Field(1.0, gt=0.0, description="auto: allowed mean sampled length, relative to the first round's "
                           "samples (the initial model's; <= 10) or in tokens (> 10).")
-    gain: float = Field(
-        0.5, gt=0.0, description="auto: alpha is multiplied by exp(gain * over), over = mean sampled length / budget - 1 "
-        "(nothing within 2% of the budget; from alpha 0 it starts at max(min_alpha, 0.01)).")
-    step: float = Field(0.5, gt=0.0, description="auto: the bound on |gain * over|, the largest change of log alpha "
-                        "per round.")
-    min_alpha: float = Field(0.0, ge=0.0, description="auto: lower bound.")
+    step: float = Field(0.5, gt=0.0, description="auto: alpha is multiplied by exp(0.5 * over), over = mean sampled "
+                        "length / budget - 1, with |0.5 * over| at most step (the largest change of log alpha per "
+                        "round); nothing within 2% of the budget; from alpha 0 it starts at 0.01.")
     max_alpha: float = Field(1.0, ge=0.0, description="auto: upper bound.")
 
 

@@ -44,7 +44,7 @@ from ilrdpo.rundir import RunDir
 # 20%): alpha control steers on the training prompts' samples, never on the eval or held-out sets,
 # which stay measurements. docs/demo/study.md has the search that led here, failures included.
 RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.mode=auto", "iterations.alpha_control.step=0.2",
-          "iterations.alpha_control.gain=0.5", "iterations.alpha_control.max_alpha=0.05"]
+          "iterations.alpha_control.max_alpha=0.05"]
 VANILLA = ["loss.alpha=0", "iterations.alpha_control.mode=constant"]
 ARMS = {"idpo": VANILLA, "ilrdpo": RECIPE}
 
