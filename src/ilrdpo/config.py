@@ -179,8 +179,8 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "tune.prune": ("nothing: a one-objective study prunes between iterations", ANY_VALUE),
     "iterations.alpha_control.retries": (
         "nothing: alpha control now decides each round's alpha before training, from the round's sampled lengths", 0),
-    "iterations.alpha_control.gain": ("nothing: alpha control's gain is fixed at 0.5; "
-                                      "iterations.alpha_control.step bounds each change", 0.5),
+    "iterations.alpha_control.gain": (
+        "nothing: alpha control's gain is fixed at 0.5; iterations.alpha_control.step bounds each change", 0.5),
     "iterations.alpha_control.min_alpha": ("nothing: alpha control's lower bound is 0", 0.0),
     "iterations.alpha_control.tolerance": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
     "iterations.alpha_control.response": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
