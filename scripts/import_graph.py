@@ -20,7 +20,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # takes the layer of its top-level name under ilrdpo (evaluation.report: evaluation).
 LAYERS: list[tuple[str, set[str]]] = [
     ("base: imports nothing of ilrdpo", {"errors", "faults", "ranks", "progress", "loss", "loss_types", "logprobs",
-                                        "interrupts", "decisions"}),
+                                        "interrupts", "decisions", "lora"}),
     ("data: settings, records, files", {"settings", "config", "files", "records", "data", "pairing", "alpha", "rundir",
                                         "runstate", "resume", "distributed", "tracking", "hub", "evaluation",
                                         "serving"}),

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ilrdpo.errors import UserInputError
+from ilrdpo.lora import LoraKeyError, renamed
 from ilrdpo.records import lone_surrogate
 from ilrdpo.settings import (
     MAX_LEARNING_RATE,
@@ -27,7 +28,6 @@ from ilrdpo.settings import (
     GenerationSettings,
     IterationSettings,
     JudgeSettings,
-    LoraSettings,
     LossSettings,
     ModelSettings,
     PairingSettings,
@@ -49,7 +49,6 @@ __all__ = [
     "GenerationSettings",
     "IterationSettings",
     "JudgeSettings",
-    "LoraSettings",
     "LossSettings",
     "ModelSettings",
     "PairingSettings",
@@ -107,6 +106,8 @@ def explain_validation_error(error: ValidationError, source: str) -> str:
     """One line naming the first bad key: the message of every config-file error."""
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"])
+    if isinstance(lora_error := (first.get("ctx") or {}).get("error"), LoraKeyError):
+        return lora_error.line(source, key)
     if first["type"] == "extra_forbidden":
         near = difflib.get_close_matches(key, [*all_keys(), *TRL_ALIASES, *SECTION_NAMES], n=1, cutoff=0.6)
         return f"{source}: unknown config key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "")
@@ -184,6 +185,9 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "iterations.alpha_control.min_alpha": ("nothing: alpha control's lower bound is 0", 0.0),
     "iterations.alpha_control.tolerance": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
     "iterations.alpha_control.response": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
+    "model.merge_lora": (("nothing: a LoRA run saves adapters (merge one with PEFT's PeftModel.from_pretrained(base, "
+                          "folder).merge_and_unload()); with generation.server.command each round is also saved "
+                          "merged"), ANY_VALUE),
 }
 MOVED_KEYS = {"loss.alpha_neutral": "experimental.alpha_neutral", "eval.perplexity": "experimental.perplexity"}
 
@@ -212,8 +216,11 @@ def refuse_removed_keys(data: dict[str, Any], source: str) -> None:
 
 def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A run directory's config.yaml written before keys were removed: moved keys go to their new
-    place, removed keys at a value that changed nothing are dropped, any other is refused."""
+    place, removed keys at a value that changed nothing are dropped, any other is refused;
+    model.lora's former short names become PEFT's."""
     data = copy.deepcopy(data)
+    if isinstance(data.get("model"), dict) and "lora" in data["model"]:
+        data["model"]["lora"] = renamed(data["model"]["lora"])
     for path, key, value in _removed_in(data):
         holder = data
         for part in path[:-1]:
@@ -240,9 +247,8 @@ def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str
             keys += all_keys(annotation, f"{prefix}{name}.")
             continue
         keys.append(f"{prefix}{name}")
-        nested = {"lora": LoraSettings, "judge": JudgeSettings}.get(name)
-        if nested is not None:
-            keys += all_keys(nested, f"{prefix}{name}.")
+        if name == "judge":
+            keys += all_keys(JudgeSettings, f"{prefix}{name}.")
     return keys
 
 
@@ -362,8 +368,6 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
             continue
         default = field.default_factory() if field.default_factory else field.default
         rows.append((key, repr(default), field.description or ""))
-        if name == "lora":
-            rows.extend(field_docs(LoraSettings, key + "."))
         if name == "judge":
             rows.extend(field_docs(JudgeSettings, key + "."))
     if not prefix:

@@ -31,7 +31,7 @@ def hyperparameters(config: Config) -> dict[str, Any]:
     """The flat loss/train/LoRA/seed settings a model card lists."""
     flat = {f"loss.{k}": v for k, v in config.loss.model_dump().items()}
     flat.update({f"train.{k}": v for k, v in config.train.model_dump().items() if k != "report_to"})
-    flat["model.lora"] = "none" if config.model.lora is None else str(config.model.lora.model_dump())
+    flat["model.lora"] = "none" if config.model.lora is None else str(config.model.lora)
     flat["seed"] = config.seed
     return flat
 

@@ -19,7 +19,7 @@ from ilrdpo.eval_stage import evaluate_iteration, print_run_summary, summary_lin
 from ilrdpo.faults import fault_point
 from ilrdpo.files import atomic_write_text, finished_output, read_finished_jsonl, read_json_file, write_jsonl
 from ilrdpo.generation import generate_answers
-from ilrdpo.generation.server import sample_round
+from ilrdpo.generation.server import needs_merged_weights, sample_round
 from ilrdpo.hub import hyperparameters, model_card, push_to_hub
 from ilrdpo.loss_types import REFERENCE_FREE, method_name
 from ilrdpo.models import load_policy, load_saved_policy, resolve_dtype
@@ -305,8 +305,8 @@ class IterativeRun:
                 "method": f"iterative {method_name(loss.type, alpha)}",
                 "data": f"{len(pairs)} self-generated pairs",
                 "hyperparameters": {**hyperparameters(config), "loss.alpha": alpha}, "metrics": result.final}
-        self.engine.save(model, tokenizer, self.dir.file(t, "model"), card, merge_lora=config.model.merge_lora,
-                         dtype=self.compute_dtype)
+        self.engine.save(model, tokenizer, self.dir.file(t, "model"), card,
+                         merge_lora=needs_merged_weights(config), dtype=self.compute_dtype)
         fault_point("model")
         # trained in place: the model in memory is now pi_t, unless the engine sharded it for
         # training (then the next stage loads the saved one whole)

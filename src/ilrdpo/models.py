@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from ilrdpo import ranks
-from ilrdpo.config import LoraSettings, ModelSettings
+from ilrdpo.config import ModelSettings
 from ilrdpo.errors import UserInputError, disk_writes
 from ilrdpo.hub import BUNDLED, model_card
+from ilrdpo.lora import lora_config
 
 
 def cache_root() -> Path:
@@ -248,11 +249,11 @@ def is_peft_folder(path: str) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def add_lora(model, lora: LoraSettings):
-    from peft import LoraConfig, get_peft_model
+def add_lora(model, lora: dict[str, Any]):
+    """The model under a LoRA adapter: lora is a resolved model.lora mapping (ilrdpo.lora)."""
+    from peft import get_peft_model  # lazy: seconds to import, needed only with model.lora
 
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    config = lora_config(lora)
     # the adapter's random start is the same in every run and every process (replicas must agree),
     # without touching the caller's random stream
     with torch.random.fork_rng(devices=[]):

@@ -57,8 +57,7 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
                 "datasets": [] if Path(config.data.pairs).exists() else [config.data.pairs],
                 "hyperparameters": hparams, "metrics": result.final}
         with stage("save"):
-            model_dir = engine.save(model, tokenizer, model_dir, card, merge_lora=config.model.merge_lora,
-                                    dtype=resolve_dtype(config.model.dtype))
+            model_dir = engine.save(model, tokenizer, model_dir, card, dtype=resolve_dtype(config.model.dtype))
     console.print(f"saved {model_dir}  ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s, "
                   f"final loss {result.final.get('loss', float('nan')):.4f})")
     if config.model.push_to_hub:

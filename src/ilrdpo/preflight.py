@@ -79,9 +79,6 @@ def check_server(config: Config) -> None:
                              "after the first would not sample from the model they train; use "
                              "generation.server.command (started per round on its model) or model.lora (each "
                              "round's adapter loaded into the server)")
-    if gen.server.command is not None and model.lora is not None and not model.merge_lora:
-        raise UserInputError("config key 'generation.server.command': with model.lora the server loads each round's "
-                             "merged weights; set model.merge_lora: true")
 
 
 def check_sampling(config: Config) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ilrdpo.errors import UserInputError
+from ilrdpo.lora import LORA_DEFAULTS, resolve_lora
 from ilrdpo.loss_types import LOSS_TYPES, target_margin
 
 # Preference fine-tuning uses 1e-7 to 1e-4 (LoRA up to about 1e-3); above this a run only diverges.
@@ -22,15 +23,6 @@ MAX_LEARNING_RATE = 0.1
 class Section(BaseModel):
     # allow_inf_nan=False: `.nan` or `.inf` in any float setting is an error, not a silent NaN.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-class LoraSettings(Section):
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (lora_alpha).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] | str = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear'."
-    )
 
 
 class ModelSettings(Section):
@@ -46,8 +38,18 @@ class ModelSettings(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on a CUDA GPU that supports it, float32 otherwise."
     )
-    lora: LoraSettings | None = Field(None, description="LoRA adapter settings; null = full fine-tuning.")
-    merge_lora: bool = Field(False, description="Also save merged weights (model/merged) after a LoRA run.")
+    lora: dict[str, Any] | None = Field(
+        None, description="LoRA through PEFT: LoraConfig's keyword arguments, any of its fields (r, lora_alpha, "
+        "lora_dropout, target_modules, use_rslora, use_dora, modules_to_save, layers_to_transform, ...), over the "
+        f"defaults {', '.join(f'{k} {v}' for k, v in LORA_DEFAULTS.items())}; {{}} = the defaults; task_type is "
+        "set (CAUSAL_LM). Models are saved as adapters (also merged, model/merged, where a server started per round "
+        "samples from them). null = full fine-tuning.")
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_mapping(cls, value: Any) -> dict[str, Any] | None:
+        return resolve_lora(value)
+
     trust_remote_code: bool = Field(False, description="Run model code from the hub. Off unless you set it.")
     push_to_hub: str | None = Field(
         None, description="Hub repository (org/name) to upload the trained model to: `ilrdpo train`'s model, or the "

@@ -143,6 +143,14 @@ def sample_from_server(sampler: ServerSampler, tokenizer, prompts: list[Prompt],
 # --- one round: which server, which weights ------------------------------------------------------
 
 
+def needs_merged_weights(config) -> bool:
+    """A LoRA run whose rounds sample through a server started per round: that server loads whole
+    weights, so each round's adapter is also saved merged (model/merged, read by round_model);
+    a running server (generation.server.url) loads the adapter itself."""
+    gen = config.generation
+    return config.model.lora is not None and gen.backend == "server" and gen.server.command is not None
+
+
 def round_model(config, rundir, previous: int) -> tuple[str, str | None]:
     """(model folder or hub id the server loads, LoRA adapter folder or None) for sampling from
     iteration `previous`'s model: a server command gets whole weights (a LoRA run's merged copy),
