@@ -115,31 +115,37 @@ def test_bad_pair_field_names_file_and_line(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err == f"error: {bad}:1: missing field 'rejected'\n"
 
 
-def test_lora_run_saves_adapter_and_merged_weights(monkeypatch, tiny_model_dir, tokenizer, tmp_path):
-    """model.lora + model.merge_lora: model/ holds the adapter, model/merged/ full weights that
-    compute exactly what base + adapter compute."""
+@pytest.mark.smoke
+def test_lora_run_saves_the_adapter_its_mapping_built(monkeypatch, tiny_model_dir, tokenizer, tmp_path):
+    """model.lora is PEFT's LoraConfig arguments over the defaults (use_rslora reaches the adapter);
+    model/ holds the adapter alone (model.merge_lora is gone), config.yaml the resolved mapping;
+    merged weights, as a round saves them for a server, compute what base + adapter compute."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
+
+    from ilrdpo.models import save_model
 
     out = tmp_path / "lora"
     status = call_main(monkeypatch, [
         "train", f"model.name_or_path={tiny_model_dir}", f"data.pairs={PAIRS_FILE}", "data.max_examples=4",
-        "model.dtype=float32", "model.lora.r=4", "model.lora.dropout=0.0", "model.merge_lora=true",
-        "train.batch_size=4",
-        "train.learning_rate=1e-2", "train.warmup_ratio=0", "train.max_length=128", f"output_dir={out}"])
+        "model.dtype=float32", "model.lora.r=4", "model.lora.lora_dropout=0.0", "model.lora.use_rslora=true",
+        "train.batch_size=4", "train.learning_rate=1e-2", "train.warmup_ratio=0", "train.max_length=128",
+        f"output_dir={out}"])
     assert status == 0
     model_dir = out / "model"
-    assert (model_dir / "adapter_config.json").is_file() and (model_dir / "adapter_model.safetensors").is_file()
-    assert not (model_dir / "model.safetensors").exists()
-    assert (model_dir / "merged" / "model.safetensors").is_file()
-    assert (model_dir / "merged" / "tokenizer.json").is_file()
-    assert (model_dir / "README.md").is_file()
+    adapter = json.loads((model_dir / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["use_rslora"], adapter["task_type"]) == (4, 32, True, "CAUSAL_LM")
+    assert (model_dir / "adapter_model.safetensors").is_file() and (model_dir / "README.md").is_file()
+    assert not (model_dir / "model.safetensors").exists() and not (model_dir / "merged").exists()
+    assert load_config(out / "config.yaml", recorded=True).model.lora == {
+        "lora_alpha": 32, "lora_dropout": 0.0, "r": 4, "target_modules": "all-linear", "use_rslora": True}
 
-    merged = AutoModelForCausalLM.from_pretrained(model_dir / "merged")
     adapted = AutoPeftModelForCausalLM.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    merged_logps = answer_logps(merged, tokenizer)
+    save_model(adapted, tokenizer, tmp_path / "saved", {"title": "merged"}, merge_lora=True)
+    assert (tmp_path / "saved" / "merged" / "tokenizer.json").is_file()
+    merged_logps = answer_logps(AutoModelForCausalLM.from_pretrained(tmp_path / "saved" / "merged"), tokenizer)
     torch.testing.assert_close(merged_logps, answer_logps(adapted, tokenizer), rtol=1e-5, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert (merged_logps - answer_logps(base, tokenizer)).abs().max() > 1e-2  # the adapter learned something
 
 

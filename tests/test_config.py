@@ -107,7 +107,7 @@ def old_run_config() -> dict:
     old["scoring"].update(length_bias=0.0, length_bias_cap=128, selection_length_penalty=0.0)
     old["eval"].update(perplexity=True, greedy=True, max_new_tokens=None, baseline="previous")
     old["train"].update(packing=True, run_name=None, project=None, logits_chunk=1024, prefix_sharing="auto")
-    old["model"].update(allow_pickle=False, attn_implementation=None)
+    old["model"].update(allow_pickle=False, attn_implementation=None, merge_lora=False)
     old["data"].update(pairs_split="train", on_long_prompt="truncate")
     old["generation"].update(no_repeat_ngram_size=0, repetition_penalty=1.0)
     old["pairing"]["min_margin"] = 0.0
@@ -197,19 +197,19 @@ def test_keys_outside_the_experimental_section_are_counted():
     # 96 (87 without iterations.alpha_control.*) before the removals, 104 with the server keys; now with
     # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
     # iterations.alpha_control.retries / tolerance / response / gain / min_alpha
-    assert len(keys) - len(experimental) == 80
+    assert len(keys) - len(experimental) == 75
 
 
 def test_overrides_parse_types():
     assert parse_overrides([
         "loss.alpha=0.05", "train.learning_rate=1e-5", "train.epochs=2", "train.gradient_checkpointing=true",
-        "model.merge_lora=false", "loss.target_length=null", "train.report_to=[tensorboard]",
+        "model.trust_remote_code=false", "loss.target_length=null", "train.report_to=[tensorboard]",
         "model.lora.target_modules=[q_proj, v_proj]", "data.system_prompt=a=b", "data.pairs=",
     ]) == {
         "loss": {"alpha": 0.05, "target_length": None},
         "train": {"learning_rate": "1e-5", "epochs": 2, "gradient_checkpointing": True,
                   "report_to": ["tensorboard"]},
-        "model": {"merge_lora": False, "lora": {"target_modules": ["q_proj", "v_proj"]}},
+        "model": {"trust_remote_code": False, "lora": {"target_modules": ["q_proj", "v_proj"]}},
         "data": {"system_prompt": "a=b", "pairs": ""},
     }
 
@@ -221,16 +221,16 @@ def test_overrides_build_a_typed_config():
                                 "model.lora.r=4", "train.gradient_checkpointing=yes", "seed=7"])
     assert config.train.learning_rate == 1e-5 and isinstance(config.train.learning_rate, float)
     assert config.loss.alpha == 0.05 and config.loss.target_length == 100.0
-    assert config.model.lora is not None and config.model.lora.r == 4 and config.model.lora.alpha == 32
+    assert config.model.lora == {"lora_alpha": 32, "lora_dropout": 0.05, "r": 4, "target_modules": "all-linear"}
     assert config.train.gradient_checkpointing is True and config.seed == 7
     assert load_config(None, ["model.lora.r=4", "model.lora=null"]).model.lora is None
 
 
 def test_overrides_beat_the_file_and_merge_sections(tmp_path):
     path = write(tmp_path / "c.yaml", "loss:\n  beta: 0.2\n  alpha: 0.01\nmodel:\n  lora:\n    r: 8\n")
-    config = load_config(path, ["loss.alpha=0.3", "model.lora.alpha=4"])
+    config = load_config(path, ["loss.alpha=0.3", "model.lora.lora_alpha=4"])
     assert (config.loss.beta, config.loss.alpha) == (0.2, 0.3)
-    assert (config.model.lora.r, config.model.lora.alpha) == (8, 4)
+    assert (config.model.lora["r"], config.model.lora["lora_alpha"]) == (8, 4)
 
 
 @pytest.mark.parametrize("override", ["loss.alpha", "=3", "loss=1,loss.beta=2"])
@@ -277,7 +277,7 @@ def test_build_config_source_in_message():
 
 def test_field_docs_cover_every_key():
     keys = {key for key, _, _ in field_docs()}
-    assert {"model.name_or_path", "model.lora.r", "loss.alpha", "loss.target_length", "train.max_length",
+    assert {"model.name_or_path", "model.lora", "loss.alpha", "loss.target_length", "train.max_length",
             "iterations.alpha_control.mode", "eval.judge.type", "seed"} <= keys
     assert all(doc for key, _, doc in field_docs() if not key.endswith("*"))
 

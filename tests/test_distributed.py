@@ -96,7 +96,7 @@ TRAIN = ("model.dtype=float32", f"data.pairs={PAIRS_FILE}", "train.max_length=12
 # second process has none: a zero-weighted pass in lockstep for the sharded engines, no pass for
 # replicas), gradients clipped at 0.5 (active: the first steps' norms are larger).
 UNEVEN = ("train.batch_size=3", "train.grad_accum=2", "train.max_grad_norm=0.5")
-LORA = ("model.lora.r=4", "model.lora.dropout=0", "model.merge_lora=true")
+LORA = ("model.lora.r=4", "model.lora.lora_dropout=0")
 
 
 def train_both(tiny_model_dir: Path, tmp_path: Path, tmp_path_factory, extra: tuple[str, ...], processes: int = 2,
@@ -156,9 +156,8 @@ def test_engines_train_what_one_plain_process_trains(tiny_model_dir, tmp_path, t
 ], ids=["LoRA DDP", "LoRA FSDP", "bfloat16 FSDP", "LoRA ZeRO-2", "bfloat16 ZeRO-3"])
 def test_lora_and_bfloat16_train_under_several_processes_as_in_one(tiny_model_dir, tmp_path, tmp_path_factory,
                                                                      engine, extra, tolerance):
-    """LoRA (the reference is the adapter switched off: no second model; merged after training
-    from the adapter the processes saved, as one process merges) and bfloat16 mixed precision with
-    float32 master weights, split over two processes."""
+    """LoRA (the reference is the adapter switched off: no second model) and bfloat16 mixed
+    precision with float32 master weights, split over two processes."""
     if engine.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (pip install 'ilrdpo[deepspeed]')")
     one, two = train_both(tiny_model_dir, tmp_path, tmp_path_factory, ("train.batch_size=8", *extra),
@@ -179,10 +178,6 @@ def test_lora_and_bfloat16_train_under_several_processes_as_in_one(tiny_model_di
     # Adam's first steps move each weight by about the learning rate whatever its gradient, so
     # round-off flips single near-zero gradients: the whole update is compared, not one weight
     assert moved > 0 and norm({k: a[k].float() - b[k].float() for k in a}) < tolerance * moved
-    if extra == LORA:
-        merged = [weights(folder / "model" / "merged") for folder in (one, two)]
-        assert set(merged[0]) == set(merged[1]) == set(weights(tiny_model_dir))
-        assert max((merged[0][k] - merged[1][k]).abs().max().item() for k in merged[0]) < 1e-3
 
 
 # --- `ilrdpo run`: several processes against one, killed and resumed --------------------------------

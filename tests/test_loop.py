@@ -352,7 +352,7 @@ def test_reference_initial_is_the_initial_model(raw_config, tiny_model_dir, toke
     raw["train"].update(epochs=1, learning_rate=1e-2 if lora else 1e-3)
     raw["data"].update(eval_prompts=None, max_examples=4)
     if lora:
-        raw["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+        raw["model"]["lora"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     out = tmp_path / "run"
     run_iterations(build_config(raw))
 

@@ -24,7 +24,7 @@ from helpers.http_server import LocalServer, ok
 from ilrdpo.config import DataSettings, GenerationSettings, load_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.generation import generate_answers
-from ilrdpo.generation.server import ServerSampler, load_adapter, sample_from_server
+from ilrdpo.generation.server import ServerSampler, load_adapter, needs_merged_weights, sample_from_server
 from ilrdpo.preflight import check_server
 from ilrdpo.records import Prompt
 from ilrdpo.serving import client as client_module
@@ -132,9 +132,21 @@ def test_a_fixed_server_is_refused_where_rounds_would_not_be_on_policy():
         check_server(load_config(None, [*url, "iterations.count=2"]))
     check_server(load_config(None, [*url, "iterations.count=1"]))  # one round samples the initial model
     check_server(load_config(None, [*url, "iterations.count=2", "model.lora.r=8"]))  # adapters loaded per round
+
+
+@pytest.mark.unit
+def test_a_lora_run_saves_merged_weights_only_for_a_server_started_per_round():
+    """model.merge_lora is gone: a server started per round loads whole weights, so each round's
+    adapter is also saved merged (preflight used to refuse LoRA with a server command); a running
+    server loads the adapter, and in-process sampling needs neither."""
     command = ["generation.backend=server", "generation.server.command=vllm serve {model} --port {port}"]
-    with pytest.raises(UserInputError, match="set model.merge_lora: true"):
-        check_server(load_config(None, [*command, "model.lora.r=8"]))
+    config = load_config(None, [*command, "model.lora.r=8"])
+    check_server(config)
+    assert needs_merged_weights(config)
+    assert not needs_merged_weights(load_config(None, command))
+    assert not needs_merged_weights(load_config(None, ["model.lora.r=8"]))
+    url = ["generation.backend=server", "generation.server.url=http://h:8000", "model.lora.r=8"]
+    assert not needs_merged_weights(load_config(None, url))
 
 
 # --- the sampler's requests (smoke: the real tokenizer) ------------------------------------------
@@ -276,6 +288,23 @@ def test_each_round_samples_through_a_server_started_on_the_previous_rounds_mode
         served = sample_from_server(sampler, tokenizer, prompts, DataSettings(), context=512, num_samples=1,
                                     seed=0, progress_file=None)
     assert [served[p.id][0].text for p in prompts] == local_greedy(iteration_1, prompts)
+
+
+@pytest.mark.slow
+@needs_serve
+def test_a_lora_run_serves_each_rounds_merged_weights(served_model_dir, tmp_path, monkeypatch):
+    """model.lora with a server started per round: each round saves its adapter and, for the
+    server, the adapter merged (no model.merge_lora); round 2's server loads iteration 1's merged
+    weights."""
+    config, out = write_run(tmp_path, served_model_dir, server={"command": SERVE})
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["lora"] = {"r": 4, "lora_dropout": 0.0}
+    config.write_text(yaml.safe_dump(raw))
+    assert call_main(monkeypatch, ["run", "--config", str(config)]) == 0
+    saved = out / "iter_1" / "model"
+    assert (saved / "adapter_config.json").is_file() and (saved / "merged" / "model.safetensors").is_file()
+    assert f"serve {saved / 'merged'} --port" in (out / "iter_2" / "server.log").read_text().splitlines()[0]
+    assert all(len(c["responses"]) == 2 for c in read_jsonl(out / "iter_2" / "candidates.jsonl"))
 
 
 def test_a_server_command_that_fails_to_start_is_one_line_with_its_output(tiny_model_dir, tmp_path, monkeypatch,

@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from helpers import DESIGN_METRICS
-from ilrdpo.config import DataSettings, LoraSettings, LossSettings, TrainSettings, build_config
+from ilrdpo.config import DataSettings, LossSettings, TrainSettings, build_config
 from ilrdpo.data import collate_pairs, tokenize_pairs
 from ilrdpo.errors import TrainingDiverged, UserInputError
 from ilrdpo.logprobs import sequence_logps
+from ilrdpo.lora import resolve_lora
 from ilrdpo.models import add_lora
 from ilrdpo.offline import run_offline
 from ilrdpo.records import PreferencePair
@@ -251,7 +252,7 @@ def test_lora_trains_only_the_adapter(tiny_model, tokenizer, tmp_path):
     base_logps = pair_logps(tiny_model, tokenizer)
     base_before = base_weights(tiny_model)
     torch.manual_seed(0)
-    model = add_lora(tiny_model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = add_lora(tiny_model, resolve_lora({"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}))
     adapter = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert adapter and all("lora_" in name for name in adapter)
     adapter_before = {name: p.detach().clone() for name, p in adapter.items()}
@@ -468,7 +469,7 @@ def first_step_gradients(model_dir, tokenizer, loss: LossSettings, lora: bool = 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if lora:
         torch.manual_seed(0)
-        model = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        model = add_lora(model, resolve_lora({"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}))
         with torch.no_grad():  # a nonzero B, so the adapter's A matrices get gradients too
             for name, p in model.named_parameters():
                 if "lora_B" in name:

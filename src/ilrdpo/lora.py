@@ -88,8 +88,8 @@ def _check_field(name: str, value: Any, fields: dict[str, Any]) -> None:
         near = difflib.get_close_matches(name, [*fields, *RENAMED], n=1, cutoff=0.6)
         suggestion = f" (did you mean 'model.lora.{RENAMED.get(near[0], near[0])}'?)" if near else ""
         raise LoraKeyError(name, suggestion, unknown=True)
-    if name == "init_lora_weights" and re.fullmatch(r"pissa_niter_\d+", str(value)):
-        return  # PEFT's annotation spells this choice 'pissa_niter_[number of iters]'
+    if name == "init_lora_weights" and re.fullmatch("pissa_niter" + r"_\d+", str(value)):
+        return  # PEFT's annotation spells this choice as a placeholder, 'pissa_niter_[number of iters]'
     try:
         adapter = TypeAdapter(fields[name])
     except PydanticUserError:  # an annotation pydantic cannot check: PEFT's own checks decide
