@@ -35,8 +35,8 @@ def test_the_mapping_holds_the_defaults_under_the_users_fields_sorted():
 @pytest.mark.unit
 @pytest.mark.parametrize("override,line", [
     ("model.lora.alpha=64", "config key 'model.lora.alpha': is PEFT's lora_alpha now; write model.lora.lora_alpha"),
-    ("model.lora.dropout=0", "config key 'model.lora.dropout': is PEFT's lora_dropout now; write "
-                             "model.lora.lora_dropout"),
+    ("model.lora.dropout=0", ("config key 'model.lora.dropout': is PEFT's lora_dropout now; write "
+                             "model.lora.lora_dropout")),
     ("model.lora.task_type=SEQ_CLS", "config key 'model.lora.task_type': is set by ilrdpo (CAUSAL_LM); remove it"),
     ("model.lora.use_rslra=true", "unknown config key 'model.lora.use_rslra' (did you mean 'model.lora.use_rslora'?)"),
     ("model.lora.r=0", "config key 'model.lora.r': 0 must be greater than 0"),
@@ -46,8 +46,8 @@ def test_the_mapping_holds_the_defaults_under_the_users_fields_sorted():
     # PEFT's own ValueError, raised when LoraConfig is built
     ("model.lora.layers_pattern=layers", "config key 'model.lora.layers_pattern': PEFT refuses it: `layers_pattern` "),
     ("model.lora=8", "config key 'model.lora': expected a mapping of PEFT LoraConfig arguments"),
-    ("model.merge_lora=true", "config key 'model.merge_lora' was removed; use nothing: a LoRA run saves adapters "
-                              "(merge one with PEFT's PeftModel.from_pretrained(base, folder).merge_and_unload())"),
+    ("model.merge_lora=true", ("config key 'model.merge_lora' was removed; use nothing: a LoRA run saves adapters "
+                              "(merge one with PEFT's PeftModel.from_pretrained(base, folder).merge_and_unload())")),
 ])
 def test_a_bad_lora_field_is_one_line_before_anything_is_written(monkeypatch, capsys, tmp_path, override, line):
     out = tmp_path / "run"
@@ -86,8 +86,8 @@ def test_an_old_lora_run_directory_resumes_with_peft_names(tmp_path):
     today's names finds no changed key; a changed field is named as model.lora.FIELD."""
     old = old_lora_run(tmp_path).recorded_config()
     assert old.model.lora == {"lora_alpha": 16, "lora_dropout": 0.0, "r": 8, "target_modules": ["q_proj", "v_proj"]}
-    same = ["model.lora.r=8", "model.lora.lora_alpha=16", "model.lora.lora_dropout=0", "model.lora.target_modules="
-            "[q_proj, v_proj]"]
+    same = ["model.lora.r=8", "model.lora.lora_alpha=16", "model.lora.lora_dropout=0",
+            "model.lora.target_modules=[q_proj, v_proj]"]
     check_resume(old, load_config(None, same), FINISHED, force=False)
     with pytest.raises(UserInputError, match=r"config key 'model.lora.r' changed \(8 -> 4\); stage 'generate'"):
         check_resume(old, load_config(None, [*same, "model.lora.r=4"]), FINISHED, force=False)
