@@ -271,7 +271,7 @@ def check_pairs_file(config: Config) -> None:
     """A JSONL pairs file is read in full here (other sources are read by `datasets` later)."""
     path = Path(config.data.pairs)
     if path.suffix == ".jsonl":
-        read_pairs(path, config.data.max_examples, uniform_target=True)
+        read_pairs(path, uniform_target=True)
 
 
 def _needs_reference(settings: ScoringSettings, key: str) -> str | None:
@@ -281,7 +281,7 @@ def _needs_reference(settings: ScoringSettings, key: str) -> str | None:
 
 def check_prompt_files(config: Config) -> None:
     """Training and eval prompts: readable, and with what the scorer and the judge need."""
-    read_prompts(config.data.prompts, config.data.max_examples, uniform_target=True,
+    read_prompts(config.data.prompts, uniform_target=True,
                  reference_for=_needs_reference(config.scoring, "scoring"))
     if config.data.eval_prompts:
         judge, key = config.judge_scorer(), ("eval.judge" if config.eval.judge else "scoring")

@@ -65,7 +65,6 @@ class DataSettings(Section):
         True, description="Format prompts with the tokenizer's chat template (generation prompt added)."
     )
     system_prompt: str | None = Field(None, description="System message prepended to string prompts.")
-    max_examples: int | None = Field(None, gt=0, description="Use only the first N prompts or pairs.")
 
 
 class ServerSettings(Section):
@@ -214,15 +213,11 @@ class TrainSettings(Section):
 
 
 class AlphaControlSettings(Section):
-    mode: Literal["constant", "auto"] = Field(
-        "constant", description="auto = before each round's training, move alpha toward a length budget on the "
-        "round's own sampled answers (training prompts; eval prompts are not used).")
-    budget: float = Field(1.0, gt=0.0, description="auto: allowed mean sampled length, relative to the first round's "
-                          "samples (the initial model's; <= 10) or in tokens (> 10).")
-    step: float = Field(0.5, gt=0.0, description="auto: alpha is multiplied by exp(0.5 * over), over = mean sampled "
-                        "length / budget - 1, with |0.5 * over| at most step (the largest change of log alpha per "
-                        "round); nothing within 2% of the budget; from alpha 0 it starts at 0.01.")
-    max_alpha: float = Field(1.0, ge=0.0, description="auto: upper bound.")
+    budget: float | None = Field(
+        None, gt=0.0, description="Set: before each round's training, move alpha toward this mean sampled length "
+        "on the round's own sampled answers (training prompts; eval prompts are not used): relative to the first "
+        "round's samples, the initial model's (<= 10), or in tokens (> 10). Needs loss.alpha > 0; alpha stays "
+        "within 4 x loss.alpha and moves at most 20% per round. null = loss.alpha in every round.")
 
 
 class IterationSettings(Section):
@@ -233,17 +228,11 @@ class IterationSettings(Section):
     alpha_control: AlphaControlSettings = Field(default_factory=AlphaControlSettings)
     keep_models: int | None = Field(
         2, ge=1, description="Keep the saved models of only the last K iterations (the final one always): older "
-        "iterations' model folders, and the models of attempts alpha control's retries replaced, are removed once "
-        "a later round stands. null = keep every model.")
+        "iterations' model folders are removed once a later round stands. null = keep every model.")
 
 
 class EvalSettings(Section):
     judge: JudgeSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
-    samples: int = Field(
-        0, ge=0, le=64, description="Also this many sampled answers per eval prompt (the generation settings, the "
-        "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
-        "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
-        "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
     length_anchors: bool = Field(
         True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "
         "and told to be verbose; judged against the base answers, they pin down the LC fit's length "
@@ -260,6 +249,11 @@ class ExperimentalSettings(Section):
         "target margins T - alpha * g (g = c(y_w) - c(y_l); T the loss's target margin, ipo: 1/2) carry no "
         "length component, T * sum(g) / sum(g^2). alpha 1 = neutral, above 1 favours shorter answers. Needs a "
         "loss with a target margin (ipo, or sigmoid with label_smoothing).")
+    eval_samples: int = Field(
+        0, ge=0, le=64, description="Evaluation: also this many sampled answers per eval prompt (the generation settings, the "
+        "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
+        "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
+        "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
     perplexity: bool = Field(
         False, description="Also the perplexity of each model's eval answers under the initial model "
         "(eval.json perplexity_initial; strided sliding windows where prompt + answer exceed the context): "
@@ -315,6 +309,13 @@ class Config(Section):
         if self.eval.judge is None:
             return self.scoring
         return self.scoring.model_copy(update=self.eval.judge.model_dump())
+
+    @model_validator(mode="after")
+    def _alpha_control_starts_from_alpha(self) -> Config:
+        if self.iterations.alpha_control.budget is not None and self.loss.alpha == 0:
+            raise ValueError("iterations.alpha_control.budget needs loss.alpha > 0: alpha control starts from it "
+                             "and keeps alpha within 4 x loss.alpha")
+        return self
 
     @model_validator(mode="after")
     def _alpha_neutral_needs_a_target(self) -> Config:
