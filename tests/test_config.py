@@ -116,6 +116,7 @@ def old_run_config() -> dict:
                                               step=0.5, max_alpha=1.0)
     old["data"]["max_examples"] = None
     old["eval"]["samples"] = 0
+    old["scoring"]["compare_to"] = "reference"
     del old["experimental"]["eval_samples"]
     return old
 
@@ -214,6 +215,22 @@ def test_alpha_control_as_recorded_with_a_mode_migrates_to_its_budget(tmp_path):
 
 
 @pytest.mark.unit
+def test_compare_to_prompt_as_recorded_becomes_the_prompt_similarity_scorer(tmp_path):
+    """scoring.compare_to went into the scorer's type: a run recorded with compare_to prompt resumes
+    with scoring.type prompt_similarity, and so does a judge of type embedding_similarity (which
+    compared as the scoring section); a user's config setting it is refused in one line."""
+    old = old_run_config()
+    old["scoring"]["compare_to"] = "prompt"
+    old["eval"]["judge"] = {"type": "embedding_similarity", "model": "m"}
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    config = load_config(path, recorded=True)
+    assert config.scoring.type == config.judge_scorer().type == "prompt_similarity"
+    with pytest.raises(UserInputError, match=r"^command line: config key 'scoring.compare_to' was removed; use "
+                       r"scoring.type prompt_similarity"):
+        load_config(None, ["scoring.compare_to=prompt"])
+
+
+@pytest.mark.unit
 def test_keys_outside_the_experimental_section_are_counted():
     """The configuration's size (issue 28): 106 dotted keys before, the count of all_keys() now."""
     keys = all_keys()
@@ -222,8 +239,9 @@ def test_keys_outside_the_experimental_section_are_counted():
     # 96 (87 without iterations.alpha_control.*) before the removals, 104 with the server keys; now with
     # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
     # iterations.alpha_control.retries / tolerance / response / gain / min_alpha (80); without
-    # iterations.alpha_control.mode / step / max_alpha, data.max_examples, eval.samples (moved)
-    assert len(keys) - len(experimental) == 75
+    # iterations.alpha_control.mode / step / max_alpha, data.max_examples, eval.samples (moved),
+    # scoring.compare_to (scoring.type prompt_similarity)
+    assert len(keys) - len(experimental) == 74
 
 
 def test_overrides_parse_types():

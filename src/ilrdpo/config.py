@@ -172,7 +172,8 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "eval.baseline": ("nothing: eval.json compares with both the initial and the previous iterate", ANY_VALUE),
     "eval.greedy": ("experimental.eval_samples for sampled eval answers (the eval answers are greedy)", True),
     "eval.max_new_tokens": ("generation.max_new_tokens", None),
-    "eval.judge.compare_to": ("scoring.compare_to (the judge compares as the scoring section says)", AS_SCORING),
+    "scoring.compare_to": ("scoring.type prompt_similarity (embedding_similarity compares with the reference)",
+                           "reference"),
     "eval.judge.batch_size": ("scoring.batch_size (the judge scores in batches of that size)", ANY_VALUE),
     "eval.judge.tie_tolerance": ("scoring.tie_tolerance (one tolerance for pairing and judging)", AS_SCORING),
     "tune.sampler": ("nothing: the sampler follows from the objectives and trials (GP, TPE or NSGA-II)",
@@ -235,11 +236,27 @@ def _migrate_alpha_control(data: dict[str, Any], source: str) -> None:
                              "now moves alpha by at most 20% per round, within 4 x loss.alpha)")
 
 
+def _migrate_compare_to(data: dict[str, Any], source: str) -> None:
+    """scoring.compare_to as recorded before it became a scorer type: prompt makes an
+    embedding_similarity scorer (and a judge, which compared as the scoring section) prompt_similarity."""
+    scoring = data.get("scoring") if isinstance(data.get("scoring"), dict) else {}
+    judge = (data.get("eval") or {}).get("judge") if isinstance(data.get("eval"), dict) else None
+    compare = scoring.pop("compare_to", "reference")
+    if isinstance(judge, dict) and judge.pop("compare_to", compare) != compare:
+        raise UserInputError(f"{source}: config key 'eval.judge.compare_to' was removed; this run directory "
+                             "cannot be resumed with this version (the judge compares as the scoring section)")
+    for section in (scoring, judge):
+        if compare == "prompt" and isinstance(section, dict) and \
+                section.get("type", "embedding_similarity") == "embedding_similarity":
+            section["type"] = "prompt_similarity"
+
+
 def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A run directory's config.yaml written before keys were removed: moved keys go to their new
     place, removed keys at a value that changed nothing are dropped, any other is refused."""
     data = copy.deepcopy(data)
     _migrate_alpha_control(data, source)
+    _migrate_compare_to(data, source)
     for path, key, value in _removed_in(data):
         holder = data
         for part in path[:-1]:

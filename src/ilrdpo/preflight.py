@@ -275,7 +275,7 @@ def check_pairs_file(config: Config) -> None:
 
 
 def _needs_reference(settings: ScoringSettings, key: str) -> str | None:
-    needs = settings.type == "embedding_similarity" and settings.compare_to == "reference"
+    needs = settings.type == "embedding_similarity"
     return f"{key}.type embedding_similarity" if needs else None
 
 
@@ -298,7 +298,7 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
             from ilrdpo.models import check_checkpoint
 
             check_checkpoint(folder)
-    elif settings.type == "embedding_similarity":
+    elif settings.type in ("embedding_similarity", "prompt_similarity"):
         if settings.model and not settings.model.startswith("bundled:"):
             local_model_folder(settings.model, f"{key}.model")
     elif settings.type in ("remote", "llm"):

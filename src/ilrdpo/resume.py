@@ -48,7 +48,7 @@ def initial_eval_dependencies(config: Config | None = None) -> tuple[str, ...]:
         skip.update(SAMPLING_KEYS)
     generation = tuple(f"generation.{k}" for k in GenerationSettings.model_fields if k not in skip)
     # a judge of its own still scores with the scoring section's comparison and ties
-    judge = ("scoring",) if config.eval.judge is None else ("scoring.compare_to", "scoring.tie_tolerance")
+    judge = ("scoring",) if config.eval.judge is None else ("scoring.tie_tolerance",)
     return ("model", "data.use_chat_template", "data.system_prompt", "seed", *generation, *judge,
             *STAGE_SECTIONS["eval"])
 

@@ -110,13 +110,15 @@ class GenerationSettings(Section):
 
 
 class ScoringSettings(Section):
-    type: Literal["reward_model", "embedding_similarity", "python", "remote", "llm"] = Field(
-        "embedding_similarity", description="How answers are scored; remote = a reward model behind `url`; llm "
+    type: Literal["reward_model", "embedding_similarity", "prompt_similarity", "python", "remote", "llm"] = Field(
+        "embedding_similarity", description="How answers are scored; embedding_similarity = cosine similarity of "
+        "the answer to the prompt's reference answer, prompt_similarity = to the prompt itself (the document to "
+        "summarise, the conversation's last user turn); remote = a reward model behind `url`; llm "
         "(eval.judge only) = a chat model behind `url` judging each answer against the initial model's in "
         "AlpacaEval's pairwise protocol: eval.json vs_initial_llm (README: Reward and judging through a server).")
     model: str | None = Field(
         None, description="Reward model (reward_model) or sentence-transformers model "
-        "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'. remote: the served reward model's "
+        "(embedding_similarity, prompt_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'. remote: the served reward model's "
         "name, whose tokenizer's chat template renders each (prompt, answer) before it is sent.",
     )
     url: str | None = Field(None, description="remote: the scoring endpoint, e.g. vLLM's http://host:8000/pooling "
@@ -124,9 +126,6 @@ class ScoringSettings(Section):
                             "server, http://host:port (its /v1/chat/completions).")
     api_key_env: str | None = Field(None, description="remote: environment variable holding the API key (sent as a "
                                     "bearer token, never written).")
-    compare_to: Literal["reference", "prompt"] = Field(
-        "reference", description="embedding_similarity: compare the answer with the prompt's reference answer, or "
-        "with the prompt itself (the document to summarise, the conversation's last user turn).")
     function: str | None = Field(
         None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
         "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward-function form; prompts as text or "
@@ -141,7 +140,7 @@ class JudgeSettings(Section):
     """The scorer that judges evaluation answers, where it differs from the scoring section: the
     rest (compare_to, batch_size, tie_tolerance) is the scoring section's."""
 
-    type: Literal["reward_model", "embedding_similarity", "python", "remote", "llm"] = Field(
+    type: Literal["reward_model", "embedding_similarity", "prompt_similarity", "python", "remote", "llm"] = Field(
         "embedding_similarity", description="How eval answers are judged (as scoring.type; llm: eval.judge only).")
     model: str | None = Field(None, description="The judge's model (as scoring.model).")
     function: str | None = Field(None, description="The judge's python function (as scoring.function).")
