@@ -117,6 +117,7 @@ def old_run_config() -> dict:
     old["data"]["max_examples"] = None
     old["eval"]["samples"] = 0
     old["scoring"]["compare_to"] = "reference"
+    old["train"]["max_prompt_length"] = None
     del old["experimental"]["eval_samples"]
     return old
 
@@ -240,8 +241,8 @@ def test_keys_outside_the_experimental_section_are_counted():
     # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
     # iterations.alpha_control.retries / tolerance / response / gain / min_alpha (80); without
     # iterations.alpha_control.mode / step / max_alpha, data.max_examples, eval.samples (moved),
-    # scoring.compare_to (scoring.type prompt_similarity)
-    assert len(keys) - len(experimental) == 74
+    # scoring.compare_to (scoring.type prompt_similarity), train.max_prompt_length (the prompt gets the room)
+    assert len(keys) - len(experimental) == 73
 
 
 def test_overrides_parse_types():
@@ -339,10 +340,10 @@ def test_unknown_keys_suggest_the_nearest(data, message):
 def test_trl_names_land_on_the_project_keys():
     """A DPOConfig-style flat config: every TRL name maps to one project key."""
     config = build_config({"learning_rate": 5e-7, "num_train_epochs": 2, "per_device_train_batch_size": 8,
-                           "gradient_accumulation_steps": 4, "max_length": 512, "max_prompt_length": 128,
+                           "gradient_accumulation_steps": 4, "max_length": 512,
                            "lr_scheduler_type": "linear", "beta": 0.05, "loss_type": "ipo", "report_to": "none",
                            "train": {"warmup_ratio": 0.2}})
     assert (config.train.learning_rate, config.train.epochs, config.train.batch_size, config.train.grad_accum,
-            config.train.max_length, config.train.max_prompt_length, config.train.lr_scheduler,
+            config.train.max_length, config.train.lr_scheduler,
             config.loss.beta, config.loss.type, config.train.report_to, config.train.warmup_ratio) == (
-        5e-7, 2, 8, 4, 512, 128, "linear", 0.05, "ipo", [], 0.2)
+        5e-7, 2, 8, 4, 512, "linear", 0.05, "ipo", [], 0.2)

@@ -123,7 +123,7 @@ def explain_validation_error(error: ValidationError, source: str) -> str:
 TRL_ALIASES = {
     "learning_rate": "train.learning_rate", "num_train_epochs": "train.epochs",
     "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
-    "max_length": "train.max_length", "max_prompt_length": "train.max_prompt_length",
+    "max_length": "train.max_length",
     "warmup_ratio": "train.warmup_ratio", "lr_scheduler_type": "train.lr_scheduler",
     "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
     "gradient_checkpointing": "train.gradient_checkpointing", "report_to": "train.report_to",
@@ -185,6 +185,10 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
         "nothing: alpha control's gain is fixed at 0.5; each change is at most 20%", 0.5),
     "iterations.alpha_control.min_alpha": ("nothing: alpha control's lower bound is 0", 0.0),
     "iterations.alpha_control.tolerance": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
+    "train.max_prompt_length": (
+        "nothing: a pair over train.max_length keeps its prompt's end in the room its answers leave, at least half",
+        None),
+    "max_prompt_length": ("nothing (as in TRL's DPOConfig): a pair over max_length keeps its prompt's end", None),
     "data.max_examples": ("a slice, data.pairs NAME:train[:N], or a file of the first N lines (head -n N)", None),
     "iterations.alpha_control.mode": (
         "iterations.alpha_control.budget (set: alpha control on; null: loss.alpha in every round)", "constant"),

@@ -184,10 +184,9 @@ class TrainSettings(Section):
     epochs: float = Field(1.0, gt=0.0, description="Passes over the pairs (fractions allowed).")
     batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(1024, ge=8, description="Prompt + answer tokens; longer pairs are truncated.")
-    max_prompt_length: int | None = Field(
-        None, ge=1, description="Prompt tokens kept (from the end) when a pair is too long; default max_length/2."
-    )
+    max_length: int = Field(1024, ge=8, description="Prompt + answer tokens; a longer pair keeps the end of its prompt, "
+                            "in the room its longer answer leaves and at least half of this, and the start of "
+                            "each answer.")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -203,12 +202,6 @@ class TrainSettings(Section):
     save_steps: int = Field(
         100, ge=0, description="Checkpoint (weights, optimizer, scheduler, RNG) every N steps; a killed round "
         "resumes from the last one to the same weights. 0 = off.")
-
-    @model_validator(mode="after")
-    def _prompt_fits(self) -> TrainSettings:
-        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
-        return self
 
 
 class AlphaControlSettings(Section):
