@@ -350,7 +350,6 @@ def worker_ilrdpo(a, rows) -> dict:
     data = DataSettings(use_chat_template=False)
     # The same call train_round makes, for the identity check only (not timed, before the model).
     examples = tokenize_pairs(tok, pairs, max_length=train.max_length,
-                              max_prompt_length=train.max_prompt_length,
                               use_chat_template=data.use_chat_template, system_prompt=data.system_prompt)
     digest = sequences_digest((e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in examples)
     truncated = sum(e.truncated for e in examples)

@@ -112,19 +112,23 @@ def test_truncation_keeps_prompt_end_and_answer_start():
     assert len(p) + max(len(c), len(r)) == 32
 
 
-def test_truncation_with_max_prompt_length():
-    """max_prompt_length 8: the prompt keeps 22..29; answers get 32 - 8 = 24 tokens."""
-    p, c, r, cut = truncate(list(range(30)), list(range(100, 110)), list(range(200, 240)), 32, 8)
-    assert cut and p == list(range(22, 30)) and c == list(range(100, 110)) and r == list(range(200, 224))
+def test_a_long_prompt_keeps_the_room_its_answers_leave():
+    """A long input with short answers: prompt 60, answers 10 and 6, max_length 32: the prompt keeps
+    its last 32 - 10 = 22 tokens (38..59), more than half, and both answers are whole."""
+    p, c, r, cut = truncate(list(range(60)), list(range(100, 110)), list(range(200, 206)), 32)
+    assert cut and p == list(range(38, 60)) and c == list(range(100, 110)) and r == list(range(200, 206))
 
 
 def test_truncated_rows_always_fit_max_length():
-    """Prompt 20, answers 5, max_length 16, max_prompt_length 32 (nothing forbids it in TrainSettings):
-    every row must still fit 16 tokens and keep at least one answer token."""
-    p, c, r, cut = truncate(list(range(20)), [1] * 5, [2] * 5, max_length=16, max_prompt_length=32)
-    assert cut
-    assert len(p) + len(c) <= 16 and len(p) + len(r) <= 16
-    assert len(c) >= 1 and len(r) >= 1
+    """Prompt 20, answers 5 or 15, max_length 16: every row fits 16 tokens, the prompt keeps at
+    least half of them, and at least one answer token survives."""
+    for answer in (5, 15):
+        p, c, r, cut = truncate(list(range(20)), [1] * answer, [2] * answer, max_length=16)
+        assert cut and len(p) >= 8
+        assert len(p) + len(c) <= 16 and len(p) + len(r) <= 16
+        assert len(c) >= 1 and len(r) >= 1
+    p, c, r, cut = truncate(list(range(20)), [1] * 5, [2] * 5, max_length=2)
+    assert cut and len(p) == 1 and c == [1] and r == [2]
 
 
 def test_tokenize_pairs_flags_truncation(tokenizer):
@@ -134,8 +138,9 @@ def test_tokenize_pairs_flags_truncation(tokenizer):
     examples = tokenize_pairs(tokenizer, pairs, max_length=64)
     assert [e.truncated for e in examples] == [True, False]
     first = examples[0]
-    assert len(first.prompt_ids) == 32
-    assert first.prompt_ids == encode_prompt(tokenizer, long_prompt)[-32:]  # ends with the generation prompt
+    room = 64 - max(len(first.chosen_ids), len(first.rejected_ids))  # the answers are whole, the prompt fills the rest
+    assert len(first.prompt_ids) == room > 32
+    assert first.prompt_ids == encode_prompt(tokenizer, long_prompt)[-room:]  # ends with the generation prompt
     assert first.chosen_ids == encode_answer(tokenizer, "Short.")
     # |y| is counted on the whole answer (before training truncation), EOS not counted
     assert (first.chosen_length, first.rejected_length) == (
@@ -249,7 +254,6 @@ def test_load_pairs_jsonl():
         prompt="What is the capital of Japan?", chosen="The capital of Japan is Tokyo.",
         rejected=pairs[0].rejected)
     assert pairs[0].rejected.startswith("Japan is a fascinating island nation")
-    assert len(load_pairs(str(EXAMPLES / "pairs.jsonl"), limit=3)) == 3
 
 
 def test_load_pairs_conversational_jsonl():
@@ -291,7 +295,7 @@ def test_load_pairs_parquet_and_json_files(tmp_path):
     check_rows(load_pairs(str(tmp_path / "pairs.parquet")))
     (tmp_path / "pairs.json").write_text(json.dumps(ROWS))
     check_rows(load_pairs(str(tmp_path / "pairs.json")))
-    assert len(load_pairs(str(tmp_path / "pairs.parquet"), limit=1)) == 1
+    assert len(load_pairs(f"{tmp_path / 'pairs.parquet'}:train[:1]")) == 1  # the slice data.max_examples was
 
 
 def test_load_pairs_conversational_parquet(tmp_path):

@@ -32,7 +32,7 @@ def dataset_split(source: str) -> tuple[str, str]:
     return source, "train"
 
 
-def load_pairs(source: str, limit: int | None = None) -> list[PreferencePair]:
+def load_pairs(source: str) -> list[PreferencePair]:
     """Preference pairs from a JSONL file, a saved dataset folder, a data file, or a hub name
     (with a split: dataset_split)."""
     source, split = dataset_split(source)
@@ -40,7 +40,7 @@ def load_pairs(source: str, limit: int | None = None) -> list[PreferencePair]:
     if path.suffix == ".jsonl" or (path.suffix in DATASET_SUFFIXES and not path.exists()):
         if path.suffix != ".jsonl":
             raise UserInputError(f"{path}: file not found")
-        return read_pairs(path, limit)
+        return read_pairs(path)
     import datasets  # slow import; only for non-JSONL sources
 
     try:
@@ -57,8 +57,6 @@ def load_pairs(source: str, limit: int | None = None) -> list[PreferencePair]:
     pairs = []
     for index, row in enumerate(dataset):
         pairs.append(pair_from_row(dict(row), f"{source}:row {index}"))
-        if limit is not None and len(pairs) >= limit:
-            break
     if not pairs:
         raise UserInputError(f"{source}: no preference pairs")
     return pairs
@@ -146,22 +144,23 @@ class TokenizedPair:
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
-def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
-             max_prompt_length: int | None = None) -> tuple[list[int], list[int], list[int], bool]:
-    """Keep the end of the prompt and the start of each answer so each row fits max_length."""
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int],
+             max_length: int) -> tuple[list[int], list[int], list[int], bool]:
+    """Keep the end of the prompt and the start of each answer so each row fits max_length: the
+    prompt gets the room the longer answer leaves, and at least half of max_length (a long input
+    keeps as much of itself as its answers allow; answers longer than half are cut)."""
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
         return prompt, chosen, rejected, False
     # At least one answer token must survive, or the pair carries no signal.
-    keep_prompt = min(max_prompt_length or max_length // 2, max_length - 1)
+    keep_prompt = min(max(max_length - longest, max_length // 2), max_length - 1)
     if len(prompt) > keep_prompt:
         prompt = prompt[-keep_prompt:]
     room = max_length - len(prompt)
     return prompt, chosen[:room], rejected[:room], True
 
 
-def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int,
-                   max_prompt_length: int | None = None, use_chat_template: bool = True,
+def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int, use_chat_template: bool = True,
                    system_prompt: str | None = None, length_unit: str = "tokens") -> list[TokenizedPair]:
     with_target = sum(p.target_length is not None for p in pairs)
     if 0 < with_target < len(pairs):
@@ -172,7 +171,7 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], *, max_length: int,
         chosen, n_chosen = encode_answer_counted(tokenizer, pair.chosen, pair.chosen_truncated)
         rejected, n_rejected = encode_answer_counted(tokenizer, pair.rejected, pair.rejected_truncated)
         lengths = pair_lengths(tokenizer, pair, length_unit, counted=(n_chosen, n_rejected))
-        prompt, chosen, rejected, cut = truncate(prompt, chosen, rejected, max_length, max_prompt_length)
+        prompt, chosen, rejected, cut = truncate(prompt, chosen, rejected, max_length)
         out.append(TokenizedPair(prompt, chosen, rejected, *lengths, pair.target_length, cut))
     return out
 

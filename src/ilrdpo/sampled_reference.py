@@ -53,7 +53,7 @@ def sampled_reference_logps(model, tokenizer, pairs: list[PreferencePair], sampl
     """((P, 2) reference log-probs [chosen, rejected], pairs forwarded): from `sampled`
     (read_sample_logps, taken with `model` while sampling) where a pair's prompt and both answers
     tokenise as train_round tokenises them to the sampled ids; the rest by a forward pass of `model`."""
-    examples = tokenize_pairs(tokenizer, pairs, max_length=train.max_length, max_prompt_length=train.max_prompt_length,
+    examples = tokenize_pairs(tokenizer, pairs, max_length=train.max_length,
                               use_chat_template=data.use_chat_template, system_prompt=data.system_prompt,
                               length_unit=loss.length_unit)
     out = torch.zeros(len(pairs), 2, dtype=torch.float32)

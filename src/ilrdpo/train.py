@@ -100,7 +100,7 @@ def _fused_ok(params: list[torch.nn.Parameter]) -> bool:
 
 
 def _tokenize(tokenizer, pairs: list[PreferencePair], train: TrainSettings, data: DataSettings, length_unit: str):
-    return tokenize_pairs(tokenizer, pairs, max_length=train.max_length, max_prompt_length=train.max_prompt_length,
+    return tokenize_pairs(tokenizer, pairs, max_length=train.max_length,
                           use_chat_template=data.use_chat_template, system_prompt=data.system_prompt,
                           length_unit=length_unit)
 
