@@ -113,6 +113,8 @@ def old_run_config() -> dict:
     old["pairing"]["min_margin"] = 0.0
     old["tune"].update(sampler="auto", prune=True)
     old["iterations"]["alpha_control"].update(retries=0, tolerance=0.15, response=2.0)
+    old["generation"]["server"].update(timeout=600.0, api_key_env=None)
+    old["scoring"]["api_key_env"] = None
     return old
 
 
@@ -157,6 +159,22 @@ def test_an_old_run_loads_only_where_the_removed_key_changed_nothing(tmp_path, k
 
 
 @pytest.mark.unit
+def test_an_old_run_with_api_key_variables_and_a_server_timeout_loads(tmp_path):
+    """A key variable authenticated and a timeout bounded a wait: neither changed an answer, so an
+    old run loads at any value (the key is $OPENAI_API_KEY now), the judge's variable included."""
+    old = old_run_config()
+    old["generation"]["server"].update(timeout=1200.0, api_key_env="VLLM_KEY")
+    old["scoring"]["api_key_env"] = "RM_KEY"
+    old["eval"]["judge"] = {"type": "llm", "url": "http://h:8000", "model": "judge", "api_key_env": "JUDGE_KEY"}
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    config = load_config(path, recorded=True)
+    assert config == Config(experimental={"perplexity": True},
+                            eval={"judge": {"type": "llm", "url": "http://h:8000", "model": "judge"}})
+    with pytest.raises(UserInputError, match="was removed"):
+        load_config(path)  # a user's config is never migrated
+
+
+@pytest.mark.unit
 def test_the_judges_removed_copies_of_scoring_keys_load_where_they_matched_the_scoring_section(tmp_path):
     """An old run's eval.judge held its own compare_to, batch_size and tie_tolerance; where they
     equal the scoring section's (the judge judges as before) the run loads; a judge tolerance of
@@ -196,8 +214,9 @@ def test_keys_outside_the_experimental_section_are_counted():
     assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
     # 96 (87 without iterations.alpha_control.*) before the removals, 104 with the server keys; now with
     # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
-    # iterations.alpha_control.retries / tolerance / response / gain / min_alpha
-    assert len(keys) - len(experimental) == 80
+    # iterations.alpha_control.retries / tolerance / response / gain / min_alpha, without
+    # generation.server.timeout / api_key_env, scoring.api_key_env and eval.judge.api_key_env
+    assert len(keys) - len(experimental) == 76
 
 
 def test_overrides_parse_types():
