@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DESIGN_METRICS, call_main, console_script
+from helpers import DESIGN_METRICS, call_main, console_script, first_lines
 from ilrdpo import cli
 from ilrdpo.cli_args import split_config
 from ilrdpo.config import load_config
@@ -35,7 +35,7 @@ def answer_logps(model, tokenizer) -> torch.Tensor:
     from ilrdpo.data import collate_pairs, load_pairs, tokenize_pairs
     from ilrdpo.logprobs import sequence_logps
 
-    examples = tokenize_pairs(tokenizer, load_pairs(str(PAIRS_FILE), limit=4), max_length=128)
+    examples = tokenize_pairs(tokenizer, load_pairs(str(PAIRS_FILE))[:4], max_length=128)
     batch = collate_pairs(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         logps, _ = sequence_logps(model.eval(), batch["input_ids"], batch["attention_mask"], batch["response_mask"])
@@ -123,7 +123,7 @@ def test_lora_run_saves_adapter_and_merged_weights(monkeypatch, tiny_model_dir, 
 
     out = tmp_path / "lora"
     status = call_main(monkeypatch, [
-        "train", f"model.name_or_path={tiny_model_dir}", f"data.pairs={PAIRS_FILE}", "data.max_examples=4",
+        "train", f"model.name_or_path={tiny_model_dir}", f"data.pairs={first_lines(PAIRS_FILE, 4, tmp_path)}",
         "model.dtype=float32", "model.lora.r=4", "model.lora.dropout=0.0", "model.merge_lora=true",
         "train.batch_size=4",
         "train.learning_rate=1e-2", "train.warmup_ratio=0", "train.max_length=128", f"output_dir={out}"])

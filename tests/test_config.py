@@ -112,7 +112,12 @@ def old_run_config() -> dict:
     old["generation"].update(no_repeat_ngram_size=0, repetition_penalty=1.0)
     old["pairing"]["min_margin"] = 0.0
     old["tune"].update(sampler="auto", prune=True)
-    old["iterations"]["alpha_control"].update(retries=0, tolerance=0.15, response=2.0)
+    old["iterations"]["alpha_control"].update(retries=0, tolerance=0.15, response=2.0, mode="constant", budget=1.0,
+                                              step=0.5, max_alpha=1.0)
+    old["data"]["max_examples"] = None
+    old["eval"]["samples"] = 0
+    old["scoring"]["compare_to"] = "reference"
+    del old["experimental"]["eval_samples"]
     old["generation"]["server"].update(timeout=600.0, api_key_env=None)
     old["scoring"]["api_key_env"] = None
     return old
@@ -207,16 +212,55 @@ def test_the_judge_uses_the_scoring_sections_batch_size_comparison_and_ties():
 
 
 @pytest.mark.unit
+def test_alpha_control_as_recorded_with_a_mode_migrates_to_its_budget(tmp_path):
+    """A run directory recorded before alpha control became one key: mode constant is budget null;
+    mode auto keeps its budget where its law was today's (step 0.2, max_alpha 4 x loss.alpha, the
+    demo's); any other law is refused in one line, and a user's config setting mode is refused."""
+    old = old_run_config()
+    old["loss"]["alpha"] = 0.0125
+    old["iterations"]["alpha_control"].update(mode="auto", budget=0.9, step=0.2, max_alpha=0.05)
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    assert load_config(path, recorded=True).iterations.alpha_control.budget == 0.9
+    old["iterations"]["alpha_control"]["step"] = 0.5
+    write(path, yaml.safe_dump(old))
+    with pytest.raises(UserInputError, match=r"'iterations.alpha_control' \(step 0.5, max_alpha 0.05\) was removed"):
+        load_config(path, recorded=True)
+    with pytest.raises(UserInputError, match=r"^command line: config key 'iterations.alpha_control.mode' was "
+                       r"removed; use iterations.alpha_control.budget"):
+        load_config(None, ["iterations.alpha_control.mode=auto"])
+    with pytest.raises(UserInputError, match=r"iterations.alpha_control.budget needs loss.alpha > 0"):
+        load_config(None, ["iterations.alpha_control.budget=1.0"])
+
+
+@pytest.mark.unit
+def test_compare_to_prompt_as_recorded_becomes_the_prompt_similarity_scorer(tmp_path):
+    """scoring.compare_to went into the scorer's type: a run recorded with compare_to prompt resumes
+    with scoring.type prompt_similarity, and so does a judge of type embedding_similarity (which
+    compared as the scoring section); a user's config setting it is refused in one line."""
+    old = old_run_config()
+    old["scoring"]["compare_to"] = "prompt"
+    old["eval"]["judge"] = {"type": "embedding_similarity", "model": "m"}
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    config = load_config(path, recorded=True)
+    assert config.scoring.type == config.judge_scorer().type == "prompt_similarity"
+    with pytest.raises(UserInputError, match=r"^command line: config key 'scoring.compare_to' was removed; use "
+                       r"scoring.type prompt_similarity"):
+        load_config(None, ["scoring.compare_to=prompt"])
+
+
+@pytest.mark.unit
 def test_keys_outside_the_experimental_section_are_counted():
     """The configuration's size (issue 28): 106 dotted keys before, the count of all_keys() now."""
     keys = all_keys()
     experimental = [k for k in keys if k.startswith("experimental.")]
-    assert experimental == ["experimental.alpha_neutral", "experimental.perplexity"]
+    assert experimental == ["experimental.alpha_neutral", "experimental.eval_samples", "experimental.perplexity"]
     # 96 (87 without iterations.alpha_control.*) before the removals, 104 with the server keys; now with
     # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
-    # iterations.alpha_control.retries / tolerance / response / gain / min_alpha, without
-    # generation.server.timeout / api_key_env, scoring.api_key_env and eval.judge.api_key_env
-    assert len(keys) - len(experimental) == 76
+    # iterations.alpha_control.retries / tolerance / response / gain / min_alpha (80); without
+    # iterations.alpha_control.mode / step / max_alpha, data.max_examples, eval.samples (moved),
+    # scoring.compare_to (scoring.type prompt_similarity) (74); without generation.server.timeout /
+    # api_key_env, scoring.api_key_env and eval.judge.api_key_env
+    assert len(keys) - len(experimental) == 70
 
 
 def test_overrides_parse_types():
@@ -297,7 +341,7 @@ def test_build_config_source_in_message():
 def test_field_docs_cover_every_key():
     keys = {key for key, _, _ in field_docs()}
     assert {"model.name_or_path", "model.lora.r", "loss.alpha", "loss.target_length", "train.max_length",
-            "iterations.alpha_control.mode", "eval.judge.type", "seed"} <= keys
+            "iterations.alpha_control.budget", "eval.judge.type", "seed"} <= keys
     assert all(doc for key, _, doc in field_docs() if not key.endswith("*"))
 
 

@@ -249,7 +249,6 @@ def test_load_pairs_jsonl():
         prompt="What is the capital of Japan?", chosen="The capital of Japan is Tokyo.",
         rejected=pairs[0].rejected)
     assert pairs[0].rejected.startswith("Japan is a fascinating island nation")
-    assert len(load_pairs(str(EXAMPLES / "pairs.jsonl"), limit=3)) == 3
 
 
 def test_load_pairs_conversational_jsonl():
@@ -291,7 +290,7 @@ def test_load_pairs_parquet_and_json_files(tmp_path):
     check_rows(load_pairs(str(tmp_path / "pairs.parquet")))
     (tmp_path / "pairs.json").write_text(json.dumps(ROWS))
     check_rows(load_pairs(str(tmp_path / "pairs.json")))
-    assert len(load_pairs(str(tmp_path / "pairs.parquet"), limit=1)) == 1
+    assert len(load_pairs(f"{tmp_path / 'pairs.parquet'}:train[:1]")) == 1  # the slice data.max_examples was
 
 
 def test_load_pairs_conversational_parquet(tmp_path):

@@ -46,7 +46,7 @@ def test_demo_arms_differ_only_in_the_length_margin(tmp_path):
     configs = demo_configs(tmp_path, quick=True)
     idpo, ilrdpo = configs["idpo"].model_dump(), configs["ilrdpo"].model_dump()
     assert idpo["loss"]["alpha"] == 0.0 and ilrdpo["loss"]["alpha"] > 0
-    assert idpo["iterations"].pop("alpha_control")["mode"] == "constant"  # vanilla: alpha stays 0
+    assert idpo["iterations"].pop("alpha_control")["budget"] is None  # vanilla: alpha stays 0
     ilrdpo["iterations"].pop("alpha_control")
     idpo_loss, ilrdpo_loss = idpo.pop("loss"), ilrdpo.pop("loss")
     assert {key for key in idpo_loss if idpo_loss[key] != ilrdpo_loss[key]} <= {"alpha", "target_length"}
@@ -126,7 +126,7 @@ def test_study_table_gives_mean_and_range():
 
 
 def test_study_shows_sampled_answers_only_when_there_are_some():
-    """Rows with sampled eval numbers (eval.samples) get sampled columns and their own claim check;
+    """Rows with sampled eval numbers (experimental.eval_samples) get sampled columns and their own claim check;
     rows without them (the default) do not."""
     rows = _rows({0: [44, 44], 1: [36, 36]}, {0: [60, 60], 1: [60, 60]}, 0.72, 0.71)
     assert "sampled" not in "\n".join(study_table(rows, ["idpo", "ilrdpo"]))
@@ -279,7 +279,7 @@ def test_demo_tune_is_the_ilrdpo_arm_searched_over_alpha(tmp_path):
     assert len(config.tune.objectives) == 2 and config.output_dir == str(tmp_path / "t")
     assert (config.loss, config.scoring, config.generation, config.train) == (arm.loss, arm.scoring, arm.generation,
                                                                              arm.train)
-    assert arm.iterations.alpha_control.mode == "auto" and config.iterations.alpha_control.mode == "constant"  # trials keep alpha
+    assert arm.iterations.alpha_control.budget == 1.0 and config.iterations.alpha_control.budget is None  # trials keep alpha
 
 
 @pytest.mark.slow

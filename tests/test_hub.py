@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from helpers import EXAMPLES, SCORER, call_main
+from helpers import EXAMPLES, SCORER, call_main, first_lines
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.hub import model_card
@@ -55,7 +55,7 @@ def test_train_uploads_the_saved_model(tiny_model_dir, tmp_path, uploads):
     out = tmp_path / "run"
     config = build_config({"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32",
                                      "push_to_hub": "me/tiny-lr-dpo"},
-                           "data": {"pairs": str(EXAMPLES / "pairs.jsonl"), "max_examples": 2},
+                           "data": {"pairs": str(first_lines(EXAMPLES / "pairs.jsonl", 2, tmp_path))},
                            "train": {"batch_size": 2, "max_length": 128}, "output_dir": str(out)})
     run_offline(config)
     (create, repo), (upload, args) = uploads

@@ -23,9 +23,9 @@ import pytest
 import torch
 import yaml
 
-from helpers import DESIGN_METRICS, console_script, read_jsonl, shared_folder
+from helpers import DESIGN_METRICS, console_script, first_lines, read_jsonl, shared_folder
 from ilrdpo.alpha import neutral_alpha, next_alpha
-from ilrdpo.config import AlphaControlSettings, build_config, load_config
+from ilrdpo.config import build_config, load_config
 from ilrdpo.data import collate_pairs, tokenize_pairs
 from ilrdpo.errors import UserInputError
 from ilrdpo.logprobs import sequence_logps
@@ -251,7 +251,7 @@ def test_rerun_keeps_the_initial_models_evaluation(base_run, raw_config, tmp_pat
     ("scoring.tie_tolerance=0.1", "scoring.tie_tolerance"),
     ("pairing.strategy=all", "pairing.strategy"),
     ("loss.beta=0.2", "loss.beta"),
-    ("eval.samples=1", "eval.samples"),
+    ("experimental.eval_samples=1", "experimental.eval_samples"),
     ("seed=1", "seed"),
 ])
 def test_config_change_under_finished_work_is_refused(base_run, raw_config, override, key, tmp_path):
@@ -305,9 +305,9 @@ def finished_through(stages_by_iteration: dict[int, int]) -> dict[int, list[str]
     ("loss.length_unit=chars", {0: 5}, True),  # iteration 0's eval.json summarises lengths in this unit
     ("loss.alpha=0.1", {1: 3}, False),
     ("loss.alpha=0.1", {1: 4}, True),
-    ("iterations.alpha_control.mode=auto", {1: 4}, True),
-    ("eval.samples=2", {1: 4}, False),
-    ("eval.samples=2", {1: 5}, True),
+    ("iterations.alpha_control.budget=1.0", {1: 4}, True),
+    ("experimental.eval_samples=2", {1: 4}, False),
+    ("experimental.eval_samples=2", {1: 5}, True),
     # iteration 2 was sampled from pi_1, so it depends on everything that trained pi_1
     ("train.learning_rate=0.1", {1: 5, 2: 1}, True),
     # keys no stage reads
@@ -316,7 +316,8 @@ def finished_through(stages_by_iteration: dict[int, int]) -> dict[int, list[str]
     ("data.pairs=pairs.jsonl", {1: 5, 2: 5}, False),
 ])
 def test_check_resume_by_stage(override, finished, refused):
-    old, new = build_config({}), build_config({}, [override])
+    base = {"loss": {"alpha": 0.05}}  # alpha control starts from a loss.alpha > 0
+    old, new = build_config(base), build_config(base, [override])
     key = override.split("=")[0]
     if refused:
         with pytest.raises(UserInputError, match=f"'{key}' changed"):
@@ -328,7 +329,7 @@ def test_check_resume_by_stage(override, finished, refused):
 
 def test_eval_change_after_the_initial_evaluation_is_refused(raw_config, tmp_path):
     """The scorer fails on training prompts, so the run stops after iteration 1's generation with
-    iteration 0's eval answers on disk. Resuming with another eval.samples must be refused;
+    iteration 0's eval answers on disk. Resuming with another experimental.eval_samples must be refused;
     accepting it runs into the scorer's RuntimeError again."""
     raw = raw_config(tmp_path / "run")
     raw["scoring"]["function"] = f"{SCORER}:fails_on_training_prompts"
@@ -336,8 +337,8 @@ def test_eval_change_after_the_initial_evaluation_is_refused(raw_config, tmp_pat
         run_iterations(build_config(raw))
     assert (tmp_path / "run" / "iter_0" / "eval_answers.jsonl").is_file()
     assert json.loads((tmp_path / "run" / "state.json").read_text())["finished"]["1"] == ["generate"]
-    with pytest.raises(UserInputError, match="eval.samples"):
-        run_iterations(build_config(raw, ["eval.samples=1"]))
+    with pytest.raises(UserInputError, match="experimental.eval_samples"):
+        run_iterations(build_config(raw, ["experimental.eval_samples=1"]))
 
 
 # --- reference = initial ------------------------------------------------------------------------
@@ -350,7 +351,7 @@ def test_reference_initial_is_the_initial_model(raw_config, tiny_model_dir, toke
     raw = raw_config(tmp_path / "run")
     raw["iterations"]["reference"] = "initial"
     raw["train"].update(epochs=1, learning_rate=1e-2 if lora else 1e-3)
-    raw["data"].update(eval_prompts=None, max_examples=4)
+    raw["data"].update(eval_prompts=None, prompts=str(first_lines(Path(raw["data"]["prompts"]), 4, tmp_path)))
     if lora:
         raw["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
     out = tmp_path / "run"
@@ -372,35 +373,26 @@ def test_reference_initial_is_the_initial_model(raw_config, tiny_model_dir, toke
 
 # --- alpha control ------------------------------------------------------------------------------
 
-AUTO = AlphaControlSettings(mode="auto", budget=1.0, step=0.5, max_alpha=1.0)
-
-
 @pytest.mark.unit
-@pytest.mark.parametrize("alpha,mean_length,initial_length,control,expected", [
-    # constant: never moves
-    (0.1, 50.0, 10.0, AlphaControlSettings(), 0.1),
+@pytest.mark.parametrize(("alpha", "mean_length", "initial_length", "budget", "expected"), [
     # log-space proportional, the same both ways: 20% over / under, 0.1 * exp(+-0.5 * 0.2)
-    (0.1, 12.0, 10.0, AUTO, 0.1 * math.exp(0.1)),
-    (0.1, 8.0, 10.0, AUTO, 0.1 * math.exp(-0.1)),
-    # |log change| bounded by step: 100% under (0.5 x -1) with step 0.2 gives exp(-0.2)
-    (0.1, 0.0, 10.0, AUTO.model_copy(update={"step": 0.2}), 0.1 * math.exp(-0.2)),
+    (0.1, 12.0, 10.0, 1.0, 0.1 * math.exp(0.1)),
+    (0.1, 8.0, 10.0, 1.0, 0.1 * math.exp(-0.1)),
+    # |log change| at most 0.2: 100% under (0.5 x -1) gives exp(-0.2), 100% over exp(0.2)
+    (0.1, 0.0, 10.0, 1.0, 0.1 * math.exp(-0.2)),
+    (0.1, 20.0, 10.0, 1.0, 0.1 * math.exp(0.2)),
     # within 2%: unchanged
-    (0.1, 10.15, 10.0, AUTO, 0.1),
-    (0.1, 9.85, 10.0, AUTO, 0.1),
-    # from alpha = 0 a multiplicative law cannot move: over budget it starts at 0.01, under it stays
-    (0.0, 12.0, 10.0, AUTO, 0.01),
-    (0.0, 8.0, 10.0, AUTO, 0.0),
-    # a small alpha takes the plain step, not the start value: 0.004 * exp(0.1)
-    (0.004, 12.0, 10.0, AUTO, 0.004 * math.exp(0.1)),
+    (0.1, 10.15, 10.0, 1.0, 0.1),
+    (0.1, 9.85, 10.0, 1.0, 0.1),
     # budget > 10 is tokens: 60 vs 50 is 20% over, whatever the initial length
-    (0.1, 60.0, 1000.0, AlphaControlSettings(mode="auto", budget=50.0), 0.1 * math.exp(0.1)),
-    # relative budget 0.5: 8 vs 0.5 x 8 = 4 is 100% over, a full step exp(0.5)
-    (0.04, 8.0, 8.0, AlphaControlSettings(mode="auto", budget=0.5), 0.04 * math.exp(0.5)),
-    # clamped to max_alpha
-    (0.9, 20.0, 10.0, AUTO, 1.0),
+    (0.1, 60.0, 1000.0, 50.0, 0.1 * math.exp(0.1)),
+    # relative budget 0.5: 4.4 vs 0.5 x 8 = 4 is 10% over, exp(0.05)
+    (0.04, 4.4, 8.0, 0.5, 0.04 * math.exp(0.05)),
+    # at most 4 x loss.alpha (start 0.1): 0.39 x exp(0.2) is clamped to 0.4
+    (0.39, 20.0, 10.0, 1.0, 0.4),
 ])
-def test_next_alpha_by_hand(alpha, mean_length, initial_length, control, expected):
-    assert next_alpha(alpha, mean_length, initial_length, control) == pytest.approx(expected)
+def test_next_alpha_by_hand(alpha, mean_length, initial_length, budget, expected):
+    assert next_alpha(alpha, mean_length, initial_length, budget, start=0.1) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -425,24 +417,24 @@ def test_neutral_alpha_is_zero_when_chosen_answers_are_shorter():
 def test_alpha_control_raises_alpha_while_answers_are_over_budget(raw_config, tmp_path):
     """budget 0.5 x the first round's mean sampled length: the tiny model's samples run to
     max_new_tokens in every round, so round 2's own samples (drawn from pi_1, before its training)
-    are far over budget and alpha grows by exp(min(step, 0.5 x over)): 0.04 -> 0.04 x e^0.25 with
-    step 0.25 and over >= 0.5. No eval prompts: the law reads the training prompts' samples only.
+    are far over budget and alpha grows by exp(min(0.2, 0.5 x over)): 0.04 -> 0.04 x e^0.2 with
+    over >= 0.4. No eval prompts: the law reads the training prompts' samples only.
     Lengths are in characters, so the logged length/margin_term = alpha * (mean chars chosen - mean
     chars rejected) shows the alpha each round actually trained with."""
     raw = raw_config(tmp_path / "run")
-    raw["iterations"]["alpha_control"] = {"mode": "auto", "budget": 0.5, "step": 0.25}
+    raw["iterations"]["alpha_control"] = {"budget": 0.5}
     raw["loss"] = {"alpha": 0.04, "length_unit": "chars"}
     raw["train"]["epochs"] = 1
-    raw["data"]["max_examples"] = 4
+    raw["data"]["prompts"] = str(first_lines(Path(raw["data"]["prompts"]), 4, tmp_path))
     raw["data"]["eval_prompts"] = None
     out = tmp_path / "run"
     run_iterations(build_config(raw))
 
     lengths = [np.mean([n for row in read_jsonl(out / f"iter_{k}" / "candidates.jsonl") for n in row["n_tokens"]])
                for k in (1, 2)]
-    assert lengths[1] / lengths[0] >= 0.75, lengths  # >= 50% over 0.5 x the first round's: a full step
+    assert lengths[1] / lengths[0] >= 0.7, lengths  # >= 40% over 0.5 x the first round's: a full step
     alpha = json.loads((out / "state.json").read_text())["alpha"]
-    second = 0.04 * math.exp(0.25)
+    second = 0.04 * math.exp(0.2)
     assert alpha == pytest.approx({"1": 0.04, "2": second})  # decided when each train stage starts
     for k, used in ((1, 0.04), (2, second)):
         assert "alpha" not in json.loads((out / f"iter_{k}" / "eval.json").read_text())  # state.json's alone
@@ -695,13 +687,13 @@ def _mean(values) -> float:
 
 
 def test_sampled_eval_next_to_greedy(raw_config, tmp_path):
-    """eval.samples: K sampled answers per eval prompt beside the greedy ones, summarised over all
+    """experimental.eval_samples: K sampled answers per eval prompt beside the greedy ones, summarised over all
     answers; the win rate against pi_0's sampled answers compares per-prompt means (checked by
     hand); the report gets sampled columns; a resumed run keeps the draws."""
     from ilrdpo.evaluation.report import write_report
 
     raw = raw_config(tmp_path / "run")
-    raw["eval"] = {"samples": 3}
+    raw["experimental"] = {"eval_samples": 3}
     run_iterations(build_config(raw))
     run = tmp_path / "run"
     rows = {t: read_jsonl(run / f"iter_{t}" / "eval_samples.jsonl") for t in (0, 1, 2)}
@@ -731,10 +723,10 @@ def test_a_base_eval_shared_from_another_seed_draws_its_own_samples(raw_config, 
     completes iteration 0's eval.json."""
 
     source = raw_config(tmp_path / "seed0")
-    source["eval"] = {"samples": 2}
+    source["experimental"] = {"eval_samples": 2}
     source["iterations"]["count"] = 1
     run_iterations(build_config(source), until=(1, "generate"))
-    target = {**raw_config(tmp_path / "seed1"), "seed": 1, "eval": source["eval"], "iterations": {"count": 1}}
+    target = {**raw_config(tmp_path / "seed1"), "seed": 1, "experimental": source["experimental"], "iterations": {"count": 1}}
     RunDir(tmp_path / "seed1").adopt(RunDir(tmp_path / "seed0"), {0: ["eval"]}, same_seed=False)
     assert not (tmp_path / "seed1" / "iter_0" / "eval_samples.jsonl").exists()
     assert "sampled" not in json.loads((tmp_path / "seed1" / "iter_0" / "eval.json").read_text())

@@ -47,7 +47,7 @@ def test_max_new_tokens_reaches_the_initial_evaluation_and_sampling_keys_only_wi
     finished = STOPPED_AT_PAIRING
     assert first_reader("generation.max_new_tokens", finished, build_config({})) == (0, "eval")
     assert first_reader("generation.temperature", finished, build_config({})) == (1, "generate")
-    sampled_eval = build_config({}, ["eval.samples=2"])
+    sampled_eval = build_config({}, ["experimental.eval_samples=2"])
     assert first_reader("generation.temperature", finished, sampled_eval) == (0, "eval")
     with pytest.raises(UserInputError, match=r"--redo 0:eval"):
         check_resume(build_config({}), build_config({}, ["generation.max_new_tokens=32"]), finished, force=False)

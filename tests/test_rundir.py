@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import EXAMPLES, short_pairs
+from helpers import EXAMPLES, first_lines, short_pairs
 from ilrdpo.config import build_config
 from ilrdpo.errors import UserInputError
 from ilrdpo.offline import run_offline
@@ -27,7 +27,7 @@ PAIRS = short_pairs()
 
 def offline_config(tiny_model_dir, out: Path, **extra):
     raw = {"model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
-           "data": {"pairs": str(EXAMPLES / "pairs.jsonl"), "max_examples": 4},
+           "data": {"pairs": str(first_lines(EXAMPLES / "pairs.jsonl", 4, out.parent / "data"))},
            "train": {"batch_size": 2, "max_length": 128}, "output_dir": str(out), **extra}
     return build_config(raw)
 

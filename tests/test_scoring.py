@@ -143,8 +143,21 @@ def test_embedding_similarity_uses_each_prompts_own_reference(embedding_scorer):
 
 def test_embedding_similarity_without_reference_names_the_prompt(embedding_scorer):
     prompts = [Prompt(prompt="q", id="has-ref", reference=REFERENCE), Prompt(prompt="q", id="no-ref")]
-    with pytest.raises(UserInputError, match="prompt 'no-ref' has no 'reference'"):
+    with pytest.raises(UserInputError, match="prompt 'no-ref' has no 'reference'.*scoring.type prompt_similarity"):
         embedding_scorer.score(prompts, ["a", "b"])
+
+
+@pytest.mark.smoke  # the bundled model
+def test_prompt_similarity_compares_with_the_prompt_or_its_last_user_turn():
+    """scoring.type prompt_similarity: the same model against the prompt itself (a message list: its
+    last user turn), not the reference, which it does not need."""
+    scorer = build_scorer(ScoringSettings(type="prompt_similarity", model="bundled:all-minilm-l6-v2"), CPU)
+    question = "At what temperature does water freeze?"
+    chat = [{"role": "user", "content": "I like football."}, {"role": "assistant", "content": "Nice."},
+            {"role": "user", "content": question}]
+    for prompt in (Prompt(prompt=question, id="w", reference="I enjoy football on Sundays."), Prompt(chat, id="c")):
+        same, on_topic, unrelated = scorer.score([prompt] * 3, [question, REFERENCE, "I enjoy football on Sundays."])
+        assert same == pytest.approx(1.0, abs=1e-5) and same > on_topic > unrelated
 
 
 # --- reward model (tiny LlamaForSequenceClassification) -----------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DESIGN_METRICS
+from helpers import DESIGN_METRICS, first_lines
 from ilrdpo.config import DataSettings, LoraSettings, LossSettings, TrainSettings, build_config
 from ilrdpo.data import collate_pairs, tokenize_pairs
 from ilrdpo.errors import TrainingDiverged, UserInputError
@@ -401,7 +401,7 @@ def test_divergence_does_not_write_the_model(tiny_model, tokenizer, tmp_path):
             (out / "model").mkdir(parents=True)
             (out / "model" / "README.md").write_text(previous)
         config = build_config({"model": {"name_or_path": str(broken), "dtype": "float32"},
-                               "data": {"pairs": str(EXAMPLES / "pairs.jsonl"), "max_examples": 2},
+                               "data": {"pairs": str(first_lines(EXAMPLES / "pairs.jsonl", 2, tmp_path))},
                                "train": {"batch_size": 8, "max_length": 128}, "output_dir": str(out)})
         with pytest.raises(TrainingDiverged, match="step 1"):
             run_offline(config, overwrite=previous is not None)

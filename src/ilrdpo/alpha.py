@@ -1,7 +1,7 @@
 """How the length margin's alpha of each round is decided: pure functions, every command calls them.
 
 - next_alpha: from one round to the next, toward a length budget on the round's own sampled
-  answers, known before training (iterations.alpha_control.mode auto);
+  answers, known before training (iterations.alpha_control.budget set);
 - per_unit_alpha: the alpha a round trains with, from its setting and its pairs (`ilrdpo run` and
   `ilrdpo train` alike; experimental.alpha_neutral expresses the setting in the pairs' neutral alpha).
 """
@@ -12,38 +12,32 @@ import math
 
 import torch
 
-from ilrdpo.config import AlphaControlSettings, Config
+from ilrdpo.config import Config
 from ilrdpo.data import pair_lengths
 from ilrdpo.loss import length_margin_term
 from ilrdpo.loss_types import target_margin
 from ilrdpo.records import PreferencePair
 
-# From alpha = 0 a multiplicative law cannot move: it starts here (only there: a per-token alpha
-# for IPO is a few thousandths, and a floor would jump it several times over).
-START_ALPHA = 0.01
-GAIN = 0.5  # log alpha moves by half the relative excess over the budget, up to control.step
+GAIN = 0.5  # log alpha moves by half the relative excess over the budget,
+STEP = 0.2  # by at most 0.2 per round (about 20%),
+MAX_FACTOR = 4.0  # and alpha stays at most 4 times loss.alpha: the demo's measured law (docs/demo/speed.md)
 
 
-def length_budget(control: AlphaControlSettings, initial_length: float) -> float:
-    """The allowed mean sampled length: control.budget <= 10 is relative to the initial model's, larger is tokens."""
-    return control.budget * initial_length if control.budget <= 10 else control.budget
+def length_budget(budget: float, initial_length: float) -> float:
+    """The allowed mean sampled length: a budget <= 10 is relative to the initial model's, larger is tokens."""
+    return budget * initial_length if budget <= 10 else budget
 
 
-def next_alpha(alpha: float, sampled_length: float, initial_length: float, control: AlphaControlSettings) -> float:
-    """Alpha control's one law (mode auto): round t's alpha from round t-1's, multiplied by
-    exp(GAIN * over), over = mean length of round t's own samples (drawn from pi_{t-1}, before
-    training) / budget - 1, the change of log alpha bounded by control.step; unchanged within 2% of
-    the budget. The budget is relative to round 1's samples (pi_0's) on the same prompts, so the
-    law steers on training prompts only: eval and held-out lengths stay measurements."""
-    if control.mode == "constant":
-        return alpha
-    over = sampled_length / max(length_budget(control, initial_length), 1e-9) - 1
+def next_alpha(alpha: float, sampled_length: float, initial_length: float, budget: float, start: float) -> float:
+    """Alpha control's one law: round t's alpha from round t-1's, multiplied by exp(GAIN * over),
+    over = mean length of round t's own samples (drawn from pi_{t-1}, before training) / budget - 1,
+    the change of log alpha at most STEP; unchanged within 2% of the budget; at most MAX_FACTOR x
+    start (loss.alpha). The budget is relative to round 1's samples (pi_0's) on the same prompts, so
+    the law steers on training prompts only: eval and held-out lengths stay measurements."""
+    over = sampled_length / max(length_budget(budget, initial_length), 1e-9) - 1
     if abs(over) > 0.02:
-        if alpha > 0:
-            alpha = alpha * math.exp(max(-control.step, min(control.step, GAIN * over)))
-        elif over > 0:
-            alpha = START_ALPHA
-    return min(alpha, control.max_alpha)
+        alpha = alpha * math.exp(max(-STEP, min(STEP, GAIN * over)))
+    return min(alpha, MAX_FACTOR * start)
 
 
 def cost_gaps(pairs: list[PreferencePair], tokenizer, length_unit: str,

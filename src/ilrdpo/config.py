@@ -116,7 +116,7 @@ def explain_validation_error(error: ValidationError, source: str) -> str:
     elif key == "train.learning_rate" and first["type"] == "less_than_equal":
         message = (f"{first['input']} is too high (at most {MAX_LEARNING_RATE}); preference fine-tuning "
                    "uses 1e-7 to 1e-4, LoRA up to about 1e-3")
-    return f"{source}: config key '{key}': {message}"
+    return f"{source}: config key '{key}': {message}" if key else f"{source}: {message}"
 
 
 # TRL's DPOConfig names, accepted at the top level (as in a DPOConfig) or in their section.
@@ -149,6 +149,7 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
         "loss.alpha per unit of length, or experimental.alpha_neutral (relative alpha lost in the study)", False),
     "loss.alpha_neutral": ("experimental.alpha_neutral", False),
     "eval.perplexity": ("experimental.perplexity", False),
+    "eval.samples": ("experimental.eval_samples", 0),
     "scoring.length_bias": (
         "a scorer of your own (scoring.type python); the simulated verbosity bias is the demo's judge now", 0.0),
     "scoring.length_bias_cap": ("nothing (it went with scoring.length_bias)", ANY_VALUE),
@@ -170,9 +171,10 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "train.prefix_sharing": ("nothing: the layout measured faster on the device is chosen (benchmarks/README.md)",
                              ANY_VALUE),
     "eval.baseline": ("nothing: eval.json compares with both the initial and the previous iterate", ANY_VALUE),
-    "eval.greedy": ("eval.samples for sampled eval answers (the eval answers are greedy)", True),
+    "eval.greedy": ("experimental.eval_samples for sampled eval answers (the eval answers are greedy)", True),
     "eval.max_new_tokens": ("generation.max_new_tokens", None),
-    "eval.judge.compare_to": ("scoring.compare_to (the judge compares as the scoring section says)", AS_SCORING),
+    "scoring.compare_to": ("scoring.type prompt_similarity (embedding_similarity compares with the reference)",
+                           "reference"),
     "eval.judge.batch_size": ("scoring.batch_size (the judge scores in batches of that size)", ANY_VALUE),
     "eval.judge.tie_tolerance": ("scoring.tie_tolerance (one tolerance for pairing and judging)", AS_SCORING),
     "tune.sampler": ("nothing: the sampler follows from the objectives and trials (GP, TPE or NSGA-II)",
@@ -181,9 +183,14 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "iterations.alpha_control.retries": (
         "nothing: alpha control now decides each round's alpha before training, from the round's sampled lengths", 0),
     "iterations.alpha_control.gain": (
-        "nothing: alpha control's gain is fixed at 0.5; iterations.alpha_control.step bounds each change", 0.5),
+        "nothing: alpha control's gain is fixed at 0.5; each change is at most 20%", 0.5),
     "iterations.alpha_control.min_alpha": ("nothing: alpha control's lower bound is 0", 0.0),
     "iterations.alpha_control.tolerance": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
+    "data.max_examples": ("a slice, data.pairs NAME:train[:N], or a file of the first N lines (head -n N)", None),
+    "iterations.alpha_control.mode": (
+        "iterations.alpha_control.budget (set: alpha control on; null: loss.alpha in every round)", "constant"),
+    "iterations.alpha_control.step": ("nothing: alpha control moves alpha by at most 20% per round", 0.2),
+    "iterations.alpha_control.max_alpha": ("nothing: alpha control keeps alpha within 4 x loss.alpha", ANY_VALUE),
     "iterations.alpha_control.response": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
     # a key authenticates, it never changes an answer; the scoring row covers eval.judge.api_key_env
     "generation.server.api_key_env": (API_KEY, ANY_VALUE),
@@ -191,7 +198,8 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "generation.server.timeout": (
         "nothing: a started server is waited for while its process lives, an answer up to 600 s", ANY_VALUE),
 }
-MOVED_KEYS = {"loss.alpha_neutral": "experimental.alpha_neutral", "eval.perplexity": "experimental.perplexity"}
+MOVED_KEYS = {"loss.alpha_neutral": "experimental.alpha_neutral", "eval.perplexity": "experimental.perplexity",
+              "eval.samples": "experimental.eval_samples"}
 
 
 def _removed_in(data: dict[str, Any]) -> list[tuple[list[str], str, Any]]:
@@ -216,10 +224,45 @@ def refuse_removed_keys(data: dict[str, Any], source: str) -> None:
         raise UserInputError(f"{source}: config key '{'.'.join(path)}' was removed; use {REMOVED_KEYS[key][0]}")
 
 
+def _migrate_alpha_control(data: dict[str, Any], source: str) -> None:
+    """iterations.alpha_control as recorded before mode went: mode constant is budget null (step and
+    max_alpha changed nothing); mode auto keeps its budget where its law is today's (step 0.2, at
+    most 4 x loss.alpha); another law is refused."""
+    control = (data.get("iterations") or {}).get("alpha_control")
+    if not isinstance(control, dict) or "mode" not in control:
+        return
+    mode, step, cap = control.pop("mode"), control.pop("step", 0.2), control.pop("max_alpha", None)
+    if mode == "constant":
+        control["budget"] = None
+        return
+    alpha = (data.get("loss") or {}).get("alpha", 0.0)
+    if step != 0.2 or cap is None or abs(cap - 4 * alpha) > 1e-12 * max(cap, 1.0):
+        raise UserInputError(f"{source}: config key 'iterations.alpha_control' (step {step!r}, max_alpha {cap!r}) "
+                             "was removed; this run directory cannot be resumed with this version (alpha control "
+                             "now moves alpha by at most 20% per round, within 4 x loss.alpha)")
+
+
+def _migrate_compare_to(data: dict[str, Any], source: str) -> None:
+    """scoring.compare_to as recorded before it became a scorer type: prompt makes an
+    embedding_similarity scorer (and a judge, which compared as the scoring section) prompt_similarity."""
+    scoring = data.get("scoring") if isinstance(data.get("scoring"), dict) else {}
+    judge = (data.get("eval") or {}).get("judge") if isinstance(data.get("eval"), dict) else None
+    compare = scoring.pop("compare_to", "reference")
+    if isinstance(judge, dict) and judge.pop("compare_to", compare) != compare:
+        raise UserInputError(f"{source}: config key 'eval.judge.compare_to' was removed; this run directory "
+                             "cannot be resumed with this version (the judge compares as the scoring section)")
+    for section in (scoring, judge):
+        if compare == "prompt" and isinstance(section, dict) and \
+                section.get("type", "embedding_similarity") == "embedding_similarity":
+            section["type"] = "prompt_similarity"
+
+
 def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A run directory's config.yaml written before keys were removed: moved keys go to their new
     place, removed keys at a value that changed nothing are dropped, any other is refused."""
     data = copy.deepcopy(data)
+    _migrate_alpha_control(data, source)
+    _migrate_compare_to(data, source)
     for path, key, value in _removed_in(data):
         holder = data
         for part in path[:-1]:

@@ -32,7 +32,7 @@ def dataset_split(source: str) -> tuple[str, str]:
     return source, "train"
 
 
-def load_pairs(source: str, limit: int | None = None) -> list[PreferencePair]:
+def load_pairs(source: str) -> list[PreferencePair]:
     """Preference pairs from a JSONL file, a saved dataset folder, a data file, or a hub name
     (with a split: dataset_split)."""
     source, split = dataset_split(source)
@@ -40,7 +40,7 @@ def load_pairs(source: str, limit: int | None = None) -> list[PreferencePair]:
     if path.suffix == ".jsonl" or (path.suffix in DATASET_SUFFIXES and not path.exists()):
         if path.suffix != ".jsonl":
             raise UserInputError(f"{path}: file not found")
-        return read_pairs(path, limit)
+        return read_pairs(path)
     import datasets  # slow import; only for non-JSONL sources
 
     try:
@@ -57,8 +57,6 @@ def load_pairs(source: str, limit: int | None = None) -> list[PreferencePair]:
     pairs = []
     for index, row in enumerate(dataset):
         pairs.append(pair_from_row(dict(row), f"{source}:row {index}"))
-        if limit is not None and len(pairs) >= limit:
-            break
     if not pairs:
         raise UserInputError(f"{source}: no preference pairs")
     return pairs

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Offset of the sampled eval answers (eval.samples) from the run's seed: their draws differ from
+# Offset of the sampled eval answers (experimental.eval_samples) from the run's seed: their draws differ from
 # the training samples'.
 SAMPLED_EVAL_OFFSET = 7919
 

@@ -141,7 +141,7 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
         result.update(_compare_with_baselines(t, rows, rundir, config, prompts, judge_settings))
         if t > 0 and config.eval.judge is not None and config.eval.judge.type == "llm" and ranks.is_main():
             result["vs_initial_llm"] = llm_comparison(t, rows, rundir, config, prompts)
-        if config.eval.samples:
+        if config.experimental.eval_samples:
             result["sampled"] = _sampled_evaluation(t, rundir, config, prompts, judge, judge_settings, gen, policy,
                                                     compute_dtype)
         if config.experimental.perplexity:
@@ -156,15 +156,15 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
 def _sampled_evaluation(t: int, rundir: RunDir, config: Config, prompts: list[Prompt], judge: Scorer,
                         judge_settings: ScoringSettings, gen: GenerationSettings, policy: Policy,
                         compute_dtype: torch.dtype) -> dict:
-    """eval.json "sampled": pi_t's eval.samples sampled answers per eval prompt (iter_t/eval_samples.jsonl),
+    """eval.json "sampled": pi_t's experimental.eval_samples sampled answers per eval prompt (iter_t/eval_samples.jsonl),
     summarised over every answer, and against pi_0's sampled answers, with the earlier iterates' in
     the joint LC fit. Where iteration 0 has none (its eval shared from a run with another seed, or
-    finished before eval.samples was set), pi_0's are drawn now and its eval.json completed.
+    finished before experimental.eval_samples was set), pi_0's are drawn now and its eval.json completed.
 
     Win rates compare per prompt the mean over the samples (quality, reward, length), so the
     bootstrap interval resamples prompts, not the correlated answers to one prompt.
     """
-    count = config.eval.samples
+    count = config.experimental.eval_samples
     inputs = sample_inputs(prompts, count)
     by_id = {p.id: p for p in prompts}
 

@@ -50,7 +50,7 @@ class IterativeRun:
         check_config(config, "run", scorer_given=scorer is not None)
         self.config, self.force, self.given_scorer, self.redo = config, force, scorer, redo
         self.dir = RunDir(config.output_dir)
-        self.prompts = read_prompts(config.data.prompts, config.data.max_examples)
+        self.prompts = read_prompts(config.data.prompts)
         self.eval_prompts = read_prompts(config.data.eval_prompts) if config.data.eval_prompts else []
         self.judge_settings = config.judge_scorer()
         self.compute_dtype = resolve_dtype(config.model.dtype)
@@ -248,11 +248,11 @@ class IterativeRun:
         if t in self.state.alpha and not self.force:
             return self.state.alpha[t]
         alpha = self.config.loss.alpha
-        control = self.config.iterations.alpha_control
-        if control.mode == "auto" and t > 1:
+        budget = self.config.iterations.alpha_control.budget
+        if budget is not None and t > 1:
             previous = self.state.alpha_setting.get(t - 1, alpha)
             sampled, initial = self._sampled_length(t), self._sampled_length(1)
-            alpha = next_alpha(previous, sampled, initial, control)
+            alpha = next_alpha(previous, sampled, initial, budget, start=self.config.loss.alpha)
             console.print(f"iteration {t}: alpha {previous:.4g} -> {alpha:.4g} (alpha control: this round's samples "
                           f"{sampled:.1f} tokens on average, the first round's {initial:.1f})")
         self.state.alpha_setting[t] = alpha

@@ -28,7 +28,7 @@ def run_offline(config: Config, overwrite: bool = False) -> tuple[Path, TrainRes
     """
     check_config(config, "train")
     rundir = RunDir(config.output_dir)
-    pairs = load_pairs(config.data.pairs, config.data.max_examples)
+    pairs = load_pairs(config.data.pairs)
     model_dir = rundir.root / "model"
     engine = engines.launched()
 

@@ -271,17 +271,17 @@ def check_pairs_file(config: Config) -> None:
     """A JSONL pairs file is read in full here (other sources are read by `datasets` later)."""
     path = Path(config.data.pairs)
     if path.suffix == ".jsonl":
-        read_pairs(path, config.data.max_examples, uniform_target=True)
+        read_pairs(path, uniform_target=True)
 
 
 def _needs_reference(settings: ScoringSettings, key: str) -> str | None:
-    needs = settings.type == "embedding_similarity" and settings.compare_to == "reference"
+    needs = settings.type == "embedding_similarity"
     return f"{key}.type embedding_similarity" if needs else None
 
 
 def check_prompt_files(config: Config) -> None:
     """Training and eval prompts: readable, and with what the scorer and the judge need."""
-    read_prompts(config.data.prompts, config.data.max_examples, uniform_target=True,
+    read_prompts(config.data.prompts, uniform_target=True,
                  reference_for=_needs_reference(config.scoring, "scoring"))
     if config.data.eval_prompts:
         judge, key = config.judge_scorer(), ("eval.judge" if config.eval.judge else "scoring")
@@ -298,7 +298,7 @@ def check_scorer(settings: ScoringSettings, key: str) -> None:
             from ilrdpo.models import check_checkpoint
 
             check_checkpoint(folder)
-    elif settings.type == "embedding_similarity":
+    elif settings.type in ("embedding_similarity", "prompt_similarity"):
         if settings.model and not settings.model.startswith("bundled:"):
             local_model_folder(settings.model, f"{key}.model")
     elif settings.type in ("remote", "llm"):

@@ -216,7 +216,7 @@ def _check_target_mix(has_target: list[tuple[int, bool]], path: str | Path, what
                              f"{what} have one (line {with_target[0]}); set it on all or none")
 
 
-def read_prompts(path: str | Path, limit: int | None = None, *, uniform_target: bool = False,
+def read_prompts(path: str | Path, *, uniform_target: bool = False,
                  reference_for: str | None = None) -> list[Prompt]:
     """Prompts of a JSONL file; ids are unique. uniform_target: target_length on all or none
     (training prompts, whose target lengths go into the loss). reference_for: every prompt
@@ -233,8 +233,6 @@ def read_prompts(path: str | Path, limit: int | None = None, *, uniform_target: 
         first_line[prompt.id] = line_no
         prompts.append(prompt)
         lines.append(line_no)
-        if limit is not None and len(prompts) >= limit:
-            break
     if not prompts:
         raise UserInputError(f"{path}: no prompts")
     if uniform_target:
@@ -242,14 +240,12 @@ def read_prompts(path: str | Path, limit: int | None = None, *, uniform_target: 
     return prompts
 
 
-def read_pairs(path: str | Path, limit: int | None = None, *, uniform_target: bool = False) -> list[PreferencePair]:
+def read_pairs(path: str | Path, *, uniform_target: bool = False) -> list[PreferencePair]:
     """Pairs of a JSONL file. uniform_target: target_length on all or none (what training needs)."""
     pairs, lines = [], []
     for line_no, obj in iter_jsonl(path):
         pairs.append(pair_from_row(obj, f"{path}:{line_no}"))
         lines.append(line_no)
-        if limit is not None and len(pairs) >= limit:
-            break
     if not pairs:
         raise UserInputError(f"{path}: no preference pairs")
     if uniform_target:

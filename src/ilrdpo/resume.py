@@ -24,12 +24,13 @@ from ilrdpo.runstate import RunState
 # stage's; from iteration 2 on, also on everything that shaped the previous model. An input
 # file's content counts as the key that names it plus ".sha256".
 STAGE_SECTIONS = {
-    "generate": ("model", "data.prompts", "data.max_examples", "data.use_chat_template",
+    "generate": ("model", "data.prompts", "data.use_chat_template",
                  "data.system_prompt", "generation", "seed"),
     "score": ("scoring",),
     "pair": ("pairing", "loss.target_length"),  # 'base' puts each prompt's target into its pairs
     "train": ("loss", "train", "iterations.reference", "iterations.alpha_control", "experimental.alpha_neutral"),
-    "eval": ("eval", "data.eval_prompts", "loss.length_unit", "experimental.perplexity"),
+    "eval": ("eval", "data.eval_prompts", "loss.length_unit", "experimental.perplexity",
+             "experimental.eval_samples"),
 }
 assert list(STAGE_SECTIONS) == STAGES
 # Keys that change how a stage runs, never what it computes.
@@ -43,11 +44,11 @@ def initial_eval_dependencies(config: Config | None = None) -> tuple[str, ...]:
     num_samples; not the sampling keys when the eval draws no samples (its answers are greedy)."""
     config = config or Config()
     skip = {"num_samples"}
-    if not config.eval.samples:
+    if not config.experimental.eval_samples:
         skip.update(SAMPLING_KEYS)
     generation = tuple(f"generation.{k}" for k in GenerationSettings.model_fields if k not in skip)
     # a judge of its own still scores with the scoring section's comparison and ties
-    judge = ("scoring",) if config.eval.judge is None else ("scoring.compare_to", "scoring.tie_tolerance")
+    judge = ("scoring",) if config.eval.judge is None else ("scoring.tie_tolerance",)
     return ("model", "data.use_chat_template", "data.system_prompt", "seed", *generation, *judge,
             *STAGE_SECTIONS["eval"])
 

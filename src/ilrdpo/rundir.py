@@ -49,10 +49,10 @@ STAGES = list(STAGE_FILES)
 # Progress files of stages in progress: finished batches, picked up by a resumed run.
 # The initial model's length anchors (iter_0/): its answers when told to be concise or verbose.
 ANCHOR_FILES = {"concise": "eval_answers_concise.jsonl", "verbose": "eval_answers_verbose.jsonl"}
-# Sampled eval answers (eval.samples > 0), next to the greedy eval_answers.jsonl.
+# Sampled eval answers (experimental.eval_samples > 0), next to the greedy eval_answers.jsonl.
 SAMPLES_FILE = "eval_samples.jsonl"
 
-# What a finished stage must have left in iter_T/ (eval_samples.jsonl only with eval.samples > 0).
+# What a finished stage must have left in iter_T/ (eval_samples.jsonl only with experimental.eval_samples > 0).
 REQUIRED_FILES = {"generate": ("candidates.jsonl",), "score": ("candidates.jsonl",), "pair": ("pairs.jsonl",),
                   "train": ("model", "ref_logps.json", "metrics.jsonl"), "eval": ("eval.json",)}
 
@@ -268,7 +268,7 @@ class RunDir:
         """Copy finished stages' files from another run directory and mark them finished here:
         for work that does not depend on the settings that differ (a tune study's trials, the
         demo's arms and seeds); the one way to share work between runs. Without same_seed the
-        sampled eval answers (eval.samples), which depend on the seed, are left out (and eval.json's
+        sampled eval answers (experimental.eval_samples), which depend on the seed, are left out (and eval.json's
         "sampled" with them): the first evaluation that needs them draws its own."""
         state = self.state()
         for t, names in stages.items():

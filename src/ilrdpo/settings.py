@@ -65,7 +65,6 @@ class DataSettings(Section):
         True, description="Format prompts with the tokenizer's chat template (generation prompt added)."
     )
     system_prompt: str | None = Field(None, description="System message prepended to string prompts.")
-    max_examples: int | None = Field(None, gt=0, description="Use only the first N prompts or pairs.")
 
 
 class ServerSettings(Section):
@@ -108,21 +107,20 @@ class GenerationSettings(Section):
 
 
 class ScoringSettings(Section):
-    type: Literal["reward_model", "embedding_similarity", "python", "remote", "llm"] = Field(
-        "embedding_similarity", description="How answers are scored; remote = a reward model behind `url`; llm "
+    type: Literal["reward_model", "embedding_similarity", "prompt_similarity", "python", "remote", "llm"] = Field(
+        "embedding_similarity", description="How answers are scored; embedding_similarity = cosine similarity of "
+        "the answer to the prompt's reference answer, prompt_similarity = to the prompt itself (the document to "
+        "summarise, the conversation's last user turn); remote = a reward model behind `url`; llm "
         "(eval.judge only) = a chat model behind `url` judging each answer against the initial model's in "
         "AlpacaEval's pairwise protocol: eval.json vs_initial_llm (README: Reward and judging through a server).")
     model: str | None = Field(
         None, description="Reward model (reward_model) or sentence-transformers model "
-        "(embedding_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'. remote: the served reward model's "
+        "(embedding_similarity, prompt_similarity): hub id, folder, or 'bundled:all-minilm-l6-v2'. remote: the served reward model's "
         "name, whose tokenizer's chat template renders each (prompt, answer) before it is sent.",
     )
     url: str | None = Field(None, description="remote: the scoring endpoint, e.g. vLLM's http://host:8000/pooling "
                             "(or /classify) serving a sequence-classification reward model; llm: the chat "
                             "server, http://host:port (its /v1/chat/completions). API key: $OPENAI_API_KEY where set.")
-    compare_to: Literal["reference", "prompt"] = Field(
-        "reference", description="embedding_similarity: compare the answer with the prompt's reference answer, or "
-        "with the prompt itself (the document to summarise, the conversation's last user turn).")
     function: str | None = Field(
         None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
         "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward-function form; prompts as text or "
@@ -137,7 +135,7 @@ class JudgeSettings(Section):
     """The scorer that judges evaluation answers, where it differs from the scoring section: the
     rest (compare_to, batch_size, tie_tolerance) is the scoring section's."""
 
-    type: Literal["reward_model", "embedding_similarity", "python", "remote", "llm"] = Field(
+    type: Literal["reward_model", "embedding_similarity", "prompt_similarity", "python", "remote", "llm"] = Field(
         "embedding_similarity", description="How eval answers are judged (as scoring.type; llm: eval.judge only).")
     model: str | None = Field(None, description="The judge's model (as scoring.model).")
     function: str | None = Field(None, description="The judge's python function (as scoring.function).")
@@ -208,15 +206,11 @@ class TrainSettings(Section):
 
 
 class AlphaControlSettings(Section):
-    mode: Literal["constant", "auto"] = Field(
-        "constant", description="auto = before each round's training, move alpha toward a length budget on the "
-        "round's own sampled answers (training prompts; eval prompts are not used).")
-    budget: float = Field(1.0, gt=0.0, description="auto: allowed mean sampled length, relative to the first round's "
-                          "samples (the initial model's; <= 10) or in tokens (> 10).")
-    step: float = Field(0.5, gt=0.0, description="auto: alpha is multiplied by exp(0.5 * over), over = mean sampled "
-                        "length / budget - 1, with |0.5 * over| at most step (the largest change of log alpha per "
-                        "round); nothing within 2% of the budget; from alpha 0 it starts at 0.01.")
-    max_alpha: float = Field(1.0, ge=0.0, description="auto: upper bound.")
+    budget: float | None = Field(
+        None, gt=0.0, description="Set: before each round's training, move alpha toward this mean sampled length "
+        "on the round's own sampled answers (training prompts; eval prompts are not used): relative to the first "
+        "round's samples, the initial model's (<= 10), or in tokens (> 10). Needs loss.alpha > 0; alpha stays "
+        "within 4 x loss.alpha and moves at most 20% per round. null = loss.alpha in every round.")
 
 
 class IterationSettings(Section):
@@ -227,17 +221,11 @@ class IterationSettings(Section):
     alpha_control: AlphaControlSettings = Field(default_factory=AlphaControlSettings)
     keep_models: int | None = Field(
         2, ge=1, description="Keep the saved models of only the last K iterations (the final one always): older "
-        "iterations' model folders, and the models of attempts alpha control's retries replaced, are removed once "
-        "a later round stands. null = keep every model.")
+        "iterations' model folders are removed once a later round stands. null = keep every model.")
 
 
 class EvalSettings(Section):
     judge: JudgeSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
-    samples: int = Field(
-        0, ge=0, le=64, description="Also this many sampled answers per eval prompt (the generation settings, the "
-        "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
-        "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
-        "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
     length_anchors: bool = Field(
         True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "
         "and told to be verbose; judged against the base answers, they pin down the LC fit's length "
@@ -254,6 +242,11 @@ class ExperimentalSettings(Section):
         "target margins T - alpha * g (g = c(y_w) - c(y_l); T the loss's target margin, ipo: 1/2) carry no "
         "length component, T * sum(g) / sum(g^2). alpha 1 = neutral, above 1 favours shorter answers. Needs a "
         "loss with a target margin (ipo, or sigmoid with label_smoothing).")
+    eval_samples: int = Field(
+        0, ge=0, le=64, description="Evaluation: also this many sampled answers per eval prompt (the generation settings, the "
+        "run's seed: the same random stream for every model), judged and compared with the initial model's sampled "
+        "answers: eval.json 'sampled', the report's sampled columns. What the policy produces when sampled, next "
+        "to its greedy answers; 0 = none. Costs one more eval pass of samples x the prompts per model.")
     perplexity: bool = Field(
         False, description="Also the perplexity of each model's eval answers under the initial model "
         "(eval.json perplexity_initial; strided sliding windows where prompt + answer exceed the context): "
@@ -309,6 +302,13 @@ class Config(Section):
         if self.eval.judge is None:
             return self.scoring
         return self.scoring.model_copy(update=self.eval.judge.model_dump())
+
+    @model_validator(mode="after")
+    def _alpha_control_starts_from_alpha(self) -> Config:
+        if self.iterations.alpha_control.budget is not None and self.loss.alpha == 0:
+            raise ValueError("iterations.alpha_control.budget needs loss.alpha > 0: alpha control starts from it "
+                             "and keeps alpha within 4 x loss.alpha")
+        return self
 
     @model_validator(mode="after")
     def _alpha_neutral_needs_a_target(self) -> Config:

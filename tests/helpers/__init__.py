@@ -18,6 +18,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def first_lines(source: Path, n: int, folder: Path) -> Path:
+    """A copy of a JSONL file's first n lines in folder (a run on a subset of examples/)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{source.stem}_{n}{source.suffix}"
+    path.write_text("".join(source.read_text().splitlines(keepends=True)[:n]))
+    return path
+
+
 def short_pairs(n: int = 12) -> list:
     """n pairs with a short on-topic chosen answer and a longer rejected one."""
     from ilrdpo.records import PreferencePair

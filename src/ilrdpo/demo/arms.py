@@ -43,9 +43,8 @@ from ilrdpo.rundir import RunDir
 # proportion to that round's own sampled length's distance from the first round's (gain 0.5, at most
 # 20%): alpha control steers on the training prompts' samples, never on the eval or held-out sets,
 # which stay measurements. docs/demo/study.md has the search that led here, failures included.
-RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.mode=auto", "iterations.alpha_control.step=0.2",
-          "iterations.alpha_control.max_alpha=0.05"]
-VANILLA = ["loss.alpha=0", "iterations.alpha_control.mode=constant"]
+RECIPE = ["loss.alpha=0.0125", "iterations.alpha_control.budget=1.0"]
+VANILLA = ["loss.alpha=0", "iterations.alpha_control.budget=null"]
 ARMS = {"idpo": VANILLA, "ilrdpo": RECIPE}
 
 
@@ -333,7 +332,7 @@ def tune_config(out: str | Path, *, quick: bool = False, model: str | None = Non
     """The demo's iLR-DPO arm as a study over alpha: one iteration per trial, 30 eval prompts."""
     sizes = {**TUNE_SIZES, "n_eval": 10} if quick else TUNE_SIZES
     config = demo_configs(Path(out), quick=quick, model=model, seed=seed, overrides=overrides,
-                          arms={"tune": [*RECIPE, "iterations.alpha_control.mode=constant"]},  # trials keep their alpha
+                          arms={"tune": [*RECIPE, "iterations.alpha_control.budget=null"]},  # trials keep their alpha
                           sizes=sizes)["tune"]
     return config.model_copy(update={"tune": TuneSettings(**TUNE), "output_dir": str(Path(out))})
 

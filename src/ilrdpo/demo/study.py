@@ -24,7 +24,7 @@ from ilrdpo.files import atomic_write_text, read_jsonl_tolerant
 from ilrdpo.rundir import SAMPLES_FILE, RunDir
 
 SETS = {"eval": "bundled eval prompts", "heldout": "second held-out set",
-        "sampled": "bundled eval prompts, sampled answers"}  # the last with eval.samples > 0 only
+        "sampled": "bundled eval prompts, sampled answers"}  # the last with experimental.eval_samples > 0 only
 VANILLA, METHOD = "idpo", "ilrdpo"  # the arms' folder names
 # The arms as the README, tables, plots and terminal name them (the folders keep the short names).
 ARM_NAMES = {VANILLA: "vanilla", METHOD: "iLR-DPO"}
@@ -154,7 +154,7 @@ def _present_sets(rows: list[dict]) -> dict[str, str]:
 
 def study_table(rows: list[dict], arms: list[str]) -> list[str]:
     """Markdown: per arm and iteration, mean (min..max over seeds) of each column that has numbers
-    (the sampled columns only with eval.samples)."""
+    (the sampled columns only with experimental.eval_samples)."""
     columns = [c for c in COLUMNS if not c[0].startswith("sampled_") or any(r.get(c[0]) is not None for r in rows)]
     lines = ["| arm | iter | seeds | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
@@ -226,7 +226,7 @@ def write_study(out: Path, seeds: list[int], arms: list[str]) -> Path:
 
     rows = collect(out, seeds, arms)
     atomic_write_text(out / "study.json", json.dumps(rows, indent=1))
-    sampled = ("sampled: the same over the sampled eval answers (eval.samples); "
+    sampled = ("sampled: the same over the sampled eval answers (experimental.eval_samples); "
                if "sampled" in _present_sets(rows) else "")
     legend = ("Mean over seeds, (min..max) in brackets. length: mean eval answer length in tokens; quality: the "
               f"judge's similarity to the reference; {sampled}LC win %: length-controlled win rate against the base "

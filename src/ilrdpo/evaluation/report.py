@@ -130,7 +130,7 @@ def summary_rows(run: RunData, joint: Joint | None = None) -> list[dict[str, Any
 
 
 def _sampled_numbers(sampled: dict[str, Any]) -> dict[str, Any]:
-    """The eval.json "sampled" figures (eval.samples > 0) a results row shows; None where absent."""
+    """The eval.json "sampled" figures (experimental.eval_samples > 0) a results row shows; None where absent."""
     vs = sampled.get("vs_initial") or {}
     return {"sampled_length": (sampled.get("length") or {}).get("tokens_mean"),
             "sampled_quality": sampled.get("quality_mean"), "sampled_win_rate": vs.get("win_rate"),
@@ -169,7 +169,7 @@ TABLE_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("quality win rate vs initial", "q. win %", lambda r: fmt(r["quality_win_rate"], ".1f")),
     ("pairs", "pairs", lambda r: fmt(r["pairs"], "d")),
 ]
-# Shown when some model has sampled eval answers (eval.samples): the same figures over them.
+# Shown when some model has sampled eval answers (experimental.eval_samples): the same figures over them.
 SAMPLED_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
     ("sampled length", "s. length", lambda r: fmt(r["sampled_length"], ".1f")),
     ("sampled quality", "s. quality", lambda r: fmt(r["sampled_quality"], ".4g")),
@@ -223,7 +223,8 @@ def _study_section(runs: list[RunData], out_dir: Path) -> list[str]:
 def _runs_section(runs: list[RunData], out_dir: Path) -> list[str]:
     cells = []
     for run in runs:
-        control = (_setting(run, "iterations", "alpha_control") or {}).get("mode")
+        control = _setting(run, "iterations", "alpha_control") or {}
+        control = "auto" if control.get("mode", "auto" if control.get("budget") is not None else None) == "auto" else None
         last = max((k for k in run.dirs if k > 0), default=0)
         cells.append([run.name, _relative(run.path, out_dir), str(_setting(run, "loss", "type") or "–"),
                       fmt(_setting(run, "loss", "alpha"), "g") + (f" ({control})" if control else ""),

@@ -1,5 +1,6 @@
-"""Quality as cosine similarity between an answer and the prompt's reference answer (or the prompt:
-the document a summary should cover, the last user turn a reply should answer)."""
+"""Quality as cosine similarity between an answer and the prompt's reference answer
+(embedding_similarity) or the prompt (prompt_similarity: the document a summary should cover, the
+last user turn a reply should answer)."""
 
 from __future__ import annotations
 
@@ -29,18 +30,18 @@ def load_sentence_model(name: str | None, device: torch.device):
 class EmbeddingScorer:
     def __init__(self, settings: ScoringSettings, device: torch.device) -> None:
         self.model = load_sentence_model(settings.model, device)
-        self.name = f"embedding_similarity scorer '{settings.model or DEFAULT_MODEL}'"
+        self.name = f"{settings.type} scorer '{settings.model or DEFAULT_MODEL}'"
         self.batch_size = settings.batch_size
-        self.compare_to = settings.compare_to
+        self.to_prompt = settings.type == "prompt_similarity"
 
     def score(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
-        if self.compare_to == "prompt":
+        if self.to_prompt:
             targets = [p.prompt if isinstance(p.prompt, str) else last_user_turn(p.prompt) for p in prompts]
         else:
             missing = [p.id for p in prompts if not p.reference]
             if missing:
                 raise UserInputError(f"prompt '{missing[0]}' has no 'reference'; embedding_similarity needs one "
-                                     "(or scoring.compare_to: prompt)")
+                                     "(or scoring.type prompt_similarity, which compares with the prompt)")
             targets = [p.reference for p in prompts]
         texts = targets + list(responses)
         emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,

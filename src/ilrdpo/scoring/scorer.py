@@ -2,6 +2,7 @@
 
 - reward_model: an AutoModelForSequenceClassification reward model;
 - embedding_similarity: cosine similarity to the prompt's reference answer;
+- prompt_similarity: cosine similarity to the prompt (a document, a conversation's last user turn);
 - python: a user function named in the config (and only then imported and run);
 - remote: a reward model behind an HTTP endpoint (vLLM's pooling API: scoring/remote.py).
 
@@ -50,7 +51,8 @@ def _remote(settings: ScoringSettings, device: torch.device) -> Scorer:
     return RemoteScorer(settings)
 
 
-SCORERS = {"reward_model": _reward_model, "embedding_similarity": _embedding, "python": _python, "remote": _remote}
+SCORERS = {"reward_model": _reward_model, "embedding_similarity": _embedding, "prompt_similarity": _embedding,
+           "python": _python, "remote": _remote}
 
 
 def build_scorer(settings: ScoringSettings, device: torch.device | None = None) -> Scorer:
@@ -95,7 +97,7 @@ def judge_record(settings: ScoringSettings) -> dict:
     from ilrdpo.scoring.embedding import DEFAULT_MODEL
 
     record = settings.model_dump()
-    if settings.type == "embedding_similarity":
+    if settings.type in ("embedding_similarity", "prompt_similarity"):
         record["model"] = settings.model or DEFAULT_MODEL
     record["name"] = settings.function if settings.type == "python" else f"{settings.type} '{record['model']}'"
     return record
