@@ -119,6 +119,8 @@ def old_run_config() -> dict:
     old["scoring"]["compare_to"] = "reference"
     old["train"]["max_prompt_length"] = None
     del old["experimental"]["eval_samples"]
+    old["generation"]["server"].update(timeout=600.0, api_key_env=None)
+    old["scoring"]["api_key_env"] = None
     return old
 
 
@@ -160,6 +162,22 @@ def test_an_old_run_loads_only_where_the_removed_key_changed_nothing(tmp_path, k
     else:
         with pytest.raises(UserInputError, match=rf"config key '{key}' \({value!r}\) was removed; this run"):
             load_config(path, recorded=True)
+
+
+@pytest.mark.unit
+def test_an_old_run_with_api_key_variables_and_a_server_timeout_loads(tmp_path):
+    """A key variable authenticated and a timeout bounded a wait: neither changed an answer, so an
+    old run loads at any value (the key is $OPENAI_API_KEY now), the judge's variable included."""
+    old = old_run_config()
+    old["generation"]["server"].update(timeout=1200.0, api_key_env="VLLM_KEY")
+    old["scoring"]["api_key_env"] = "RM_KEY"
+    old["eval"]["judge"] = {"type": "llm", "url": "http://h:8000", "model": "judge", "api_key_env": "JUDGE_KEY"}
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    config = load_config(path, recorded=True)
+    assert config == Config(experimental={"perplexity": True},
+                            eval={"judge": {"type": "llm", "url": "http://h:8000", "model": "judge"}})
+    with pytest.raises(UserInputError, match="was removed"):
+        load_config(path)  # a user's config is never migrated
 
 
 @pytest.mark.unit
@@ -241,8 +259,10 @@ def test_keys_outside_the_experimental_section_are_counted():
     # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
     # iterations.alpha_control.retries / tolerance / response / gain / min_alpha (80); without
     # iterations.alpha_control.mode / step / max_alpha, data.max_examples, eval.samples (moved),
-    # scoring.compare_to (scoring.type prompt_similarity), train.max_prompt_length (the prompt gets the room)
-    assert len(keys) - len(experimental) == 73
+    # scoring.compare_to (scoring.type prompt_similarity), train.max_prompt_length (the prompt gets the
+    # room) (73); without generation.server.timeout / api_key_env, scoring.api_key_env and
+    # eval.judge.api_key_env
+    assert len(keys) - len(experimental) == 69
 
 
 def test_overrides_parse_types():

@@ -137,6 +137,7 @@ TRL_ALIASES = {
 # scoring section holds under the same name (the judge's own copies of scoring keys).
 ANY_VALUE = "any value"
 AS_SCORING = "the scoring section's value"
+API_KEY = "$OPENAI_API_KEY (the key for every server the config names)"
 
 # Keys that existed once: a config using one gets one line saying what to use instead.
 # key -> (what to use, the value at which it changed nothing: a run directory's recorded config
@@ -195,6 +196,11 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "iterations.alpha_control.step": ("nothing: alpha control moves alpha by at most 20% per round", 0.2),
     "iterations.alpha_control.max_alpha": ("nothing: alpha control keeps alpha within 4 x loss.alpha", ANY_VALUE),
     "iterations.alpha_control.response": ("nothing (it went with iterations.alpha_control.retries)", ANY_VALUE),
+    # a key authenticates, it never changes an answer; the scoring row covers eval.judge.api_key_env
+    "generation.server.api_key_env": (API_KEY, ANY_VALUE),
+    "scoring.api_key_env": (API_KEY, ANY_VALUE),
+    "generation.server.timeout": (
+        "nothing: a started server is waited for while its process lives, an answer up to 600 s", ANY_VALUE),
 }
 MOVED_KEYS = {"loss.alpha_neutral": "experimental.alpha_neutral", "eval.perplexity": "experimental.perplexity",
               "eval.samples": "experimental.eval_samples"}

@@ -75,11 +75,8 @@ class ServerSettings(Section):
     url: str | None = Field(
         None, description="backend server: a server you run (http://host:port). It must serve the initial model; "
         "with model.lora each round's adapter is loaded through /v1/load_lora_adapter (vLLM); full fine-tuning "
-        "over several iterations needs `command` (a fixed server would not sample on-policy).")
-    timeout: float = Field(600.0, gt=0.0, description="backend server: seconds to wait for one answer, and for a "
-                           "started command to answer at all.")
-    api_key_env: str | None = Field(None, description="backend server: environment variable holding the server's "
-                                    "API key (sent as a bearer token, never written).")
+        "over several iterations needs `command` (a fixed server would not sample on-policy). Every server's API "
+        "key is $OPENAI_API_KEY where set.")
 
 
 class GenerationSettings(Section):
@@ -123,9 +120,7 @@ class ScoringSettings(Section):
     )
     url: str | None = Field(None, description="remote: the scoring endpoint, e.g. vLLM's http://host:8000/pooling "
                             "(or /classify) serving a sequence-classification reward model; llm: the chat "
-                            "server, http://host:port (its /v1/chat/completions).")
-    api_key_env: str | None = Field(None, description="remote: environment variable holding the API key (sent as a "
-                                    "bearer token, never written).")
+                            "server, http://host:port (its /v1/chat/completions). API key: $OPENAI_API_KEY where set.")
     function: str | None = Field(
         None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
         "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward-function form; prompts as text or "
@@ -145,7 +140,6 @@ class JudgeSettings(Section):
     model: str | None = Field(None, description="The judge's model (as scoring.model).")
     function: str | None = Field(None, description="The judge's python function (as scoring.function).")
     url: str | None = Field(None, description="The judge's server (as scoring.url).")
-    api_key_env: str | None = Field(None, description="The judge's API key variable (as scoring.api_key_env).")
 
 
 class PairingSettings(Section):
