@@ -250,6 +250,26 @@ def test_compare_to_prompt_as_recorded_becomes_the_prompt_similarity_scorer(tmp_
 
 
 @pytest.mark.unit
+def test_the_judge_names_a_scorer_with_the_scoring_sections_keys_and_values():
+    """eval.judge takes type, model, function and url, validated as the scoring section's (one
+    schema): a wrong key or value is one line naming eval.judge's key; unnamed scorer keys take the
+    judge's defaults (not the scoring section's scorer), batch size and ties the scoring section's."""
+    config = load_config(None, ["scoring.type=reward_model", "scoring.model=org/rm", "scoring.batch_size=3",
+                                "eval.judge.type=embedding_similarity"])
+    judge = config.judge_scorer()
+    assert (judge.type, judge.model, judge.batch_size) == ("embedding_similarity", None, 3)
+    assert load_config(None, ["eval.judge={}"]).judge_scorer().type == "embedding_similarity"
+    with pytest.raises(UserInputError, match=r"^command line: unknown config key 'eval.judge.modle' \(did you mean "
+                       r"'eval.judge.model'\?\)$"):
+        load_config(None, ["eval.judge.modle=x"])
+    with pytest.raises(UserInputError, match=r"^command line: config key 'eval.judge.type': Input should be "):
+        load_config(None, ["eval.judge.type=oracle"])
+    with pytest.raises(UserInputError, match=r"^command line: config key 'eval.judge.batch_size' was removed; use "
+                       r"scoring.batch_size"):
+        load_config(None, ["eval.judge.batch_size=4"])
+
+
+@pytest.mark.unit
 def test_keys_outside_the_experimental_section_are_counted():
     """The configuration's size (issue 28): 106 dotted keys before, the count of all_keys() now."""
     keys = all_keys()
@@ -261,8 +281,9 @@ def test_keys_outside_the_experimental_section_are_counted():
     # iterations.alpha_control.mode / step / max_alpha, data.max_examples, eval.samples (moved),
     # scoring.compare_to (scoring.type prompt_similarity), train.max_prompt_length (the prompt gets the
     # room) (73); without generation.server.timeout / api_key_env, scoring.api_key_env and
-    # eval.judge.api_key_env
-    assert len(keys) - len(experimental) == 69
+    # eval.judge.api_key_env (69); eval.judge takes the scoring keys type / model / function / url
+    # (one schema, ScoringSettings) and counts once (65)
+    assert len(keys) - len(experimental) == 65
 
 
 def test_overrides_parse_types():
@@ -343,7 +364,7 @@ def test_build_config_source_in_message():
 def test_field_docs_cover_every_key():
     keys = {key for key, _, _ in field_docs()}
     assert {"model.name_or_path", "model.lora.r", "loss.alpha", "loss.target_length", "train.max_length",
-            "iterations.alpha_control.budget", "eval.judge.type", "seed"} <= keys
+            "iterations.alpha_control.budget", "eval.judge", "seed"} <= keys
     assert all(doc for key, _, doc in field_docs() if not key.endswith("*"))
 
 

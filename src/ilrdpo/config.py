@@ -26,7 +26,6 @@ from ilrdpo.settings import (
     ExperimentalSettings,
     GenerationSettings,
     IterationSettings,
-    JudgeSettings,
     LoraSettings,
     LossSettings,
     ModelSettings,
@@ -48,7 +47,6 @@ __all__ = [
     "ExperimentalSettings",
     "GenerationSettings",
     "IterationSettings",
-    "JudgeSettings",
     "LoraSettings",
     "LossSettings",
     "ModelSettings",
@@ -293,7 +291,7 @@ def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str
             keys += all_keys(annotation, f"{prefix}{name}.")
             continue
         keys.append(f"{prefix}{name}")
-        nested = {"lora": LoraSettings, "judge": JudgeSettings}.get(name)
+        nested = {"lora": LoraSettings}.get(name)
         if nested is not None:
             keys += all_keys(nested, f"{prefix}{name}.")
     return keys
@@ -417,8 +415,6 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
         rows.append((key, repr(default), field.description or ""))
         if name == "lora":
             rows.extend(field_docs(LoraSettings, key + "."))
-        if name == "judge":
-            rows.extend(field_docs(JudgeSettings, key + "."))
     if not prefix:
         rows += [(alias, "", f"TRL's DPOConfig name, accepted for {target}") for alias, target in TRL_ALIASES.items()]
     return rows

@@ -7,10 +7,11 @@ in ilrdpo.config.REMOVED_KEYS.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ilrdpo.errors import UserInputError
 from ilrdpo.loss_types import LOSS_TYPES, target_margin
@@ -131,15 +132,9 @@ class ScoringSettings(Section):
                                  "never paired, and a judged tie counts as half a win.")
 
 
-class JudgeSettings(Section):
-    """The scorer that judges evaluation answers, where it differs from the scoring section: the
-    rest (compare_to, batch_size, tie_tolerance) is the scoring section's."""
-
-    type: Literal["reward_model", "embedding_similarity", "prompt_similarity", "python", "remote", "llm"] = Field(
-        "embedding_similarity", description="How eval answers are judged (as scoring.type; llm: eval.judge only).")
-    model: str | None = Field(None, description="The judge's model (as scoring.model).")
-    function: str | None = Field(None, description="The judge's python function (as scoring.function).")
-    url: str | None = Field(None, description="The judge's server (as scoring.url).")
+# The scoring keys that name a scorer: what eval.judge may set (its batch size and ties are the
+# scoring section's, one home each).
+JUDGE_KEYS = ("type", "model", "function", "url")
 
 
 class PairingSettings(Section):
@@ -218,7 +213,11 @@ class IterationSettings(Section):
 
 
 class EvalSettings(Section):
-    judge: JudgeSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
+    judge: dict[str, Any] | None = Field(
+        None, description="The scorer that judges the eval answers, where it differs from the scoring section: "
+        "the scoring keys type (default embedding_similarity; also llm, a chat model judging pairs), model, "
+        "function and url, e.g. {type: reward_model, model: ORG/RM}; its batch size and tie tolerance are the "
+        "scoring section's. null = the scoring section judges.")
     length_anchors: bool = Field(
         True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "
         "and told to be verbose; judged against the base answers, they pin down the LC fit's length "
@@ -290,11 +289,27 @@ class Config(Section):
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
 
     def judge_scorer(self) -> ScoringSettings:
-        """The scorer that judges eval answers: the scoring section, with eval.judge's type, model
-        and function where a judge is set (one home for its batch size, comparison and ties)."""
+        """The scorer that judges eval answers: the scoring section, with eval.judge's type, model,
+        function and url where a judge is set (one home for its batch size and ties)."""
         if self.eval.judge is None:
             return self.scoring
-        return self.scoring.model_copy(update=self.eval.judge.model_dump())
+        named = {**dict.fromkeys(JUDGE_KEYS), "type": "embedding_similarity", **self.eval.judge}
+        return ScoringSettings.model_validate({**self.scoring.model_dump(), **named})
+
+    @model_validator(mode="after")
+    def _judge_is_a_scorer(self) -> Config:
+        """eval.judge holds scoring keys that name a scorer, with values the scoring section takes."""
+        for key in self.eval.judge or {}:
+            if key not in JUDGE_KEYS:
+                near = difflib.get_close_matches(str(key), JUDGE_KEYS, n=1, cutoff=0.6)
+                raise ValueError(f"unknown config key 'eval.judge.{key}'" + (
+                    f" (did you mean 'eval.judge.{near[0]}'?)" if near else f"; the judge takes {', '.join(JUDGE_KEYS)}"))
+        try:
+            self.judge_scorer()
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"config key 'eval.judge.{first['loc'][0]}': {first['msg']}") from None
+        return self
 
     @model_validator(mode="after")
     def _alpha_control_starts_from_alpha(self) -> Config:
