@@ -55,9 +55,9 @@ def through_server(command: str, model_path: str, prompts, settings, data, num_s
     tokenizer = load_tokenizer(model_path, ModelSettings())
     log = Path(tempfile.mkdtemp(prefix="ilrdpo-bench-")) / "server.log"
     start = time.perf_counter()
-    with started_server(command, model_path, log, 600) as url:
+    with started_server(command, model_path, log) as url:
         startup = time.perf_counter() - start
-        client = Client(url, 600)
+        client = Client(url)
         sampler = ServerSampler(client, served_model(client), settings, stop_token_ids(model_path, tokenizer),
                                 greedy=True)
         start = time.perf_counter()

@@ -119,6 +119,8 @@ def old_run_config() -> dict:
     old["scoring"]["compare_to"] = "reference"
     old["train"]["max_prompt_length"] = None
     del old["experimental"]["eval_samples"]
+    old["generation"]["server"].update(timeout=600.0, api_key_env=None)
+    old["scoring"]["api_key_env"] = None
     return old
 
 
@@ -160,6 +162,22 @@ def test_an_old_run_loads_only_where_the_removed_key_changed_nothing(tmp_path, k
     else:
         with pytest.raises(UserInputError, match=rf"config key '{key}' \({value!r}\) was removed; this run"):
             load_config(path, recorded=True)
+
+
+@pytest.mark.unit
+def test_an_old_run_with_api_key_variables_and_a_server_timeout_loads(tmp_path):
+    """A key variable authenticated and a timeout bounded a wait: neither changed an answer, so an
+    old run loads at any value (the key is $OPENAI_API_KEY now), the judge's variable included."""
+    old = old_run_config()
+    old["generation"]["server"].update(timeout=1200.0, api_key_env="VLLM_KEY")
+    old["scoring"]["api_key_env"] = "RM_KEY"
+    old["eval"]["judge"] = {"type": "llm", "url": "http://h:8000", "model": "judge", "api_key_env": "JUDGE_KEY"}
+    path = write(tmp_path / "config.yaml", yaml.safe_dump(old))
+    config = load_config(path, recorded=True)
+    assert config == Config(experimental={"perplexity": True},
+                            eval={"judge": {"type": "llm", "url": "http://h:8000", "model": "judge"}})
+    with pytest.raises(UserInputError, match="was removed"):
+        load_config(path)  # a user's config is never migrated
 
 
 @pytest.mark.unit
@@ -232,6 +250,26 @@ def test_compare_to_prompt_as_recorded_becomes_the_prompt_similarity_scorer(tmp_
 
 
 @pytest.mark.unit
+def test_the_judge_names_a_scorer_with_the_scoring_sections_keys_and_values():
+    """eval.judge takes type, model, function and url, validated as the scoring section's (one
+    schema): a wrong key or value is one line naming eval.judge's key; unnamed scorer keys take the
+    judge's defaults (not the scoring section's scorer), batch size and ties the scoring section's."""
+    config = load_config(None, ["scoring.type=reward_model", "scoring.model=org/rm", "scoring.batch_size=3",
+                                "eval.judge.type=embedding_similarity"])
+    judge = config.judge_scorer()
+    assert (judge.type, judge.model, judge.batch_size) == ("embedding_similarity", None, 3)
+    assert load_config(None, ["eval.judge={}"]).judge_scorer().type == "embedding_similarity"
+    with pytest.raises(UserInputError, match=r"^command line: unknown config key 'eval.judge.modle' \(did you mean "
+                       r"'eval.judge.model'\?\)$"):
+        load_config(None, ["eval.judge.modle=x"])
+    with pytest.raises(UserInputError, match=r"^command line: config key 'eval.judge.type': Input should be "):
+        load_config(None, ["eval.judge.type=oracle"])
+    with pytest.raises(UserInputError, match=r"^command line: config key 'eval.judge.batch_size' was removed; use "
+                       r"scoring.batch_size"):
+        load_config(None, ["eval.judge.batch_size=4"])
+
+
+@pytest.mark.unit
 def test_keys_outside_the_experimental_section_are_counted():
     """The configuration's size (issue 28): 106 dotted keys before, the count of all_keys() now."""
     keys = all_keys()
@@ -241,9 +279,12 @@ def test_keys_outside_the_experimental_section_are_counted():
     # generation.server.*, scoring.url / api_key_env and eval.judge.url / api_key_env, without
     # iterations.alpha_control.retries / tolerance / response / gain / min_alpha (80); without
     # iterations.alpha_control.mode / step / max_alpha, data.max_examples, eval.samples (moved),
-    # scoring.compare_to (scoring.type prompt_similarity), train.max_prompt_length (the prompt gets the room);
-    # without model.lora.r / alpha / dropout / target_modules (model.lora is LoraConfig's arguments), model.merge_lora
-    assert len(keys) - len(experimental) == 68
+    # scoring.compare_to (scoring.type prompt_similarity), train.max_prompt_length (the prompt gets the
+    # room) (73); without generation.server.timeout / api_key_env, scoring.api_key_env and
+    # eval.judge.api_key_env (69); eval.judge takes the scoring keys type / model / function / url
+    # (one schema, ScoringSettings) and counts once (65); without model.lora.r / alpha /
+    # dropout / target_modules (model.lora is LoraConfig's arguments) and model.merge_lora (60)
+    assert len(keys) - len(experimental) == 60
 
 
 def test_overrides_parse_types():
@@ -324,7 +365,7 @@ def test_build_config_source_in_message():
 def test_field_docs_cover_every_key():
     keys = {key for key, _, _ in field_docs()}
     assert {"model.name_or_path", "model.lora", "loss.alpha", "loss.target_length", "train.max_length",
-            "iterations.alpha_control.budget", "eval.judge.type", "seed"} <= keys
+            "iterations.alpha_control.budget", "eval.judge", "seed"} <= keys
     assert all(doc for key, _, doc in field_docs() if not key.endswith("*"))
 
 

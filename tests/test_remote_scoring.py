@@ -59,10 +59,10 @@ def pooling_server(scorer: RewardModelScorer) -> LocalServer:
 
 def test_remote_scores_equal_the_in_process_reward_model(reward_model_dir, monkeypatch):
     local = RewardModelScorer(ScoringSettings(type="reward_model", model=str(reward_model_dir)), torch.device("cpu"))
-    monkeypatch.setenv("ILRDPO_RM_KEY", "k-123")
+    monkeypatch.setenv("OPENAI_API_KEY", "k-123")
     with pooling_server(local) as server:
         settings = ScoringSettings(type="remote", url=f"{server.url}/pooling", model=str(reward_model_dir),
-                                   api_key_env="ILRDPO_RM_KEY", batch_size=1)
+                                   batch_size=1)
         remote = build_scorer(settings)
         scores = score_in_batches(remote, PROMPTS, ANSWERS, settings.batch_size)
         _, body, headers = server.requests[0]
@@ -112,5 +112,3 @@ def test_remote_scoring_settings_are_checked_in_one_line():
         check_scorer(load_config(None, ["scoring.type=remote"]).scoring, "scoring")
     with pytest.raises(UserInputError, match="'scoring.url': 'localhost:8000' is not an http"):
         RemoteScorer(ScoringSettings(type="remote", url="localhost:8000"))
-    with pytest.raises(UserInputError, match="environment variable ILRDPO_UNSET_KEY is not set"):
-        RemoteScorer(ScoringSettings(type="remote", url="http://h:1/pooling", api_key_env="ILRDPO_UNSET_KEY"))

@@ -1,13 +1,16 @@
 """Sampling through an OpenAI-compatible server (generation.backend: server): the HTTP client's
 retries and one-line errors against a local server in the test (unit), the sampler's requests
-(smoke), and whole runs against a real `transformers serve` on the tiny model (slow): a server
-started per round on that round's model, a command that fails to start, a server killed mid-stage."""
+(smoke), $OPENAI_API_KEY through a run's three clients and in no file (smoke), a started server
+awaited while it lives (slow), and whole runs against a real `transformers serve` on the tiny model
+(slow): a server started per round on that round's model, a command that fails to start, a server
+killed mid-stage."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,8 +31,9 @@ from ilrdpo.generation.server import ServerSampler, load_adapter, needs_merged_w
 from ilrdpo.preflight import check_server
 from ilrdpo.records import Prompt
 from ilrdpo.serving import client as client_module
+from ilrdpo.serving import process as process_module
 from ilrdpo.serving.client import Client, ServerError
-from ilrdpo.serving.process import direct_argv, free_port, render_command, started_server
+from ilrdpo.serving.process import direct_argv, free_port, render_command, started_server, stop
 
 TESTS = Path(__file__).resolve().parent
 SCORER = TESTS / "helpers" / "scorer.py"
@@ -90,16 +94,30 @@ def test_client_timeout_connection_refused_and_malformed_json_are_one_line():
 
 
 @pytest.mark.unit
-def test_api_key_is_sent_as_a_bearer_token_and_an_unset_variable_is_one_line(monkeypatch):
-    monkeypatch.setenv("ILRDPO_TEST_KEY", "s3cret")
+def test_openai_api_key_is_sent_as_a_bearer_token_and_unset_sends_none(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "s3cret")
     with LocalServer(scripted(ok({}))) as server:
-        key = client_module.api_key("ILRDPO_TEST_KEY", "generation.server.api_key_env")
-        Client(server.url, 1, key).get("/v1/models")
-        assert server.requests[0][2]["Authorization"] == "Bearer s3cret"
-    monkeypatch.delenv("ILRDPO_TEST_KEY")
-    with pytest.raises(UserInputError, match="'generation.server.api_key_env': environment variable ILRDPO_TEST_KEY "
-                                             "is not set"):
-        client_module.api_key("ILRDPO_TEST_KEY", "generation.server.api_key_env")
+        Client(server.url, 1).get("/v1/models")
+        monkeypatch.delenv("OPENAI_API_KEY")
+        Client(server.url, 1).get("/v1/models")
+        monkeypatch.setenv("OPENAI_API_KEY", "")
+        Client(server.url, 1).get("/v1/models")
+    assert server.requests[0][2]["Authorization"] == "Bearer s3cret"
+    assert ["Authorization" in headers for _, _, headers in server.requests] == [True, False, False]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key", ["generation.server.api_key_env", "scoring.api_key_env", "eval.judge.api_key_env",
+                                 "generation.server.timeout"])
+def test_the_removed_server_keys_are_one_line_with_exit_2(key, tmp_path, monkeypatch, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"generation": {"backend": "server", "server": {"url": "http://h:1"}},
+                                      "output_dir": str(tmp_path / "run")}))
+    assert call_main(monkeypatch, ["run", "--config", str(config), f"{key}=MY_KEY"]) == 2
+    use = "$OPENAI_API_KEY (the key for every server the config names)" if "api_key" in key else \
+        "nothing: a started server is waited for while its process lives, an answer up to 600 s"
+    assert capsys.readouterr().err == f"error: command line: config key '{key}' was removed; use {use}\n"
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.unit
@@ -110,6 +128,59 @@ def test_a_command_without_shell_syntax_runs_without_a_shell():
     assert direct_argv(template, render_command(template, "/runs/my run/iter_1/model", 8001)) == (
         ["vllm", "serve", "/runs/my run/iter_1/model", "--port", "8001"], {"CUDA_VISIBLE_DEVICES": "1"})
     assert direct_argv("a {model} {port} && b", "a m 1 && b") == (None, {})
+
+
+# --- a started server: awaited while it lives (slow: a process) ---------------------------------
+
+
+@pytest.mark.slow
+def test_a_started_server_is_awaited_while_it_lives_with_a_line_now_and_then(tmp_path, monkeypatch, capsys):
+    """No time limit on loading (a large model takes minutes): a line every WAIT_REPORT_S seconds
+    saying what is awaited, for how long so far, and where the output goes; ready on a 200."""
+    monkeypatch.setattr(process_module, "WAIT_REPORT_S", 0.3)
+    (tmp_path / "www" / "v1").mkdir(parents=True)
+    (tmp_path / "www" / "v1" / "models").write_text('{"data": [{"id": "m"}]}')
+    serve = f"sleep 1.5; exec {sys.executable} -m http.server {{port}} --bind 127.0.0.1 --directory {tmp_path / 'www'}"
+    log = tmp_path / "server.log"
+    with started_server(serve + " # {model}", "m", log) as url:
+        assert Client(url, 5).get("/v1/models") == {"data": [{"id": "m"}]}
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(line.startswith(f"waiting for generation.server.command to answer {url}/v1/models: ")
+                                   and line.endswith(f" s so far (no connection yet; its output: {log})")
+                                   for line in lines)
+
+
+@pytest.mark.slow
+def test_a_started_server_that_exits_while_awaited_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(process_module, "WAIT_REPORT_S", 0.3)
+    log = tmp_path / "server.log"
+    start = time.monotonic()
+    with pytest.raises(ServerError) as error, started_server("echo loading {model} on {port}; sleep 1.2; exit 3",
+                                                             "m", log):
+        pytest.fail("the server never answered")
+    assert time.monotonic() - start < 10  # as soon as it exits
+    message = str(error.value)
+    assert message.startswith(f"generation.server.command exited with status 3 before it answered ({log}): ")
+    assert re.search(r"\| loading m on \d+$", message) and "\n" not in message
+    assert "waiting for generation.server.command" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_started_server_refusing_the_key_is_one_line(tmp_path, monkeypatch):
+    """A server started with --api-key answers 401 until $OPENAI_API_KEY is its key: said at once,
+    not awaited for ever."""
+    process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        with LocalServer(scripted((401, json.dumps({"error": "Unauthorized"})))) as server:
+            monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+            with pytest.raises(ServerError, match=r"/v1/models: HTTP 401: \$OPENAI_API_KEY is not set \("):
+                process_module._wait_ready(process, server.url, tmp_path / "server.log")
+            monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+            with pytest.raises(ServerError, match=r"HTTP 401: \$OPENAI_API_KEY is not the server's key"):
+                process_module._wait_ready(process, server.url, tmp_path / "server.log")
+            assert server.requests[-1][2]["Authorization"] == "Bearer wrong"
+    finally:
+        stop(process)
 
 
 # --- config and preflight (unit) -----------------------------------------------------------------
@@ -220,6 +291,46 @@ def test_a_rounds_lora_adapter_is_loaded_into_a_running_server():
             load_adapter(client, "/elsewhere", 3)
 
 
+# --- the API key: every server's, never written (smoke: a run on the tiny model) -----------------
+
+
+def every_endpoint(path, body):
+    """A sampling server, a reward model's /pooling and a chat judge in one: answers of 1..n words,
+    scored by their length, the judge preferring the first output shown."""
+    if path == "/v1/models":
+        return ok({"data": [{"id": "served"}]})
+    if path == "/v1/completions":
+        return ok({"choices": [{"index": i, "text": " word" * (i + 1), "finish_reason": "stop"}
+                               for i in range(body["n"])]})
+    if path == "/pooling":
+        return ok({"scores": [float(len(text)) for text in body["input"]]})
+    assert path == "/v1/chat/completions"
+    return ok({"choices": [{"index": 0, "message": {"role": "assistant", "content": "m"}}]})
+
+
+def test_openai_api_key_reaches_every_server_and_no_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """One run through the three clients (sampling server, remote scorer, LLM judge): each request
+    carries $OPENAI_API_KEY as its bearer token, and neither the run directory (config.yaml,
+    caches, logs) nor the console holds the key."""
+    secret = "sk-test-7f3a9c-never-written"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    with LocalServer(every_endpoint) as server:
+        _config, out = write_run(tmp_path, tiny_model_dir, iterations=1, server={"url": server.url})
+        config = yaml.safe_load(_config.read_text())
+        config["scoring"] = {"type": "remote", "url": f"{server.url}/pooling"}
+        config["data"]["eval_prompts"] = config["data"]["prompts"]
+        config["eval"] = {"length_anchors": False, "judge": {"type": "llm", "url": server.url, "model": "judge"}}
+        _config.write_text(yaml.safe_dump(config))
+        assert call_main(monkeypatch, ["run", "--config", str(_config)]) == 0
+        requests = list(server.requests)
+    assert {path for path, _, _ in requests} == {"/v1/models", "/v1/completions", "/pooling", "/v1/chat/completions"}
+    assert all(headers["Authorization"] == f"Bearer {secret}" for _, _, headers in requests)
+    assert json.loads((out / "iter_1" / "eval.json").read_text())["vs_initial_llm"]["judged"] == len(PROMPTS)
+    written = [path for path in tmp_path.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+    assert written == []
+    assert secret not in "".join(capsys.readouterr())
+
+
 # --- a real server: `transformers serve` on the tiny model ----------------------------------------
 
 
@@ -282,7 +393,7 @@ def test_each_round_samples_through_a_server_started_on_the_previous_rounds_mode
     # the server the round started on iteration 1's model answers as that model does in-process
     prompts = [Prompt(prompt=p, id=f"t{i}") for i, p in enumerate(PROMPTS)]
     iteration_1 = out / "iter_1" / "model"
-    with started_server(SERVE, str(iteration_1), tmp_path / "greedy.log", 120) as url:
+    with started_server(SERVE, str(iteration_1), tmp_path / "greedy.log") as url:
         client = Client(url, 60)
         sampler = ServerSampler(client, str(iteration_1), GenerationSettings(max_new_tokens=8), [], greedy=True)
         served = sample_from_server(sampler, tokenizer, prompts, DataSettings(), context=512, num_samples=1,
@@ -324,7 +435,7 @@ def test_a_server_killed_mid_stage_gives_retries_then_a_line_and_the_stage_resum
     port = free_port()
     command = SERVE.format(model=served_model_dir, port=port).split()
     config, out = write_run(tmp_path, served_model_dir, iterations=1, batch_size=2,
-                            server={"url": f"http://127.0.0.1:{port}/v1", "timeout": 60})
+                            server={"url": f"http://127.0.0.1:{port}/v1"})
     monkeypatch.setattr(client_module, "RETRY_DELAYS_S", FAST)
     progress = out / "iter_1" / "generation.partial.jsonl"
 

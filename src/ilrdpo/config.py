@@ -27,7 +27,6 @@ from ilrdpo.settings import (
     ExperimentalSettings,
     GenerationSettings,
     IterationSettings,
-    JudgeSettings,
     LossSettings,
     ModelSettings,
     PairingSettings,
@@ -48,7 +47,6 @@ __all__ = [
     "ExperimentalSettings",
     "GenerationSettings",
     "IterationSettings",
-    "JudgeSettings",
     "LossSettings",
     "ModelSettings",
     "PairingSettings",
@@ -138,6 +136,7 @@ TRL_ALIASES = {
 # scoring section holds under the same name (the judge's own copies of scoring keys).
 ANY_VALUE = "any value"
 AS_SCORING = "the scoring section's value"
+API_KEY = "$OPENAI_API_KEY (the key for every server the config names)"
 
 # Keys that existed once: a config using one gets one line saying what to use instead.
 # key -> (what to use, the value at which it changed nothing: a run directory's recorded config
@@ -199,6 +198,11 @@ REMOVED_KEYS: dict[str, tuple[str, Any]] = {
     "model.merge_lora": (("nothing: a LoRA run saves adapters (merge one with PEFT's PeftModel.from_pretrained(base, "
                           "folder).merge_and_unload()); with generation.server.command each round is also saved "
                           "merged"), ANY_VALUE),
+    # a key authenticates, it never changes an answer; the scoring row covers eval.judge.api_key_env
+    "generation.server.api_key_env": (API_KEY, ANY_VALUE),
+    "scoring.api_key_env": (API_KEY, ANY_VALUE),
+    "generation.server.timeout": (
+        "nothing: a started server is waited for while its process lives, an answer up to 600 s", ANY_VALUE),
 }
 MOVED_KEYS = {"loss.alpha_neutral": "experimental.alpha_neutral", "eval.perplexity": "experimental.perplexity",
               "eval.samples": "experimental.eval_samples"}
@@ -294,8 +298,6 @@ def all_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str
             keys += all_keys(annotation, f"{prefix}{name}.")
             continue
         keys.append(f"{prefix}{name}")
-        if name == "judge":
-            keys += all_keys(JudgeSettings, f"{prefix}{name}.")
     return keys
 
 
@@ -415,8 +417,6 @@ def field_docs(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[
             continue
         default = field.default_factory() if field.default_factory else field.default
         rows.append((key, repr(default), field.description or ""))
-        if name == "judge":
-            rows.extend(field_docs(JudgeSettings, key + "."))
     if not prefix:
         rows += [(alias, "", f"TRL's DPOConfig name, accepted for {target}") for alias, target in TRL_ALIASES.items()]
     return rows

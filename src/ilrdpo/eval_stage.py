@@ -139,7 +139,7 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
             for style, name in ANCHOR_FILES.items():
                 cached_answers(rundir.file(0, name), lambda style=style: answer(0, style))
         result.update(_compare_with_baselines(t, rows, rundir, config, prompts, judge_settings))
-        if t > 0 and config.eval.judge is not None and config.eval.judge.type == "llm" and ranks.is_main():
+        if t > 0 and config.judge_scorer().type == "llm" and ranks.is_main():
             result["vs_initial_llm"] = llm_comparison(t, rows, rundir, config, prompts)
         if config.experimental.eval_samples:
             result["sampled"] = _sampled_evaluation(t, rundir, config, prompts, judge, judge_settings, gen, policy,
@@ -251,7 +251,7 @@ def llm_comparison(t: int, rows: list[dict[str, Any]], rundir: RunDir, config: C
     initial = {r["id"]: r for r in read_finished_jsonl(rundir.file(0, "eval_answers.jsonl"), rundir.redo_hint(0))}
     by_id = {p.id: p for p in prompts}
     kept = [r for r in rows if r["id"] in initial and r["id"] in by_id]
-    judge = build_pairwise_judge(config.eval.judge, rundir.file(t, "llm_judge.jsonl"))
+    judge = build_pairwise_judge(config.judge_scorer(), rundir.file(t, "llm_judge.jsonl"))
     result = judge.judge([by_id[r["id"]] for r in kept], [r["response"] for r in kept],
                          [initial[r["id"]]["response"] for r in kept], seed=config.seed)
     return win_rates_from(result, [r["n_chars"] for r in kept], [initial[r["id"]]["n_chars"] for r in kept],
@@ -260,8 +260,7 @@ def llm_comparison(t: int, rows: list[dict[str, Any]], rundir: RunDir, config: C
 
 def tie_tolerance(config: Config) -> float:
     """decisions.judge_tie_tolerance of this run's config: the rule `ilrdpo report` refits with."""
-    judge = config.eval.judge
-    return judge_tie_tolerance(judge.model_dump() if judge is not None else None, config.scoring.model_dump())
+    return judge_tie_tolerance(config.eval.judge, config.scoring.model_dump())
 
 
 def generation_stats(rundir: RunDir, t: int) -> dict:

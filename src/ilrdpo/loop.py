@@ -88,8 +88,9 @@ class IterativeRun:
                           "prompts: their win rates are not held-out figures[/yellow]")
         with stage("load scorer", self.timings):
             self.scorer = self.given_scorer or build_scorer(self.config.scoring)
-            judge = self.config.eval.judge  # an llm judge compares pairs besides the scorer's values
-            self.judge = self.scorer if judge is None or judge.type == "llm" else build_scorer(self.judge_settings)
+            # an llm judge compares pairs besides the scorer's values
+            own = self.config.eval.judge is not None and self.judge_settings.type != "llm"
+            self.judge = build_scorer(self.judge_settings) if own else self.scorer
 
     # models: loaded from disk at the start of each iteration, so a resumed run and an
     # uninterrupted one start every iteration from identical weights.

@@ -237,7 +237,7 @@ def input_hashes(config: Config) -> dict[str, str]:
     """{config key + '.sha256': content hash} of every input file the config names."""
     files = {"data.prompts": config.data.prompts, "data.eval_prompts": config.data.eval_prompts,
              "scoring.function": _function_file(config.scoring.function),
-             "eval.judge.function": _function_file(config.eval.judge.function if config.eval.judge else None)}
+             "eval.judge.function": _function_file((config.eval.judge or {}).get("function"))}
     return {f"{key}.sha256": file_sha256(path) for key, path in files.items()
             if path and Path(path).is_file()}
 

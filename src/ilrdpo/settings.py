@@ -7,10 +7,11 @@ in ilrdpo.config.REMOVED_KEYS.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ilrdpo.errors import UserInputError
 from ilrdpo.lora import LORA_DEFAULTS, resolve_lora
@@ -77,11 +78,8 @@ class ServerSettings(Section):
     url: str | None = Field(
         None, description="backend server: a server you run (http://host:port). It must serve the initial model; "
         "with model.lora each round's adapter is loaded through /v1/load_lora_adapter (vLLM); full fine-tuning "
-        "over several iterations needs `command` (a fixed server would not sample on-policy).")
-    timeout: float = Field(600.0, gt=0.0, description="backend server: seconds to wait for one answer, and for a "
-                           "started command to answer at all.")
-    api_key_env: str | None = Field(None, description="backend server: environment variable holding the server's "
-                                    "API key (sent as a bearer token, never written).")
+        "over several iterations needs `command` (a fixed server would not sample on-policy). Every server's API "
+        "key is $OPENAI_API_KEY where set.")
 
 
 class GenerationSettings(Section):
@@ -125,9 +123,7 @@ class ScoringSettings(Section):
     )
     url: str | None = Field(None, description="remote: the scoring endpoint, e.g. vLLM's http://host:8000/pooling "
                             "(or /classify) serving a sequence-classification reward model; llm: the chat "
-                            "server, http://host:port (its /v1/chat/completions).")
-    api_key_env: str | None = Field(None, description="remote: environment variable holding the API key (sent as a "
-                                    "bearer token, never written).")
+                            "server, http://host:port (its /v1/chat/completions). API key: $OPENAI_API_KEY where set.")
     function: str | None = Field(
         None, description="python scorer: 'path/to/file.py:fn' or 'package.module:fn', called as "
         "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward-function form; prompts as text or "
@@ -138,16 +134,9 @@ class ScoringSettings(Section):
                                  "never paired, and a judged tie counts as half a win.")
 
 
-class JudgeSettings(Section):
-    """The scorer that judges evaluation answers, where it differs from the scoring section: the
-    rest (compare_to, batch_size, tie_tolerance) is the scoring section's."""
-
-    type: Literal["reward_model", "embedding_similarity", "prompt_similarity", "python", "remote", "llm"] = Field(
-        "embedding_similarity", description="How eval answers are judged (as scoring.type; llm: eval.judge only).")
-    model: str | None = Field(None, description="The judge's model (as scoring.model).")
-    function: str | None = Field(None, description="The judge's python function (as scoring.function).")
-    url: str | None = Field(None, description="The judge's server (as scoring.url).")
-    api_key_env: str | None = Field(None, description="The judge's API key variable (as scoring.api_key_env).")
+# The scoring keys that name a scorer: what eval.judge may set (its batch size and ties are the
+# scoring section's, one home each).
+JUDGE_KEYS = ("type", "model", "function", "url")
 
 
 class PairingSettings(Section):
@@ -226,7 +215,11 @@ class IterationSettings(Section):
 
 
 class EvalSettings(Section):
-    judge: JudgeSettings | None = Field(None, description="Judge for evaluation; default the scoring section.")
+    judge: dict[str, Any] | None = Field(
+        None, description="The scorer that judges the eval answers, where it differs from the scoring section: "
+        "the scoring keys type (default embedding_similarity; also llm, a chat model judging pairs), model, "
+        "function and url, e.g. {type: reward_model, model: ORG/RM}; its batch size and tie tolerance are the "
+        "scoring section's. null = the scoring section judges.")
     length_anchors: bool = Field(
         True, description="At iteration 0 also answer the eval prompts with the base model told to be concise "
         "and told to be verbose; judged against the base answers, they pin down the LC fit's length "
@@ -298,11 +291,27 @@ class Config(Section):
     seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
 
     def judge_scorer(self) -> ScoringSettings:
-        """The scorer that judges eval answers: the scoring section, with eval.judge's type, model
-        and function where a judge is set (one home for its batch size, comparison and ties)."""
+        """The scorer that judges eval answers: the scoring section, with eval.judge's type, model,
+        function and url where a judge is set (one home for its batch size and ties)."""
         if self.eval.judge is None:
             return self.scoring
-        return self.scoring.model_copy(update=self.eval.judge.model_dump())
+        named = {**dict.fromkeys(JUDGE_KEYS), "type": "embedding_similarity", **self.eval.judge}
+        return ScoringSettings.model_validate({**self.scoring.model_dump(), **named})
+
+    @model_validator(mode="after")
+    def _judge_is_a_scorer(self) -> Config:
+        """eval.judge holds scoring keys that name a scorer, with values the scoring section takes."""
+        for key in self.eval.judge or {}:
+            if key not in JUDGE_KEYS:
+                near = difflib.get_close_matches(str(key), JUDGE_KEYS, n=1, cutoff=0.6)
+                raise ValueError(f"unknown config key 'eval.judge.{key}'" + (
+                    f" (did you mean 'eval.judge.{near[0]}'?)" if near else f"; the judge takes {', '.join(JUDGE_KEYS)}"))
+        try:
+            self.judge_scorer()
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ValueError(f"config key 'eval.judge.{first['loc'][0]}': {first['msg']}") from None
+        return self
 
     @model_validator(mode="after")
     def _alpha_control_starts_from_alpha(self) -> Config:

@@ -171,17 +171,15 @@ def sample_round(config, rundir, t: int, prompts: list[Prompt], *, seed: int,
                  progress_file: Path) -> dict[str, list[Sample]]:
     """Round t's answers from iteration t-1's model through the configured server."""
     from ilrdpo.models import load_tokenizer, resolve_model_path
-    from ilrdpo.serving.client import api_key
     from ilrdpo.serving.process import started_server
 
     gen, server = config.generation, config.generation.server
     path, adapter = round_model(config, rundir, t - 1)
     tokenizer = load_tokenizer(path, config.model)
     base = resolve_model_path(config.model)  # the architecture: context length, the model's own EOS
-    key = api_key(server.api_key_env, "generation.server.api_key_env")
 
     def run(url: str, what: str) -> dict[str, list[Sample]]:
-        client = Client(url, server.timeout, key, what=what)
+        client = Client(url, what=what)
         name = load_adapter(client, adapter, t - 1) if adapter else served_model(client)
         sampler = ServerSampler(client, name, gen, stop_token_ids(base, tokenizer), greedy=False)
         return sample_from_server(sampler, tokenizer, prompts, config.data, context=_context(base, config),
@@ -190,7 +188,7 @@ def sample_round(config, rundir, t: int, prompts: list[Prompt], *, seed: int,
 
     if server.url is not None:
         return run(server.url, "generation.server.url")
-    with started_server(server.command, path, rundir.file(t, "server.log"), server.timeout) as url:
+    with started_server(server.command, path, rundir.file(t, "server.log")) as url:
         return run(url, "generation.server.command")
 
 

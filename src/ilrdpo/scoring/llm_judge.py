@@ -48,7 +48,6 @@ USER = """Here is an instruction and the outputs of two models, each with its mo
 Which model gave the better output, judged by accuracy, helpfulness and relevance to the instruction? \
 Answer with the model identifier alone, m or M, and nothing else."""
 LABELS = ("m", "M")
-TIMEOUT_S = 600.0
 
 
 @dataclass
@@ -141,11 +140,8 @@ class PairwiseJudge:
 
 def build_pairwise_judge(settings, cache: Path) -> PairwiseJudge:
     """eval.judge's LLM judge: settings.url (the chat server), settings.model (the name requests
-    carry), settings.api_key_env; annotations cached in `cache`."""
-    from ilrdpo.serving.client import api_key
-
-    client = Client(settings.url, TIMEOUT_S, api_key(settings.api_key_env, "eval.judge.api_key_env"),
-                    what="eval.judge.url")
+    carry); annotations cached in `cache`."""
+    client = Client(settings.url, what="eval.judge.url")
     return PairwiseJudge(client, settings.model, cache)
 
 

@@ -15,8 +15,8 @@ per input in input order (`index` where given):
     {"scores": [2.31, ...]}                                a scorer of your own
 
 A wrong count, a non-number, NaN or infinity, malformed JSON, a timeout or an error status after
-the client's retries is one line naming the URL. The API key (scoring.api_key_env) is sent as a
-bearer token and never written.
+the client's retries is one line naming the URL. The API key ($OPENAI_API_KEY, ilrdpo.serving.client)
+is sent as a bearer token and never written.
 """
 
 from __future__ import annotations
@@ -28,21 +28,18 @@ from ilrdpo.config import ScoringSettings
 from ilrdpo.errors import UserInputError
 from ilrdpo.records import Prompt
 from ilrdpo.scoring.reward_model import conversation_text
-from ilrdpo.serving.client import Client, ServerError, api_key
-
-TIMEOUT_S = 600.0
+from ilrdpo.serving.client import REQUEST_TIMEOUT_S, Client, ServerError
 
 
 class RemoteScorer:
-    def __init__(self, settings: ScoringSettings, key: str = "scoring", timeout: float = TIMEOUT_S) -> None:
+    def __init__(self, settings: ScoringSettings, key: str = "scoring", timeout: float = REQUEST_TIMEOUT_S) -> None:
         if not settings.url:
             raise UserInputError(f"config key '{key}.url' is required for {key}.type remote")
         parts = urllib.parse.urlsplit(settings.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise UserInputError(f"config key '{key}.url': '{settings.url}' is not an http(s) URL")
         self.path = parts.path or "/pooling"
-        self.client = Client(f"{parts.scheme}://{parts.netloc}", timeout,
-                             api_key(settings.api_key_env, f"{key}.api_key_env"), what=f"{key}.url")
+        self.client = Client(f"{parts.scheme}://{parts.netloc}", timeout, what=f"{key}.url")
         self.model = settings.model
         self.tokenizer = _tokenizer(settings.model, key) if settings.model else None
         self.name = f"remote scorer {settings.url}"

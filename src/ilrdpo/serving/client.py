@@ -2,8 +2,9 @@
 on connection errors, timeouts, 408, 429 and 5xx, then one line naming the URL and the status.
 The standard library only (urllib): one blocking call per thread, the caller bounds concurrency.
 
-An API key is read from the environment variable the config names, sent as a bearer token and
-never written anywhere (messages name the variable, not its value).
+The API key of every server ilrdpo talks to (the generation server, a remote scorer, an LLM
+judge) is $OPENAI_API_KEY where it is set, as the openai client reads it: sent as a bearer token,
+never written anywhere (no message holds it); unset, requests carry no Authorization header.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from ilrdpo.errors import IlrdpoError, UserInputError
+from ilrdpo.errors import IlrdpoError
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # waits before the 2nd..6th try: 15.5 s in all
 RESUME_HINT = "run the same command again when it answers: finished prompts are kept"
+REQUEST_TIMEOUT_S = 600.0  # one answer (a long batch on a busy server included)
+API_KEY_VARIABLE = "OPENAI_API_KEY"
 
 
 class ServerError(IlrdpoError):
@@ -33,24 +36,21 @@ def base_url(url: str) -> str:
     return url.removesuffix("/v1")
 
 
-def api_key(variable: str | None, key: str) -> str | None:
-    """The key held in environment variable `variable` (None: no key); unset is one line."""
-    if not variable:
-        return None
-    value = os.environ.get(variable)
-    if not value:
-        raise UserInputError(f"config key '{key}': environment variable {variable} is not set")
-    return value
+def api_key() -> str | None:
+    """The servers' API key: $OPENAI_API_KEY, None where it is unset or empty."""
+    return os.environ.get(API_KEY_VARIABLE) or None
 
 
 class Client:
-    """POST/GET JSON to one server. `what` names the server in messages (a config key)."""
+    """POST/GET JSON to one server. `what` names the server in messages (a config key); `timeout`
+    is the seconds one answer may take."""
 
-    def __init__(self, url: str, timeout: float, key: str | None = None, what: str = "server",
+    def __init__(self, url: str, timeout: float = REQUEST_TIMEOUT_S, what: str = "server",
                  delays: tuple[float, ...] | None = None) -> None:
         self.url, self.timeout, self.what = base_url(url), timeout, what
         self.delays = RETRY_DELAYS_S if delays is None else delays
         self._headers = {"Content-Type": "application/json"}
+        key = api_key()
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
 
@@ -59,6 +59,10 @@ class Client:
 
     def get(self, path: str, retry: bool = True) -> Any:
         return self._call(path, None, retry)
+
+    def status(self, path: str) -> int | None:
+        """The HTTP status of one GET, None where nothing answered (no retries, never raises)."""
+        return self._once(self.url + path, None)[0]
 
     def _call(self, path: str, data: bytes | None, retry: bool, expect_json: bool = True) -> Any:
         url = self.url + path

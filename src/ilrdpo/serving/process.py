@@ -2,7 +2,9 @@
 
 `generation.server.command` is a template: {model} becomes the round's model folder (quoted for
 the shell), {port} a free local port. The command runs in its own session (process group), with
-its output in a log file; it is ready when GET /v1/models answers. Stopping sends SIGTERM to the
+its output in a log file; it is ready when GET /v1/models answers, waited for as long as its
+process lives (a line every WAIT_REPORT_S seconds; one line naming the log when it exits; loading
+a large model can take many minutes, and ctrl-C stops the wait). Stopping sends SIGTERM to the
 whole group (vLLM's engine processes included), waits, then SIGKILL; if ilrdpo itself is killed,
 the kernel sends the server SIGTERM (_die_with_parent).
 """
@@ -23,10 +25,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ilrdpo.errors import UserInputError
-from ilrdpo.serving.client import Client, ServerError
+from ilrdpo.progress import console
+from ilrdpo.serving.client import API_KEY_VARIABLE, Client, ServerError, api_key
 
 STOP_TIMEOUT_S = 30.0  # SIGTERM, then this long, then SIGKILL
 POLL_S = 0.5
+WAIT_REPORT_S = 30.0  # a line this often while a started server loads
 SHELL_SYNTAX = set(";|&<>`$()*?~")
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
@@ -74,7 +78,7 @@ def direct_argv(template: str, command: str) -> tuple[list[str] | None, dict[str
 
 
 @contextlib.contextmanager
-def started_server(template: str, model: str, log: Path, timeout: float) -> Iterator[str]:
+def started_server(template: str, model: str, log: Path) -> Iterator[str]:
     """Start the command for `model`, yield its URL once it answers, stop it afterwards."""
     port = free_port()
     command = render_command(template, model, port)
@@ -93,7 +97,7 @@ def started_server(template: str, model: str, log: Path, timeout: float) -> Iter
                               f"({error.strerror})") from None
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(process, url, log, timeout)
+        _wait_ready(process, url, log)
         yield url
     finally:
         stop(process)
@@ -108,19 +112,29 @@ def _die_with_parent() -> None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+def _wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
+    """Until GET /v1/models answers 200, for as long as the process lives: no time limit, since
+    how long a model takes to load is the server's business, but a line every WAIT_REPORT_S
+    seconds saying what is awaited. A refused API key or an exit is one line naming the log."""
     probe = Client(url, timeout=5.0, what="generation.server.command")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServerError(f"generation.server.command exited with status {process.returncode} before it "
-                              f"answered ({log}): {log_tail(log)}")
-        with contextlib.suppress(ServerError):
-            probe.get("/v1/models", retry=False)
+    start = reported = time.monotonic()
+    while process.poll() is None:
+        status = probe.status("/v1/models")
+        if status == 200:
             return
+        if status in (401, 403):
+            given = "is not set" if api_key() is None else "is not the server's key"
+            raise ServerError(f"generation.server.command {url}/v1/models: HTTP {status}: ${API_KEY_VARIABLE} "
+                              f"{given} ({log})")
+        if time.monotonic() - reported >= WAIT_REPORT_S:
+            reported = time.monotonic()
+            state = "no connection yet" if status is None else f"HTTP {status}"
+            console.print(f"waiting for generation.server.command to answer {url}/v1/models: "
+                          f"{reported - start:.0f} s so far ({state}; its output: {log})",
+                          markup=False, highlight=False, soft_wrap=True)
         time.sleep(POLL_S)
-    raise ServerError(f"generation.server.command did not answer at {url} within {timeout:g} s "
-                      f"(generation.server.timeout; {log}): {log_tail(log)}")
+    raise ServerError(f"generation.server.command exited with status {process.returncode} before it answered "
+                      f"({log}): {log_tail(log)}")
 
 
 def stop(process: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
