@@ -21,7 +21,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 LAYERS: list[tuple[str, set[str]]] = [
     ("base: imports nothing of ilrdpo", {"errors", "faults", "ranks", "progress", "loss", "loss_types", "logprobs",
                                         "interrupts", "decisions", "lora"}),
-    ("data: settings, records, files", {"settings", "config", "files", "records", "data", "pairing", "alpha", "rundir",
+    ("data: settings, records, files", {"settings", "config", "removed_keys", "files", "records", "data", "pairing", "alpha", "rundir",
                                         "runstate", "resume", "distributed", "tracking", "hub", "evaluation",
                                         "serving"}),
     ("models: models and what runs them", {"models", "batching", "scoring", "generation"}),

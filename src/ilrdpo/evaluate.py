@@ -19,13 +19,13 @@ from ilrdpo.config import (
     ModelSettings,
     ScoringSettings,
     explain_validation_error,
-    refuse_removed_keys,
 )
 from ilrdpo.errors import UserInputError
 from ilrdpo.eval_stage import answer_anchors, answer_prompts, judge_answers
 from ilrdpo.evaluation.compare import compare_all, summarize
 from ilrdpo.files import write_jsonl
 from ilrdpo.records import read_prompts
+from ilrdpo.removed_keys import refuse_removed_keys
 
 
 def load_judge_settings(path: str | None) -> ScoringSettings:

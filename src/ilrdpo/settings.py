@@ -2,7 +2,7 @@
 (`ilrdpo config-help` prints these descriptions). Reading YAML and overrides: ilrdpo.config.
 
 Open research switches live in one section, `experimental`; keys that were removed are listed
-in ilrdpo.config.REMOVED_KEYS.
+in ilrdpo.removed_keys.
 """
 
 from __future__ import annotations
