@@ -139,7 +139,7 @@ def evaluate_iteration(t: int, *, rundir: RunDir, config: Config, prompts: list[
             for style, name in ANCHOR_FILES.items():
                 cached_answers(rundir.file(0, name), lambda style=style: answer(0, style))
         result.update(_compare_with_baselines(t, rows, rundir, config, prompts, judge_settings))
-        if t > 0 and config.judge_scorer().type == "llm" and ranks.is_main():
+        if t > 0 and (config.eval.judge or {}).get("type") == "llm" and ranks.is_main():
             result["vs_initial_llm"] = llm_comparison(t, rows, rundir, config, prompts)
         if config.experimental.eval_samples:
             result["sampled"] = _sampled_evaluation(t, rundir, config, prompts, judge, judge_settings, gen, policy,
