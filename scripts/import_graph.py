@@ -1,5 +1,6 @@
 """The import graph of src/ilrdpo, read with ast (nothing is imported): its cycles, the imports made
-inside functions, and the imports that run up the layers (LAYERS).
+inside functions (each must be of a heavy or optional package, HEAVY, or of a project module that
+loads one), and the imports that run up the layers (LAYERS).
 
     python scripts/import_graph.py          # a summary; exit status 1 on a cycle or an upward import
 
@@ -21,9 +22,9 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 LAYERS: list[tuple[str, set[str]]] = [
     ("base: imports nothing of ilrdpo", {"errors", "faults", "ranks", "progress", "loss", "loss_types", "logprobs",
                                         "interrupts", "decisions", "lora"}),
-    ("data: settings, records, files", {"settings", "config", "removed_keys", "files", "records", "data", "pairing", "alpha", "rundir",
-                                        "runstate", "resume", "distributed", "tracking", "hub", "evaluation",
-                                        "serving"}),
+    ("data: settings, records, files", {"settings", "config", "removed_keys", "files", "records", "data", "pairing",
+                                        "alpha", "rundir", "runstate", "resume", "distributed", "tracking", "hub",
+                                        "evaluation", "serving"}),
     ("models: models and what runs them", {"models", "batching", "scoring", "generation"}),
     ("engines: parallel training", {"engines", "zero", "checkpoint", "guard"}),
     ("stages: the loop's stages and the library functions", {"train", "sampled_reference", "eval_stage", "evaluate",
@@ -31,6 +32,14 @@ LAYERS: list[tuple[str, set[str]]] = [
                                                              "offline", "tuning", "best_of", "chat"}),
     ("commands", {"api", "cli", "cli_args", "demo", "__main__", PACKAGE}),
 ]
+
+
+# Third-party packages that take seconds to import (torch and what stands on it) or are optional
+# extras: the only reason a function imports lazily, so that `ilrdpo --help`, config-help and the
+# torch-free commands start at once, and a missing extra fails only where it is used.
+HEAVY = {"torch", "transformers", "peft", "datasets", "accelerate", "deepspeed", "optuna", "sentence_transformers",
+         "matplotlib", "numpy", "scipy", "sklearn", "huggingface_hub", "safetensors", "gguf", "trl", "wandb",
+         "tensorboard", "sacrebleu", "rouge_score", "alpaca_eval", "openai"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,47 @@ def function_level_imports() -> list[tuple[str, int, str]]:
             if in_function and isinstance(node, (ast.Import, ast.ImportFrom)):
                 what = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
                 out.append((name, node.lineno, ("." * getattr(node, "level", 0)) + (what or "")))
+    return out
+
+
+def third_party_at_top(name: str, path: Path) -> set[str]:
+    """The third-party packages a module imports at its top level (not inside functions)."""
+    out = set()
+    for node, in_function in _walk(ast.parse(path.read_text(), str(path))):
+        if not in_function and isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif not in_function and isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out - {PACKAGE}
+
+
+def heavy_modules(edges: list[Import]) -> set[str]:
+    """Project modules whose import loads a HEAVY package, directly or through their top-level imports."""
+    found = modules()
+    heavy = {name for name, path in found.items() if third_party_at_top(name, path) & HEAVY}
+    parents = [Import(name, parent, 0, False) for name in found  # importing a.b.c runs a.b's __init__
+               for parent in (name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)) if parent in found]
+    top = [e for e in [*edges, *parents] if not e.in_function]
+    while True:
+        more = {e.source for e in top if e.target in heavy} - heavy
+        if not more:
+            return heavy
+        heavy |= more
+
+
+def needless_lazy_imports(edges: list[Import]) -> list[str]:
+    """`module:line name` of each import inside a function that defers nothing heavy: a
+    third-party package outside HEAVY, or a project module that loads none (a package counts by
+    its __init__)."""
+    heavy, known = heavy_modules(edges), set(modules())
+    out = []
+    for module, line, what in function_level_imports():
+        if what.startswith(".") or what.split(".")[0] == PACKAGE:
+            targets = [e.target for e in edges if e.source == module and e.line == line] or [what]
+            if not any(t in heavy or t not in known for t in targets):
+                out.append(f"{module}:{line} {what}")
+        elif what.split(".")[0] not in HEAVY and what.split(".")[0] not in sys.stdlib_module_names | {""} or what.split(".")[0] in sys.stdlib_module_names:
+            out.append(f"{module}:{line} {what}")
     return out
 
 
@@ -178,7 +228,11 @@ def main() -> int:
               f"{LAYERS[layer_of(e.target)][0].split(':')[0]})")
     missing = unlayered()
     print(f"modules in no layer: {len(missing)} {' '.join(missing)}")
-    return 1 if found_cycles or upward or missing else 0
+    needless = needless_lazy_imports(edges)
+    print(f"imports inside functions that defer nothing heavy: {len(needless)}")
+    for item in needless:
+        print(f"  {item}")
+    return 1 if found_cycles or upward or missing or needless else 0
 
 
 if __name__ == "__main__":

@@ -72,3 +72,23 @@ def test_the_bottom_modules_import_nothing_of_the_project():
     assert [e.target for e in edges if e.source == "ilrdpo.ranks"] == []
     assert {e.target for e in edges if e.source == "ilrdpo.files"} <= {"ilrdpo.errors", "ilrdpo.faults"}
     assert {e.target for e in edges if e.source == "ilrdpo.records"} <= {"ilrdpo.errors", "ilrdpo.files"}
+
+
+@pytest.mark.unit
+def test_imports_inside_functions_defer_a_heavy_or_optional_package():
+    """An import inside a function is there to keep torch and its kin (or an optional extra) out of
+    `ilrdpo --help` and the torch-free commands: it names a HEAVY package or a project module that
+    loads one. Any other belongs at the top of its module."""
+    graph = _graph()
+    assert graph.needless_lazy_imports(graph.imports()) == []
+
+
+@pytest.mark.unit
+def test_the_lazy_import_check_tells_heavy_from_light():
+    """ilrdpo.models loads torch (a reason to defer it); ilrdpo.config and ilrdpo.files do not;
+    importing ilrdpo.scoring.python_fn runs ilrdpo.scoring's __init__, which does."""
+    graph = _graph()
+    heavy = graph.heavy_modules(graph.imports())
+    assert {"ilrdpo.models", "ilrdpo.scoring.python_fn", "ilrdpo.loop"} <= heavy
+    assert not {"ilrdpo.config", "ilrdpo.files", "ilrdpo.errors", "ilrdpo.cli"} & heavy
+

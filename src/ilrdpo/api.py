@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ilrdpo import engines, ranks
-from ilrdpo.config import Config, build_config, load_config
+from ilrdpo.config import Config, ScoringSettings, build_config, load_config, override
 from ilrdpo.files import write_jsonl
 from ilrdpo.records import PreferencePair, Prompt, pair_from_row, prompt_from_row
 from ilrdpo.rundir import RunDir
@@ -48,14 +48,8 @@ def make_config(config: ConfigLike = None, overrides: Mapping[str, Any] | None =
         base = load_config(config).model_dump(mode="json")
     else:
         base = dict(config or {})
-    return build_config(base, [f"{key}={_yaml_value(value)}" for key, value in (overrides or {}).items()],
+    return build_config(base, [override(key, value) for key, value in (overrides or {}).items()],
                         source="python api")
-
-
-def _yaml_value(value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _rows(data: Iterable) -> list[dict[str, Any]]:
@@ -130,7 +124,6 @@ def run(config: ConfigLike = None, *, prompts: Iterable | None = None, eval_prom
 def evaluate_model(model: str, prompts: str, *, judge: Mapping[str, Any] | None = None, baseline: str | None = None,
              anchors: bool = False, greedy: bool = True, seed: int = 0) -> dict:
     """`ilrdpo evaluate`: win rate and LC win rate of `model` against `baseline` on a prompts file."""
-    from ilrdpo.config import ScoringSettings
     from ilrdpo.evaluate import evaluate_models
 
     return evaluate_models(model, prompts, ScoringSettings.model_validate(dict(judge or {})), baseline=baseline,

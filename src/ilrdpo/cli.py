@@ -6,14 +6,20 @@ imports what it needs when it runs; ilrdpo.config is torch-free for the defaults
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+import textwrap
+from pathlib import Path
 
 import typer
 
-from ilrdpo import interrupts
+from ilrdpo import __version__, interrupts
 from ilrdpo.cli_args import split_config, usage_line
-from ilrdpo.config import GenerationSettings
+from ilrdpo.config import DataSettings, GenerationSettings, field_docs, load_config, merged_settings, read_config_file
 from ilrdpo.errors import IlrdpoError, UserInputError
+from ilrdpo.files import atomic_write_text
+from ilrdpo.progress import console
 
 # rich_markup_mode=None: click's plain help, which reads the same in a pipe at 80 columns and shows
 # no `<bool>` placeholder after a flag (typer's boxed help does)
@@ -22,8 +28,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 def _print_version(value: bool) -> None:
     if value:
-        from ilrdpo import __version__
-
         print(f"ilrdpo {__version__}")
         raise typer.Exit()
 
@@ -118,9 +122,6 @@ def evaluate(
                          "passes): length anchors for the LC fit"),
 ) -> None:
     """Win rate and length-controlled win rate of a model against a baseline under a judge."""
-    import json
-    from pathlib import Path
-
     from ilrdpo import ranks
     from ilrdpo.preflight import check_evaluate, check_model_option
 
@@ -128,7 +129,6 @@ def evaluate(
         if name is not None:  # first: before torch loads, an unreachable hub is said in seconds
             check_model_option(name, option)
     from ilrdpo.evaluate import evaluate_models, load_judge_settings, print_evaluation
-    from ilrdpo.files import atomic_write_text
 
     _join_processes()
     judge_settings = load_judge_settings(judge)
@@ -181,7 +181,6 @@ def generate(
 
     check_model_option(model, "--model")  # first: before torch loads, an unreachable hub is said in seconds
     from ilrdpo.best_of import generate_file
-    from ilrdpo.config import DataSettings
     from ilrdpo.evaluate import load_judge_settings
 
     _join_processes()
@@ -303,11 +302,8 @@ def report(run_dirs: list[str] = typer.Argument(..., help="Run directories of `i
            out: str = typer.Option("report", "--out", help="Folder for report.md and plots/"),
            names: str | None = typer.Option(None, "--names", help="Comma-separated run names")) -> None:
     """report.md and plots for one or several runs side by side; tables in the terminal."""
-    from pathlib import Path
-
     from ilrdpo.evaluation.report import print_tables, write_report
     from ilrdpo.evaluation.rundata import load_runs
-    from ilrdpo.progress import console
 
     name_list = names.split(",") if names else None
     path = write_report([Path(d) for d in run_dirs], Path(out), names=name_list)
@@ -318,9 +314,6 @@ def report(run_dirs: list[str] = typer.Argument(..., help="Run directories of `i
 @app.command("config-help")
 def config_help() -> None:
     """Every config key with its default and meaning."""
-    import shutil
-
-    from ilrdpo.config import field_docs
 
     width = min(shutil.get_terminal_size((80, 24)).columns, 100) if sys.stdout.isatty() else 80
     print("\n\n".join(config_key_block(key, default, doc, width) for key, default, doc in field_docs()))
@@ -329,7 +322,6 @@ def config_help() -> None:
 def config_key_block(key: str, default: str, doc: str, width: int = 80) -> str:
     """One key of `config-help`: `key = default` whole on its first line, the meaning wrapped
     below it (a table at 80 columns cut key names and defaults to '…')."""
-    import textwrap
 
     head = f"{key} = {default}" if default else key
     return "\n".join([head, *textwrap.wrap(doc, width, initial_indent="    ", subsequent_indent="    ")])
@@ -339,7 +331,6 @@ def _load_config(path: str | None, overrides: list[str]):
     """The config, after a check of the hub models it names, before validation (which can load
     torch with the pydantic models' validators), so an offline machine hears about a model it
     cannot get in seconds."""
-    from ilrdpo.config import load_config, merged_settings, read_config_file
     from ilrdpo.preflight import check_hub_models
 
     check_hub_models(merged_settings(read_config_file(path), overrides, "command line" if path is None else str(path)))

@@ -62,6 +62,7 @@ __all__ = [
     "field_docs",
     "load_config",
     "merged_settings",
+    "override",
     "parse_overrides",
     "read_config_file",
 ]
@@ -88,6 +89,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 raise UserInputError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = value
     return nested
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` with the value written as YAML: parse_overrides reads it back as the same value."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

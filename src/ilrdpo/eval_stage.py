@@ -24,6 +24,7 @@ from ilrdpo.decisions import judge_tie_tolerance, stage_seed
 from ilrdpo.evaluation.compare import compare_all, evaluate_answers, per_prompt_means, summarize
 from ilrdpo.files import atomic_write_text, read_finished_jsonl, write_jsonl
 from ilrdpo.generation import generate_answers
+from ilrdpo.progress import console
 from ilrdpo.records import Prompt
 from ilrdpo.rundir import ANCHOR_FILES, SAMPLES_FILE, RunDir
 from ilrdpo.scoring import Scorer, score_in_batches, shaped_rewards
@@ -298,8 +299,6 @@ def summary_line(s: dict) -> str:
 
 def print_run_summary(rundir: RunDir, config: Config, summaries: list[dict]) -> None:
     """The end of a run: where the final model is, each iteration's line, what to run next."""
-    from ilrdpo.progress import console
-
     for line in run_summary_lines(rundir, config, summaries):
         console.print(line, highlight=False)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from rich.table import Table
 
 from ilrdpo import ranks
 from ilrdpo.config import (
@@ -24,6 +25,7 @@ from ilrdpo.errors import UserInputError
 from ilrdpo.eval_stage import answer_anchors, answer_prompts, judge_answers
 from ilrdpo.evaluation.compare import compare_all, summarize
 from ilrdpo.files import write_jsonl
+from ilrdpo.progress import console
 from ilrdpo.records import read_prompts
 from ilrdpo.removed_keys import refuse_removed_keys
 
@@ -96,10 +98,6 @@ def evaluate_models(model: str, prompts_path: str, judge: ScoringSettings, *, ba
 
 def print_evaluation(result: dict[str, Any]) -> None:
     """The result of evaluate_models as a rich table on the console (stderr)."""
-    from rich.table import Table
-
-    from ilrdpo.progress import console
-
     table = Table("", "reward", "quality", "mean tokens", "truncated", title=f"prompts: {result['prompts']}")
     for name in ("model", "baseline"):
         s = result.get(f"{name}_summary")

@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -106,8 +107,6 @@ def _upload(folder: str | Path, repo_id: str, private: bool) -> str:
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether a TCP connection to the hub (or to the HTTPS proxy, when one is set) opens within
     timeout_s: seconds, where huggingface_hub's own retries take about a minute to give up."""
-    from urllib.parse import urlsplit
-
     from huggingface_hub import constants
 
     target = urlsplit(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or constants.ENDPOINT)

@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
+from rich.table import Table
 
-from ilrdpo.config import Config, SearchDimension, build_config, config_to_yaml
+from ilrdpo.config import Config, SearchDimension, build_config, config_to_yaml, override
 from ilrdpo.errors import IlrdpoError, UserInputError
 from ilrdpo.files import atomic_write_text
 from ilrdpo.progress import console
@@ -87,8 +87,7 @@ def sample_params(trial, space: dict[str, SearchDimension]) -> dict[str, Any]:
 def trial_config(config: Config, params: dict[str, Any], output_dir: Path) -> Config:
     raw = config.model_dump(mode="json")
     raw["output_dir"] = str(output_dir)
-    return build_config(raw, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-                              for k, v in params.items()], source="tune")
+    return build_config(raw, [override(k, v) for k, v in params.items()], source="tune")
 
 
 def shareable(space: dict[str, SearchDimension]) -> bool:
@@ -235,8 +234,6 @@ def write_plots(study, objectives, folder: Path) -> None:
 
 
 def print_table(study, space, objectives) -> None:
-    from rich.table import Table
-
     table = Table("trial", "state", *[k.split(".")[-1] for k in space], *[k for k, _ in objectives],
                   title=f"study {study.study_name}")
     for trial in study.trials:

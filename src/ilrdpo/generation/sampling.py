@@ -12,6 +12,7 @@ uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +152,6 @@ def generation_model(model):
     values from half-precision projections differ under autocast), and half-precision weights are
     what makes decoding fast. The copy costs 2 bytes per parameter while it lives (one call of
     generate_answers); the caller's model is unchanged. Decode with it under autocast_off()."""
-    import copy
-
     device = next(model.parameters()).device
     if not torch.is_autocast_enabled(device.type):
         return model

@@ -29,6 +29,7 @@ from ilrdpo.generation.sampling import Sample, encode_prompts
 from ilrdpo.progress import progress_bar
 from ilrdpo.records import Prompt
 from ilrdpo.serving.client import Client, ServerError
+from ilrdpo.serving.process import started_server
 
 
 def stop_token_ids(path: str, tokenizer) -> list[int]:
@@ -171,7 +172,6 @@ def sample_round(config, rundir, t: int, prompts: list[Prompt], *, seed: int,
                  progress_file: Path) -> dict[str, list[Sample]]:
     """Round t's answers from iteration t-1's model through the configured server."""
     from ilrdpo.models import load_tokenizer, resolve_model_path
-    from ilrdpo.serving.process import started_server
 
     gen, server = config.generation, config.generation.server
     path, adapter = round_model(config, rundir, t - 1)
