@@ -216,7 +216,7 @@ def test_train_decides_alpha_as_each_round_of_run_does(monkeypatch, tiny_model_d
 
 # --- first contact: help, flags, config-help --------------------------------------------------------
 
-COMMANDS = ["train", "run", "evaluate", "generate", "chat", "tune", "demo", "report", "config-help"]
+COMMANDS = ["train", "run", "evaluate", "generate", "chat", "tune", "demo", "report", "config-help", "config-migrate"]
 
 
 @pytest.mark.slow  # a fresh interpreter: this one has torch loaded already

@@ -7,6 +7,7 @@ import re
 import pytest
 import yaml
 
+from helpers import call_main
 from ilrdpo.config import (
     REMOVED_KEYS,
     Config,
@@ -90,7 +91,8 @@ def test_a_removed_key_is_one_line_saying_what_to_use(tmp_path, key):
     path = write(tmp_path / "c.yaml", yaml.safe_dump(nested(key, 1)))
     with pytest.raises(UserInputError) as info:
         load_config(path)
-    assert str(info.value) == f"{path}: config key '{key}' was removed; use {REMOVED_KEYS[key][0]}"
+    assert str(info.value) == (f"{path}: config key '{key}' was removed; use {REMOVED_KEYS[key][0]} "
+                               f"(`ilrdpo config-migrate {path}` rewrites the file)")
     assert info.value.exit_code == 2 and "\n" not in str(info.value)
     with pytest.raises(UserInputError, match=f"^command line: config key '{key}' was removed"):
         load_config(None, [f"{key}=1"])
@@ -267,6 +269,49 @@ def test_the_judge_names_a_scorer_with_the_scoring_sections_keys_and_values():
     with pytest.raises(UserInputError, match=r"^command line: config key 'eval.judge.batch_size' was removed; use "
                        r"scoring.batch_size"):
         load_config(None, ["eval.judge.batch_size=4"])
+
+
+OLD_USER_CONFIG = """\
+model:
+  lora: {r: 8, alpha: 16, dropout: 0.0}
+  merge_lora: true
+data:
+  max_examples: 100
+scoring:
+  compare_to: prompt
+train:
+  max_prompt_length: 256
+  packing: false
+iterations:
+  alpha_control: {mode: auto, step: 0.5, max_alpha: 1.0}
+eval:
+  samples: 2
+  greedy: true
+loss:
+  alpha: 0.02
+  beta: 0.05
+"""
+
+
+@pytest.mark.unit
+def test_config_migrate_rewrites_an_old_config_in_todays_keys(tmp_path, monkeypatch, capsys):
+    """`ilrdpo config-migrate OLD.yaml --out NEW.yaml`: moved and renamed keys land in their new
+    place, keys that changed nothing go, and each dropped key that changed what a run computes is
+    one line on stderr saying what to use; the new file loads, and the old one is untouched."""
+    old = write(tmp_path / "old.yaml", OLD_USER_CONFIG)
+    new = tmp_path / "new.yaml"
+    assert call_main(monkeypatch, ["config-migrate", str(old), "--out", str(new)]) == 0
+    err = capsys.readouterr().err
+    assert old.read_text() == OLD_USER_CONFIG
+    config = load_config(new)
+    assert config.model.lora["lora_alpha"] == 16 and config.model.lora["lora_dropout"] == 0.0
+    assert (config.scoring.type, config.experimental.eval_samples) == ("prompt_similarity", 2)
+    assert (config.iterations.alpha_control.budget, config.loss.alpha, config.loss.beta) == (1.0, 0.02, 0.05)
+    assert "train" not in yaml.safe_load(new.read_text())  # a section the migration emptied goes
+    dropped = [line.split(":")[0] for line in err.splitlines() if "dropped (it changed" in line]
+    assert dropped == ["iterations.alpha_control", "train.max_prompt_length", "data.max_examples"], err
+    assert "use iterations.alpha_control.budget: alpha control now moves alpha by at most 20% per round" in err
+    assert f"wrote {new} (3 key(s) above dropped)" in err
 
 
 @pytest.mark.unit

@@ -16,7 +16,15 @@ import typer
 
 from ilrdpo import __version__, interrupts
 from ilrdpo.cli_args import split_config, usage_line
-from ilrdpo.config import DataSettings, GenerationSettings, field_docs, load_config, merged_settings, read_config_file
+from ilrdpo.config import (
+    DataSettings,
+    GenerationSettings,
+    field_docs,
+    load_config,
+    merged_settings,
+    migrate_config_file,
+    read_config_file,
+)
 from ilrdpo.errors import IlrdpoError, UserInputError
 from ilrdpo.files import atomic_write_text
 from ilrdpo.progress import console
@@ -314,9 +322,26 @@ def report(run_dirs: list[str] = typer.Argument(..., help="Run directories of `i
 @app.command("config-help")
 def config_help() -> None:
     """Every config key with its default and meaning."""
-
     width = min(shutil.get_terminal_size((80, 24)).columns, 100) if sys.stdout.isatty() else 80
     print("\n\n".join(config_key_block(key, default, doc, width) for key, default, doc in field_docs()))
+
+
+@app.command("config-migrate")
+def config_migrate(path: str = typer.Argument(..., help="A config file written for an earlier version"),
+                   out: str | None = typer.Option(None, "--out", help="Write today's config here (default: print it)"),
+                   ) -> None:
+    """A config whose keys were removed since, in today's keys: moved and renamed keys in their new
+    place, keys that changed nothing dropped, and each dropped key that changed what a run computes
+    named with what to use instead. YAML comments are not kept."""
+    text, notes = migrate_config_file(path)
+    for note in notes:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)  # one line each
+    if out is None:
+        print(text, end="")
+        return
+    atomic_write_text(Path(out), text)
+    console.print(f"wrote {out}" + (f" ({len(notes)} key(s) above dropped)" if notes else ""), highlight=False,
+                  soft_wrap=True)
 
 
 def config_key_block(key: str, default: str, doc: str, width: int = 80) -> str:

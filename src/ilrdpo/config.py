@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from ilrdpo.errors import UserInputError
 from ilrdpo.lora import LoraKeyError
 from ilrdpo.records import lone_surrogate
-from ilrdpo.removed_keys import REMOVED_KEYS, migrate_recorded, refuse_removed_keys
+from ilrdpo.removed_keys import REMOVED_KEYS, migrate, migrate_recorded, refuse_removed_keys
 from ilrdpo.settings import (
     MAX_LEARNING_RATE,
     SECTION_NAMES,
@@ -62,6 +62,7 @@ __all__ = [
     "field_docs",
     "load_config",
     "merged_settings",
+    "migrate_config_file",
     "override",
     "parse_overrides",
     "read_config_file",
@@ -191,13 +192,17 @@ def build_config(data: dict[str, Any], overrides: list[str] | None = None, sourc
         raise UserInputError(explain_validation_error(error, source)) from None
 
 
-def read_config_file(path: str | Path | None) -> dict[str, Any]:
-    """The settings of a YAML config file (none when path is None)."""
+def read_config_file(path: str | Path | None, *, recorded: bool = False) -> dict[str, Any]:
+    """The settings of a YAML config file (none when path is None). A user's file holding a removed
+    key is one line that names `ilrdpo config-migrate`; a run directory's own (recorded) is migrated
+    by the caller."""
     if path is None:
         return {}
     loaded = _read_yaml(Path(path))
     if loaded is not None and not isinstance(loaded, dict):
         raise UserInputError(f"{path}: expected a mapping of sections at the top level")
+    if not recorded:
+        refuse_removed_keys(loaded or {}, str(path), file=True)
     return loaded or {}
 
 
@@ -215,11 +220,23 @@ def _check_text(value: Any, source: str, key: str = "") -> None:
             _check_text(item, source, f"{key}[{i}]")
 
 
+def migrate_config_file(path: str | Path) -> tuple[str, list[str]]:
+    """`ilrdpo config-migrate`: a config file written before keys were removed, as today's YAML
+    (removed_keys.migrate; it must load), and one line per dropped key that changed what a run
+    computes, saying what to use instead."""
+    written = read_config_file(path, recorded=True)
+    migrated, losses = migrate(written)
+    migrated = {k: v for k, v in migrated.items() if v != {} or written.get(k) == {}}  # sections left empty go
+    build_config(migrated, source=f"{path} (migrated)")
+    notes = [f"{loss.key}: {loss.value} dropped (it changed what a run computes); use {loss.use}" for loss in losses]
+    return yaml.safe_dump(migrated, sort_keys=False, allow_unicode=True), notes
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, *, recorded: bool = False) -> Config:
     """Read a YAML config (or defaults when path is None) and apply overrides. recorded: a run
     directory's own config.yaml, which may predate removed keys (migrate_recorded)."""
     source = "command line" if path is None else str(path)
-    data = read_config_file(path)
+    data = read_config_file(path, recorded=recorded)
     if recorded:
         data = migrate_recorded(data, source)
     return build_config(data, overrides, source)

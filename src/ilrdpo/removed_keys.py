@@ -6,6 +6,7 @@ value that changed nothing (and moved keys move).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 from ilrdpo.errors import UserInputError
@@ -104,16 +105,26 @@ def _removed_in(data: dict[str, Any]) -> list[tuple[list[str], str, Any]]:
     return found
 
 
-def refuse_removed_keys(data: dict[str, Any], source: str) -> None:
-    """One line naming the first removed key a config sets, and what to use instead."""
+def refuse_removed_keys(data: dict[str, Any], source: str, *, file: bool = False) -> None:
+    """One line naming the first removed key a config sets, and what to use instead; file: the
+    config is a file `ilrdpo config-migrate` can rewrite, and the line says so."""
     for path, key, _ in _removed_in(data):
-        raise UserInputError(f"{source}: config key '{'.'.join(path)}' was removed; use {REMOVED_KEYS[key][0]}")
+        hint = f" (`ilrdpo config-migrate {source}` rewrites the file)" if file else ""
+        raise UserInputError(f"{source}: config key '{'.'.join(path)}' was removed; use {REMOVED_KEYS[key][0]}{hint}")
 
 
-def _migrate_alpha_control(data: dict[str, Any], source: str) -> None:
-    """iterations.alpha_control as recorded before mode went: mode constant is budget null (step and
-    max_alpha changed nothing); mode auto keeps its budget where its law is today's (step 0.2, at
-    most 4 x loss.alpha); another law is refused."""
+@dataclass(frozen=True)
+class Loss:
+    """A removed key whose value changed what a run computed: dropped by the migration."""
+    key: str
+    value: str  # as shown
+    use: str
+
+
+def _migrate_alpha_control(data: dict[str, Any], losses: list[Loss]) -> None:
+    """iterations.alpha_control as written before mode went: mode constant is budget null (step and
+    max_alpha changed nothing); mode auto keeps its budget, a loss unless its law is today's (step
+    0.2, at most 4 x loss.alpha)."""
     control = (data.get("iterations") or {}).get("alpha_control")
     if not isinstance(control, dict) or "mode" not in control:
         return
@@ -121,35 +132,36 @@ def _migrate_alpha_control(data: dict[str, Any], source: str) -> None:
     if mode == "constant":
         control["budget"] = None
         return
+    control.setdefault("budget", 1.0)  # the former default
     alpha = (data.get("loss") or {}).get("alpha", 0.0)
     if step != 0.2 or cap is None or abs(cap - 4 * alpha) > 1e-12 * max(cap, 1.0):
-        raise UserInputError(f"{source}: config key 'iterations.alpha_control' (step {step!r}, max_alpha {cap!r}) "
-                             "was removed; this run directory cannot be resumed with this version (alpha control "
-                             "now moves alpha by at most 20% per round, within 4 x loss.alpha)")
+        losses.append(Loss("iterations.alpha_control", f"step {step!r}, max_alpha {cap!r}",
+                           "iterations.alpha_control.budget: alpha control now moves alpha by at most 20% per "
+                           "round, within 4 x loss.alpha"))
 
 
-def _migrate_compare_to(data: dict[str, Any], source: str) -> None:
-    """scoring.compare_to as recorded before it became a scorer type: prompt makes an
+def _migrate_compare_to(data: dict[str, Any], losses: list[Loss]) -> None:
+    """scoring.compare_to as written before it became a scorer type: prompt makes an
     embedding_similarity scorer (and a judge, which compared as the scoring section) prompt_similarity."""
     scoring = data.get("scoring") if isinstance(data.get("scoring"), dict) else {}
     judge = (data.get("eval") or {}).get("judge") if isinstance(data.get("eval"), dict) else None
     compare = scoring.pop("compare_to", "reference")
-    if isinstance(judge, dict) and judge.pop("compare_to", compare) != compare:
-        raise UserInputError(f"{source}: config key 'eval.judge.compare_to' was removed; this run directory "
-                             "cannot be resumed with this version (the judge compares as the scoring section)")
+    if isinstance(judge, dict) and (own := judge.pop("compare_to", compare)) != compare:
+        losses.append(Loss("eval.judge.compare_to", repr(own), "scoring.type prompt_similarity or "
+                           "embedding_similarity (the judge compares as its type says)"))
     for section in (scoring, judge):
         if compare == "prompt" and isinstance(section, dict) and \
                 section.get("type", "embedding_similarity") == "embedding_similarity":
             section["type"] = "prompt_similarity"
 
 
-def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """A run directory's config.yaml written before keys were removed: moved keys go to their new
-    place, removed keys at a value that changed nothing are dropped, any other is refused;
-    model.lora's former short names become PEFT's."""
-    data = copy.deepcopy(data)
-    _migrate_alpha_control(data, source)
-    _migrate_compare_to(data, source)
+def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[Loss]]:
+    """A config written before keys were removed, in today's keys: moved keys go to their new place,
+    renamed ones are renamed (model.lora's short names, alpha control's mode, compare_to), removed
+    keys are dropped; each dropped key whose value changed what a run computed is a Loss."""
+    data, losses = copy.deepcopy(data), []
+    _migrate_alpha_control(data, losses)
+    _migrate_compare_to(data, losses)
     if isinstance(data.get("model"), dict) and "lora" in data["model"]:
         data["model"]["lora"] = renamed(data["model"]["lora"])
     for path, key, value in _removed_in(data):
@@ -164,6 +176,15 @@ def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
             section, name = MOVED_KEYS[key].split(".")
             data.setdefault(section, {})[name] = value
         elif inert != ANY_VALUE and value != inert:
-            raise UserInputError(f"{source}: config key '{'.'.join(path)}' ({value!r}) was removed; this run "
-                                 f"directory cannot be resumed with this version (use {REMOVED_KEYS[key][0]})")
+            losses.append(Loss(".".join(path), repr(value), REMOVED_KEYS[key][0]))
+    return data, losses
+
+
+def migrate_recorded(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A run directory's config.yaml written before keys were removed (migrate); a removed key whose
+    value changed the run refuses the resume in one line."""
+    data, losses = migrate(data)
+    for loss in losses:
+        raise UserInputError(f"{source}: config key '{loss.key}' ({loss.value}) was removed; this run directory "
+                             f"cannot be resumed with this version (use {loss.use})")
     return data
