@@ -347,7 +347,6 @@ def config_migrate(path: str = typer.Argument(..., help="A config file written f
 def config_key_block(key: str, default: str, doc: str, width: int = 80) -> str:
     """One key of `config-help`: `key = default` whole on its first line, the meaning wrapped
     below it (a table at 80 columns cut key names and defaults to '…')."""
-
     head = f"{key} = {default}" if default else key
     return "\n".join([head, *textwrap.wrap(doc, width, initial_indent="    ", subsequent_indent="    ")])
 
